@@ -1,0 +1,47 @@
+"""LoRA ops for the engine: one entry point, a reference and a Triton implementation behind it.
+
+`apply_lora` is what the model code calls. The dispatch picks the Triton
+kernels for CUDA tensors and the PyTorch reference everywhere else;
+`LORAPLEX_KERNELS=torch` forces the reference.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import lora_expand_ref, lora_shrink_ref
+from .segments import LoraSegments
+
+__all__ = ["LoraSegments", "apply_lora", "lora_shrink", "lora_expand", "backend_for"]
+
+
+def backend_for(t: torch.Tensor) -> str:
+    forced = os.environ.get("LORAPLEX_KERNELS", "").lower()
+    if forced in ("torch", "triton"):
+        return forced
+    return "triton" if t.is_cuda else "torch"
+
+
+def lora_shrink(x, A, seg, scales, ranks):
+    if backend_for(x) == "triton":
+        from .triton_lora import lora_shrink_triton
+
+        return lora_shrink_triton(x, A, seg, scales, ranks)
+    return lora_shrink_ref(x, A, seg, scales, ranks)
+
+
+def lora_expand(y, buf, B, seg, ranks, offsets):
+    if backend_for(y) == "triton":
+        from .triton_lora import lora_expand_triton
+
+        return lora_expand_triton(y, buf, B, seg, ranks, offsets)
+    return lora_expand_ref(y, buf, B, seg, ranks, offsets)
+
+
+def apply_lora(y, x, A, B, seg: LoraSegments, scales, ranks, offsets):
+    """y += LoRA(x) for every token with an adapter slot; y is updated in place and returned."""
+    if not seg.has_lora:
+        return y
+    buf = lora_shrink(x, A, seg, scales, ranks)
+    return lora_expand(y, buf, B, seg, ranks, offsets)

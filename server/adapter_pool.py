@@ -1,0 +1,185 @@
+"""Which adapter versions are resident where: GPU slots, a CPU tier, or only on disk.
+
+- *Slots* (`--max-loras`) are the rows of the stacked LoRA tensors inside the
+  model; a batch can only mix adapters that sit in slots. Idle slots are
+  reused least-recently-used first.
+- The *CPU tier* keeps loaded weights of recently used versions in host
+  memory so that moving a version back into a slot costs a copy, not a disk
+  read. Entries of versions pinned by requests are never dropped: this is
+  what lets a version be deleted from the store (files gone) while requests
+  routed to it still finish on it.
+- A request *pins* its version from routing until it finishes; a slot whose
+  version is pinned by a running request is never evicted.
+
+All methods run on the engine thread except `prefetch`/`pin`/`unpin`, which
+the front ends call; those touch only the CPU tier, under a lock.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .lora_layer import LoraLinear
+
+
+class NoFreeSlot(Exception):
+    """Every slot holds an adapter used by a running request."""
+
+
+@dataclass
+class LoadedAdapter:
+    ref: str
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [r,in], B [out,r])
+    scales: dict[str, float]
+    load_seconds: float
+
+
+@dataclass
+class Slot:
+    ref: str | None = None
+    running: int = 0  # running requests using this slot
+    last_used: float = 0.0
+
+
+class AdapterPool:
+    def __init__(self, modules: dict[str, LoraLinear], num_slots: int, *, cpu_capacity: int = 64, on_event=None):
+        self.modules = modules
+        self.slots = [Slot() for _ in range(num_slots)]
+        self.cpu_capacity = cpu_capacity
+        self._cpu: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self._pins: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.on_event = on_event or (lambda kind, ref, **kw: None)
+        self.loads = 0
+        self.evictions = 0
+
+    # --- CPU tier (any thread) -------------------------------------------------
+    def _load(self, version) -> LoadedAdapter:
+        from loraplex.adapters_store import load_adapter_weights
+
+        t0 = time.perf_counter()
+        w = load_adapter_weights(version.path, version.manifest, dtype=torch.float32, device="cpu")
+        unknown = [m for m in w if m not in self.modules]
+        if unknown:
+            raise ValueError(f"adapter {version.ref} targets modules the engine did not wrap: {unknown[:3]}")
+        la = LoadedAdapter(version.ref, w, dict(version.manifest.module_scales), time.perf_counter() - t0)
+        self.loads += 1
+        self.on_event("load", version.ref, seconds=la.load_seconds)
+        return la
+
+    def prefetch(self, version) -> LoadedAdapter:
+        """Makes sure `version` is in the CPU tier (loads it from disk if needed)."""
+        with self._lock:
+            la = self._cpu.get(version.ref)
+            if la is not None:
+                self._cpu.move_to_end(version.ref)
+                return la
+        la = self._load(version)
+        with self._lock:
+            self._cpu.setdefault(version.ref, la)
+            self._cpu.move_to_end(version.ref)
+            self._trim_cpu()
+            return self._cpu[version.ref]
+
+    def pin(self, version) -> None:
+        self.prefetch(version)
+        with self._lock:
+            self._pins[version.ref] = self._pins.get(version.ref, 0) + 1
+
+    def unpin(self, ref: str) -> None:
+        with self._lock:
+            n = self._pins.get(ref, 0) - 1
+            if n <= 0:
+                self._pins.pop(ref, None)
+            else:
+                self._pins[ref] = n
+
+    def pinned(self, ref: str) -> int:
+        with self._lock:
+            return self._pins.get(ref, 0)
+
+    def _trim_cpu(self) -> None:
+        resident = {s.ref for s in self.slots}
+        for ref in list(self._cpu):
+            if len(self._cpu) <= self.cpu_capacity:
+                break
+            if self._pins.get(ref) or ref in resident:
+                continue
+            del self._cpu[ref]
+            self.on_event("drop_cpu", ref)
+
+    def forget(self, ref: str) -> None:
+        """Drops an unpinned version from every tier (after it was deleted from the store)."""
+        with self._lock:
+            if self._pins.get(ref):
+                return
+            self._cpu.pop(ref, None)
+        for i, s in enumerate(self.slots):
+            if s.ref == ref and s.running == 0:
+                self._clear_slot(i)
+
+    # --- slots (engine thread) -------------------------------------------------
+    def slot_of(self, ref: str) -> int | None:
+        for i, s in enumerate(self.slots):
+            if s.ref == ref:
+                return i
+        return None
+
+    def acquire(self, ref: str) -> int:
+        """A slot holding `ref` with one more running user; loads it (evicting LRU) if needed."""
+        i = self.slot_of(ref)
+        if i is None:
+            with self._lock:
+                la = self._cpu.get(ref)
+            if la is None:
+                raise KeyError(f"adapter {ref} is not in the CPU tier (was it pinned?)")
+            free = [j for j, s in enumerate(self.slots) if s.running == 0]
+            if not free:
+                raise NoFreeSlot(ref)
+            empty = [j for j in free if self.slots[j].ref is None]
+            i = empty[0] if empty else min(free, key=lambda j: self.slots[j].last_used)
+            if self.slots[i].ref is not None:
+                self.evictions += 1
+                self.on_event("evict", self.slots[i].ref)
+            self._fill_slot(i, la)
+        s = self.slots[i]
+        s.running += 1
+        s.last_used = time.monotonic()
+        return i
+
+    def can_acquire(self, ref: str) -> bool:
+        return self.slot_of(ref) is not None or any(s.running == 0 for s in self.slots)
+
+    def release(self, slot: int) -> None:
+        s = self.slots[slot]
+        s.running = max(0, s.running - 1)
+        s.last_used = time.monotonic()
+
+    def _fill_slot(self, i: int, la: LoadedAdapter) -> None:
+        for name, mod in self.modules.items():
+            ab = la.weights.get(name)
+            if ab is None:
+                mod.set_slot(i, None, None, 0.0)
+            else:
+                mod.set_slot(i, ab[0], ab[1], la.scales[name])
+        self.slots[i].ref = la.ref
+
+    def _clear_slot(self, i: int) -> None:
+        for mod in self.modules.values():
+            mod.set_slot(i, None, None, 0.0)
+        self.slots[i] = Slot()
+
+    def stats(self) -> dict:
+        with self._lock:
+            cpu = len(self._cpu)
+        return {
+            "slots_total": len(self.slots),
+            "slots_used": sum(1 for s in self.slots if s.ref is not None),
+            "cpu_resident": cpu,
+            "loads": self.loads,
+            "evictions": self.evictions,
+        }

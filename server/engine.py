@@ -1,0 +1,287 @@
+"""The engine: one thread that owns the model and runs the continuous-batching loop.
+
+Front ends call `submit` (any thread) and read the request's `OutputStream`;
+they never touch tensors. Everything that mutates engine state (adapter
+slots, KV caches, the queue) happens on the engine thread; other threads
+hand work over through `call`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.kernels import LoraSegments
+
+from .adapter_pool import AdapterPool
+from .detokenizer import IncrementalDetokenizer
+from .errors import BadRequest, QueueFull
+from .model_runner import ModelRunner, SeqChunk, StepBatch
+from .request import Request, RequestOutput
+from .sampler import make_generator, sample, token_logprob
+from .scheduler import Scheduler, Sequence
+
+log = logging.getLogger("loraplex.engine")
+
+
+@dataclass
+class EngineConfig:
+    max_loras: int = 8
+    max_cpu_loras: int = 64
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_queue: int = 512
+    kv_cache_tokens: int = 65536
+    max_model_len: int | None = None
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig, *, eos_token_ids: set[int], telemetry=None):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = config
+        self.eos_ids = set(eos_token_ids)
+        self.telemetry = telemetry
+        self.pool = AdapterPool(runner.lora_modules, config.max_loras, cpu_capacity=config.max_cpu_loras, on_event=self._pool_event)
+        self.scheduler = Scheduler(
+            self.pool, runner.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
+        )
+        self.max_model_len = runner.max_model_len
+        self._inbox: deque[Request] = deque()
+        self._calls: deque = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.steps = 0
+        self.last_batch_size = 0
+        self.tokens_generated = 0
+
+    # --- any thread -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def new_request_id(self) -> str:
+        return uuid.uuid4().hex
+
+    def submit(self, req: Request) -> Request:
+        """Queues a request; raises BadRequest (too long) or QueueFull. The adapter is pinned until it finishes."""
+        n = len(req.prompt_ids)
+        if n == 0:
+            raise BadRequest("the prompt is empty", param="prompt")
+        if n + req.params.max_tokens > self.max_model_len:
+            raise BadRequest(
+                f"prompt ({n} tokens) plus max_tokens ({req.params.max_tokens}) exceeds the model's context of {self.max_model_len} tokens",
+                param="max_tokens",
+            )
+        with self._cv:
+            if len(self._inbox) + len(self.scheduler.waiting) >= self.config.max_queue:
+                raise QueueFull(f"the request queue is full ({self.config.max_queue} waiting); retry later")
+            if req.adapter is not None:
+                self.pool.pin(req.adapter)
+            self._inbox.append(req)
+            self._cv.notify_all()
+        return req
+
+    def call(self, fn, timeout: float | None = 30.0):
+        """Runs `fn()` on the engine thread between steps and returns its result (re-raising its error)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        done = threading.Event()
+        box: dict = {}
+
+        def run():
+            try:
+                box["v"] = fn()
+            except BaseException as e:  # handed back to the caller
+                box["e"] = e
+            done.set()
+
+        with self._cv:
+            self._calls.append(run)
+            self._cv.notify_all()
+        if not done.wait(timeout):
+            raise TimeoutError("engine did not run the call in time")
+        if "e" in box:
+            raise box["e"]
+        return box.get("v")
+
+    def state(self) -> dict:
+        """A snapshot for health checks, metrics and tests."""
+        s = self.scheduler
+        return {
+            "running": len(s.running),
+            "waiting": len(s.waiting) + len(self._inbox),
+            "running_ids": [q.req.request_id for q in list(s.running)],
+            "kv_used_tokens": self.runner.kv.used_tokens,
+            "kv_budget_tokens": self.runner.kv.budget_tokens,
+            "steps": self.steps,
+            "last_batch_size": self.last_batch_size,
+            "preemptions": s.preemptions,
+            **self.pool.stats(),
+        }
+
+    def in_use(self, ref: str) -> bool:
+        return self.pool.pinned(ref) > 0
+
+    # --- engine thread ----------------------------------------------------------
+    def _pool_event(self, kind: str, ref: str, **kw) -> None:
+        if self.telemetry is not None:
+            self.telemetry.adapter_event(kind, ref, **kw)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stop or self._inbox or self._calls or self.scheduler.running or self.scheduler.waiting):
+                    self._cv.wait()
+                if self._stop:
+                    break
+                new = list(self._inbox)
+                self._inbox.clear()
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn in calls:
+                fn()
+            for req in new:
+                self._enqueue(req)
+            try:
+                self._step()
+            except Exception:
+                log.exception("engine step failed; aborting the requests of that step")
+                for seq in list(self.scheduler.running):
+                    self._finish(seq, "error", error="internal engine error")
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(seq, "abort")
+
+    def _enqueue(self, req: Request) -> None:
+        p = req.params
+        seq = Sequence(
+            req=req,
+            all_ids=list(req.prompt_ids),
+            num_prompt=len(req.prompt_ids),
+            gen=make_generator(p.seed),
+            detok=IncrementalDetokenizer(self.tokenizer, p.stop, p.include_stop_str_in_output),
+            prompt_logprobs=[None] if p.prompt_logprobs is not None else None,
+        )
+        self.scheduler.waiting.append(seq)
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            r = seq.req
+            if r.cancelled.is_set() or (r.deadline is not None and now > r.deadline):
+                self._finish(seq, "abort")
+
+    def _step(self) -> None:
+        self._reap()
+        plan = self.scheduler.schedule()
+        if not plan.items:
+            if self.scheduler.waiting and not self.scheduler.running:
+                time.sleep(0.001)  # waiting on capacity that only a finishing request frees: none running
+            return
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        chunks: list[SeqChunk] = []
+        logits_idx: list[int] = []
+        samplers: list[tuple[Sequence, int]] = []  # (seq, row in logits)
+        prompt_rows: list[tuple[Sequence, int, int]] = []  # (seq, first row, first position)
+        for seq, n in plan.items:
+            start = len(ids)
+            a = seq.num_computed
+            ids.extend(seq.all_ids[a : a + n])
+            positions.extend(range(a, a + n))
+            slots.extend([seq.slot] * n)
+            chunks.append(SeqChunk(seq.cache, start, n, a))
+            if seq.prompt_logprobs is not None and a < seq.num_prompt - 1:
+                # rows whose next token is still a prompt token
+                last = min(a + n, seq.num_prompt - 1)
+                prompt_rows.append((seq, len(logits_idx), a))
+                logits_idx.extend(range(start, start + (last - a)))
+            if a + n == len(seq.all_ids):
+                samplers.append((seq, len(logits_idx)))
+                logits_idx.append(start + n - 1)
+        dev = self.runner.device
+        batch = StepBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            chunks=chunks,
+            seg=LoraSegments.from_token_slots(slots, dev) if any(s >= 0 for s in slots) else None,
+            logits_indices=torch.tensor(logits_idx, dtype=torch.long, device=dev),
+        )
+        logits, _ = self.runner.forward(batch)
+        logits = logits.cpu()
+        self.steps += 1
+        self.last_batch_size = len(plan.items)
+        for seq, n in plan.items:
+            seq.num_computed += n
+        for seq, row, pos in prompt_rows:
+            k = seq.req.params.prompt_logprobs
+            end = min(seq.num_computed, seq.num_prompt - 1)
+            lps = torch.log_softmax(logits[row : row + (end - pos)], dim=-1)
+            for j in range(end - pos):
+                seq.prompt_logprobs.append(token_logprob(lps[j], seq.all_ids[pos + j + 1], k))
+        for seq, row in samplers:
+            self._advance(seq, logits[row])
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
+        req, p = seq.req, seq.req.params
+        token, entry = sample(logits, p, seq.gen, seq.output_ids)
+        seq.all_ids.append(token)
+        self.tokens_generated += 1
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        out = RequestOutput(req.request_id, token_ids=[token])
+        if entry is not None:
+            out.logprobs.append(entry)
+        reason = None
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        else:
+            seq.detok.add(token)
+            if seq.detok.stopped:
+                reason = "stop"
+            elif len(seq.output_ids) >= p.max_tokens or len(seq.all_ids) >= self.max_model_len:
+                reason = "length"
+        out.text = seq.detok.take(final=reason is not None)
+        if reason is not None:
+            self._finish(seq, reason, last=out)
+        else:
+            self._emit(seq, out)
+
+    def _emit(self, seq: Sequence, out: RequestOutput) -> None:
+        out.prompt_tokens = seq.num_prompt
+        out.completion_tokens = len(seq.output_ids)
+        if seq.prompt_logprobs is not None and not seq.sent_prompt_logprobs:
+            out.prompt_logprobs = seq.prompt_logprobs
+            seq.sent_prompt_logprobs = True
+        if seq.req.stream is not None:
+            seq.req.stream.put(out)
+
+    def _finish(self, seq: Sequence, reason: str, *, last: RequestOutput | None = None, error: str | None = None) -> None:
+        if seq.finished:
+            return
+        self.scheduler.finish(seq)
+        req = seq.req
+        req.finished_at = time.monotonic()
+        if req.adapter is not None:
+            self.pool.unpin(req.adapter.ref)
+        out = last or RequestOutput(req.request_id, text=seq.detok.take(final=True))
+        out.finished = True
+        out.finish_reason = reason
+        out.error = error
+        self._emit(seq, out)
+        if self.telemetry is not None:
+            self.telemetry.request_finished(req, reason, len(seq.output_ids), seq.num_prompt)

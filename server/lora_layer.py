@@ -1,0 +1,106 @@
+"""The LoRA layer the engine wraps around every target projection of the base model.
+
+`LoraLinear` keeps the frozen base `nn.Linear` and, per adapter slot, the
+adapter's A and B stacked along a slot dimension. A forward pass reads the
+token -> slot mapping of the current batch from the shared `LoraContext` and
+adds `scale * (x A^T) B^T` to the tokens of each slot through
+`loraplex.kernels.apply_lora` (reference ops on CPU, Triton on CUDA).
+
+Mixed ranks: the stacks are as wide as the largest rank loaded so far
+(rounded up to 16) and grow when a wider adapter arrives; each slot's true
+rank is recorded per module, so kernels never multiply the zero padding.
+A slot whose adapter does not target this module has rank 0 here and its
+tokens pass through the base layer only.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loraplex.kernels import LoraSegments, apply_lora
+
+RANK_ALIGN = 16
+
+
+class LoraContext:
+    """Per-step state shared by every LoraLinear of one model: the current segments (None = no LoRA)."""
+
+    def __init__(self) -> None:
+        self.seg: LoraSegments | None = None
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear, ctx: LoraContext, num_slots: int):
+        super().__init__()
+        self.base = base
+        self.ctx = ctx
+        self.num_slots = num_slots
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        dev, dt = base.weight.device, base.weight.dtype
+        self.width = 0  # current stacked rank capacity
+        # A: [S, R, in], B: [S, out, R]; allocated on first use.
+        self.A = torch.zeros((num_slots, 0, self.in_features), device=dev, dtype=dt)
+        self.B = torch.zeros((num_slots, self.out_features, 0), device=dev, dtype=dt)
+        self.scales = torch.zeros(num_slots, dtype=torch.float32, device=dev)
+        self.ranks = torch.zeros((1, num_slots), dtype=torch.int32, device=dev)
+        self.ranks_host = [0] * num_slots
+
+    @property
+    def weight(self) -> torch.Tensor:  # some HF code peeks at .weight (dtype/device checks)
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def _grow(self, rank: int) -> None:
+        width = -(-rank // RANK_ALIGN) * RANK_ALIGN
+        if width <= self.width:
+            return
+        A = self.A.new_zeros((self.num_slots, width, self.in_features))
+        B = self.B.new_zeros((self.num_slots, self.out_features, width))
+        A[:, : self.width] = self.A
+        B[:, :, : self.width] = self.B
+        self.A, self.B, self.width = A, B, width
+
+    def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
+        """Loads one adapter's (A [r, in], B [out, r]) into `slot`; None clears the slot for this module."""
+        if A is None:
+            self.ranks_host[slot] = 0
+            self.ranks[0, slot] = 0
+            self.scales[slot] = 0.0
+            return
+        r = A.shape[0]
+        self._grow(r)
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.A[slot, :r] = A.to(self.A.dtype)
+        self.B[slot, :, :r] = B.to(self.B.dtype)
+        self.scales[slot] = float(scale)
+        self.ranks[0, slot] = r
+        self.ranks_host[slot] = r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        seg = self.ctx.seg
+        if seg is None or not any(self.ranks_host[s] for s in seg.seg_slots_host if s >= 0):
+            return y
+        # x: [T, in] (the runner always passes a flattened batch), y: [T, out]
+        return apply_lora(y, x, [self.A], [self.B], seg, self.scales, self.ranks, [0])
+
+
+def wrap_lora_modules(model: nn.Module, ctx: LoraContext, num_slots: int, layers: nn.ModuleList) -> dict[str, LoraLinear]:
+    """Replaces every nn.Linear inside the decoder layers with a LoraLinear; returns them by full module path."""
+    wrapped: dict[str, LoraLinear] = {}
+    prefix = {id(m): n for n, m in model.named_modules()}
+    for layer in layers:
+        layer_name = prefix[id(layer)]
+        for name, child in list(layer.named_modules()):
+            for cname, sub in list(child.named_children()):
+                if isinstance(sub, nn.Linear) and not isinstance(sub, LoraLinear):
+                    lora = LoraLinear(sub, ctx, num_slots)
+                    setattr(child, cname, lora)
+                    full = ".".join(p for p in (layer_name, name, cname) if p)
+                    wrapped[full] = lora
+    return wrapped

@@ -1,0 +1,186 @@
+"""Runs one flattened batch of tokens (prefill chunks and decode steps mixed) through the base model.
+
+We load the checkpoint with transformers and keep its modules (embedding,
+norms, projections, rotary embedding, MLP) but drive them ourselves: the
+batch is a flat `[T]` token vector tagged with positions and with the slot of
+the adapter each token belongs to, and attention runs per sequence against
+that sequence's own KV cache. This is what lets requests join and leave at
+every step without padding, and adapters differ per token.
+
+Supported: Llama-family decoders (Llama 2/3, Mistral, Qwen2/2.5, Qwen3,
+SmolLM). Others are refused at load time by `check_architecture`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.kernels import LoraSegments
+
+from .kv_cache import KVCacheManager, SeqKVCache
+from .lora_layer import LoraContext, LoraLinear, wrap_lora_modules
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def check_architecture(config) -> str:
+    archs = list(getattr(config, "architectures", None) or [])
+    for a in archs:
+        if a in SUPPORTED_ARCHITECTURES:
+            return a
+    mt = getattr(config, "model_type", None)
+    for a, t in SUPPORTED_ARCHITECTURES.items():
+        if mt == t and not archs:
+            return a
+    raise UnsupportedModel(
+        f"unsupported architecture {archs or mt!r}: loraplex serves {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+    )
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's share of a step: tokens [start, start+n) of the flat batch, at positions past..past+n-1."""
+
+    cache: SeqKVCache
+    start: int
+    n: int
+    past: int
+
+
+@dataclass
+class StepBatch:
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    chunks: list[SeqChunk]
+    seg: LoraSegments | None
+    logits_indices: torch.Tensor  # [K] flat indices whose next-token logits are wanted
+    extra: dict = field(default_factory=dict)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, *, max_loras: int, kv_budget_tokens: int, max_model_len: int | None = None):
+        self.model = model
+        self.config = model.config
+        self.arch = check_architecture(self.config)
+        model.eval()
+        model.requires_grad_(False)
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.layers = inner.layers
+        self.norm = inner.norm
+        self.rotary = inner.rotary_emb
+        self.lm_head = model.lm_head
+        cfg = self.config
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.windows = [self._window(i, layer) for i, layer in enumerate(self.layers)]
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.lora_ctx = LoraContext()
+        self.max_loras = max_loras
+        self.lora_modules: dict[str, LoraLinear] = wrap_lora_modules(model, self.lora_ctx, max_loras, self.layers)
+        self.kv = KVCacheManager(
+            num_layers=len(self.layers),
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            budget_tokens=kv_budget_tokens,
+            max_seq_len=self.max_model_len,
+        )
+
+    def _window(self, i: int, layer) -> int | None:
+        w = getattr(layer.self_attn, "sliding_window", None)
+        if w is None and self.arch == "MistralForCausalLM":
+            w = getattr(self.config, "sliding_window", None)
+        return int(w) if w else None
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (logits [K, V] fp32 at batch.logits_indices, last hidden states [K, H])."""
+        self.lora_ctx.seg = batch.seg
+        try:
+            return self._forward(batch)
+        finally:
+            self.lora_ctx.seg = None
+
+    def _forward(self, batch: StepBatch):
+        T = batch.input_ids.shape[0]
+        nH, nKV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        h = self.embed(batch.input_ids)  # [T, H]
+        cos, sin = self.rotary(h, batch.positions[None])  # [1, T, D]
+        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [T, 1, D]
+        chunk_masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(T, nH, D)
+            k = attn.k_proj(x).view(T, nKV, D)
+            v = attn.v_proj(x).view(T, nKV, D)
+            if hasattr(attn, "q_norm"):
+                q = attn.q_norm(q)
+                k = attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            out = torch.empty((T, nH, D), dtype=q.dtype, device=q.device)
+            window = self.windows[li]
+            for ci, c in enumerate(batch.chunks):
+                a, b = c.start, c.start + c.n
+                c.cache.write(li, k[a:b], v[a:b], c.past)
+                end = c.past + c.n
+                lo = 0 if window is None else max(0, c.past - window + 1)
+                K, V = c.cache.view(li, end)
+                key = (ci, window)
+                if key not in chunk_masks:
+                    chunk_masks[key] = self._mask(c, window, lo)
+                mask = chunk_masks[key]
+                o = F.scaled_dot_product_attention(
+                    q[a:b].transpose(0, 1)[None],
+                    K[:, lo:][None],
+                    V[:, lo:][None],
+                    attn_mask=mask,
+                    scale=self.scaling,
+                    enable_gqa=nH != nKV,
+                )  # [1, nH, n, D]
+                out[a:b] = o[0].transpose(0, 1)
+            h = h + attn.o_proj(out.view(T, nH * D))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        for c in batch.chunks:
+            c.cache.length = max(c.cache.length, c.past + c.n)
+        hs = self.norm(h[batch.logits_indices])
+        logits = self.lm_head(hs).float()
+        return logits, hs
+
+    def _mask(self, c: SeqChunk, window: int | None, lo: int) -> torch.Tensor | None:
+        # Query i (position past+i) sees keys lo..past+i (and within the window).
+        if c.n == 1:
+            return None  # one query at the newest position sees every key from lo on
+        qpos = torch.arange(c.past, c.past + c.n, device=self.device)[:, None]
+        kpos = torch.arange(lo, c.past + c.n, device=self.device)[None, :]
+        allowed = kpos <= qpos
+        if window is not None:
+            allowed &= kpos > qpos - window
+        return allowed[None, None]
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        return {name: (m.in_features, m.out_features) for name, m in self.lora_modules.items()}

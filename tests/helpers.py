@@ -1,0 +1,65 @@
+"""Plain builders for test fixtures: a tiny random Llama checkpoint and real PEFT adapters for it."""
+from __future__ import annotations
+
+import functools
+import shutil
+from pathlib import Path
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def default_tokenizer_dir() -> Path:
+    from loraplex.adapters_store.base_model import resolve_base_model
+
+    return resolve_base_model("default")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def make_tiny_llama(out_dir, seed: int = 0, **overrides) -> Path:
+    """A 2-layer Llama (hidden 64, GQA 4/2 heads) with the embedded model's tokenizer and chat template."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    with torch.no_grad():  # larger-than-init weights so logits are far from uniform and argmax ties are unlikely
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(out, safe_serialization=True)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(out)
+    src = default_tokenizer_dir()
+    for f in TOKENIZER_FILES:
+        if (src / f).exists():
+            shutil.copy(src / f, out / f)
+    return out
+
+
+def make_peft_adapter(base_dir, out_dir, *, r: int = 8, alpha: float = 16, target_modules=("q_proj", "v_proj"),
+                      seed: int = 0, use_rslora: bool = False, init_std: float = 0.05, rank_pattern=None) -> Path:
+    """A real PEFT LoRA adapter for `base_dir` with non-zero B (so it changes outputs)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0,
+                     use_rslora=use_rslora, rank_pattern=rank_pattern or {}, task_type="CAUSAL_LM")
+    pm = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_A" in n or "lora_B" in n:
+                p.normal_(0.0, init_std * (4.0 if "lora_B" in n else 1.0))
+    out = Path(out_dir)
+    pm.save_pretrained(out)
+    return out

@@ -52,6 +52,7 @@ class AdapterPool:
         self.cpu_capacity = cpu_capacity
         self._cpu: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._pins: dict[str, int] = {}
+        self._deleted: set[str] = set()
         self._lock = threading.Lock()
         self.on_event = on_event or (lambda kind, ref, **kw: None)
         self.loads = 0
@@ -91,12 +92,22 @@ class AdapterPool:
             self._pins[version.ref] = self._pins.get(version.ref, 0) + 1
 
     def unpin(self, ref: str) -> None:
+        """Engine thread: a request on `ref` finished; a deleted version goes once its last request does."""
         with self._lock:
             n = self._pins.get(ref, 0) - 1
             if n <= 0:
                 self._pins.pop(ref, None)
             else:
                 self._pins[ref] = n
+            drained = n <= 0 and ref in self._deleted
+        if drained:
+            self.forget(ref)
+
+    def mark_deleted(self, ref: str) -> None:
+        """Engine thread: `ref` left the store; free it now if idle, else after its last request."""
+        with self._lock:
+            self._deleted.add(ref)
+        self.forget(ref)
 
     def pinned(self, ref: str) -> int:
         with self._lock:
@@ -118,6 +129,7 @@ class AdapterPool:
             if self._pins.get(ref):
                 return
             self._cpu.pop(ref, None)
+            self._deleted.discard(ref)
         for i, s in enumerate(self.slots):
             if s.ref == ref and s.running == 0:
                 self._clear_slot(i)

@@ -244,6 +244,8 @@ class Engine:
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
         out = RequestOutput(req.request_id, token_ids=[token])
+        if p.return_logits:
+            out.logits.append(logits.clone())
         if entry is not None:
             out.logprobs.append(entry)
         reason = None

@@ -24,6 +24,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     include_stop_str_in_output: bool = False
+    return_logits: bool = False  # internal (tests, RL rollouts): raw next-token logits of every step
 
 
 @dataclass
@@ -42,6 +43,7 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # once, with the first output
+    logits: list = field(default_factory=list)  # [V] fp32 tensors, only with params.return_logits
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None

@@ -55,7 +55,12 @@ def sample(
             drop = cum - sp > params.top_p  # keep the smallest prefix whose mass reaches top_p
             sp = sp.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, si, sp)
-        token = int(torch.multinomial(probs, 1, generator=gen))
+        # inverse CDF with one uniform draw: as exact as multinomial, far cheaper on a 50k vocabulary
+        cdf = torch.cumsum(probs, dim=0)
+        u = torch.rand(1, generator=gen) * cdf[-1]
+        token = min(int(torch.searchsorted(cdf, u, right=True)), probs.shape[0] - 1)
+        while probs[token] <= 0 and token > 0:  # u landed exactly on a zero-mass boundary
+            token -= 1
     entry = None
     if params.logprobs is not None:
         entry = token_logprob(torch.log_softmax(raw, dim=-1), token, params.logprobs)

@@ -1,0 +1,132 @@
+"""Process wiring: the Starlette app, its routes, error mapping, readiness and store polling.
+
+`ServerState` is filled in once the base model is loaded (in a background
+thread, so `/health` can answer 503 meanwhile); every other route answers
+503 until then.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .adapters_api import AdapterManager, AdapterRoutes
+from .errors import ApiError, Unavailable, from_store_error
+
+log = logging.getLogger("loraplex.server")
+
+
+@dataclass
+class ServerState:
+    service: object | None = None  # GenerationService
+    manager: AdapterManager | None = None
+    store: object | None = None
+    engine: object | None = None
+    error: str | None = None
+    draining: bool = False
+    extra: dict = field(default_factory=dict)
+    _seq: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.service is not None and not self.draining
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.http_status)
+
+
+def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, poll_interval: float = 1.0) -> Starlette:
+    def need(attr):
+        def get():
+            obj = getattr(state, attr)
+            if obj is None or state.draining:
+                raise Unavailable(state.error or "the model is still loading")
+            return obj
+
+        return get
+
+    service, manager = need("service"), need("manager")
+
+    def wrap(fn_getter):
+        async def endpoint(request: HttpRequest):
+            try:
+                return await fn_getter()(request)
+            except ApiError as e:
+                return _error_response(e)
+            except Exception as e:
+                if hasattr(e, "http_status"):
+                    return _error_response(from_store_error(e))
+                log.exception("internal error on %s %s", request.method, request.url.path)
+                return _error_response(_internal())
+
+        return endpoint
+
+    def _internal() -> ApiError:
+        e = ApiError("internal server error")
+        e.http_status, e.grpc_code, e.error_type = 500, "INTERNAL", "server_error"
+        return e
+
+    from .openai_api import OpenAIRoutes
+
+    def oa():
+        return OpenAIRoutes(service())
+
+    def ad():
+        return AdapterRoutes(manager())
+
+    async def health(request: HttpRequest):
+        if state.ready:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "error" if state.error else "loading", "detail": state.error}, status_code=503)
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", wrap(lambda: oa().models), methods=["GET"]),
+        Route("/v1/chat/completions", wrap(lambda: oa().chat), methods=["POST"]),
+        Route("/v1/completions", wrap(lambda: oa().completions), methods=["POST"]),
+        Route("/v1/adapters", wrap(lambda: ad().register), methods=["POST"]),
+        Route("/v1/adapters", wrap(lambda: ad().list), methods=["GET"]),
+        Route("/v1/adapters/{name}", wrap(lambda: ad().get), methods=["GET"]),
+        Route("/v1/adapters/{name}", wrap(lambda: ad().delete), methods=["DELETE"]),
+        Route("/v1/load_lora_adapter", wrap(lambda: ad().vllm_load), methods=["POST"]),
+        Route("/v1/unload_lora_adapter", wrap(lambda: ad().vllm_unload), methods=["POST"]),
+    ]
+    for r in extra_routes or []:
+        routes.append(r)
+
+    async def poll_store():
+        # Registrations made by other processes (the trainer) reach us through the store's event log.
+        while True:
+            await asyncio.sleep(poll_interval)
+            st, m = state.store, state.manager
+            if st is None or m is None:
+                continue
+            try:
+                events = await asyncio.to_thread(st.events_since, state._seq)
+                for ev in events:
+                    state._seq = max(state._seq, ev.seq)
+                    await asyncio.to_thread(m.on_store_event, ev)
+            except Exception:
+                log.exception("store polling failed")
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(poll_store())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.loraplex = state
+    return app

@@ -1,0 +1,88 @@
+"""Building a running server from its configuration: base model, store, engine, front-end services."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .app import ServerState
+
+log = logging.getLogger("loraplex.server")
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LORAPLEX_HOME") or "./var")
+
+
+class ServeConfig(BaseModel):
+    """Everything `loraplex serve` takes; CLI flags map 1:1 onto these fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None  # local HF checkpoint dir; None = embedded SmolLM2-135M-Instruct
+    served_model_name: str | None = None
+    adapters: dict[str, str] = Field(default_factory=dict)  # name -> PEFT dir, registered at start
+    store: Path | None = None  # default $LORAPLEX_HOME/store
+    allowed_adapter_roots: list[Path] | None = None  # None = any readable path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int = 50051
+    device: str | None = None
+    dtype: str | None = None
+    max_loras: int = Field(8, ge=1)
+    max_cpu_loras: int = Field(64, ge=1)
+    max_lora_rank: int = Field(256, ge=1)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=16)
+    max_queue: int = Field(512, ge=1)
+    kv_cache_tokens: int = Field(65536, ge=64)
+    max_model_len: int | None = Field(None, ge=16)
+
+    def store_dir(self) -> Path:
+        return self.store or default_home() / "store"
+
+
+def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=None) -> ServerState:
+    """Loads everything; fills `state` in place (so an app built earlier sees it once ready)."""
+    from loraplex.adapters_store import AdapterStore, BaseModelSpec
+
+    from .adapters_api import AdapterManager
+    from .engine import Engine, EngineConfig
+    from .loading import load_base
+    from .model_runner import ModelRunner
+    from .service import GenerationService
+
+    state = state or ServerState()
+    base = load_base(cfg.model, dtype=cfg.dtype, device=cfg.device, model_id=cfg.served_model_name)
+    spec = BaseModelSpec(model_id=base.model_id, fingerprint=base.fingerprint, module_shapes=base.module_shapes, max_rank=cfg.max_lora_rank)
+    store = AdapterStore(cfg.store_dir(), base=spec, allowed_roots=cfg.allowed_adapter_roots)
+    runner = ModelRunner(base.model, max_loras=cfg.max_loras, kv_budget_tokens=cfg.kv_cache_tokens, max_model_len=cfg.max_model_len)
+    ecfg = EngineConfig(
+        max_loras=cfg.max_loras,
+        max_cpu_loras=cfg.max_cpu_loras,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_queue=cfg.max_queue,
+        kv_cache_tokens=cfg.kv_cache_tokens,
+        max_model_len=cfg.max_model_len,
+    )
+    engine = Engine(runner, base.tokenizer, ecfg, eos_token_ids=base.eos_token_ids, telemetry=telemetry)
+    engine.start()
+    manager = AdapterManager(store, engine)
+    for name, path in cfg.adapters.items():
+        v = manager.register(name, path, {"source": str(path), "registered_by": "cli"}, "cli")
+        log.info("registered %s from %s", v.ref, path)
+    for v in store.list():  # warm what is already in the store, newest first, up to the CPU tier
+        if engine.pool.stats()["cpu_resident"] >= cfg.max_cpu_loras:
+            break
+        try:
+            engine.pool.prefetch(v)
+        except Exception as e:
+            log.warning("could not preload %s: %s", v.ref, e)
+    state.store, state.engine, state.manager = store, engine, manager
+    state._seq = store.last_event_seq()
+    state.extra["base"] = base
+    state.extra["config"] = cfg
+    state.service = GenerationService(engine, store, base, telemetry=telemetry)
+    return state

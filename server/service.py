@@ -1,0 +1,166 @@
+"""What both front ends (HTTP and gRPC) do with a generation request, in one place.
+
+Resolve the model name to (adapter, version), turn messages or text into
+prompt token ids, build the engine request, and read its outputs. Front ends
+only translate their wire format to these calls and back.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from .engine import Engine
+from .errors import ApiError, BadRequest, NotFound, from_store_error
+from .loading import LoadedBase
+from .request import OutputStream, Request, RequestOutput, SamplingParams, TokenLogprob
+
+
+@dataclass
+class Generation:
+    """The collected result of one request (one choice)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class GenerationService:
+    def __init__(self, engine: Engine, store, base: LoadedBase, telemetry=None):
+        self.engine = engine
+        self.store = store
+        self.base = base
+        self.tokenizer = base.tokenizer
+        self.telemetry = telemetry
+        self.ready = False
+
+    @property
+    def model_id(self) -> str:
+        return self.base.model_id
+
+    # --- routing ------------------------------------------------------------------
+    def resolve(self, model: str | None, sticky_key: str | None = None):
+        """Model name -> AdapterVersion, or None for the base model. `name@N` pins version N."""
+        if not model or not isinstance(model, str):
+            raise BadRequest("'model' is required", param="model")
+        if model in (self.model_id, "default"):
+            return None
+        name, _, ver = model.partition("@")
+        version = None
+        if ver:
+            if not ver.isdigit():
+                raise BadRequest(f"bad version in model {model!r}: expected name@<integer>", param="model")
+            version = int(ver)
+        try:
+            return self.store.resolve(name, version=version, sticky_key=sticky_key)
+        except ApiError:
+            raise
+        except Exception as e:  # store errors carry their own mapping
+            if hasattr(e, "http_status"):
+                err = from_store_error(e)
+                if err.http_status == 404:
+                    raise NotFound(f"model {model!r} does not exist: it is neither the base model {self.model_id!r} nor a registered adapter", param="model") from e
+                raise err from e
+            raise
+
+    # --- prompts ------------------------------------------------------------------
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:
+            raise BadRequest(f"messages cannot be rendered with the model's chat template: {e}", param="messages") from e
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def text_prompt_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def check_token_ids(self, ids: list[int], param: str) -> list[int]:
+        v = len(self.tokenizer)
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= max(v, self.base.model.config.vocab_size):
+                raise BadRequest(f"token id {t!r} is outside the vocabulary (0..{v - 1})", param=param)
+        return ids
+
+    def default_max_tokens(self, prompt_len: int) -> int:
+        return max(1, self.engine.max_model_len - prompt_len)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    # --- running ------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter, *, loop=None, deadline_s: float | None = None, request_id: str | None = None) -> Request:
+        req = Request(
+            request_id=request_id or uuid.uuid4().hex,
+            prompt_ids=prompt_ids,
+            params=params,
+            adapter=adapter,
+            stream=OutputStream(loop),
+            deadline=None if deadline_s is None else time.monotonic() + deadline_s,
+        )
+        self.engine.submit(req)
+        if self.telemetry is not None:
+            self.telemetry.request_started(req)
+        return req
+
+    async def stream(self, req: Request):
+        """Async iterator over a request's outputs; cancels the request if the consumer goes away."""
+        try:
+            while True:
+                out: RequestOutput = await req.stream.aget()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            req.cancel()  # no-op when finished; frees the batch slot when the client left early
+
+    async def collect(self, req: Request) -> Generation:
+        g = Generation()
+        async for out in self.stream(req):
+            merge(g, out)
+        return g
+
+
+def merge(g: Generation, out: RequestOutput) -> None:
+    g.text += out.text
+    g.token_ids += out.token_ids
+    g.logprobs += out.logprobs
+    if out.prompt_logprobs is not None:
+        g.prompt_logprobs = out.prompt_logprobs
+    g.prompt_tokens = out.prompt_tokens or g.prompt_tokens
+    g.completion_tokens = out.completion_tokens or g.completion_tokens
+    if out.finished:
+        g.finish_reason = out.finish_reason
+        if out.error:
+            raise ApiError(out.error)
+
+
+async def gather_streams(reqs: list[Request], service: GenerationService):
+    """Merges several requests' outputs into one async stream of (index, output)."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, r):
+        try:
+            async for out in service.stream(r):
+                await q.put((i, out))
+        finally:
+            await q.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+    try:
+        left = len(reqs)
+        while left:
+            i, out = await q.get()
+            if out is None:
+                left -= 1
+                continue
+            yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+        for r in reqs:
+            r.cancel()

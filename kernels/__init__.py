@@ -10,8 +10,11 @@ import os
 
 import torch
 
+from .dense import apply_lora_dense, dense_ok
 from .reference import lora_expand_ref, lora_shrink_ref
 from .segments import LoraSegments
+
+DENSE_MIN_SEGMENTS = 3
 
 __all__ = ["LoraSegments", "apply_lora", "lora_shrink", "lora_expand", "backend_for"]
 
@@ -43,5 +46,8 @@ def apply_lora(y, x, A, B, seg: LoraSegments, scales, ranks, offsets):
     """y += LoRA(x) for every token with an adapter slot; y is updated in place and returned."""
     if not seg.has_lora:
         return y
+    if backend_for(y) == "torch" and seg.num_segments >= DENSE_MIN_SEGMENTS and dense_ok(A, B):
+        # many short segments over narrow stacks: one matmul over all slots beats a loop of tiny ones
+        return apply_lora_dense(y, x, A, B, seg, scales, ranks, offsets)
     buf = lora_shrink(x, A, seg, scales, ranks)
     return lora_expand(y, buf, B, seg, ranks, offsets)

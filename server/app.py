@@ -29,6 +29,8 @@ class ServerState:
     manager: AdapterManager | None = None
     store: object | None = None
     engine: object | None = None
+    telemetry: object | None = None
+    routes: object | None = None  # RouteRoutes
     error: str | None = None
     draining: bool = False
     extra: dict = field(default_factory=dict)
@@ -54,6 +56,7 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
         return get
 
     service, manager = need("service"), need("manager")
+    route_routes = need("routes")
 
     def wrap(fn_getter):
         async def endpoint(request: HttpRequest):
@@ -82,6 +85,18 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
     def ad():
         return AdapterRoutes(manager())
 
+    async def metrics(request: HttpRequest):
+        from starlette.responses import Response
+
+        tel = state.telemetry
+        if tel is None:
+            return Response("# loading\n", media_type="text/plain; version=0.0.4")
+        body = await asyncio.to_thread(tel.render)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def rr():
+        return route_routes()
+
     async def health(request: HttpRequest):
         if state.ready:
             return JSONResponse({"status": "ok"})
@@ -98,6 +113,14 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
         Route("/v1/adapters/{name}", wrap(lambda: ad().delete), methods=["DELETE"]),
         Route("/v1/load_lora_adapter", wrap(lambda: ad().vllm_load), methods=["POST"]),
         Route("/v1/unload_lora_adapter", wrap(lambda: ad().vllm_unload), methods=["POST"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/routes", wrap(lambda: rr().list), methods=["GET"]),
+        Route("/v1/routes/{name}", wrap(lambda: rr().put), methods=["PUT"]),
+        Route("/v1/routes/{name}", wrap(lambda: rr().get), methods=["GET"]),
+        Route("/v1/routes/{name}/promote", wrap(lambda: rr().promote), methods=["POST"]),
+        Route("/v1/routes/{name}/rollback", wrap(lambda: rr().rollback), methods=["POST"]),
+        Route("/v1/routes/{name}/history", wrap(lambda: rr().history), methods=["GET"]),
+        Route("/v1/routes/{name}/compare", wrap(lambda: rr().compare), methods=["GET"]),
     ]
     for r in extra_routes or []:
         routes.append(r)

@@ -39,9 +39,10 @@ class LoraLinear(nn.Module):
         self.out_features = base.out_features
         dev, dt = base.weight.device, base.weight.dtype
         self.width = 0  # current stacked rank capacity
-        # A: [S, R, in], B: [S, out, R]; allocated on first use.
+        # A: [S, R, in]; B is kept as Bt: [S, R, out] and handed to the kernels as its
+        # transposed view [S, out, R], which makes the dense CPU path a free reshape.
         self.A = torch.zeros((num_slots, 0, self.in_features), device=dev, dtype=dt)
-        self.B = torch.zeros((num_slots, self.out_features, 0), device=dev, dtype=dt)
+        self.Bt = torch.zeros((num_slots, 0, self.out_features), device=dev, dtype=dt)
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=dev)
         self.ranks = torch.zeros((1, num_slots), dtype=torch.int32, device=dev)
         self.ranks_host = [0] * num_slots
@@ -59,10 +60,10 @@ class LoraLinear(nn.Module):
         if width <= self.width:
             return
         A = self.A.new_zeros((self.num_slots, width, self.in_features))
-        B = self.B.new_zeros((self.num_slots, self.out_features, width))
+        Bt = self.Bt.new_zeros((self.num_slots, width, self.out_features))
         A[:, : self.width] = self.A
-        B[:, :, : self.width] = self.B
-        self.A, self.B, self.width = A, B, width
+        Bt[:, : self.width] = self.Bt
+        self.A, self.Bt, self.width = A, Bt, width
 
     def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
         """Loads one adapter's (A [r, in], B [out, r]) into `slot`; None clears the slot for this module."""
@@ -74,9 +75,9 @@ class LoraLinear(nn.Module):
         r = A.shape[0]
         self._grow(r)
         self.A[slot].zero_()
-        self.B[slot].zero_()
+        self.Bt[slot].zero_()
         self.A[slot, :r] = A.to(self.A.dtype)
-        self.B[slot, :, :r] = B.to(self.B.dtype)
+        self.Bt[slot, :r] = B.t().to(self.Bt.dtype)
         self.scales[slot] = float(scale)
         self.ranks[0, slot] = r
         self.ranks_host[slot] = r
@@ -87,7 +88,7 @@ class LoraLinear(nn.Module):
         if seg is None or not any(self.ranks_host[s] for s in seg.seg_slots_host if s >= 0):
             return y
         # x: [T, in] (the runner always passes a flattened batch), y: [T, out]
-        return apply_lora(y, x, [self.A], [self.B], seg, self.scales, self.ranks, [0])
+        return apply_lora(y, x, [self.A], [self.Bt.transpose(1, 2)], seg, self.scales, self.ranks, [0])
 
 
 def wrap_lora_modules(model: nn.Module, ctx: LoraContext, num_slots: int, layers: nn.ModuleList) -> dict[str, LoraLinear]:

@@ -53,6 +53,9 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     from .model_runner import ModelRunner
     from .service import GenerationService
 
+    from .routes_api import RouteGuards, RouteRoutes
+    from .telemetry import Telemetry
+
     state = state or ServerState()
     base = load_base(cfg.model, dtype=cfg.dtype, device=cfg.device, model_id=cfg.served_model_name)
     spec = BaseModelSpec(model_id=base.model_id, fingerprint=base.fingerprint, module_shapes=base.module_shapes, max_rank=cfg.max_lora_rank)
@@ -67,7 +70,9 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
         kv_cache_tokens=cfg.kv_cache_tokens,
         max_model_len=cfg.max_model_len,
     )
+    telemetry = telemetry or Telemetry(base.model_id)
     engine = Engine(runner, base.tokenizer, ecfg, eos_token_ids=base.eos_token_ids, telemetry=telemetry)
+    telemetry.engine, telemetry.store = engine, store
     engine.start()
     manager = AdapterManager(store, engine)
     for name, path in cfg.adapters.items():
@@ -80,7 +85,8 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
             engine.pool.prefetch(v)
         except Exception as e:
             log.warning("could not preload %s: %s", v.ref, e)
-    state.store, state.engine, state.manager = store, engine, manager
+    state.store, state.engine, state.manager, state.telemetry = store, engine, manager, telemetry
+    state.routes = RouteRoutes(store, engine, telemetry, RouteGuards(store, telemetry))
     state._seq = store.last_event_seq()
     state.extra["base"] = base
     state.extra["config"] = cfg

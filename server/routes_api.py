@@ -1,0 +1,217 @@
+"""Routes over HTTP: canary splits, promotion, rollback, history, side-by-side comparison, guards.
+
+A route says where a bare adapter name goes (`{"versions": {"3": 90, "4": 10}}`);
+the store applies changes atomically and records who made them. Before a
+route that sends traffic to a version is stored, the server loads that
+version into memory, so no request pays the load. A guard rolls a route
+back by itself when a version new in that route misbehaves.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse
+
+from .errors import BadRequest, NotFound, from_store_error
+from .openai_api import parse_body
+
+log = logging.getLogger("loraplex.routes")
+
+
+class Guard(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_error_rate: float = Field(ge=0.0, le=1.0)
+    min_requests: int = Field(20, ge=1)
+
+
+class RouteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    versions: dict[int, int]
+    sticky: str | None = Field(None, pattern="^(user|session)$")
+    guard: Guard | None = None
+
+
+class PromoteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int
+
+
+class RollbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = None
+
+
+def route_json(r) -> dict | None:
+    if r is None:
+        return None
+    return {
+        "name": r.name,
+        "versions": {str(k): w for k, w in sorted(r.versions.items())},
+        "sticky": r.sticky,
+        "guard": r.guard,
+        "updated_at": r.updated_at,
+        "updated_by": r.updated_by,
+    }
+
+
+def change_json(c) -> dict:
+    d = dict(vars(c)) if not hasattr(c, "__dataclass_fields__") else {k: getattr(c, k) for k in c.__dataclass_fields__}
+    for k in ("old", "new"):
+        if hasattr(d.get(k), "__dataclass_fields__"):
+            d[k] = route_json(d[k])
+    return d
+
+
+def _store_call(fn, *a, **kw):
+    try:
+        return fn(*a, **kw)
+    except Exception as e:
+        if hasattr(e, "http_status"):
+            raise from_store_error(e) from e
+        raise
+
+
+class RouteGuards:
+    """Watches outcomes of versions introduced by a guarded route; rolls the route back past a threshold."""
+
+    def __init__(self, store, telemetry):
+        self.store = store
+        self.telemetry = telemetry
+        self._lock = threading.Lock()
+        self._armed: dict[str, dict] = {}  # adapter name -> {"versions": set[int], "since": float, "guard": dict}
+        telemetry.listeners.append(self.observe)
+
+    def arm(self, name: str, route, previous) -> None:
+        with self._lock:
+            if route is None or not route.guard:
+                self._armed.pop(name, None)
+                return
+            old = set(previous.versions) if previous is not None else set()
+            new = {v for v, w in route.versions.items() if w > 0 and v not in old}
+            if not new or previous is None:
+                self._armed.pop(name, None)
+                return
+            self._armed[name] = {"versions": new, "since": time.time(), "guard": dict(route.guard)}
+
+    def observe(self, ref: str | None, outcome) -> None:
+        if ref is None:
+            return
+        name, _, ver = ref.partition("@")
+        with self._lock:
+            armed = self._armed.get(name)
+            if armed is None or int(ver) not in armed["versions"]:
+                return
+            g = armed["guard"]
+        xs = self.telemetry.window.outcomes(ref, since=armed["since"])
+        if len(xs) < g["min_requests"]:
+            return
+        xs = xs[-g["min_requests"]:]
+        rate = sum(1 for o in xs if not o.ok) / len(xs)
+        if rate > g["max_error_rate"]:
+            with self._lock:
+                if self._armed.pop(name, None) is None:
+                    return  # another thread already rolled back
+            reason = f"guard: {ref} error rate {rate:.1%} over its last {len(xs)} requests exceeds {g['max_error_rate']:.1%}"
+            try:
+                self.store.rollback(name, caller="guard", reason=reason)
+                log.warning("rolled back route %s: %s", name, reason)
+            except Exception:
+                log.exception("guard rollback of %s failed", name)
+
+
+class RouteRoutes:
+    def __init__(self, store, engine, telemetry, guards: RouteGuards):
+        self.store = store
+        self.engine = engine
+        self.telemetry = telemetry
+        self.guards = guards
+
+    def _caller(self, request: HttpRequest) -> str:
+        return request.headers.get("x-loraplex-caller") or (request.client.host if request.client else "api")
+
+    def _warm(self, name: str, versions) -> None:
+        for v in versions:
+            self.engine.pool.prefetch(_store_call(self.store.get, name, int(v)))
+
+    async def put(self, request: HttpRequest):
+        name = request.path_params["name"]
+        body: RouteBody = await parse_body(request, RouteBody)
+        caller = self._caller(request)
+
+        def apply():
+            self._warm(name, [v for v, w in body.versions.items() if w > 0])
+            prev = self.store.get_route(name)
+            r = _store_call(self.store.set_route, name, body.versions, sticky=body.sticky,
+                            guard=body.guard.model_dump() if body.guard else None, caller=caller)
+            self.guards.arm(name, r, prev)
+            return r
+
+        r = await asyncio.to_thread(apply)
+        return JSONResponse(route_json(r))
+
+    async def get(self, request: HttpRequest):
+        name = request.path_params["name"]
+        r = self.store.get_route(name)
+        if r is None:
+            _store_call(self.store.versions, name)  # 404 for an unknown adapter
+            raise NotFound(f"adapter {name!r} has no route: bare-name requests go to its latest version", param="name")
+        return JSONResponse(route_json(r))
+
+    async def list(self, request: HttpRequest):
+        out = [route_json(self.store.get_route(n)) for n in self.store.names()]
+        return JSONResponse({"object": "list", "data": [r for r in out if r is not None]})
+
+    async def promote(self, request: HttpRequest):
+        name = request.path_params["name"]
+        body: PromoteBody = await parse_body(request, PromoteBody)
+        caller = self._caller(request)
+
+        def apply():
+            self._warm(name, [body.version])
+            r = _store_call(self.store.promote, name, body.version, caller=caller)
+            self.guards.arm(name, None, None)
+            return r
+
+        return JSONResponse(route_json(await asyncio.to_thread(apply)))
+
+    async def rollback(self, request: HttpRequest):
+        name = request.path_params["name"]
+        raw = await request.body()
+        body = await parse_body(request, RollbackBody) if raw.strip() else RollbackBody()
+        caller = self._caller(request)
+
+        def apply():
+            r = _store_call(self.store.rollback, name, caller=caller, reason=body.reason)
+            self.guards.arm(name, None, None)
+            return r
+
+        return JSONResponse(route_json(await asyncio.to_thread(apply)))
+
+    async def history(self, request: HttpRequest):
+        name = request.path_params["name"]
+        hist = _store_call(self.store.route_history, name)
+        return JSONResponse({"object": "list", "data": [change_json(c) for c in hist]})
+
+    async def compare(self, request: HttpRequest):
+        name = request.path_params["name"]
+        w = request.query_params.get("window", "300")
+        try:
+            window = float(w)
+            if window <= 0:
+                raise ValueError
+        except ValueError:
+            raise BadRequest("query parameter 'window' must be a positive number of seconds", param="window")
+        r = self.store.get_route(name)
+        versions = sorted(r.versions) if r is not None else [v.version for v in _store_call(self.store.versions, name)]
+        since = time.time() - window
+        data = []
+        for v in versions:
+            ref = f"{name}@{v}"
+            s = self.telemetry.window.summary(self.telemetry.window.outcomes(ref, since=since))
+            data.append({"version": v, "weight": None if r is None else r.versions.get(v, 0), **s})
+        return JSONResponse({"name": name, "window_s": window, "versions": data})

@@ -41,13 +41,13 @@ def test_health_and_models(srv, client):
 def test_chat_adapter_base_and_pinned_version(srv, client):
     outs = {}
     for model in ("alpha", "beta", base_id(srv), "alpha@1"):
-        with client.chat.completions.with_raw_response.create(model=model, messages=MSG, max_tokens=8, temperature=0) as raw:
-            pass
-        r = client.chat.completions.create(model=model, messages=MSG, max_tokens=8, temperature=0)
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=MSG, max_tokens=8, temperature=0)
+        r = raw.parse()
         outs[model] = r.choices[0].message.content
-        assert r.usage.completion_tokens == len(srv.state.service.tokenizer.encode(r.choices[0].message.content, add_special_tokens=False)) or r.choices[0].finish_reason
+        assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 5
         expected = base_id(srv) if model == base_id(srv) else (model if "@" in model else f"{model}@1")
         assert r.system_fingerprint == expected
+        assert raw.headers["x-loraplex-adapter"] == expected
     assert outs["alpha"] == outs["alpha@1"]
     assert len({outs["alpha"], outs["beta"], outs[base_id(srv)]}) == 3
 

@@ -317,7 +317,8 @@ class AdapterStore:
                    json.dumps(new.to_json()) if new else None, reason))
         self._event(c, "route_changed", name, None, caller, {"action": action, "reason": reason})
 
-    def _validate_route(self, name: str, versions: dict, sticky) -> dict[int, int]:
+    def validate_route(self, name: str, versions: dict, sticky=None) -> dict[int, int]:
+        """The route's weights as {version: percent}, or InvalidRequest / AdapterNotFound; changes nothing."""
         if not isinstance(versions, dict) or not versions:
             raise InvalidRequest("route 'versions' must map version numbers to percentages")
         out: dict[int, int] = {}
@@ -351,7 +352,7 @@ class AdapterStore:
         return new
 
     def set_route(self, name: str, versions: dict, *, sticky: str | None = None, guard: dict | None = None, caller: str = "api") -> Route:
-        v = self._validate_route(name, versions, sticky)
+        v = self.validate_route(name, versions, sticky)
         return self._write_route(name, v, sticky, guard, caller, "set")
 
     def get_route(self, name: str) -> Route | None:
@@ -360,7 +361,7 @@ class AdapterStore:
 
     def promote(self, name: str, version: int, *, caller: str = "api") -> Route:
         cur = self.get_route(name)
-        v = self._validate_route(name, {version: 100}, None)
+        v = self.validate_route(name, {version: 100}, None)
         return self._write_route(name, v, cur.sticky if cur else None, None, caller, "promote")
 
     def rollback(self, name: str, *, caller: str = "api", reason: str | None = None) -> Route:

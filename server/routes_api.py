@@ -144,7 +144,8 @@ class RouteRoutes:
         caller = self._caller(request)
 
         def apply():
-            self._warm(name, [v for v, w in body.versions.items() if w > 0])
+            weights = _store_call(self.store.validate_route, name, body.versions, body.sticky)
+            self._warm(name, [v for v, w in weights.items() if w > 0])
             prev = self.store.get_route(name)
             r = _store_call(self.store.set_route, name, body.versions, sticky=body.sticky,
                             guard=body.guard.model_dump() if body.guard else None, caller=caller)
@@ -172,6 +173,7 @@ class RouteRoutes:
         caller = self._caller(request)
 
         def apply():
+            _store_call(self.store.validate_route, name, {body.version: 100})
             self._warm(name, [body.version])
             r = _store_call(self.store.promote, name, body.version, caller=caller)
             self.guards.arm(name, None, None)

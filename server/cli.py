@@ -79,6 +79,68 @@ def cmd_serve(args) -> int:
     return 1 if failed.is_set() else 0
 
 
+def routes_parser(sub) -> None:
+    p = sub.add_parser("routes", help="show and change adapter routes (canary splits) in the store")
+    p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
+    p.add_argument("--caller", default=None, help="who makes the change (recorded in the history; default $USER)")
+    rs = p.add_subparsers(dest="action", required=True)
+    s = rs.add_parser("set", help="loraplex routes set NAME VERSION=PERCENT ... [--sticky user]")
+    s.add_argument("name")
+    s.add_argument("weights", nargs="+", metavar="VERSION=PERCENT")
+    s.add_argument("--sticky", choices=["user", "session"])
+    s = rs.add_parser("promote", help="send all traffic of NAME to VERSION")
+    s.add_argument("name")
+    s.add_argument("version", type=int)
+    s = rs.add_parser("rollback", help="return NAME to its previous route")
+    s.add_argument("name")
+    s.add_argument("--reason")
+    for a in ("show", "history"):
+        s = rs.add_parser(a)
+        s.add_argument("name")
+
+
+def cmd_routes(args) -> int:
+    import getpass
+    import json
+
+    from loraplex.adapters_store import AdapterStore, StoreError
+
+    from .runtime import default_home
+
+    store = AdapterStore(args.store or default_home() / "store")
+    caller = args.caller or f"cli:{getpass.getuser()}"
+    try:
+        if args.action == "set":
+            weights = {}
+            for w in args.weights:
+                v, sep, pct = w.partition("=")
+                if not sep or not v.isdigit() or not pct.isdigit():
+                    print(f"loraplex routes: expected VERSION=PERCENT, got {w!r}", file=sys.stderr)
+                    return 2
+                weights[int(v)] = int(pct)
+            r = store.set_route(args.name, weights, sticky=args.sticky, caller=caller)
+        elif args.action == "promote":
+            r = store.promote(args.name, args.version, caller=caller)
+        elif args.action == "rollback":
+            r = store.rollback(args.name, caller=caller, reason=args.reason)
+        elif args.action == "show":
+            r = store.get_route(args.name)
+            if r is None:
+                store.versions(args.name)
+                print(f"{args.name}: no route; requests go to the latest version ({store.get(args.name).version})")
+                return 0
+        else:
+            for c in store.route_history(args.name):
+                print(json.dumps({"at": c.at, "caller": c.caller, "action": c.action, "old": c.old and c.old["versions"],
+                                  "new": c.new and c.new["versions"], "reason": c.reason}))
+            return 0
+    except StoreError as e:
+        print(f"loraplex routes: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"name": args.name, **r.to_json()}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
@@ -89,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     serve_parser(sub)
     sub.add_parser("train", help="run a training job from a YAML file (see `loraplex train --help`)")
+    routes_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         return cmd_serve(args)
+    if args.cmd == "routes":
+        return cmd_routes(args)
     return 2
 
 

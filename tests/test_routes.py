@@ -223,3 +223,18 @@ def test_restart_keeps_versions_routes_and_history(tiny_base, adapter_dirs, tmp_
         assert r.status_code == 200 and r.headers["x-loraplex-adapter"] == "keep@2"
     finally:
         s2.stop()
+
+
+def test_cli_sets_routes_seen_by_the_running_server(srv):
+    from loraplex.server.cli import main
+
+    store_dir = str(srv.state.store.root)
+    assert main(["routes", "--store", store_dir, "--caller", "ops", "set", "bot", "1=30", "2=70"]) == 0
+    r = httpx.get(f"{srv.url}/v1/routes/bot").json()
+    assert r["versions"] == {"1": 30, "2": 70} and r["updated_by"] == "ops"
+    assert main(["routes", "--store", store_dir, "set", "bot", "1=30", "2=30"]) == 1  # does not sum to 100
+    assert httpx.get(f"{srv.url}/v1/routes/bot").json()["versions"] == {"1": 30, "2": 70}
+    assert main(["routes", "--store", store_dir, "promote", "bot", "2"]) == 0
+    assert httpx.post(f"{srv.url}/v1/completions", json={"model": "bot", "prompt": "x", "max_tokens": 1}).headers["x-loraplex-adapter"] == "bot@2"
+    assert main(["routes", "--store", store_dir, "rollback", "bot"]) == 0
+    assert httpx.get(f"{srv.url}/v1/routes/bot").json()["versions"] == {"1": 30, "2": 70}

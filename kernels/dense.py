@@ -29,17 +29,23 @@ def dense_ok(A: list[torch.Tensor], B: list[torch.Tensor]) -> bool:
     return S * R <= MAX_DENSE_WIDTH and all(a.is_contiguous() for a in A) and all(b.transpose(1, 2).is_contiguous() for b in B)
 
 
-def _token_mask(seg: LoraSegments, ranks: torch.Tensor, S: int, R: int, scales: torch.Tensor, i: int, device) -> torch.Tensor:
-    # [T, S, 1] weight: scale of the token's slot where the slot is active in slice i, else 0
-    t = seg.token_slots.to(device=device, dtype=torch.long)
-    active = ranks[i].to(device) > 0  # [S]
-    w = torch.zeros((t.shape[0], S), dtype=torch.float32, device=device)
-    valid = t >= 0
-    idx = torch.nonzero(valid).flatten()
-    if idx.numel():
-        sl = t[idx]
-        w[idx, sl] = scales.to(device)[sl] * active[sl].float()
-    return w.unsqueeze(-1)
+def _onehot(seg: LoraSegments, S: int, device) -> torch.Tensor:
+    # [T, S] fp32, 1 where the token belongs to the slot; built once per batch and shared by every layer
+    cache = seg.__dict__.setdefault("_dense_onehot", {})
+    oh = cache.get(S)
+    if oh is None:
+        t = seg.token_slots.to(device=device, dtype=torch.long)
+        oh = torch.zeros((t.shape[0], S + 1), dtype=torch.float32, device=device)
+        oh[torch.arange(t.shape[0], device=device), torch.where(t >= 0, t, S)] = 1.0
+        oh = oh[:, :S].contiguous()
+        cache[S] = oh
+    return oh
+
+
+def _token_mask(seg: LoraSegments, ranks: torch.Tensor, S: int, scales: torch.Tensor, i: int, device) -> torch.Tensor:
+    # [T, S, 1]: the scale of the token's slot where that slot is active in slice i, else 0
+    per_slot = scales.to(device) * (ranks[i].to(device) > 0).float()  # [S]
+    return (_onehot(seg, S, device) * per_slot).unsqueeze(-1)
 
 
 def lora_shrink_dense(x, A, seg, scales, ranks) -> torch.Tensor:
@@ -49,7 +55,7 @@ def lora_shrink_dense(x, A, seg, scales, ranks) -> torch.Tensor:
     xf = x.float()
     for i, Ai in enumerate(A):
         h = (xf @ Ai.reshape(S * R, -1).float().T).view(T, S, R)
-        buf[i] = (h * _token_mask(seg, ranks, S, R, scales, i, x.device)).view(T, S * R)
+        buf[i] = (h * _token_mask(seg, ranks, S, scales, i, x.device)).view(T, S * R)
     return buf  # [L, T, S*R]: each token's block sits at its slot, the rest is zero
 
 

@@ -57,12 +57,7 @@ def cmd_serve(args) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = ServerState()
-    extra = []
-    try:
-        from .http_fine_tuning import fine_tuning_routes  # noqa: F401  (the trainer's HTTP API, when installed)
-    except ImportError:
-        fine_tuning_routes = None
-    app = build_app(state, extra_routes=extra)
+    app = build_app(state)
     failed = threading.Event()
 
     def load():
@@ -75,7 +70,21 @@ def cmd_serve(args) -> int:
             failed.set()
 
     threading.Thread(target=load, name="loraplex-load", daemon=True).start()
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level.lower())
+    grpc_server = None
+    if cfg.grpc_port:
+        from .grpc_server import GrpcServer
+
+        grpc_server = GrpcServer(state, host=cfg.host, port=cfg.grpc_port)
+        grpc_server.start()  # NOT_SERVING on the health service until the model is loaded
+        logging.getLogger("loraplex").info("gRPC on %s:%d", cfg.host, grpc_server.port)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level.lower())
+    finally:
+        state.draining = True  # health turns NOT_SERVING while in-flight RPCs finish
+        if grpc_server is not None:
+            grpc_server.stop(grace=5.0)
+        if state.engine is not None:
+            state.engine.shutdown()
     return 1 if failed.is_set() else 0
 
 

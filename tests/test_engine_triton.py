@@ -1,0 +1,46 @@
+"""The engine gives the same tokens with the PyTorch LoRA ops and with the Triton kernels
+(Triton's interpreter on CPU, the GPU when there is one)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from test_engine_parity import PROMPTS, run_batch  # noqa: E402
+
+from loraplex.server.request import SamplingParams  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def state(tiny_base, adapter_dirs, tmp_path_factory):
+    from loraplex.server.runtime import ServeConfig, build_state
+
+    cfg = ServeConfig(model=str(tiny_base), store=tmp_path_factory.mktemp("store"), max_loras=4, kv_cache_tokens=4096)
+    cfg.adapters = {n: str(p) for n, p in adapter_dirs.items()}
+    st = build_state(cfg)
+    yield st
+    st.engine.shutdown()
+
+
+def test_same_tokens_with_torch_and_triton_kernels(state, monkeypatch):
+    items = list(PROMPTS.items())
+    params = lambda i: SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, return_logits=True)
+    monkeypatch.setenv("LORAPLEX_KERNELS", "torch")
+    ref = run_batch(state, items, params_for=params)
+    monkeypatch.setenv("LORAPLEX_KERNELS", "triton")
+    from loraplex.kernels import triton_lora
+
+    calls = []
+    real = triton_lora.lora_shrink_triton
+    monkeypatch.setattr(triton_lora, "lora_shrink_triton", lambda *a: calls.append(1) or real(*a))
+    got = run_batch(state, items, params_for=params)
+    assert calls, "the Triton kernels were not used"
+    for (name, _), (t_ref, l_ref), (t_got, l_got) in zip(items, ref, got):
+        assert t_got == t_ref, name
+        for a, b in zip(l_got, l_ref):
+            assert (a - b).abs().max().item() < 1e-3, name

@@ -1,0 +1,62 @@
+"""`loraplex train job.yaml [--resume] [--store DIR] [--output DIR]`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LORAPLEX_HOME") or "./var")
+
+
+def run_job(cfg, out_dir: Path, store_dir: Path, *, resume: bool, caller: str, on_event=None, progress=False):
+    """Trains with the method the config names and registers the result; returns (version, route)."""
+    from .register import register_result
+
+    if cfg.num_processes > 1:
+        from .distributed import train_distributed
+
+        result = train_distributed(cfg, out_dir, resume=resume, on_event=on_event)
+    elif cfg.method == "sft":
+        from .sft import train_sft
+
+        result = train_sft(cfg, out_dir, resume=resume, on_event=on_event, progress=progress)
+    else:
+        from .preference import train_method
+
+        result = train_method(cfg, out_dir, resume=resume, on_event=on_event, progress=progress)
+    return register_result(cfg, result.adapter_dir, result.metrics, store_dir, caller=caller,
+                           extra_lineage=getattr(result, "lineage", None) or None)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    from .config import JobConfigError, load_config
+    from .data import DataError
+
+    ap = argparse.ArgumentParser(prog="loraplex train", description="run a training job and register its adapter")
+    ap.add_argument("job", type=Path, help="job YAML file")
+    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    ap.add_argument("--store", type=Path, help="adapter store (default $LORAPLEX_HOME/store, ./var/store)")
+    ap.add_argument("--output", type=Path, help="checkpoints and metrics (default $LORAPLEX_HOME/runs/<adapter name>)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.job)
+    except JobConfigError as e:
+        print(f"loraplex train: {e}", file=sys.stderr)
+        return 2
+    out = args.output or (Path(cfg.output_dir) if cfg.output_dir else default_home() / "runs" / cfg.adapter.name)
+    store = args.store or default_home() / "store"
+    try:
+        v, route = run_job(cfg, out, store, resume=args.resume, caller=f"train:{args.job.name}", progress=True)
+    except (DataError, JobConfigError) as e:
+        print(f"loraplex train: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"adapter": v.ref, "path": str(v.path), "route": None if route is None else route.to_json()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

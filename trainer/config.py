@@ -1,0 +1,131 @@
+"""Training job configuration: the YAML file (Axolotl-style) and the OpenAI fine-tuning API both become a JobConfig.
+
+Unknown keys and wrong types are refused before any work starts, with the
+offending key named (`JobConfigError`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class JobConfigError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AdapterSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    use_rslora: bool = False
+    init_from: str | None = None  # an adapter in the store ("name" or "name@3") to continue training from
+
+
+class DatasetSpec(_Strict):
+    path: str
+    format: Literal["auto", "text", "chat", "prompt_completion", "alpaca", "sharegpt", "preference"] = "auto"
+
+
+class JobConfig(_Strict):
+    base_model: str = "default"
+    adapter: AdapterSpec
+    method: Literal["sft", "dpo", "reward", "ppo", "grpo"] = "sft"
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    validation_datasets: list[DatasetSpec] = Field(default_factory=list)
+    sequence_len: int = Field(1024, ge=8)
+    packing: bool = True
+    epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    val_set_size: float = Field(0.0, ge=0, lt=1)
+    eval_steps: int | None = Field(None, ge=1)
+    save_steps: int = Field(50, ge=1)
+    logging_steps: int = Field(1, ge=1)
+    seed: int = 42
+    quantize: Literal["4bit"] | None = None
+    train_on_prompt: bool = False
+    output_dir: str | None = None
+    canary: int | None = Field(None, ge=1, le=99)  # percent of traffic for the new version
+    num_processes: int = Field(1, ge=1)
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    device: str | None = None
+    # preference / RL knobs (used by dpo, reward, ppo, grpo)
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+
+    @field_validator("datasets", "validation_datasets", mode="before")
+    @classmethod
+    def _paths(cls, v):
+        if isinstance(v, list):
+            return [{"path": x} if isinstance(x, str) else x for x in v]
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.quantize == "4bit":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("quantize: 4bit needs a CUDA device with bitsandbytes; this machine has none")
+        return self
+
+    def target_modules(self) -> list[str] | str:
+        return "all-linear" if self.adapter.target_modules == "all-linear" else list(self.adapter.target_modules)
+
+
+def _format_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        kind = err.get("type", "")
+        if kind == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        else:
+            parts.append(f"'{loc}': {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def parse_config(data: dict, base_dir: Path | None = None) -> JobConfig:
+    if not isinstance(data, dict):
+        raise JobConfigError("the job file must be a mapping of keys to values")
+    try:
+        cfg = JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise JobConfigError(f"invalid job config: {_format_error(e)}") from None
+    if base_dir is not None:
+        for d in list(cfg.datasets) + list(cfg.validation_datasets):
+            p = Path(d.path)
+            if not p.is_absolute():  # relative to the working directory, else to the job file
+                d.path = str(p.resolve() if p.exists() else (base_dir / p).resolve())
+    for d in list(cfg.datasets) + list(cfg.validation_datasets):
+        if not Path(d.path).is_file():
+            raise JobConfigError(f"dataset file not found: {d.path}")
+    return cfg
+
+
+def load_config(path) -> JobConfig:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise JobConfigError(f"job file not found: {p}") from None
+    except yaml.YAMLError as e:
+        raise JobConfigError(f"{p}: not valid YAML: {e}") from None
+    return parse_config(data, p.parent)

@@ -1,0 +1,254 @@
+"""Datasets: JSONL files in the common fine-tuning formats, tokenized with loss masks, and packed.
+
+Formats (auto-detected per file from its first record, or named):
+- text              {"text": "..."}                                   loss on every token
+- chat              {"messages": [{"role", "content"}, ...]}          loss on assistant turns
+- prompt_completion {"prompt": str | messages, "completion": str | messages}   loss on the completion
+- alpaca            {"instruction", "input"?, "output"}               rendered as a user/assistant chat
+- sharegpt          {"conversations": [{"from", "value"}, ...]}        human/gpt/system -> user/assistant/system
+Chat-like records are rendered with the base model's chat template; the
+end-of-turn token after each assistant message is part of its labels, and
+plain text gets the EOS token appended, so the model learns to stop.
+Any malformed record fails the whole load with `file:line: reason` before a
+single step is trained.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+            "bot": "assistant", "system": "system", "developer": "system", "tool": "tool"}
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def read_jsonl(path) -> list[tuple[int, dict]]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{i}: each line must be a JSON object")
+            out.append((i, rec))
+    if not out:
+        raise DataError(f"{path}: no records")
+    return out
+
+
+def detect_format(rec: dict) -> str:
+    if "messages" in rec:
+        return "chat"
+    if "conversations" in rec:
+        return "sharegpt"
+    if "instruction" in rec and "output" in rec:
+        return "alpaca"
+    if "chosen" in rec and "rejected" in rec:
+        return "preference"
+    if "prompt" in rec and "completion" in rec:
+        return "prompt_completion"
+    if "text" in rec:
+        return "text"
+    raise ValueError(f"cannot tell the format from keys {sorted(rec)}")
+
+
+def _messages(v, where: str) -> list[dict]:
+    if not isinstance(v, list) or not v:
+        raise ValueError(f"'{where}' must be a non-empty list of messages")
+    out = []
+    for j, m in enumerate(v):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLE_MAP:
+            raise ValueError(f"'{where}[{j}]' must be an object with a known 'role' and a string 'content'")
+        out.append({"role": ROLE_MAP[m["role"]], "content": m["content"]})
+    return out
+
+
+class Tokenizing:
+    """Turns records into Examples with the tokenizer and chat template of the base model."""
+
+    def __init__(self, tokenizer, sequence_len: int, train_on_prompt: bool = False):
+        self.tok = tokenizer
+        self.seq_len = sequence_len
+        self.train_on_prompt = train_on_prompt
+        self.eos = tokenizer.eos_token_id
+        self.truncated = 0
+
+    def _render(self, messages, add_generation_prompt=False) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def chat(self, messages: list[dict]) -> Example:
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError("a conversation needs at least one assistant message to learn from")
+        full = self._render(messages)
+        spans = []  # character spans of assistant turns (content and end-of-turn marker)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self._render(messages[:i], add_generation_prompt=True)
+            upto = self._render(messages[: i + 1])
+            if not full.startswith(upto) or not upto.startswith(before):
+                raise ValueError("the chat template does not render conversations incrementally; cannot find assistant turns")
+            spans.append((len(before), len(upto)))
+        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        labels = []
+        for tid, (a, b) in zip(ids, enc["offset_mapping"]):
+            inside = any(s <= a < e for s, e in spans) and b > a
+            labels.append(tid if (inside or self.train_on_prompt) else IGNORE)
+        return self._fit(ids, labels)
+
+    def text(self, text: str) -> Example:
+        ids = self.tok(text, add_special_tokens=True)["input_ids"] + [self.eos]
+        return self._fit(ids, list(ids))
+
+    def prompt_completion(self, prompt: str, completion: str) -> Example:
+        p = self.tok(prompt, add_special_tokens=True)["input_ids"]
+        c = self.tok(completion, add_special_tokens=False)["input_ids"] + [self.eos]
+        return self._fit(p + c, (list(p) if self.train_on_prompt else [IGNORE] * len(p)) + c)
+
+    def _fit(self, ids, labels) -> Example:
+        if len(ids) > self.seq_len:
+            self.truncated += 1
+            ids, labels = ids[: self.seq_len], labels[: self.seq_len]
+        if all(l == IGNORE for l in labels[1:]):
+            raise ValueError(f"no trainable tokens left within sequence_len={self.seq_len}")
+        return Example(ids, labels)
+
+    def record(self, rec: dict, fmt: str) -> Example:
+        if fmt == "text":
+            if not isinstance(rec.get("text"), str) or not rec["text"]:
+                raise ValueError("'text' must be a non-empty string")
+            return self.text(rec["text"])
+        if fmt == "chat":
+            return self.chat(_messages(rec.get("messages"), "messages"))
+        if fmt == "sharegpt":
+            conv = rec.get("conversations")
+            if not isinstance(conv, list) or not conv:
+                raise ValueError("'conversations' must be a non-empty list")
+            msgs = []
+            for j, t in enumerate(conv):
+                if not isinstance(t, dict) or t.get("from") not in ROLE_MAP or not isinstance(t.get("value"), str):
+                    raise ValueError(f"'conversations[{j}]' needs 'from' (human/gpt/system) and a string 'value'")
+                msgs.append({"role": ROLE_MAP[t["from"]], "content": t["value"]})
+            return self.chat(msgs)
+        if fmt == "alpaca":
+            ins, inp, out = rec.get("instruction"), rec.get("input", ""), rec.get("output")
+            if not isinstance(ins, str) or not isinstance(out, str) or not isinstance(inp, str):
+                raise ValueError("'instruction', 'input' and 'output' must be strings")
+            user = ins if not inp else f"{ins}\n\n{inp}"
+            return self.chat([{"role": "user", "content": user}, {"role": "assistant", "content": out}])
+        if fmt == "prompt_completion":
+            p, c = rec.get("prompt"), rec.get("completion")
+            if isinstance(p, str) and isinstance(c, str):
+                return self.prompt_completion(p, c)
+            if isinstance(p, list) and isinstance(c, list):
+                return self.chat(_messages(p, "prompt") + _messages(c, "completion"))
+            if isinstance(p, list) and isinstance(c, str):
+                return self.chat(_messages(p, "prompt") + [{"role": "assistant", "content": c}])
+            raise ValueError("'prompt' and 'completion' must be strings or message lists")
+        raise ValueError(f"format {fmt!r} cannot be used for supervised fine-tuning")
+
+
+def load_examples(path, fmt: str, tokenizing: Tokenizing) -> list[Example]:
+    recs = read_jsonl(path)
+    if fmt == "auto":
+        try:
+            fmt = detect_format(recs[0][1])
+        except ValueError as e:
+            raise DataError(f"{path}:{recs[0][0]}: {e}") from None
+    out = []
+    for line, rec in recs:
+        try:
+            out.append(tokenizing.record(rec, fmt))
+        except ValueError as e:
+            raise DataError(f"{path}:{line}: {e}") from None
+    return out
+
+
+def pack(examples: list[Example], seq_len: int) -> list[list[Example]]:
+    """First-fit-decreasing bins of at most seq_len tokens; order within the dataset is kept stable by seed upstream."""
+    bins: list[list[Example]] = []
+    room: list[int] = []
+    for ex in sorted(examples, key=lambda e: -len(e.input_ids)):
+        n = len(ex.input_ids)
+        for i, r in enumerate(room):
+            if n <= r:
+                bins[i].append(ex)
+                room[i] -= n
+                break
+        else:
+            bins.append([ex])
+            room.append(seq_len - n)
+    return bins
+
+
+def collate(rows: list[list[Example]], pad_id: int) -> dict:
+    """Rows of one or more examples -> input_ids, labels, position_ids and a block-diagonal causal mask.
+
+    Each example restarts its positions at 0 and attends only to itself, so a
+    packed row computes exactly what the examples would compute alone.
+    """
+    L = max(sum(len(e.input_ids) for e in row) for row in rows)
+    B = len(rows)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE, dtype=torch.long)
+    pos = torch.zeros((B, L), dtype=torch.long)
+    seq = torch.full((B, L), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        o = 0
+        for k, ex in enumerate(row):
+            n = len(ex.input_ids)
+            ids[b, o : o + n] = torch.tensor(ex.input_ids)
+            # labels are shifted here: position t predicts token t+1 of the same example
+            lab = ex.labels[1:] + [IGNORE]
+            labels[b, o : o + n] = torch.tensor(lab)
+            pos[b, o : o + n] = torch.arange(n)
+            seq[b, o : o + n] = k
+            o += n
+    causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
+    same = (seq[:, :, None] == seq[:, None, :]) & (seq[:, :, None] >= 0)
+    mask = (same & causal)[:, None]
+    # padding rows attend to themselves so softmax stays finite (their labels are ignored)
+    eye = torch.eye(L, dtype=torch.bool)[None, None]
+    mask = mask | (eye & (seq < 0)[:, None, :, None])
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask,
+            "num_tokens": int((seq >= 0).sum()), "num_label_tokens": int((labels != IGNORE).sum())}
+
+
+def batches(examples: list[Example], *, seq_len: int, micro_batch_size: int, packing: bool, seed: int, epoch: int) -> list[list[list[Example]]]:
+    """The micro-batches of one epoch, deterministic in (seed, epoch)."""
+    rng = random.Random(seed * 1000003 + epoch)
+    if packing:
+        rows = pack(examples, seq_len)
+        rng.shuffle(rows)
+    else:
+        rows = [[e] for e in examples]
+        rng.shuffle(rows)
+    return [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]

@@ -31,6 +31,7 @@ class ServerState:
     engine: object | None = None
     telemetry: object | None = None
     routes: object | None = None  # RouteRoutes
+    jobs: object | None = None  # trainer JobManager
     error: str | None = None
     draining: bool = False
     extra: dict = field(default_factory=dict)
@@ -97,6 +98,13 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
     def rr():
         return route_routes()
 
+    jobs = need("jobs")
+
+    def ft():
+        from .http_fine_tuning import FineTuningRoutes
+
+        return FineTuningRoutes(jobs())
+
     async def health(request: HttpRequest):
         if state.ready:
             return JSONResponse({"status": "ok"})
@@ -121,6 +129,17 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
         Route("/v1/routes/{name}/rollback", wrap(lambda: rr().rollback), methods=["POST"]),
         Route("/v1/routes/{name}/history", wrap(lambda: rr().history), methods=["GET"]),
         Route("/v1/routes/{name}/compare", wrap(lambda: rr().compare), methods=["GET"]),
+        Route("/v1/files", wrap(lambda: ft().upload), methods=["POST"]),
+        Route("/v1/files", wrap(lambda: ft().list_files), methods=["GET"]),
+        Route("/v1/files/{file_id}", wrap(lambda: ft().get_file), methods=["GET"]),
+        Route("/v1/files/{file_id}", wrap(lambda: ft().delete_file), methods=["DELETE"]),
+        Route("/v1/files/{file_id}/content", wrap(lambda: ft().file_content), methods=["GET"]),
+        Route("/v1/fine_tuning/jobs", wrap(lambda: ft().create_job), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs", wrap(lambda: ft().list_jobs), methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}", wrap(lambda: ft().get_job), methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/cancel", wrap(lambda: ft().cancel), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/events", wrap(lambda: ft().events), methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/checkpoints", wrap(lambda: ft().checkpoints), methods=["GET"]),
     ]
     for r in extra_routes or []:
         routes.append(r)

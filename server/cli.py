@@ -38,6 +38,8 @@ def serve_parser(sub) -> None:
     ]:
         p.add_argument(flag, type=int, default=default, help=help_)
     p.add_argument("--max-model-len", type=int)
+    p.add_argument("--jobs-dir", type=Path, help="fine-tuning files and jobs (default $LORAPLEX_HOME/jobs)")
+    p.add_argument("--max-concurrent-jobs", type=int, default=1, help="training jobs run at once")
     p.add_argument("--log-level", default="info")
 
 
@@ -83,6 +85,8 @@ def cmd_serve(args) -> int:
         state.draining = True  # health turns NOT_SERVING while in-flight RPCs finish
         if grpc_server is not None:
             grpc_server.stop(grace=5.0)
+        if state.jobs is not None:
+            state.jobs.close()
         if state.engine is not None:
             state.engine.shutdown()
     return 1 if failed.is_set() else 0

@@ -38,6 +38,8 @@ class ServeConfig(BaseModel):
     max_queue: int = Field(512, ge=1)
     kv_cache_tokens: int = Field(65536, ge=64)
     max_model_len: int | None = Field(None, ge=16)
+    jobs_dir: Path | None = None  # fine-tuning files and jobs; default $LORAPLEX_HOME/jobs
+    max_concurrent_jobs: int = Field(1, ge=1)
 
     def store_dir(self) -> Path:
         return self.store or default_home() / "store"
@@ -90,5 +92,9 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     state._seq = store.last_event_seq()
     state.extra["base"] = base
     state.extra["config"] = cfg
+    from loraplex.trainer.jobs import JobManager
+
+    state.jobs = JobManager(cfg.jobs_dir or (cfg.store_dir().parent / "jobs"), cfg.store_dir(), str(base.path), base.model_id,
+                            max_concurrent=cfg.max_concurrent_jobs)
     state.service = GenerationService(engine, store, base, telemetry=telemetry)
     return state

@@ -59,6 +59,8 @@ class RunningServer:
     def stop(self):
         self._server.should_exit = True
         self._thread.join(10)
+        if self.state.jobs is not None:
+            self.state.jobs.close()
         if self.state.engine is not None:
             self.state.engine.shutdown()
 

@@ -1,0 +1,118 @@
+"""OpenAI-compatible files and fine-tuning endpoints, backed by the trainer's JobManager.
+
+Shapes follow what the official `openai` client parses (`FileObject`,
+`FineTuningJob`, `FineTuningJobEvent`, `FineTuningJobCheckpoint`). Our
+extensions ride in the same body: `canary` (percent of traffic for the new
+version) and `loraplex` (any job-config overrides such as
+`{"adapter": {"r": 8}, "sequence_len": 512}`), which the client sends through
+`extra_body`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request as HttpRequest
+from starlette.responses import FileResponse, JSONResponse
+
+from .errors import ApiError, BadRequest, Conflict, NotFound
+from .openai_api import parse_body
+
+
+def _err(e) -> ApiError:
+    cls = {404: NotFound, 409: Conflict}.get(getattr(e, "status", 400), BadRequest)
+    return cls(str(e), param=getattr(e, "param", None))
+
+
+class JobBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = Field(None, max_length=40)
+    seed: int | None = None
+    method: dict | None = None
+    hyperparameters: dict | None = None
+    metadata: dict | None = None
+    integrations: list | None = None
+    canary: int | None = Field(None, ge=1, le=99)
+    loraplex: dict | None = None
+
+
+class FineTuningRoutes:
+    def __init__(self, manager):
+        self.m = manager
+
+    async def _call(self, fn, *a, **kw):
+        from loraplex.trainer.jobs import JobError
+
+        try:
+            return await asyncio.to_thread(fn, *a, **kw)
+        except JobError as e:
+            raise _err(e) from e
+
+    async def upload(self, request: HttpRequest):
+        form = await request.form()
+        f = form.get("file")
+        purpose = form.get("purpose")
+        if f is None or not hasattr(f, "read"):
+            raise BadRequest("multipart field 'file' is required", param="file")
+        if not purpose:
+            raise BadRequest("multipart field 'purpose' is required", param="purpose")
+        data = await f.read()
+        return JSONResponse(await self._call(self.m.add_file, f.filename or "upload.jsonl", data, str(purpose)))
+
+    async def list_files(self, request: HttpRequest):
+        return JSONResponse({"object": "list", "data": await self._call(self.m.files), "has_more": False})
+
+    async def get_file(self, request: HttpRequest):
+        return JSONResponse(await self._call(self.m.file, request.path_params["file_id"]))
+
+    async def delete_file(self, request: HttpRequest):
+        return JSONResponse(await self._call(self.m.delete_file, request.path_params["file_id"]))
+
+    async def file_content(self, request: HttpRequest):
+        path = await self._call(self.m.file_path, request.path_params["file_id"])
+        return FileResponse(path, media_type="application/jsonl")
+
+    async def create_job(self, request: HttpRequest):
+        body: JobBody = await parse_body(request, JobBody)
+        method = body.method or {"type": "supervised", "supervised": {"hyperparameters": body.hyperparameters or {}}}
+        if method.get("type") not in ("supervised", "dpo"):
+            raise BadRequest(f"method type {method.get('type')!r} is not supported; use 'supervised' or 'dpo'", param="method.type")
+        overrides = dict(body.loraplex or {})
+        if body.canary is not None:
+            overrides["canary"] = body.canary
+        job = await self._call(self.m.create_job, model=body.model, training_file=body.training_file, validation_file=body.validation_file,
+                               suffix=body.suffix, seed=body.seed, method=method, hyperparameters=body.hyperparameters or {},
+                               overrides=overrides, metadata=body.metadata)
+        return JSONResponse(job)
+
+    async def list_jobs(self, request: HttpRequest):
+        limit = _limit(request)
+        data, more = await self._call(self.m.jobs, request.query_params.get("after"), limit)
+        return JSONResponse({"object": "list", "data": data, "has_more": more})
+
+    async def get_job(self, request: HttpRequest):
+        return JSONResponse(await self._call(self.m.job, request.path_params["job_id"]))
+
+    async def cancel(self, request: HttpRequest):
+        return JSONResponse(await self._call(self.m.cancel, request.path_params["job_id"]))
+
+    async def events(self, request: HttpRequest):
+        data, more = await self._call(self.m.events, request.path_params["job_id"], request.query_params.get("after"), _limit(request))
+        return JSONResponse({"object": "list", "data": data, "has_more": more})
+
+    async def checkpoints(self, request: HttpRequest):
+        data = await self._call(self.m.checkpoints, request.path_params["job_id"])
+        limit = _limit(request)
+        return JSONResponse({"object": "list", "data": data[:limit], "has_more": len(data) > limit,
+                             "first_id": data[0]["id"] if data else None, "last_id": data[min(limit, len(data)) - 1]["id"] if data else None})
+
+
+def _limit(request: HttpRequest) -> int:
+    v = request.query_params.get("limit", "20")
+    if not v.isdigit() or not 1 <= int(v) <= 100:
+        raise BadRequest("'limit' must be an integer from 1 to 100", param="limit")
+    return int(v)

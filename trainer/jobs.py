@@ -1,0 +1,342 @@
+"""The server's fine-tuning job queue: uploaded files, persistent jobs, one subprocess per running job.
+
+State lives in `jobs.sqlite3` under the jobs directory, so a restarted
+server lists past jobs; jobs that were running when the server stopped are
+marked failed ("interrupted"). By default one job runs at a time
+(`max_concurrent`). A job's process writes events to its directory; a
+watcher thread copies them into the database, and when the process exits
+records success (the registered adapter becomes `fine_tuned_model`) or the
+reason it failed. Cancel terminates the job's process group.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, filename TEXT, bytes INTEGER, created_at INTEGER, purpose TEXT, path TEXT);
+CREATE TABLE IF NOT EXISTS jobs (
+  id TEXT PRIMARY KEY, created_at INTEGER, status TEXT, model TEXT, training_file TEXT, validation_file TEXT,
+  suffix TEXT, seed INTEGER, method TEXT, hyperparameters TEXT, config TEXT, fine_tuned_model TEXT, error TEXT,
+  finished_at INTEGER, trained_tokens INTEGER, pid INTEGER, metadata TEXT);
+CREATE TABLE IF NOT EXISTS events (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT, created_at INTEGER, level TEXT, type TEXT, message TEXT, data TEXT);
+"""
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class JobError(ValueError):
+    """A request the job manager refuses (bad file, unknown job...); carries an HTTP status."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+
+class JobManager:
+    def __init__(self, root: Path, store_dir: Path, base_model: str, base_model_id: str, *, max_concurrent: int = 1,
+                 python: str = sys.executable, poll: float = 0.5):
+        self.root = Path(root)
+        self.files_dir = self.root / "files"
+        self.runs_dir = self.root / "runs"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.store_dir = Path(store_dir)
+        self.base_model = base_model
+        self.base_model_id = base_model_id
+        self.max_concurrent = max_concurrent
+        self.python = python
+        self.poll = poll
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._offsets: dict[str, int] = {}
+        self._db().executescript(_SCHEMA)
+        now = int(time.time())
+        with self._db() as c:  # a restart interrupts whatever was running
+            for (jid,) in c.execute("SELECT id FROM jobs WHERE status IN ('running', 'validating_files')").fetchall():
+                c.execute("UPDATE jobs SET status='failed', finished_at=?, error=? WHERE id=?",
+                          (now, json.dumps({"code": "interrupted", "message": "the server stopped while the job was running", "param": None}), jid))
+                self._event(c, jid, "error", "message", "job interrupted by a server restart")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loraplex-jobs", daemon=True)
+        self._thread.start()
+
+    def _db(self) -> sqlite3.Connection:
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = sqlite3.connect(self.root / "jobs.sqlite3", timeout=30)
+            c.row_factory = sqlite3.Row
+            c.execute("PRAGMA journal_mode=WAL")
+            self._local.c = c
+        return c
+
+    def _event(self, c, job_id, level, typ, message, data=None) -> None:
+        c.execute("INSERT INTO events(job_id, created_at, level, type, message, data) VALUES (?,?,?,?,?,?)",
+                  (job_id, int(time.time()), level, typ, message, json.dumps(data) if data is not None else None))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for jid in list(self._procs):
+            self._kill(jid)
+
+    # --- files --------------------------------------------------------------------
+    def add_file(self, filename: str, data: bytes, purpose: str) -> dict:
+        if purpose not in ("fine-tune", "fine-tune-results", "batch", "assistants", "user_data", "evals"):
+            raise JobError(f"unknown purpose {purpose!r}", param="purpose")
+        if purpose == "fine-tune":
+            for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+                if line.strip():
+                    try:
+                        if not isinstance(json.loads(line), dict):
+                            raise ValueError
+                    except ValueError:
+                        raise JobError(f"{filename}:{i}: not a JSON object per line (fine-tune files are JSONL)", param="file") from None
+        fid = "file-" + uuid.uuid4().hex[:24]
+        path = self.files_dir / f"{fid}.jsonl"
+        path.write_bytes(data)
+        rec = (fid, filename, len(data), int(time.time()), purpose, str(path))
+        with self._db() as c:
+            c.execute("INSERT INTO files VALUES (?,?,?,?,?,?)", rec)
+        return self.file(fid)
+
+    def file(self, fid: str) -> dict:
+        r = self._db().execute("SELECT * FROM files WHERE id=?", (fid,)).fetchone()
+        if r is None:
+            raise JobError(f"no file {fid!r}", 404, "file_id")
+        return {"id": r["id"], "object": "file", "bytes": r["bytes"], "created_at": r["created_at"], "filename": r["filename"],
+                "purpose": r["purpose"], "status": "processed", "status_details": None}
+
+    def files(self) -> list[dict]:
+        return [self.file(r["id"]) for r in self._db().execute("SELECT id FROM files ORDER BY created_at DESC").fetchall()]
+
+    def file_path(self, fid: str) -> Path:
+        self.file(fid)
+        return Path(self._db().execute("SELECT path FROM files WHERE id=?", (fid,)).fetchone()["path"])
+
+    def delete_file(self, fid: str) -> dict:
+        p = self.file_path(fid)
+        with self._db() as c:
+            c.execute("DELETE FROM files WHERE id=?", (fid,))
+        p.unlink(missing_ok=True)
+        return {"id": fid, "object": "file", "deleted": True}
+
+    # --- jobs ---------------------------------------------------------------------
+    def create_job(self, *, model: str, training_file: str, validation_file: str | None, suffix: str | None, seed: int | None,
+                   method: dict, hyperparameters: dict, overrides: dict, metadata: dict | None) -> dict:
+        from .config import JobConfigError, parse_config
+
+        if model not in (self.base_model_id, "default", self.base_model):
+            raise JobError(f"model {model!r} cannot be fine-tuned here: this server's base model is {self.base_model_id!r}", 404, "model")
+        train_path = self.file_path(training_file)
+        val_path = self.file_path(validation_file) if validation_file else None
+        if suffix is not None and not suffix.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise JobError("suffix may hold letters, digits, '-', '_' and '.' only", param="suffix")
+        jid = "ftjob-" + uuid.uuid4().hex[:24]
+        name = f"ft-{suffix}-{jid[6:12]}" if suffix else f"ft-{jid[6:18]}"
+        mtype = method.get("type", "supervised")
+        hp = {**hyperparameters, **(method.get(mtype) or {}).get("hyperparameters", {})}
+        n_epochs = 3 if hp.get("n_epochs", "auto") == "auto" else hp["n_epochs"]
+        batch = 4 if hp.get("batch_size", "auto") == "auto" else hp["batch_size"]
+        mult = 1.0 if hp.get("learning_rate_multiplier", "auto") == "auto" else hp["learning_rate_multiplier"]
+        cfg = {
+            "base_model": self.base_model,
+            "adapter": {"name": name, "r": 16, "alpha": 32},
+            "method": {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}.get(mtype, mtype),
+            "datasets": [{"path": str(train_path)}],
+            "validation_datasets": [{"path": str(val_path)}] if val_path else [],
+            "epochs": n_epochs,
+            "micro_batch_size": batch,
+            "learning_rate": 2e-4 * float(mult),
+            "seed": seed if seed is not None else 42,
+        }
+        if mtype == "dpo" and "beta" in hp and hp["beta"] != "auto":
+            cfg["beta"] = hp["beta"]
+        for k, v in overrides.items():  # loraplex extensions (canary, sequence_len, adapter.r, ...)
+            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+                cfg[k] = {**cfg[k], **v}
+            else:
+                cfg[k] = v
+        try:
+            parsed = parse_config(cfg)
+        except JobConfigError as e:
+            raise JobError(str(e), param="hyperparameters") from None
+        shown = {"n_epochs": n_epochs, "batch_size": batch, "learning_rate_multiplier": mult}
+        if mtype == "dpo":
+            shown["beta"] = parsed.beta
+        with self._db() as c:
+            c.execute("INSERT INTO jobs(id, created_at, status, model, training_file, validation_file, suffix, seed, method, hyperparameters, config, metadata) "
+                      "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                      (jid, int(time.time()), "queued", model, training_file, validation_file, suffix, parsed.seed,
+                       json.dumps({"type": mtype, mtype: {"hyperparameters": shown}}), json.dumps(shown),
+                       json.dumps(parsed.model_dump(mode="json")), json.dumps(metadata) if metadata else None))
+            self._event(c, jid, "info", "message", "job created and queued")
+        return self.job(jid)
+
+    def job(self, jid: str) -> dict:
+        r = self._db().execute("SELECT * FROM jobs WHERE id=?", (jid,)).fetchone()
+        if r is None:
+            raise JobError(f"no fine-tuning job {jid!r}", 404, "fine_tuning_job_id")
+        return {
+            "id": r["id"], "object": "fine_tuning.job", "created_at": r["created_at"], "model": r["model"],
+            "status": r["status"], "fine_tuned_model": r["fine_tuned_model"], "finished_at": r["finished_at"],
+            "training_file": r["training_file"], "validation_file": r["validation_file"], "seed": r["seed"],
+            "hyperparameters": json.loads(r["hyperparameters"]), "method": json.loads(r["method"]),
+            "error": json.loads(r["error"]) if r["error"] else None, "trained_tokens": r["trained_tokens"],
+            "result_files": [], "organization_id": "loraplex", "integrations": [], "estimated_finish": None,
+            "user_provided_suffix": r["suffix"], "metadata": json.loads(r["metadata"]) if r["metadata"] else None,
+        }
+
+    def jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
+        rows = [r["id"] for r in self._db().execute("SELECT id FROM jobs ORDER BY created_at DESC, rowid DESC").fetchall()]
+        if after is not None:
+            rows = rows[rows.index(after) + 1:] if after in rows else []
+        return [self.job(j) for j in rows[:limit]], len(rows) > limit
+
+    def events(self, jid: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
+        self.job(jid)
+        rows = self._db().execute("SELECT * FROM events WHERE job_id=? ORDER BY id DESC", (jid,)).fetchall()
+        data = [{"id": f"ftevent-{r['id']}", "object": "fine_tuning.job.event", "created_at": r["created_at"], "level": r["level"],
+                 "message": r["message"], "data": json.loads(r["data"]) if r["data"] else None, "type": r["type"]} for r in rows]
+        if after is not None:
+            ids = [d["id"] for d in data]
+            data = data[ids.index(after) + 1:] if after in ids else []
+        return data[:limit], len(data) > limit
+
+    def checkpoints(self, jid: str) -> list[dict]:
+        job = self.job(jid)
+        out_dir = self.runs_dir / jid / "output"
+        metrics = {}
+        mp = out_dir / "metrics.jsonl"
+        if mp.exists():
+            for line in mp.read_text().splitlines():
+                m = json.loads(line)
+                metrics[m["step"]] = m
+        data = []
+        for ck in sorted(out_dir.glob("checkpoint-*"), key=lambda p: -int(p.name.split("-")[1])):
+            step = int(ck.name.split("-")[1])
+            m = metrics.get(step, {})
+            data.append({"id": f"ftckpt-{jid[6:]}-{step}", "object": "fine_tuning.job.checkpoint", "created_at": int(ck.stat().st_mtime),
+                         "fine_tuned_model_checkpoint": str(ck), "fine_tuning_job_id": jid, "step_number": step,
+                         "metrics": {"step": step, "train_loss": m.get("loss"), "valid_loss": m.get("eval_loss")}})
+        if job["status"] == "succeeded" and job["fine_tuned_model"]:
+            last = max(metrics) if metrics else 0
+            data.insert(0, {"id": f"ftckpt-{jid[6:]}-final", "object": "fine_tuning.job.checkpoint", "created_at": job["finished_at"],
+                            "fine_tuned_model_checkpoint": job["fine_tuned_model"], "fine_tuning_job_id": jid, "step_number": last,
+                            "metrics": {"step": last, "train_loss": metrics.get(last, {}).get("loss")}})
+        return data
+
+    def cancel(self, jid: str) -> dict:
+        job = self.job(jid)
+        if job["status"] in TERMINAL:
+            raise JobError(f"job {jid} is already {job['status']}", 409)
+        with self._lock:
+            self._kill(jid)
+            with self._db() as c:
+                c.execute("UPDATE jobs SET status='cancelled', finished_at=? WHERE id=?", (int(time.time()), jid))
+                self._event(c, jid, "info", "message", "job cancelled")
+        return self.job(jid)
+
+    def _kill(self, jid: str) -> None:
+        p = self._procs.pop(jid, None)
+        if p is not None and p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    # --- the watcher --------------------------------------------------------------
+    def _start(self, jid: str) -> None:
+        job_dir = self.runs_dir / jid
+        job_dir.mkdir(parents=True, exist_ok=True)
+        cfg = json.loads(self._db().execute("SELECT config FROM jobs WHERE id=?", (jid,)).fetchone()["config"])
+        (job_dir / "job.json").write_text(json.dumps({"config": cfg, "output_dir": str(job_dir / "output"), "store_dir": str(self.store_dir),
+                                                      "caller": f"fine_tuning:{jid}"}))
+        log = open(job_dir / "process.log", "ab")
+        p = subprocess.Popen([self.python, "-m", "loraplex.trainer.run_job", str(job_dir)], stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        self._procs[jid] = p
+        self._offsets[jid] = 0
+        with self._db() as c:
+            c.execute("UPDATE jobs SET status='running', pid=? WHERE id=?", (p.pid, jid))
+            self._event(c, jid, "info", "message", "job started")
+
+    def _pump_events(self, jid: str) -> None:
+        f = self.runs_dir / jid / "events.jsonl"
+        if not f.exists():
+            return
+        with open(f, "rb") as fh:
+            fh.seek(self._offsets.get(jid, 0))
+            chunk = fh.read()
+        end = chunk.rfind(b"\n") + 1
+        if not end:
+            return
+        self._offsets[jid] = self._offsets.get(jid, 0) + end
+        with self._db() as c:
+            for line in chunk[:end].decode().splitlines():
+                e = json.loads(line)
+                if e.get("type") == "metrics":
+                    msg = f"Step {e['step']}/{e['total_steps']}: training loss={e['loss']:.4f}"
+                    self._event(c, jid, "info", "metrics", msg, {k: v for k, v in e.items() if k not in ("type", "at")})
+                elif e.get("type") in ("message", "checkpoint", "data", "resumed", "finished"):
+                    self._event(c, jid, e.get("level", "info"), "message", e.get("message") or e["type"],
+                                {k: v for k, v in e.items() if k not in ("type", "at", "message", "level")} or None)
+
+    def _finish(self, jid: str, rc: int) -> None:
+        job_dir = self.runs_dir / jid
+        self._pump_events(jid)
+        now = int(time.time())
+        with self._db() as c:
+            status = c.execute("SELECT status FROM jobs WHERE id=?", (jid,)).fetchone()["status"]
+            if status == "cancelled":
+                return
+            res = job_dir / "result.json"
+            if rc == 0 and res.exists():
+                r = json.loads(res.read_text())
+                c.execute("UPDATE jobs SET status='succeeded', finished_at=?, fine_tuned_model=?, trained_tokens=? WHERE id=?",
+                          (now, r["adapter"], r.get("trained_tokens"), jid))
+                self._event(c, jid, "info", "message", f"The job has successfully completed: {r['ref']}")
+            else:
+                err_f = job_dir / "error.json"
+                if err_f.exists():
+                    err = json.loads(err_f.read_text())
+                else:
+                    tail = (job_dir / "process.log").read_bytes()[-2000:].decode(errors="replace") if (job_dir / "process.log").exists() else ""
+                    err = {"code": "training_failed", "message": f"the training process exited with status {rc}" + (f": {tail.strip().splitlines()[-1]}" if tail.strip() else "")}
+                c.execute("UPDATE jobs SET status='failed', finished_at=?, error=? WHERE id=?",
+                          (now, json.dumps({"code": err["code"], "message": err["message"], "param": None}), jid))
+                self._event(c, jid, "error", "message", f"The job failed: {err['message']}")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll):
+            try:
+                with self._lock:
+                    for jid, p in list(self._procs.items()):
+                        self._pump_events(jid)
+                        rc = p.poll()
+                        if rc is not None:
+                            self._procs.pop(jid, None)
+                            self._finish(jid, rc)
+                    free = self.max_concurrent - len(self._procs)
+                    if free > 0:
+                        for r in self._db().execute("SELECT id FROM jobs WHERE status='queued' ORDER BY created_at, rowid LIMIT ?", (free,)).fetchall():
+                            self._start(r["id"])
+            except Exception:  # the watcher must survive anything a job does
+                import logging
+
+                logging.getLogger("loraplex.jobs").exception("job watcher error")

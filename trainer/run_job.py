@@ -1,0 +1,49 @@
+"""A training job's own process: `python -m loraplex.trainer.run_job JOB_DIR`.
+
+JOB_DIR/job.json holds the resolved JobConfig, the store and output paths;
+the process appends events to JOB_DIR/events.jsonl and ends by writing
+JOB_DIR/result.json (success) or JOB_DIR/error.json (failure, with the
+reason). Running apart from the server means a crash, an out-of-memory kill
+or a cancel of the job never touches the server.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def main(job_dir: str) -> int:
+    d = Path(job_dir)
+    spec = json.loads((d / "job.json").read_text())
+    events = open(d / "events.jsonl", "a", buffering=1)
+
+    def emit(e: dict) -> None:
+        events.write(json.dumps({"at": time.time(), **e}) + "\n")
+
+    try:
+        from .cli import run_job
+        from .config import parse_config
+
+        cfg = parse_config(spec["config"])
+        emit({"type": "message", "message": f"training {cfg.adapter.name} ({cfg.method}) started"})
+        v, route = run_job(cfg, Path(spec["output_dir"]), Path(spec["store_dir"]), resume=spec.get("resume", False),
+                           caller=spec.get("caller", "fine_tuning"), on_event=emit)
+        result = {"adapter": v.name, "version": v.version, "ref": v.ref, "route": None if route is None else route.to_json(),
+                  "trained_tokens": v.lineage.get("metrics", {}).get("tokens_seen_this_run")}
+        (d / "result.json").write_text(json.dumps(result))
+        emit({"type": "message", "message": f"registered {v.ref}"})
+        return 0
+    except Exception as e:  # the reason goes to the job record; the server stays up regardless
+        known = type(e).__name__ in ("DataError", "JobConfigError", "InvalidAdapter", "InvalidRequest")
+        (d / "error.json").write_text(json.dumps({"code": "invalid_training_file" if type(e).__name__ == "DataError" else
+                                                  ("invalid_request" if known else "training_failed"),
+                                                  "message": str(e), "traceback": None if known else traceback.format_exc()}))
+        emit({"type": "message", "level": "error", "message": f"job failed: {e}"})
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -115,6 +115,7 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
         Route("/v1/models", wrap(lambda: oa().models), methods=["GET"]),
         Route("/v1/chat/completions", wrap(lambda: oa().chat), methods=["POST"]),
         Route("/v1/completions", wrap(lambda: oa().completions), methods=["POST"]),
+        Route("/v1/rewards", wrap(lambda: oa().rewards), methods=["POST"]),
         Route("/v1/adapters", wrap(lambda: ad().register), methods=["POST"]),
         Route("/v1/adapters", wrap(lambda: ad().list), methods=["GET"]),
         Route("/v1/adapters/{name}", wrap(lambda: ad().get), methods=["GET"]),

@@ -221,7 +221,7 @@ class Engine:
             seg=LoraSegments.from_token_slots(slots, dev) if any(s >= 0 for s in slots) else None,
             logits_indices=torch.tensor(logits_idx, dtype=torch.long, device=dev),
         )
-        logits, _ = self.runner.forward(batch)
+        logits, hidden = self.runner.forward(batch)
         logits = logits.cpu()
         self.steps += 1
         self.last_batch_size = len(plan.items)
@@ -234,9 +234,9 @@ class Engine:
             for j in range(end - pos):
                 seq.prompt_logprobs.append(token_logprob(lps[j], seq.all_ids[pos + j + 1], k))
         for seq, row in samplers:
-            self._advance(seq, logits[row])
+            self._advance(seq, logits[row], hidden[row] if seq.req.params.return_hidden else None)
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _advance(self, seq: Sequence, logits: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         req, p = seq.req, seq.req.params
         token, entry = sample(logits, p, seq.gen, seq.output_ids)
         seq.all_ids.append(token)
@@ -246,6 +246,8 @@ class Engine:
         out = RequestOutput(req.request_id, token_ids=[token])
         if p.return_logits:
             out.logits.append(logits.clone())
+        if hidden is not None:
+            out.hidden.append(hidden.float().cpu())
         if entry is not None:
             out.logprobs.append(entry)
         reason = None

@@ -150,6 +150,11 @@ def _chat_logprob_entry(service: GenerationService, e: TokenLogprob) -> dict:
     return d
 
 
+class RewardRequest(_Body):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
 class OpenAIRoutes:
     def __init__(self, service: GenerationService):
         self.service = service
@@ -242,6 +247,16 @@ class OpenAIRoutes:
         if body.stream_options and body.stream_options.include_usage:
             yield chunk([], _usage(prompt_tokens, completion))
         yield "data: [DONE]\n\n"
+
+    async def rewards(self, request: HttpRequest):
+        s = self.service
+        body: RewardRequest = await parse_body(request, RewardRequest)
+        adapter = s.resolve(body.model, request.headers.get("x-loraplex-session"))
+        ids = s.conversation_ids(_message_dicts(body.messages))
+        score = await s.score(adapter, ids, _loop())
+        served = _served_by(adapter, s)
+        return JSONResponse({"object": "reward", "model": body.model, "system_fingerprint": served, "score": score,
+                             "usage": {"prompt_tokens": len(ids), "total_tokens": len(ids)}}, headers=_headers(served))
 
     async def completions(self, request: HttpRequest):
         s = self.service

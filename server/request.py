@@ -25,6 +25,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     include_stop_str_in_output: bool = False
     return_logits: bool = False  # internal (tests, RL rollouts): raw next-token logits of every step
+    return_hidden: bool = False  # internal (reward scoring): final normed hidden state before each sampled token
 
 
 @dataclass
@@ -44,6 +45,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # once, with the first output
     logits: list = field(default_factory=list)  # [V] fp32 tensors, only with params.return_logits
+    hidden: list = field(default_factory=list)  # [H] tensors, only with params.return_hidden
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None

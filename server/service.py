@@ -38,6 +38,7 @@ class GenerationService:
         self.tokenizer = base.tokenizer
         self.telemetry = telemetry
         self.ready = False
+        self._heads: dict = {}
 
     @property
     def model_id(self) -> str:
@@ -91,6 +92,33 @@ class GenerationService:
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
+
+    def conversation_ids(self, messages: list[dict]) -> list[int]:
+        """A whole conversation (no generation prompt), tokenized as the trainer tokenizes it for reward models."""
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        except Exception as e:
+            raise BadRequest(f"messages cannot be rendered with the model's chat template: {e}", param="messages") from e
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def score(self, adapter, prompt_ids: list[int], loop) -> float:
+        """Reward of a sequence under a reward adapter: its score head on the last token's final hidden state."""
+        from loraplex.adapters_store import load_score_head
+
+        if adapter is None or getattr(adapter.manifest, "kind", "lora") != "reward":
+            raise BadRequest("'model' must name a reward adapter (trained with method: reward)", param="model")
+        head = self._heads.get(adapter.ref)
+        if head is None:
+            head = self._heads[adapter.ref] = load_score_head(adapter.path)
+        req = self.submit(prompt_ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, return_hidden=True), adapter, loop=loop)
+        g_hidden = None
+        async for out in self.stream(req):
+            if out.hidden and g_hidden is None:
+                g_hidden = out.hidden[0]
+            if out.finished and out.error:
+                raise ApiError(out.error)
+        w, b = head["weight"].float(), head.get("bias")
+        return float(g_hidden @ w[0] + (b.float()[0] if b is not None else 0.0))
 
     # --- running ------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter, *, loop=None, deadline_s: float | None = None, request_id: str | None = None) -> Request:

@@ -27,7 +27,7 @@ def run_job(cfg, out_dir: Path, store_dir: Path, *, resume: bool, caller: str, o
     else:
         from .preference import train_method
 
-        result = train_method(cfg, out_dir, resume=resume, on_event=on_event, progress=progress)
+        result = train_method(cfg, out_dir, resume=resume, on_event=on_event, progress=progress, store_dir=store_dir)
     return register_result(cfg, result.adapter_dir, result.metrics, store_dir, caller=caller,
                            extra_lineage=getattr(result, "lineage", None) or None)
 

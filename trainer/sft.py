@@ -40,6 +40,7 @@ class TrainResult:
     metrics: dict
     steps: int
     losses: list[float] = field(default_factory=list)
+    lineage: dict = field(default_factory=dict)  # what the run started from (adapters), recorded at registration
 
 
 def set_seed(seed: int) -> None:

@@ -1,0 +1,284 @@
+"""Preference training on LoRA: DPO (sigmoid / IPO / hinge) and reward models (LoRA + scalar head).
+
+DPO's reference model costs no second copy of the weights: the reference
+log-probabilities are those of the starting point (the base with the
+adapter at its zero init, or the SFT adapter named by `adapter.init_from`),
+computed once before the first step and kept beside the checkpoints, so a
+resumed job uses exactly the same ones.
+
+A reward model is a LoRA adapter plus a linear score head on the final
+(normed) hidden state of the last token; it is trained with the
+Bradley-Terry loss and saved as a PEFT adapter with `score_head.safetensors`
+and `"loraplex_kind": "reward"`, which the store and the server's
+`/v1/rewards` understand.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import JobConfig
+from .data import Example, Tokenizing, collate
+from .preference_data import Pair, load_pairs
+from .sft import TrainResult, _schedule, latest_checkpoint, load_base_and_tokenizer, lora_model, save_checkpoint, set_seed
+
+
+def seq_logps(model, exs: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of each sequence's labelled tokens [N], and their counts [N]."""
+    c = collate([[e] for e in exs], pad_id)
+    out = model(input_ids=c["input_ids"].to(device), attention_mask=c["attention_mask"].to(device), position_ids=c["position_ids"].to(device))
+    labels = c["labels"].to(device)
+    mask = labels != -100
+    lp = torch.log_softmax(out.logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (lp * mask).sum(-1), mask.sum(-1)
+
+
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float, loss_type: str, n_c=None, n_r=None):
+    """-> (loss, chosen reward, rejected reward); rewards are beta * (policy - reference) log-ratios."""
+    if loss_type == "ipo":  # IPO works on length-normalised log-probs
+        pi_c, pi_r, ref_c, ref_r = pi_c / n_c, pi_r / n_r, ref_c / n_c, ref_r / n_r
+    logits = (pi_c - ref_c) - (pi_r - ref_r)
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(beta * logits)
+    elif loss_type == "ipo":
+        loss = (logits - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        loss = torch.relu(1 - beta * logits)
+    else:
+        raise ValueError(loss_type)
+    return loss.mean(), beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
+
+
+class RewardHead(torch.nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.score = torch.nn.Linear(hidden, 1)
+        torch.nn.init.normal_(self.score.weight, std=1 / math.sqrt(hidden))
+        torch.nn.init.zeros_(self.score.bias)
+
+
+def last_hidden(peft_model, exs: list[Example], pad_id: int, device) -> torch.Tensor:
+    """Final normed hidden state at each sequence's last token: [N, H]."""
+    c = collate([[e] for e in exs], pad_id)
+    inner = peft_model.get_base_model().model  # the decoder stack (ends with the final norm)
+    h = inner(input_ids=c["input_ids"].to(device), attention_mask=c["attention_mask"].to(device),
+              position_ids=c["position_ids"].to(device)).last_hidden_state
+    idx = torch.tensor([len(e.input_ids) - 1 for e in exs], device=device)
+    return h[torch.arange(len(exs), device=device), idx].float()
+
+
+def reward_scores(peft_model, head: RewardHead, exs, pad_id, device) -> torch.Tensor:
+    return head.score(last_hidden(peft_model, exs, pad_id, device)).squeeze(-1)
+
+
+@dataclass
+class PrefState:
+    losses: list[float] = field(default_factory=list)
+
+
+def _split(pairs: list[Pair], cfg: JobConfig) -> tuple[list[Pair], list[Pair]]:
+    if not cfg.val_set_size:
+        return pairs, []
+    rng = random.Random(cfg.seed)
+    idx = list(range(len(pairs)))
+    rng.shuffle(idx)
+    k = max(1, int(round(len(pairs) * cfg.val_set_size)))
+    val = set(idx[:k])
+    return [p for i, p in enumerate(pairs) if i not in val], [pairs[i] for i in sorted(val)]
+
+
+def _exs(pairs: list[Pair]) -> tuple[list[Example], list[Example]]:
+    return [Example(p.chosen_ids, p.chosen_labels) for p in pairs], [Example(p.rejected_ids, p.rejected_labels) for p in pairs]
+
+
+def init_adapter(model, cfg: JobConfig, store_dir) -> dict:
+    """Loads the starting adapter named by adapter.init_from (a store ref) into the fresh LoRA; returns lineage."""
+    if not cfg.adapter.init_from:
+        return {}
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from loraplex.adapters_store import AdapterStore
+
+    if store_dir is None:
+        raise ValueError("adapter.init_from needs the adapter store")
+    store = AdapterStore(store_dir)
+    name, _, ver = cfg.adapter.init_from.partition("@")
+    v = store.get(name, int(ver) if ver else None)
+    if v.manifest.r != cfg.adapter.r:
+        raise ValueError(f"adapter.init_from {v.ref} has rank {v.manifest.r} but the job asks for r={cfg.adapter.r}")
+    sd = load_file(str(v.path / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, sd)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"adapter.init_from {v.ref} targets modules this job does not: {result.unexpected_keys[:3]}")
+    return {"started_from": v.ref, "started_from_sha256": v.sha256}
+
+
+def train_method(cfg: JobConfig, out_dir: Path, *, resume: bool = False, on_event=None, progress: bool = False,
+                 stop_after: int | None = None, store_dir=None) -> TrainResult:
+    if cfg.method in ("dpo", "reward"):
+        return train_preference(cfg, out_dir, resume=resume, on_event=on_event, progress=progress, stop_after=stop_after, store_dir=store_dir)
+    if cfg.method in ("ppo", "grpo"):
+        from .rl import train_rl
+
+        return train_rl(cfg, out_dir, resume=resume, on_event=on_event, progress=progress, stop_after=stop_after, store_dir=store_dir)
+    raise ValueError(f"unknown method {cfg.method!r}")
+
+
+def train_preference(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=None, progress=False, stop_after=None, store_dir=None) -> TrainResult:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    emit = on_event or (lambda e: None)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    base, tok, base_path = load_base_and_tokenizer(cfg, device)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tk = Tokenizing(tok, cfg.sequence_len)
+    pairs: list[Pair] = []
+    hashes = {}
+    from .data import file_sha256
+
+    for d in cfg.datasets:
+        pairs += load_pairs(d.path, tk)  # a malformed record fails here, before any step
+        hashes[d.path] = file_sha256(d.path)
+    train, val = _split(pairs, cfg)
+    emit({"type": "data", "train_pairs": len(train), "val_pairs": len(val)})
+    model = lora_model(base, cfg)
+    lineage = init_adapter(model, cfg, store_dir)
+    head = RewardHead(base.config.hidden_size).to(device) if cfg.method == "reward" else None
+    params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train) / (cfg.micro_batch_size * cfg.gradient_accumulation_steps)))
+    total = cfg.max_steps or max(1, int(math.ceil(steps_per_epoch * cfg.epochs)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
+
+    ref_path = out_dir / "reference_logps.pt"
+    ref = None
+    if cfg.method == "dpo":
+        if resume and ref_path.exists():
+            ref = torch.load(ref_path)
+        else:
+            model.eval()
+            with torch.no_grad():
+                ref = {}
+                for name, ps in (("train", train), ("val", val)):
+                    c, r = _exs(ps)
+                    rc = [seq_logps(model, c[i:i + 8], pad, device)[0] for i in range(0, len(c), 8)]
+                    rr = [seq_logps(model, r[i:i + 8], pad, device)[0] for i in range(0, len(r), 8)]
+                    ref[name] = (torch.cat(rc) if rc else torch.zeros(0), torch.cat(rr) if rr else torch.zeros(0))
+            torch.save(ref, ref_path)
+            model.train()
+
+    def evaluate(ps: list[Pair], which: str) -> dict:
+        if not ps:
+            return {}
+        model.eval()
+        with torch.no_grad():
+            c, r = _exs(ps)
+            if cfg.method == "dpo":
+                pc = torch.cat([seq_logps(model, c[i:i + 8], pad, device)[0] for i in range(0, len(c), 8)])
+                pr = torch.cat([seq_logps(model, r[i:i + 8], pad, device)[0] for i in range(0, len(r), 8)])
+                rc_, rr_ = ref[which]
+                margin = cfg.beta * ((pc - rc_) - (pr - rr_))
+            else:
+                sc = torch.cat([reward_scores(model, head, c[i:i + 8], pad, device) for i in range(0, len(c), 8)])
+                sr = torch.cat([reward_scores(model, head, r[i:i + 8], pad, device) for i in range(0, len(r), 8)])
+                margin = sc - sr
+        model.train()
+        acc = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+        return {f"{which}_accuracy": acc, f"{which}_margin": float(margin.mean())}
+
+    step, losses = 0, []
+    if resume and (ck := latest_checkpoint(out_dir)) is not None:
+        set_peft_model_state_dict(model, load_file(str(ck / "adapter_model.safetensors")))
+        st = torch.load(ck / "trainer_state.pt", weights_only=False)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["torch_rng"])
+        random.setstate(st["py_rng"])
+        step, losses = st["step"], st["losses"]
+        if head is not None:
+            head.load_state_dict(torch.load(ck / "score_head.pt"))
+        emit({"type": "resumed", "step": step})
+    initial = evaluate(val, "val")
+    emit({"type": "metrics", "step": step, "total_steps": total, "loss": float("nan"), **initial, "initial": True})
+    metrics_path = out_dir / "metrics.jsonl"
+    t_start, run_steps = time.time(), 0
+    while step < total:
+        epoch, within = divmod(step, steps_per_epoch)
+        order = list(range(len(train)))
+        random.Random(cfg.seed * 1000003 + epoch).shuffle(order)
+        mb = cfg.micro_batch_size
+        groups = [order[i:i + mb * cfg.gradient_accumulation_steps] for i in range(0, len(order), mb * cfg.gradient_accumulation_steps)]
+        for g in groups[within:]:
+            if step >= total:
+                break
+            t0 = time.time()
+            opt.zero_grad(set_to_none=True)
+            tot, stats = 0.0, {"chosen": [], "rejected": []}
+            chunks = [g[i:i + mb] for i in range(0, len(g), mb)]
+            for ch in chunks:
+                c, r = _exs([train[i] for i in ch])
+                if cfg.method == "dpo":
+                    pc, nc = seq_logps(model, c, pad, device)
+                    pr, nr = seq_logps(model, r, pad, device)
+                    idx = torch.tensor(ch)
+                    loss, rwc, rwr = dpo_loss(pc, pr, ref["train"][0][idx].to(device), ref["train"][1][idx].to(device), cfg.beta, cfg.loss_type, nc, nr)
+                else:
+                    sc = reward_scores(model, head, c, pad, device)
+                    sr = reward_scores(model, head, r, pad, device)
+                    loss, rwc, rwr = -F.logsigmoid(sc - sr).mean(), sc.detach(), sr.detach()
+                (loss * len(ch) / len(g)).backward()
+                tot += float(loss.detach()) * len(ch) / len(g)
+                stats["chosen"].append(rwc)
+                stats["rejected"].append(rwr)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            step += 1
+            run_steps += 1
+            losses.append(tot)
+            rc_, rr_ = torch.cat(stats["chosen"]), torch.cat(stats["rejected"])
+            rec = {"type": "metrics", "step": step, "total_steps": total, "loss": tot, "learning_rate": sched.get_last_lr()[0],
+                   "rewards_chosen": float(rc_.mean()), "rewards_rejected": float(rr_.mean()), "rewards_margin": float((rc_ - rr_).mean()),
+                   "rewards_accuracy": float((rc_ > rr_).float().mean()), "seconds_per_step": time.time() - t0,
+                   "eta_seconds": (time.time() - t_start) / run_steps * (total - step)}
+            if val and cfg.eval_steps and step % cfg.eval_steps == 0:
+                rec.update(evaluate(val, "val"))
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            emit(rec)
+            if (step % cfg.save_steps == 0 and step < total) or (stop_after is not None and run_steps >= stop_after):
+                ck = save_checkpoint(model, opt, sched, step, losses, out_dir)
+                if head is not None:
+                    torch.save(head.state_dict(), ck / "score_head.pt")
+                if stop_after is not None and run_steps >= stop_after:
+                    return TrainResult(out_dir, {"stopped_at": step}, step, losses)
+    final = out_dir / "adapter"
+    if final.exists():
+        shutil.rmtree(final)
+    model.save_pretrained(final)
+    acfg = json.loads((final / "adapter_config.json").read_text())
+    from loraplex.adapters_store.base_model import model_id_for
+
+    acfg["base_model_name_or_path"] = model_id_for(base_path)
+    if head is not None:
+        acfg["loraplex_kind"] = "reward"
+        save_file({"weight": head.score.weight.detach().cpu().contiguous(), "bias": head.score.bias.detach().cpu().contiguous()},
+                  str(final / "score_head.safetensors"))
+    (final / "adapter_config.json").write_text(json.dumps(acfg, indent=2))
+    final_eval = evaluate(val, "val")
+    metrics = {"final_loss": losses[-1] if losses else None, "steps": step, **{f"initial_{k}": v for k, v in initial.items()}, **final_eval,
+               "dataset_sha256": hashes, "base_path": str(base_path)}
+    emit({"type": "finished", **{k: v for k, v in metrics.items() if k not in ("dataset_sha256", "base_path")}})
+    return TrainResult(final, metrics, step, losses, lineage)

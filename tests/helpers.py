@@ -18,7 +18,7 @@ def default_tokenizer_dir() -> Path:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
-def make_tiny_llama(out_dir, seed: int = 0, **overrides) -> Path:
+def make_tiny_llama(out_dir, seed: int = 0, init_std: float = 0.08, final_norm: float = 1.0, **overrides) -> Path:
     """A 2-layer Llama (hidden 64, GQA 4/2 heads) with the embedded model's tokenizer and chat template."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -35,7 +35,8 @@ def make_tiny_llama(out_dir, seed: int = 0, **overrides) -> Path:
     with torch.no_grad():  # larger-than-init weights so logits are far from uniform and argmax ties are unlikely
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0.0, 0.08)
+                p.normal_(0.0, init_std)
+        model.model.norm.weight.fill_(final_norm)  # > 1 sharpens the next-token distribution (RL tests need some peaks)
     model.save_pretrained(out, safe_serialization=True)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(out)
     src = default_tokenizer_dir()
@@ -46,20 +47,61 @@ def make_tiny_llama(out_dir, seed: int = 0, **overrides) -> Path:
 
 
 def make_peft_adapter(base_dir, out_dir, *, r: int = 8, alpha: float = 16, target_modules=("q_proj", "v_proj"),
-                      seed: int = 0, use_rslora: bool = False, init_std: float = 0.05, rank_pattern=None) -> Path:
-    """A real PEFT LoRA adapter for `base_dir` with non-zero B (so it changes outputs)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+                      seed: int = 0, use_rslora: bool = False, init_std: float = 0.05, rank_pattern=None,
+                      alpha_pattern=None, init_scale: float | None = None) -> Path:
+    """A real PEFT LoRA adapter for `base_dir` with non-zero B (so it changes outputs).
 
+    A ~ N(0, s), B ~ N(0, 4s) with s = `init_scale` (alias of `init_std`)."""
+    from peft import LoraConfig, get_peft_model
+
+    std = init_std if init_scale is None else init_scale
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = _load_base(base_dir)
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0,
-                     use_rslora=use_rslora, rank_pattern=rank_pattern or {}, task_type="CAUSAL_LM")
+                     use_rslora=use_rslora, rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
+                     task_type="CAUSAL_LM")
     pm = get_peft_model(model, cfg)
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_A" in n or "lora_B" in n:
-                p.normal_(0.0, init_std * (4.0 if "lora_B" in n else 1.0))
+                p.normal_(0.0, std * (4.0 if "lora_B" in n else 1.0))
     out = Path(out_dir)
     pm.save_pretrained(out)
     return out
+
+
+def _load_base(base_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+
+
+def make_reward_adapter(base_dir, out_dir, *, seed: int = 0, **lora) -> Path:
+    """A reward adapter in loraplex's convention: a PEFT LoRA plus `score_head.safetensors`
+    (`weight` [1, hidden], `bias` [1]) and `"loraplex_kind": "reward"` in adapter_config.json."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out = make_peft_adapter(base_dir, out_dir, seed=seed, **lora)
+    hidden = json.loads((Path(base_dir) / "config.json").read_text())["hidden_size"]
+    g = torch.Generator().manual_seed(seed + 1)
+    save_file({"weight": torch.randn(1, hidden, generator=g) / hidden ** 0.5, "bias": torch.tensor([0.25])},
+              str(out / "score_head.safetensors"))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["loraplex_kind"] = "reward"
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def base_spec_for(base_dir, *, max_rank: int = 256, model_id: str | None = None):
+    """The store's BaseModelSpec of a checkpoint directory (shapes from a meta-device model, real fingerprint)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loraplex.adapters_store import BaseModelSpec
+    from loraplex.adapters_store.base_model import fingerprint
+
+    config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return BaseModelSpec.from_model(model, model_id or Path(base_dir).name, fingerprint(Path(base_dir)), max_rank=max_rank)

@@ -123,6 +123,17 @@ class AdapterPool:
             del self._cpu[ref]
             self.on_event("drop_cpu", ref)
 
+    def put(self, ref: str, weights: dict, scales: dict) -> None:
+        """Engine thread: installs (or replaces) weights for `ref` that come from memory, not the store
+        (a trainer pushing its in-training adapter); a slot already holding `ref` is refreshed in place."""
+        la = LoadedAdapter(ref, weights, scales, 0.0)
+        with self._lock:
+            self._cpu[ref] = la
+            self._cpu.move_to_end(ref)
+        i = self.slot_of(ref)
+        if i is not None:
+            self._fill_slot(i, la)
+
     def forget(self, ref: str) -> None:
         """Drops an unpinned version from every tier (after it was deleted from the store)."""
         with self._lock:

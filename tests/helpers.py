@@ -18,7 +18,7 @@ def default_tokenizer_dir() -> Path:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
-def make_tiny_llama(out_dir, seed: int = 0, init_std: float = 0.08, final_norm: float = 1.0, **overrides) -> Path:
+def make_tiny_llama(out_dir, seed: int = 0, init_std: float = 0.08, copy_tokenizer: bool = True, **overrides) -> Path:
     """A 2-layer Llama (hidden 64, GQA 4/2 heads) with the embedded model's tokenizer and chat template."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -36,13 +36,13 @@ def make_tiny_llama(out_dir, seed: int = 0, init_std: float = 0.08, final_norm: 
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, init_std)
-        model.model.norm.weight.fill_(final_norm)  # > 1 sharpens the next-token distribution (RL tests need some peaks)
     model.save_pretrained(out, safe_serialization=True)
-    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(out)
-    src = default_tokenizer_dir()
-    for f in TOKENIZER_FILES:
-        if (src / f).exists():
-            shutil.copy(src / f, out / f)
+    GenerationConfig(bos_token_id=cfg["bos_token_id"], eos_token_id=cfg["eos_token_id"], pad_token_id=cfg["pad_token_id"]).save_pretrained(out)
+    if copy_tokenizer:
+        src = default_tokenizer_dir()
+        for f in TOKENIZER_FILES:
+            if (src / f).exists():
+                shutil.copy(src / f, out / f)
     return out
 
 
@@ -105,3 +105,38 @@ def base_spec_for(base_dir, *, max_rank: int = 256, model_id: str | None = None)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return BaseModelSpec.from_model(model, model_id or Path(base_dir).name, fingerprint(Path(base_dir)), max_rank=max_rank)
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,!?'"
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_char_tokenizer(out_dir) -> Path:
+    """A character-level tokenizer (36 tokens) with ChatML turns: small vocabularies make RL tests learnable."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + list(CHARS) + ["\n"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>", additional_special_tokens=specials[:3])
+    fast.chat_template = CHAT_TEMPLATE
+    out = Path(out_dir)
+    fast.save_pretrained(out)
+    return out
+
+
+def make_tiny_char_llama(out_dir, seed: int = 0) -> Path:
+    """A 2-layer Llama over the character tokenizer (vocab 36), for RL tests."""
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir)
+    make_char_tokenizer(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    make_tiny_llama(out, seed=seed, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id, copy_tokenizer=False)
+    return out

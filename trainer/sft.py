@@ -89,13 +89,20 @@ def _schedule(cfg: JobConfig, total: int):
 
 
 def step_loss(model, batch: dict, device) -> tuple[torch.Tensor, int]:
-    """Summed token cross-entropy of one micro-batch (and its label count)."""
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                position_ids=batch["position_ids"].to(device))
-    logits = out.logits.float()
+    """Summed token cross-entropy of one micro-batch (and its label count).
+
+    The vocabulary projection runs only on positions that carry a label: with
+    a 50k vocabulary the full logits tensor is the largest activation of a
+    small model, and prompt tokens never need it.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    h = causal_lm.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                        position_ids=batch["position_ids"].to(device)).last_hidden_state
     labels = batch["labels"].to(device)
-    loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
+    sel = labels != -100
+    logits = causal_lm.lm_head(h[sel]).float()
+    loss = torch.nn.functional.cross_entropy(logits, labels[sel], reduction="sum")
+    return loss, int(sel.sum())
 
 
 @torch.no_grad()
@@ -151,8 +158,9 @@ def train_sft(cfg: JobConfig, out_dir: Path, *, resume: bool = False, on_event: 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     train, val, data_info = prepare_data(cfg, tok)  # fails before any step on malformed data
     emit({"type": "data", "train_examples": len(train), "val_examples": len(val), **data_info})
-    base_spec_model = model
     model = lora_model(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

@@ -1,0 +1,316 @@
+"""PPO and GRPO on LoRA, with rollouts from our own engine (see rollout.py).
+
+One step: sample `num_rollouts` prompts (x `num_generations` for GRPO), roll
+them out with the live policy in the rollout engine, score them (reward
+adapter, Python function or rule), compute reference log-probs (base with
+the adapter disabled, or the starting adapter) in the same engine, then
+optimise for `ppo_epochs` over mini-batches with a clipped objective.
+PPO adds a value head on the final hidden states, per-token KL-penalised
+rewards and GAE; GRPO uses group-normalised sequence rewards as advantages
+and a KL term (k3 estimator) in the loss. TRL's GRPOTrainer generates with
+`model.generate` or an external vLLM server and cannot take an engine living
+in the same process, so the loop is ours; it stays small.
+
+The loss functions are plain functions over tensors (tested against hand-
+computed values); everything else is plumbing.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import JobConfig
+from .data import DataError, read_jsonl
+from .sft import TrainResult, _schedule, latest_checkpoint, load_base_and_tokenizer, lora_model, save_checkpoint, set_seed
+
+
+# --- loss terms ----------------------------------------------------------------------------------
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def kl_penalized_rewards(logp_old: torch.Tensor, logp_ref: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, kl_coef: float):
+    """Per-token rewards [B, T]: -kl_coef * (logp_old - logp_ref), plus the sequence score on its last token."""
+    r = -kl_coef * (logp_old - logp_ref) * mask
+    last = mask.sum(-1).long() - 1
+    r[torch.arange(r.shape[0]), last.clamp(min=0)] += score
+    return r
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over response tokens -> (advantages, returns), both [B, T]."""
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        nxt = values[:, t + 1] * mask[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * nxt - values[:, t]
+        last = (delta + gamma * lam * last * (mask[:, t + 1] if t + 1 < T else 0)) * mask[:, t]
+        adv[:, t] = last
+    return adv, adv + values
+
+
+def policy_loss(logp_new, logp_old, adv, mask, cliprange: float):
+    ratio = torch.exp(logp_new - logp_old)
+    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange))
+    return masked_mean(pg, mask), masked_mean(((ratio - 1).abs() > cliprange).float(), mask)
+
+
+def value_loss(v_new, v_old, returns, mask, cliprange_value: float):
+    vc = v_old + (v_new - v_old).clamp(-cliprange_value, cliprange_value)
+    return 0.5 * masked_mean(torch.max((v_new - returns) ** 2, (vc - returns) ** 2), mask)
+
+
+def group_advantages(rewards: torch.Tensor, group: int, eps: float = 1e-4) -> torch.Tensor:
+    g = rewards.view(-1, group)
+    return ((g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True) + eps)).view(-1)
+
+
+def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """Unbiased, non-negative per-token KL estimate exp(ref - p) - (ref - p) - 1."""
+    d = logp_ref - logp
+    return torch.exp(d) - d - 1
+
+
+# --- rewards -------------------------------------------------------------------------------------
+def make_reward(spec, rollout, tokenizer, store_dir):
+    """-> fn(prompts: list[str], completions: list[str], seqs: list[list[int]]) -> list[float]."""
+    if spec is None:
+        raise ValueError("method ppo/grpo needs 'reward': a rule, 'module:function' or {adapter: name}")
+    if isinstance(spec, str):
+        mod, _, fn = spec.partition(":")
+        if not fn:
+            raise ValueError(f"reward {spec!r}: expected 'module:function'")
+        try:
+            f = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"reward {spec!r} cannot be imported: {e}") from None
+        return lambda prompts, comps, seqs: [float(x) for x in f(prompts, comps)]
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ValueError("reward must be one of {regex: ...}, {contains: ...}, {exact: ...}, {adapter: ...}")
+    (kind, val), = spec.items()
+    if kind == "regex":
+        pat = re.compile(val)
+        return lambda p, c, s: [1.0 if pat.search(x) else 0.0 for x in c]
+    if kind == "contains":
+        return lambda p, c, s: [1.0 if val in x else 0.0 for x in c]
+    if kind == "exact":
+        return lambda p, c, s: [1.0 if x.strip() == str(val).strip() else 0.0 for x in c]
+    if kind == "adapter":
+        from loraplex.adapters_store import AdapterStore, load_score_head
+
+        name, _, ver = str(val).partition("@")
+        v = AdapterStore(store_dir).get(name, int(ver) if ver else None)
+        if v.manifest.kind != "reward":
+            raise ValueError(f"reward adapter {v.ref} is not a reward model")
+        head = load_score_head(v.path)
+        w, b = head["weight"].float()[0], head.get("bias")
+        b = float(b[0]) if b is not None else 0.0
+        return lambda p, c, seqs: [float(h @ w) + b for h in rollout.final_hidden(seqs, v)], v.ref
+    raise ValueError(f"unknown reward rule {kind!r}")
+
+
+def load_prompts(path, tok) -> list[tuple[str, list[int]]]:
+    out = []
+    for line, rec in read_jsonl(path):
+        p = rec.get("prompt")
+        if isinstance(p, str) and p:
+            out.append((p, tok(p, add_special_tokens=True)["input_ids"]))
+        elif isinstance(p, list) and p:
+            text = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            out.append((text, tok(text, add_special_tokens=False)["input_ids"]))
+        else:
+            raise DataError(f"{path}:{line}: each record needs a 'prompt' (string or messages)")
+    return out
+
+
+# --- the loop ------------------------------------------------------------------------------------
+def _forward(model, value_head, seqs: list[tuple[list[int], list[int]]], pad: int, device):
+    """Policy log-probs (and values) of each response token: [B, T] padded to the longest response."""
+    L = max(len(p) + len(r) for p, r in seqs)
+    T = max(len(r) for _, r in seqs)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    att = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, (p, r) in enumerate(seqs):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        att[i, : len(p) + len(r)] = 1
+    ids, att = ids.to(device), att.to(device)
+    base = model.get_base_model()
+    h = base.model(input_ids=ids, attention_mask=att).last_hidden_state
+    # only response positions need the vocabulary projection (logits at t predict token t+1)
+    rows, cols, toks = [], [], []
+    for i, (p, r) in enumerate(seqs):
+        rows += [i] * len(r)
+        cols += list(range(len(p) - 1, len(p) - 1 + len(r)))
+        toks += list(r)
+    rows_t, cols_t = torch.tensor(rows, device=device, dtype=torch.long), torch.tensor(cols, device=device, dtype=torch.long)
+    hs = h[rows_t, cols_t]
+    lp = torch.log_softmax(base.lm_head(hs).float(), -1).gather(-1, torch.tensor(toks, device=device)[:, None]).squeeze(-1)
+    offs = torch.tensor([c - (len(seqs[r_][0]) - 1) for r_, c in zip(rows, cols)], device=device, dtype=torch.long)
+    logp = torch.zeros((len(seqs), T), device=device).index_put((rows_t, offs), lp)
+    mask = torch.zeros((len(seqs), T), device=device).index_put((rows_t, offs), torch.ones_like(lp))
+    vals = torch.zeros((len(seqs), T), device=device)
+    if value_head is not None:
+        vals = vals.index_put((rows_t, offs), value_head(hs.float()).squeeze(-1))
+    return logp, vals, mask
+
+
+def _pad(rows: list[list[float]], T: int, device) -> torch.Tensor:
+    out = torch.zeros((len(rows), T), device=device)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r[:T], device=device)
+    return out
+
+
+def train_rl(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=None, progress=False, stop_after=None, store_dir=None) -> TrainResult:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .preference import init_adapter
+    from .rollout import RolloutEngine
+
+    emit = on_event or (lambda e: None)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    base, tok, base_path = load_base_and_tokenizer(cfg, device)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    prompts = []
+    for d in cfg.datasets:
+        prompts += load_prompts(d.path, tok)
+    model = lora_model(base, cfg)
+    lineage = init_adapter(model, cfg, store_dir)
+    eos = {tok.eos_token_id} | set([base.generation_config.eos_token_id] if isinstance(base.generation_config.eos_token_id, int) else base.generation_config.eos_token_id or [])
+    rollout = RolloutEngine(model, tok, eos)
+    try:
+        rollout.freeze_reference(model)
+        reward = make_reward(cfg.reward, rollout, tok, store_dir)
+        if isinstance(reward, tuple):
+            reward, ref_name = reward
+            lineage["reward_adapter"] = ref_name
+        else:
+            lineage["reward"] = cfg.reward
+        # a reward function that raises fails the job here, before any step
+        probe = prompts[:2]
+        try:
+            got = reward([p for p, _ in probe], ["", "test"][: len(probe)], [ids for _, ids in probe])
+            if len(got) != len(probe):
+                raise ValueError(f"returned {len(got)} rewards for {len(probe)} completions")
+        except Exception as e:
+            raise ValueError(f"the reward function failed on a probe call: {e}") from e
+        value_head = torch.nn.Linear(base.config.hidden_size, 1).to(device) if cfg.method == "ppo" else None
+        params = [p for p in model.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
+        total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * len(prompts) / cfg.num_rollouts)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
+        step, losses = 0, []
+        if resume and (ck := latest_checkpoint(out_dir)) is not None:
+            set_peft_model_state_dict(model, load_file(str(ck / "adapter_model.safetensors")))
+            st = torch.load(ck / "trainer_state.pt", weights_only=False)
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            step, losses = st["step"], st["losses"]
+            if value_head is not None:
+                value_head.load_state_dict(torch.load(ck / "value_head.pt"))
+            emit({"type": "resumed", "step": step})
+        G = cfg.num_generations if cfg.method == "grpo" else 1
+        history = []
+        run_steps = 0
+        t_start = time.time()
+        while step < total:
+            t0 = time.time()
+            rng = random.Random(cfg.seed * 7919 + step)
+            batch = [prompts[rng.randrange(len(prompts))] for _ in range(cfg.num_rollouts)]
+            batch = [b for b in batch for _ in range(G)]
+            rollout.push_policy(model)
+            t_roll = time.time()
+            gens = rollout.generate([ids for _, ids in batch], max_tokens=cfg.response_length, temperature=cfg.temperature,
+                                    seeds=[cfg.seed * 1000003 + step * 4099 + i for i in range(len(batch))])
+            t_roll = time.time() - t_roll
+            seqs = [(ids, g["tokens"]) for (_, ids), g in zip(batch, gens)]
+            texts = [tok.decode(g["tokens"], skip_special_tokens=True) for g in gens]
+            scores = torch.tensor(reward([p for p, _ in batch], texts, [p + r for p, r in seqs]), dtype=torch.float32, device=device)
+            T = max(1, max(len(r) for _, r in seqs))
+            logp_old = _pad([g["logprobs"] for g in gens], T, device)
+            logp_ref = _pad(rollout.sequence_logprobs(seqs, rollout.reference), T, device)
+            with torch.no_grad():
+                _, v_old, mask = _forward(model, value_head, seqs, pad, device)
+            if cfg.method == "ppo":
+                rewards = kl_penalized_rewards(logp_old, logp_ref, scores, mask, cfg.kl_coef)
+                adv, returns = gae(rewards, v_old, mask, cfg.gamma, cfg.lam)
+                mean, std = masked_mean(adv, mask), torch.sqrt(masked_mean((adv - masked_mean(adv, mask)) ** 2, mask)) + 1e-8
+                adv = (adv - mean) / std * mask
+            else:
+                adv = group_advantages(scores, G)[:, None].expand(-1, T) * mask
+                returns = None
+            stats = {"policy_loss": [], "value_loss": [], "clipfrac": []}
+            for _ in range(cfg.ppo_epochs):
+                order = list(range(len(seqs)))
+                rng.shuffle(order)
+                for i in range(0, len(order), cfg.mini_batch_size):
+                    idx = order[i:i + cfg.mini_batch_size]
+                    logp, v, m = _forward(model, value_head, [seqs[j] for j in idx], pad, device)
+                    t_ = logp.shape[1]
+                    pl, cf = policy_loss(logp, logp_old[idx, :t_], adv[idx, :t_], m, cfg.cliprange)
+                    loss = pl
+                    if cfg.method == "ppo":
+                        vl = value_loss(v, v_old[idx, :t_], returns[idx, :t_], m, cfg.cliprange_value)
+                        loss = loss + cfg.vf_coef * vl
+                        stats["value_loss"].append(float(vl.detach()))
+                    else:
+                        loss = loss + cfg.kl_coef * masked_mean(k3_kl(logp, logp_ref[idx, :t_]), m)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    opt.step()
+                    stats["policy_loss"].append(float(pl.detach()))
+                    stats["clipfrac"].append(float(cf))
+            sched.step()
+            step += 1
+            run_steps += 1
+            kl = float(masked_mean(logp_old - logp_ref, mask))
+            rec = {"type": "metrics", "step": step, "total_steps": total, "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+                   "kl": kl, "policy_loss": sum(stats["policy_loss"]) / len(stats["policy_loss"]), "clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]),
+                   "response_length": float(mask.sum(-1).mean()), "rollout_seconds": t_roll, "step_seconds": time.time() - t0,
+                   "rollout_tokens_per_second": float(mask.sum()) / max(t_roll, 1e-9), "loss": sum(stats["policy_loss"]) / len(stats["policy_loss"]),
+                   "learning_rate": sched.get_last_lr()[0], "eta_seconds": (time.time() - t_start) / run_steps * (total - step)}
+            if stats["value_loss"]:
+                rec["value_loss"] = sum(stats["value_loss"]) / len(stats["value_loss"])
+            history.append(rec)
+            losses.append(rec["loss"])
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            emit(rec)
+            if (step % cfg.save_steps == 0 and step < total) or (stop_after is not None and run_steps >= stop_after):
+                ck = save_checkpoint(model, opt, sched, step, losses, out_dir)
+                if value_head is not None:
+                    torch.save(value_head.state_dict(), ck / "value_head.pt")
+                if stop_after is not None and run_steps >= stop_after:
+                    return TrainResult(out_dir, {"stopped_at": step}, step, losses, lineage)
+        final = out_dir / "adapter"
+        if final.exists():
+            shutil.rmtree(final)
+        model.save_pretrained(final)
+        acfg = json.loads((final / "adapter_config.json").read_text())
+        from loraplex.adapters_store.base_model import model_id_for
+
+        acfg["base_model_name_or_path"] = model_id_for(base_path)
+        (final / "adapter_config.json").write_text(json.dumps(acfg, indent=2))
+        k = max(1, len(history) // 4)
+        metrics = {"steps": step, "final_loss": losses[-1] if losses else None,
+                   "reward_mean_first": sum(h["reward_mean"] for h in history[:k]) / k if history else None,
+                   "reward_mean_last": sum(h["reward_mean"] for h in history[-k:]) / k if history else None,
+                   "kl_last": history[-1]["kl"] if history else None, "base_path": str(base_path)}
+        emit({"type": "finished", **{a: b for a, b in metrics.items() if a != "base_path"}})
+        return TrainResult(final, metrics, step, losses, lineage)
+    finally:
+        rollout.close()

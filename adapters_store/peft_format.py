@@ -1,19 +1,41 @@
 """Reading and validating PEFT LoRA adapter directories.
 
-An adapter directory holds `adapter_config.json` and
-`adapter_model.safetensors` with keys `base_model.model.<module>.lora_A.weight`
-([r, in]) and `...lora_B.weight` ([out, r]); an adapter-name segment
-(`lora_A.default.weight`) is tolerated. Pickle files (`*.bin`, `*.pt`,
-`*.pth`, `*.pkl`) are refused outright: loading them can run code.
+What an adapter directory must hold
+    adapter_config.json          PEFT `LoraConfig` (peft_type LORA)
+    adapter_model.safetensors    `base_model.model.<module>.lora_A.weight` [r, in] and
+                                 `base_model.model.<module>.lora_B.weight` [out, r] for every adapted
+                                 module; an adapter-name segment (`lora_A.default.weight`) and a missing
+                                 `base_model.model.` prefix are tolerated.
+Anything pickled (`*.bin`, `*.pt`, `*.pth`, `*.pkl`, `*.pickle`, `*.ckpt`, or a `.safetensors` file
+whose bytes are really a pickle / `torch.save` zip) is refused: loading a pickle can run code.
 
-Reward adapters (written by our trainer) additionally carry
-`"loraplex_kind": "reward"` in the config and a `score_head.safetensors`
-file with `weight` [1, hidden] (and optionally `bias` [1]).
+Refused PEFT features (they change the forward pass in ways a plain `x·Aᵀ·Bᵀ·scale` does not
+reproduce): DoRA, LoRA bias (`bias` != none, `lora_bias`), `modules_to_save`,
+`trainable_token_indices`, `target_parameters`, `layer_replication`, aLoRA, QA-LoRA, VeLoRA,
+MonteCLoRA, `fan_in_fan_out`, embedding / conv LoRA, and initialisations that rewrite the base
+weights (PiSSA, OLoRA, CorDA, LoRA-GA, MiCA) unless PEFT converted the adapter back to plain LoRA.
+
+Scaling is PEFT's: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`, per module after
+`rank_pattern` / `alpha_pattern` (PEFT's matching: a key matches a module whose dotted path ends
+with it, the key being a regular expression).
+
+Reward adapters (the trainer's `method: reward`): a LoRA adapter as above plus
+    score_head.safetensors       `weight` [1, hidden] and optionally `bias` [1]: the scalar score is
+                                 `h_last · weight[0] + bias` on the final hidden state (after the norm)
+    adapter_config.json          `"loraplex_kind": "reward"`
+A directory with a score head is a reward adapter even without the marker; the marker without the
+head is an error.
+
+Base-model match: shapes must fit the base exactly; in addition, when the adapter names its base
+by fingerprint (`"loraplex_base_fingerprint"` in adapter_config.json) or by an absolute local
+checkpoint path whose fingerprint we can compute, it must be the served base's fingerprint.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +45,15 @@ from safetensors import safe_open
 
 from .errors import InvalidAdapter
 
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+SCORE_HEAD_FILE = "score_head.safetensors"
+REWARD_KIND = "reward"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[A-Za-z0-9_-]+))?\.weight$")
+# init_lora_weights values whose adapters only work on a base whose weights were rewritten at init
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga", "mica")
 
 
 @dataclass(frozen=True)
@@ -33,6 +62,7 @@ class BaseModelSpec:
     fingerprint: str
     module_shapes: dict[str, tuple[int, int]]  # module path -> (in_features, out_features)
     max_rank: int = 256
+    hidden_size: int | None = None  # for reward heads; derived from the q_proj shapes when None
 
     @classmethod
     def from_model(cls, model, model_id: str, fingerprint: str, max_rank: int = 256) -> "BaseModelSpec":
@@ -41,7 +71,14 @@ class BaseModelSpec:
             for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
         }
-        return cls(model_id, fingerprint, shapes, max_rank)
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        return cls(model_id, fingerprint, shapes, max_rank, hidden if isinstance(hidden, int) else None)
+
+    def model_hidden_size(self) -> int | None:
+        if self.hidden_size:
+            return self.hidden_size
+        ins = {fin for name, (fin, _) in self.module_shapes.items() if name.endswith(("q_proj", "gate_proj", "up_proj"))}
+        return ins.pop() if len(ins) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -49,11 +86,11 @@ class AdapterManifest:
     r: int
     lora_alpha: float
     use_rslora: bool
-    module_ranks: dict[str, int]
-    module_scales: dict[str, float]
+    module_ranks: dict[str, int]  # module path (as in BaseModelSpec.module_shapes) -> rank
+    module_scales: dict[str, float]  # module path -> alpha / r (or alpha / sqrt(r) with rsLoRA)
     base_model_name_or_path: str | None
-    kind: str = "lora"
-    extra: dict = field(default_factory=dict)
+    kind: str = "lora"  # "lora" | "reward"
+    extra: dict = field(default_factory=dict)  # module_in_out: {module: [in, out]}, score_hidden (reward)
 
     def to_json(self) -> dict:
         return {
@@ -67,120 +104,275 @@ class AdapterManifest:
         return cls(d["r"], d["lora_alpha"], d["use_rslora"], dict(d["module_ranks"]), dict(d["module_scales"]),
                    d.get("base_model_name_or_path"), d.get("kind", "lora"), d.get("extra", {}))
 
+    @property
+    def max_rank(self) -> int:
+        return max(self.module_ranks.values())
 
-def _pattern_value(pattern: dict, module: str, default):
-    # PEFT matches rank_pattern / alpha_pattern keys as regex suffixes of the module name.
+
+def pattern_value(pattern: dict | None, module: str, default):
+    """PEFT's `rank_pattern` / `alpha_pattern` lookup: the first key that matches the module path's tail."""
     for key, val in (pattern or {}).items():
-        if re.search(rf"(^|\.){key}$", module) or re.fullmatch(key, module):
+        if re.match(rf"(.*\.)?({key})$", module):
             return val
     return default
 
 
-def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def _looks_pickled(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    # pickle protocol >= 2 starts with PROTO (0x80); torch.save writes a zip archive
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"
+
+
+def _tensor_meta(path: Path, where: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) from the safetensors header, without reading the data."""
+    if _looks_pickled(path):
+        raise InvalidAdapter(f"{where}: {path.name} is a pickle (torch.save) file, not safetensors; pickles are refused")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            out = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = (str(sl.get_dtype()), tuple(sl.get_shape()))
+            return out
     except Exception as e:
-        raise InvalidAdapter(f"{path.name} is not a readable safetensors file: {e}") from e
+        raise InvalidAdapter(f"{where}: {path.name} is not a readable safetensors file: {e}") from e
 
 
-def validate_adapter_dir(path, spec: BaseModelSpec | None) -> AdapterManifest:
+def _check_finite(path: Path, where: str) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            if not torch.isfinite(t).all():
+                raise InvalidAdapter(f"{where}: tensor {k!r} in {path.name} holds NaN or infinite values")
+
+
+def _unsupported_features(cfg: dict) -> list[str]:
+    bad = []
+    ptype = str(cfg.get("peft_type", "LORA")).upper()
+    if ptype != "LORA":
+        bad.append(f"peft_type {cfg.get('peft_type')!r} (only LORA adapters are supported)")
+    if cfg.get("use_dora"):
+        bad.append("DoRA (use_dora: true)")
+    if cfg.get("bias", "none") not in ("none", None):
+        bad.append(f"LoRA bias (bias: {cfg.get('bias')!r}; use bias: none)")
+    if cfg.get("lora_bias"):
+        bad.append("lora_bias: true (a bias on lora_B)")
+    if cfg.get("modules_to_save"):
+        bad.append(f"modules_to_save {cfg['modules_to_save']} (fully trained copies of base modules)")
+    if cfg.get("trainable_token_indices"):
+        bad.append("trainable_token_indices (trained embedding rows)")
+    if cfg.get("target_parameters"):
+        bad.append(f"target_parameters {cfg['target_parameters']} (LoRA on raw parameters)")
+    if cfg.get("layer_replication"):
+        bad.append("layer_replication (a base with duplicated layers)")
+    if cfg.get("alora_invocation_tokens"):
+        bad.append("aLoRA (alora_invocation_tokens)")
+    if cfg.get("use_qalora"):
+        bad.append("QA-LoRA (use_qalora: true)")
+    for k in ("velora_config", "monteclora_config"):
+        if cfg.get(k):
+            bad.append(f"{k} (a LoRA variant with a different forward pass)")
+    if cfg.get("fan_in_fan_out"):
+        bad.append("fan_in_fan_out (Conv1D bases)")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        bad.append(f"init_lora_weights {init!r} (needs the base weights it rewrote; save with "
+                   "path_initial_model_for_weight_conversion to get a plain LoRA)")
+    return bad
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint_cached(path: str, stamp: tuple) -> str | None:
+    from .base_model import fingerprint
+
     p = Path(path)
+    for f in p.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            if int.from_bytes(fh.read(8), "little") > 100 << 20:  # not a sane safetensors header
+                return None
+    try:
+        return fingerprint(p)
+    except Exception:
+        return None
+
+
+def local_base_fingerprint(name_or_path: str | None) -> str | None:
+    """The fingerprint of the base an adapter names, when that is an absolute local checkpoint path."""
+    if not name_or_path or not os.path.isabs(name_or_path):
+        return None
+    p = Path(name_or_path)
+    try:
+        if not (p / "config.json").is_file() or not any(p.glob("*.safetensors")):
+            return None
+        stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.glob("*.safetensors")))
+        return _fingerprint_cached(str(p.resolve()), ((p / "config.json").stat().st_mtime_ns, stamp))
+    except OSError:
+        return None
+
+
+def _comparable(fp: str | None) -> bool:
+    return isinstance(fp, str) and fp.startswith("sha256:")
+
+
+def validate_adapter_dir(path, spec: BaseModelSpec | None, *, check_values: bool = True) -> AdapterManifest:
+    """Checks a PEFT LoRA directory (against `spec` when given); returns what it learned, or InvalidAdapter.
+
+    `check_values` also reads every tensor to refuse NaN / infinite weights.
+    """
+    p = Path(path)
+    where = f"adapter directory {str(path)!r}"
     if not p.is_dir():
-        raise InvalidAdapter(f"adapter path {str(path)!r} is not a directory")
-    pickles = sorted(f.name for f in p.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+        raise InvalidAdapter(f"{where} does not exist or is not a directory")
+    files = sorted(f for f in p.iterdir() if f.is_file())
+    pickles = [f.name for f in files if f.suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
-        raise InvalidAdapter(f"adapter directory contains pickle files {pickles}; only safetensors weights are accepted")
-    cfg_path, w_path = p / "adapter_config.json", p / "adapter_model.safetensors"
-    if not cfg_path.is_file():
-        raise InvalidAdapter("adapter directory is missing adapter_config.json")
-    if not w_path.is_file():
-        raise InvalidAdapter("adapter directory is missing adapter_model.safetensors")
+        raise InvalidAdapter(f"{where} contains pickle file(s) {pickles}; only safetensors weights are accepted "
+                             "(re-save with safe_serialization=True)")
+    cfg_path, w_path = p / CONFIG_FILE, p / WEIGHTS_FILE
+    for need in (cfg_path, w_path):
+        if not need.is_file():
+            raise InvalidAdapter(f"{where} is missing {need.name} (a PEFT adapter needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidAdapter(f"adapter_config.json is not valid JSON: {e}") from e
+        raise InvalidAdapter(f"{where}: {CONFIG_FILE} is not valid JSON: {e}") from e
     if not isinstance(cfg, dict):
-        raise InvalidAdapter("adapter_config.json must hold a JSON object")
-    ptype = cfg.get("peft_type", "LORA")
-    if str(ptype).upper() != "LORA":
-        raise InvalidAdapter(f"peft_type {ptype!r} is not supported; only LORA adapters are")
-    if cfg.get("use_dora"):
-        raise InvalidAdapter("DoRA adapters (use_dora: true) are not supported")
-    if cfg.get("bias", "none") not in ("none", None):
-        raise InvalidAdapter(f"LoRA bias {cfg.get('bias')!r} is not supported; use bias: none")
-    if cfg.get("modules_to_save"):
-        raise InvalidAdapter(f"modules_to_save {cfg['modules_to_save']} (fully trained modules) is not supported")
-    if cfg.get("fan_in_fan_out"):
-        raise InvalidAdapter("fan_in_fan_out adapters (Conv1D bases) are not supported")
+        raise InvalidAdapter(f"{where}: {CONFIG_FILE} must hold a JSON object")
+    bad = _unsupported_features(cfg)
+    if bad:
+        raise InvalidAdapter(f"{where}: unsupported PEFT feature(s): {'; '.join(bad)}")
     try:
         r = int(cfg.get("r", 8))
-        alpha = float(cfg.get("lora_alpha", r))
+        alpha = float(cfg.get("lora_alpha", 8))
+        rank_pattern = dict(cfg.get("rank_pattern") or {})
+        alpha_pattern = dict(cfg.get("alpha_pattern") or {})
     except (TypeError, ValueError) as e:
-        raise InvalidAdapter(f"adapter_config.json: bad r / lora_alpha: {e}") from e
+        raise InvalidAdapter(f"{where}: {CONFIG_FILE} has a bad r / lora_alpha / rank_pattern / alpha_pattern: {e}") from e
     rslora = bool(cfg.get("use_rslora", False))
-    shapes = _tensor_shapes(w_path)
+
+    meta = _tensor_meta(w_path, where)
     pairs: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, shape in shapes.items():
+    for key, (dtype, shape) in meta.items():
         m = _KEY.match(key)
         if m is None:
-            raise InvalidAdapter(f"unexpected tensor {key!r} in adapter_model.safetensors (only lora_A / lora_B weights are supported)")
-        pairs.setdefault(m["module"], {})[m["ab"]] = shape
+            raise InvalidAdapter(f"{where}: unexpected tensor {key!r} in {WEIGHTS_FILE} "
+                                 "(only lora_A / lora_B weights of linear modules are supported)")
+        if dtype not in FLOAT_DTYPES:
+            raise InvalidAdapter(f"{where}: tensor {key!r} has dtype {dtype}; expected one of {list(FLOAT_DTYPES)}")
+        ab = pairs.setdefault(m["module"], {})
+        if m["ab"] in ab:
+            raise InvalidAdapter(f"{where}: module {m['module']} has more than one lora_{m['ab']} weight (several adapters in one file?)")
+        ab[m["ab"]] = shape
     if not pairs:
-        raise InvalidAdapter("adapter_model.safetensors holds no LoRA weights")
-    ranks, scales = {}, {}
+        raise InvalidAdapter(f"{where}: {WEIGHTS_FILE} holds no LoRA weights")
+
+    ranks: dict[str, int] = {}
+    scales: dict[str, float] = {}
+    in_out: dict[str, list[int]] = {}
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
-            raise InvalidAdapter(f"module {module}: lora_{'B' if 'A' in ab else 'A'} weight is missing")
+            raise InvalidAdapter(f"{where}: module {module} has lora_{'A' if 'A' in ab else 'B'} but no lora_{'B' if 'A' in ab else 'A'} weight")
         a, b = ab["A"], ab["B"]
         if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-            raise InvalidAdapter(f"module {module}: lora_A {list(a)} and lora_B {list(b)} are not [r, in] / [out, r] with the same r")
+            raise InvalidAdapter(f"{where}: module {module}: lora_A {list(a)} and lora_B {list(b)} are not "
+                                 "[r, in] and [out, r] with the same r")
         rank = a[0]
-        want_r = int(_pattern_value(cfg.get("rank_pattern"), module, r))
-        if rank != want_r:
-            raise InvalidAdapter(f"module {module}: weights have rank {rank} but the config says r={want_r}")
         if rank < 1:
-            raise InvalidAdapter(f"module {module}: rank must be at least 1")
-        m_alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, alpha))
+            raise InvalidAdapter(f"{where}: module {module} has rank {rank}; expected at least 1")
+        want_r = int(pattern_value(rank_pattern, module, r))
+        if rank != want_r:
+            raise InvalidAdapter(f"{where}: module {module}: weights have rank {rank} but {CONFIG_FILE} says r={want_r}")
         if spec is not None:
             if module not in spec.module_shapes:
-                raise InvalidAdapter(f"adapter targets module {module!r}, which the base model {spec.model_id!r} does not have (or which cannot carry LoRA)")
+                raise InvalidAdapter(f"{where}: adapter targets module {module!r}, which the base model {spec.model_id!r} "
+                                     "does not have (or which is not a linear layer that can carry LoRA)")
             fin, fout = spec.module_shapes[module]
             if (a[1], b[0]) != (fin, fout):
-                raise InvalidAdapter(f"module {module}: adapter shapes in={a[1]} out={b[0]} do not match the base model's in={fin} out={fout}")
+                raise InvalidAdapter(
+                    f"{where}: module {module}: adapter expects in_features={a[1]}, out_features={b[0]} "
+                    f"(lora_A {list(a)}, lora_B {list(b)}) but base model {spec.model_id!r} has in_features={fin}, "
+                    f"out_features={fout} (expected lora_A [{rank}, {fin}], lora_B [{fout}, {rank}]); "
+                    "was it trained for another base model?")
             if rank > spec.max_rank:
-                raise InvalidAdapter(f"module {module}: rank {rank} exceeds the server's maximum LoRA rank {spec.max_rank}")
+                raise InvalidAdapter(f"{where}: module {module} has rank {rank}, above the maximum LoRA rank {spec.max_rank}")
+        m_alpha = float(pattern_value(alpha_pattern, module, alpha))
         ranks[module] = rank
         scales[module] = m_alpha / (math.sqrt(rank) if rslora else rank)
+        in_out[module] = [a[1], b[0]]
+
+    extra: dict = {"module_in_out": in_out}
     kind = cfg.get("loraplex_kind", "lora")
-    extra = {}
-    if kind == "reward":
-        head = p / "score_head.safetensors"
-        if not head.is_file():
-            raise InvalidAdapter("reward adapter is missing score_head.safetensors")
-        hs = _tensor_shapes(head)
-        if "weight" not in hs or len(hs["weight"]) != 2 or hs["weight"][0] != 1:
-            raise InvalidAdapter("score_head.safetensors must hold 'weight' of shape [1, hidden]")
-        extra["score_hidden"] = hs["weight"][1]
-    elif kind != "lora":
-        raise InvalidAdapter(f"unknown loraplex_kind {kind!r}")
+    head = p / SCORE_HEAD_FILE
+    if kind not in ("lora", REWARD_KIND):
+        raise InvalidAdapter(f"{where}: unknown loraplex_kind {kind!r}; expected 'lora' or 'reward'")
+    if kind == REWARD_KIND and not head.is_file():
+        raise InvalidAdapter(f"{where}: loraplex_kind is 'reward' but {SCORE_HEAD_FILE} is missing")
+    if head.is_file():
+        kind = REWARD_KIND
+        extra["score_hidden"] = _check_score_head(head, spec, where)
+
+    if spec is not None:
+        theirs = cfg.get("loraplex_base_fingerprint")
+        src = f"{CONFIG_FILE} loraplex_base_fingerprint"
+        if theirs is None:
+            theirs = local_base_fingerprint(cfg.get("base_model_name_or_path"))
+            src = f"base_model_name_or_path {cfg.get('base_model_name_or_path')!r}"
+        if _comparable(theirs) and _comparable(spec.fingerprint) and theirs != spec.fingerprint:
+            raise InvalidAdapter(f"{where}: base model mismatch: the adapter was made for {src} with fingerprint {theirs}, "
+                                 f"but the base model {spec.model_id!r} has fingerprint {spec.fingerprint}")
+
+    if check_values:
+        _check_finite(w_path, where)
+        if head.is_file():
+            _check_finite(head, where)
     return AdapterManifest(r, alpha, rslora, ranks, scales, cfg.get("base_model_name_or_path"), kind, extra)
 
 
+def _check_score_head(head: Path, spec: BaseModelSpec | None, where: str) -> int:
+    hs = _tensor_meta(head, where)
+    unknown = sorted(set(hs) - {"weight", "bias"})
+    if unknown:
+        raise InvalidAdapter(f"{where}: {SCORE_HEAD_FILE} holds unexpected tensors {unknown}; expected 'weight' [1, hidden] and optional 'bias' [1]")
+    if "weight" not in hs or len(hs["weight"][1]) != 2 or hs["weight"][1][0] != 1:
+        got = list(hs["weight"][1]) if "weight" in hs else "nothing"
+        raise InvalidAdapter(f"{where}: {SCORE_HEAD_FILE} must hold 'weight' of shape [1, hidden], got {got}")
+    if "bias" in hs and tuple(hs["bias"][1]) != (1,):
+        raise InvalidAdapter(f"{where}: {SCORE_HEAD_FILE} 'bias' must have shape [1], got {list(hs['bias'][1])}")
+    for k, (dtype, _) in hs.items():
+        if dtype not in FLOAT_DTYPES:
+            raise InvalidAdapter(f"{where}: {SCORE_HEAD_FILE} tensor {k!r} has dtype {dtype}; expected a float dtype")
+    hidden = hs["weight"][1][1]
+    want = spec.model_hidden_size() if spec is not None else None
+    if want is not None and hidden != want:
+        raise InvalidAdapter(f"{where}: {SCORE_HEAD_FILE} 'weight' is [1, {hidden}] but the base model's hidden size is {want}")
+    return hidden
+
+
 def load_adapter_weights(path, manifest: AdapterManifest, dtype=torch.float32, device="cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module path -> (A [r, in], B [out, r])."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(Path(path) / "adapter_model.safetensors"), framework="pt", device="cpu") as f:
+    """module path -> (A [r, in], B [out, r]), in the manifest's module order; InvalidAdapter if the
+    file no longer matches the manifest it was validated into."""
+    raw: dict[str, dict[str, torch.Tensor]] = {}
+    w_path = Path(path) / WEIGHTS_FILE
+    with safe_open(str(w_path), framework="pt", device="cpu") as f:
         for key in f.keys():
             m = _KEY.match(key)
-            if m is None:
-                continue
-            out.setdefault(m["module"], {})[m["ab"]] = f.get_tensor(key).to(device=device, dtype=dtype)
-    return {mod: (ab["A"], ab["B"]) for mod, ab in out.items()}
+            if m is not None:
+                raw.setdefault(m["module"], {})[m["ab"]] = f.get_tensor(key)
+    if set(raw) != set(manifest.module_ranks):
+        raise InvalidAdapter(f"{w_path}: modules {sorted(set(raw) ^ set(manifest.module_ranks))} differ from the registered manifest")
+    out = {}
+    for mod, rank in manifest.module_ranks.items():
+        a, b = raw[mod].get("A"), raw[mod].get("B")
+        if a is None or b is None or a.shape[0] != rank or b.shape[1] != rank:
+            raise InvalidAdapter(f"{w_path}: module {mod} no longer has rank-{rank} lora_A / lora_B weights")
+        out[mod] = (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
+    return out
 
 
 def load_score_head(path) -> dict[str, torch.Tensor] | None:
-    head = Path(path) / "score_head.safetensors"
+    """A reward adapter's score head: {"weight": [1, hidden], "bias": [1] (may be absent)}; None if there is none."""
+    head = Path(path) / SCORE_HEAD_FILE
     if not head.is_file():
         return None
     from safetensors.torch import load_file

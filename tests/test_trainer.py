@@ -165,3 +165,23 @@ def test_canary_registration_splits_traffic(tiny_base, tmp_path):
     v2, r2 = run_job(parse_config(job(tiny_base, data, epochs=1, canary=10)), tmp_path / "r2", tmp_path / "store", resume=False, caller="t")
     assert r1 is None and r2.versions == {1: 90, 2: 10}
     assert AdapterStore(tmp_path / "store").get_route("colors").versions == {1: 90, 2: 10}
+
+
+def test_two_process_data_parallel_matches_single_process(tiny_base, tmp_path):
+    """2 workers over gloo (torch.distributed.run) give the single-process loss curve and adapter."""
+    from safetensors.torch import load_file
+
+    from loraplex.trainer.distributed import train_distributed
+    from loraplex.trainer.sft import train_sft
+
+    data = color_data(tmp_path / "c.jsonl", 2)
+    base = job(tiny_base, data, epochs=1, packing=False, micro_batch_size=1, gradient_accumulation_steps=4, gradient_checkpointing=False)
+    single = train_sft(parse_config(base), tmp_path / "single")
+    events = []
+    dist = train_distributed(parse_config({**base, "num_processes": 2}), tmp_path / "dist", on_event=events.append)
+    assert dist.steps == single.steps == 3
+    assert dist.losses == pytest.approx(single.losses, rel=1e-4)
+    a, b = load_file(str(single.adapter_dir / "adapter_model.safetensors")), load_file(str(dist.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert any(e.get("world_size") == 2 for e in events)

@@ -1,0 +1,220 @@
+"""Data-parallel SFT over several processes, launched through `accelerate` (the workers are dist_worker.py).
+
+`train_distributed` runs in the job's own process: it validates the data once
+(a malformed line fails before any worker starts), writes the job spec and
+an explicit accelerate config, runs
+`accelerate launch --num_processes N -m loraplex.trainer.dist_worker SPEC`,
+forwards rank 0's events (`dist_events.jsonl`) and returns its result
+(`dist_result.json`). Registration stays in the calling process, so it
+happens once.
+
+`distributed: ddp` runs on CPU (gloo) and CUDA (NCCL). `fsdp` needs CUDA
+devices: on CPU accelerate would silently run plain DDP, so it is refused.
+`deepspeed` is refused until it is wired and tested.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+class DistributedJobError(RuntimeError):
+    pass
+
+
+def check_launchable(cfg) -> None:
+    """Refuses, before any process starts, a distributed setup this machine cannot run."""
+    from .config import JobConfigError
+
+    if cfg.method != "sft":
+        raise JobConfigError(f"num_processes > 1 is supported for method: sft only (got {cfg.method})")
+    cuda = torch.cuda.is_available() and not (cfg.device or "").startswith("cpu")
+    if cfg.distributed == "deepspeed":
+        raise JobConfigError("distributed: deepspeed is not supported yet; use ddp, or fsdp on CUDA devices")
+    if cfg.distributed == "fsdp" and not cuda:
+        raise JobConfigError("distributed: fsdp needs CUDA devices (on CPU accelerate would silently run plain DDP); use ddp")
+    if cuda and torch.cuda.device_count() < cfg.num_processes:
+        raise JobConfigError(f"num_processes: {cfg.num_processes} but only {torch.cuda.device_count()} CUDA device(s)")
+
+
+class Ranks:
+    """This process's place in a data-parallel job; world 1 (no accelerate) for an ordinary run."""
+
+    def __init__(self, device: torch.device, accelerator=None):
+        self.acc = accelerator
+        self.world = accelerator.num_processes if accelerator else 1
+        self.rank = accelerator.process_index if accelerator else 0
+        self.device = accelerator.device if accelerator else device
+        self.is_main = self.rank == 0
+        self.fsdp = accelerator is not None and accelerator.distributed_type.name == "FSDP"
+
+    @classmethod
+    def single(cls, device: torch.device) -> "Ranks":
+        return cls(device)
+
+    @classmethod
+    def from_launch(cls, cfg) -> "Ranks":
+        """Inside `accelerate launch`: gloo on CPU, NCCL on CUDA."""
+        from accelerate import Accelerator
+
+        cpu = not torch.cuda.is_available() or (cfg.device or "").startswith("cpu")
+        return cls(torch.device("cpu"), Accelerator(cpu=cpu))
+
+    def prepare(self, module, opt):
+        return (module, opt) if self.acc is None else self.acc.prepare(module, opt)
+
+    def unwrap(self, module):
+        return self.acc.unwrap_model(module) if self.acc is not None else module
+
+    def no_sync(self, module, last: bool):
+        """Gradients are all-reduced once per step, on each rank's last micro-batch."""
+        if self.acc is None or last:
+            return contextlib.nullcontext()
+        return self.acc.no_sync(module)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.acc is None:
+            loss.backward()
+        else:
+            self.acc.backward(loss)
+
+    def clip(self, module, max_norm: float) -> None:
+        params = [p for p in module.parameters() if p.requires_grad]
+        if self.acc is None:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            self.acc.clip_grad_norm_(params, max_norm)
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def adapter_state(self, module) -> dict | None:
+        """FSDP: the gathered full state dict of the wrapped PEFT model (every rank must call this); otherwise None."""
+        if not self.fsdp:
+            return None
+        full = self.acc.get_state_dict(module)
+        return {k[len("model."):] if k.startswith("model.") else k: v for k, v in full.items()}
+
+    def deal(self, group: list, weights: list[float]) -> list[tuple]:
+        """This rank's share of a step's micro-batches, padded with weight-0 repeats so every rank runs as many
+        forward/backward passes (and so as many collectives) as the others."""
+        mine = list(zip(group[self.rank :: self.world], weights[self.rank :: self.world]))
+        per_rank = -(-len(group) // self.world)
+        while len(mine) < per_rank:
+            mine.append((group[0], 0.0))
+        return mine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_config(cfg, port: int) -> dict:
+    """An explicit accelerate config, so a user's ~/.cache/huggingface/accelerate default never changes the job."""
+    cuda = torch.cuda.is_available() and not (cfg.device or "").startswith("cpu")
+    conf = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "num_machines": 1, "machine_rank": 0,
+            "num_processes": cfg.num_processes, "mixed_precision": "no", "use_cpu": not cuda, "main_process_port": port,
+            "gpu_ids": "all", "rdzv_backend": "static", "same_network": True, "downcast_bf16": "no", "debug": False}
+    if cfg.distributed == "fsdp":
+        conf["distributed_type"] = "FSDP"
+        conf["fsdp_config"] = {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_reshard_after_forward": True,
+                               "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_cpu_ram_efficient_loading": False,
+                               "fsdp_offload_params": False, "fsdp_activation_checkpointing": False}
+    return conf
+
+
+def train_distributed(cfg, out_dir: Path, *, resume: bool = False, on_event=None, progress: bool = False):
+    """Runs the SFT job on `cfg.num_processes` workers and returns rank 0's TrainResult."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    from loraplex.adapters_store.base_model import resolve_base_model
+
+    from .sft import TrainResult, prepare_data
+
+    check_launchable(cfg)
+    prepare_data(cfg, AutoTokenizer.from_pretrained(resolve_base_model(cfg.base_model)))  # fails here on malformed data
+    emit = on_event or (lambda e: None)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in ("dist_events.jsonl", "dist_result.json"):
+        (out_dir / f).unlink(missing_ok=True)
+    if not resume and (out_dir / "metrics.jsonl").exists():
+        (out_dir / "metrics.jsonl").unlink()
+    port = _free_port()
+    spec = out_dir / "dist_spec.json"
+    spec.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "out_dir": str(out_dir), "resume": resume}))
+    acc_cfg = out_dir / "accelerate.yaml"
+    acc_cfg.write_text(yaml.safe_dump(accelerate_config(cfg, port)))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg), "--num_processes", str(cfg.num_processes),
+           "--main_process_port", str(port), "-m", "loraplex.trainer.dist_worker", str(spec)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.num_processes))}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"sft {cfg.adapter.name} x{cfg.num_processes}", unit="step")
+    emit({"type": "message", "message": f"launching {cfg.num_processes} workers ({cfg.distributed})"})
+    log_path = out_dir / "dist_launcher.log"
+    offset = 0
+    with open(log_path, "wb") as log:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            while True:
+                rc = p.poll()
+                offset = _forward_events(out_dir / "dist_events.jsonl", offset, emit, bar)
+                if rc is not None:
+                    break
+                time.sleep(0.2)
+        finally:
+            if p.poll() is None:  # we are being torn down (cancel, Ctrl-C): take the workers with us
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            if bar is not None:
+                bar.close()
+    res = out_dir / "dist_result.json"
+    if rc != 0 or not res.exists():
+        lines = log_path.read_bytes()[-4000:].decode(errors="replace").strip().splitlines()
+        reason = next((l for l in reversed(lines) if "Error" in l), lines[-1] if lines else "no output")
+        raise DistributedJobError(f"the distributed launch exited with status {rc}: {reason.strip()}")
+    r = json.loads(res.read_text())
+    return TrainResult(Path(r["adapter_dir"]), r["metrics"], r["steps"], r["losses"])
+
+
+def _forward_events(path: Path, offset: int, emit, bar) -> int:
+    if not path.exists():
+        return offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    end = chunk.rfind(b"\n") + 1
+    for line in chunk[:end].decode().splitlines():
+        e = json.loads(line)
+        if bar is not None and e.get("type") == "metrics":
+            bar.total = e["total_steps"]
+            bar.n = e["step"]
+            bar.set_postfix(loss=f"{e['loss']:.4f}")
+        emit(e)
+    return offset + end

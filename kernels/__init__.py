@@ -2,7 +2,12 @@
 
 `apply_lora` is what the model code calls. The dispatch picks the Triton
 kernels for CUDA tensors and the PyTorch reference everywhere else;
-`LORAPLEX_KERNELS=torch` forces the reference.
+`LORAPLEX_KERNELS=torch` forces the reference and `LORAPLEX_KERNELS=triton`
+the kernels (on CPU tensors that needs Triton's interpreter,
+`TRITON_INTERPRET=1`, which is how the tests run them without a GPU). Within
+the Triton backend the kernel variant (segmented SGMV for prefill-shaped
+batches, gathered BGMV for decode-shaped ones) is chosen per batch by
+`triton_lora.batch_plan`.
 """
 from __future__ import annotations
 
@@ -19,10 +24,15 @@ DENSE_MIN_SEGMENTS = 3
 __all__ = ["LoraSegments", "apply_lora", "lora_shrink", "lora_expand", "backend_for"]
 
 
+BACKENDS = ("torch", "triton")
+
+
 def backend_for(t: torch.Tensor) -> str:
-    forced = os.environ.get("LORAPLEX_KERNELS", "").lower()
-    if forced in ("torch", "triton"):
+    forced = os.environ.get("LORAPLEX_KERNELS", "").strip().lower()
+    if forced in BACKENDS:
         return forced
+    if forced and forced != "auto":
+        raise ValueError(f"LORAPLEX_KERNELS={forced!r}: expected one of {', '.join(BACKENDS)} or auto")
     return "triton" if t.is_cuda else "torch"
 
 

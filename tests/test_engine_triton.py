@@ -35,11 +35,17 @@ def test_same_tokens_with_torch_and_triton_kernels(state, monkeypatch):
     monkeypatch.setenv("LORAPLEX_KERNELS", "triton")
     from loraplex.kernels import triton_lora
 
-    calls = []
+    variants = []  # per shrink call: gathered (BGMV) or segmented (SGMV)
     real = triton_lora.lora_shrink_triton
-    monkeypatch.setattr(triton_lora, "lora_shrink_triton", lambda *a: calls.append(1) or real(*a))
+
+    def spy(x, A, seg, *rest):
+        variants.append("bgmv" if triton_lora.batch_plan(seg, x.device).gathered else "sgmv")
+        return real(x, A, seg, *rest)
+
+    monkeypatch.setattr(triton_lora, "lora_shrink_triton", spy)
     got = run_batch(state, items, params_for=params)
-    assert calls, "the Triton kernels were not used"
+    # the prompts are prefilled with the segmented kernels, then one token per request is decoded with the gathered ones
+    assert set(variants) == {"sgmv", "bgmv"}, set(variants)
     for (name, _), (t_ref, l_ref), (t_got, l_got) in zip(items, ref, got):
         assert t_got == t_ref, name
         for a, b in zip(l_got, l_ref):

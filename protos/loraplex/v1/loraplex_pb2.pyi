@@ -27,7 +27,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs", "presence_penalty", "frequency_penalty", "ignore_eos")
+    __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs", "presence_penalty", "frequency_penalty", "ignore_eos", "n")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class SamplingParams(_message.Message):
     PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
     FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
     top_p: float
@@ -48,7 +49,8 @@ class SamplingParams(_message.Message):
     presence_penalty: float
     frequency_penalty: float
     ignore_eos: bool
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    n: int
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., ignore_eos: _Optional[bool] = ..., n: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "text", "chat", "token_ids", "sampling", "request_id", "session")
@@ -100,8 +102,24 @@ class Usage(_message.Message):
     total_tokens: int
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
+class Choice(_message.Message):
+    __slots__ = ("index", "text", "token_ids", "logprobs", "finish_reason", "completion_tokens")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    finish_reason: str
+    completion_tokens: int
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "usage", "adapter", "adapter_version", "served_by")
+    __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "usage", "adapter", "adapter_version", "served_by", "index", "choices")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +129,8 @@ class GenerateResponse(_message.Message):
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVED_BY_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -120,7 +140,9 @@ class GenerateResponse(_message.Message):
     adapter: str
     adapter_version: int
     served_by: str
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., adapter: _Optional[str] = ..., adapter_version: _Optional[int] = ..., served_by: _Optional[str] = ...) -> None: ...
+    index: int
+    choices: _containers.RepeatedCompositeFieldContainer[Choice]
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., adapter: _Optional[str] = ..., adapter_version: _Optional[int] = ..., served_by: _Optional[str] = ..., index: _Optional[int] = ..., choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -143,7 +165,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class AdapterVersion(_message.Message):
-    __slots__ = ("name", "version", "id", "created_at", "path", "sha256", "r", "lora_alpha", "target_modules", "lineage_json", "in_flight", "kind")
+    __slots__ = ("name", "version", "id", "created_at", "path", "sha256", "r", "lora_alpha", "target_modules", "lineage_json", "in_flight", "kind", "use_rslora", "base_fingerprint", "resident_slot")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +178,9 @@ class AdapterVersion(_message.Message):
     LINEAGE_JSON_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    USE_RSLORA_FIELD_NUMBER: _ClassVar[int]
+    BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_SLOT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     id: str
@@ -168,10 +193,21 @@ class AdapterVersion(_message.Message):
     lineage_json: str
     in_flight: int
     kind: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., id: _Optional[str] = ..., created_at: _Optional[float] = ..., path: _Optional[str] = ..., sha256: _Optional[str] = ..., r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., lineage_json: _Optional[str] = ..., in_flight: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
+    use_rslora: bool
+    base_fingerprint: str
+    resident_slot: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., id: _Optional[str] = ..., created_at: _Optional[float] = ..., path: _Optional[str] = ..., sha256: _Optional[str] = ..., r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., lineage_json: _Optional[str] = ..., in_flight: _Optional[int] = ..., kind: _Optional[str] = ..., use_rslora: _Optional[bool] = ..., base_fingerprint: _Optional[str] = ..., resident_slot: _Optional[int] = ...) -> None: ...
+
+class RouteGuard(_message.Message):
+    __slots__ = ("max_error_rate", "min_requests")
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    max_error_rate: float
+    min_requests: int
+    def __init__(self, max_error_rate: _Optional[float] = ..., min_requests: _Optional[int] = ...) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("name", "weights", "sticky", "updated_at", "updated_by")
+    __slots__ = ("name", "weights", "sticky", "updated_at", "updated_by", "guard")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -184,12 +220,14 @@ class Route(_message.Message):
     STICKY_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_BY_FIELD_NUMBER: _ClassVar[int]
+    GUARD_FIELD_NUMBER: _ClassVar[int]
     name: str
     weights: _containers.ScalarMap[int, int]
     sticky: str
     updated_at: float
     updated_by: str
-    def __init__(self, name: _Optional[str] = ..., weights: _Optional[_Mapping[int, int]] = ..., sticky: _Optional[str] = ..., updated_at: _Optional[float] = ..., updated_by: _Optional[str] = ...) -> None: ...
+    guard: RouteGuard
+    def __init__(self, name: _Optional[str] = ..., weights: _Optional[_Mapping[int, int]] = ..., sticky: _Optional[str] = ..., updated_at: _Optional[float] = ..., updated_by: _Optional[str] = ..., guard: _Optional[_Union[RouteGuard, _Mapping]] = ...) -> None: ...
 
 class Adapter(_message.Message):
     __slots__ = ("name", "latest", "versions", "route")
@@ -246,7 +284,7 @@ class DeleteAdapterResponse(_message.Message):
     def __init__(self, deleted: _Optional[_Iterable[str]] = ..., draining: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SetRouteRequest(_message.Message):
-    __slots__ = ("name", "weights", "sticky")
+    __slots__ = ("name", "weights", "sticky", "guard")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -257,10 +295,12 @@ class SetRouteRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     STICKY_FIELD_NUMBER: _ClassVar[int]
+    GUARD_FIELD_NUMBER: _ClassVar[int]
     name: str
     weights: _containers.ScalarMap[int, int]
     sticky: str
-    def __init__(self, name: _Optional[str] = ..., weights: _Optional[_Mapping[int, int]] = ..., sticky: _Optional[str] = ...) -> None: ...
+    guard: RouteGuard
+    def __init__(self, name: _Optional[str] = ..., weights: _Optional[_Mapping[int, int]] = ..., sticky: _Optional[str] = ..., guard: _Optional[_Union[RouteGuard, _Mapping]] = ...) -> None: ...
 
 class GetRouteRequest(_message.Message):
     __slots__ = ("name",)

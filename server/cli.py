@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -72,15 +73,33 @@ def cmd_serve(args) -> int:
             failed.set()
 
     threading.Thread(target=load, name="loraplex-load", daemon=True).start()
+    # gRPC runs on its own asyncio loop in its own thread (see grpc_server.py); uvicorn keeps the main thread.
     grpc_server = None
     if cfg.grpc_port:
         from .grpc_server import GrpcServer
 
         grpc_server = GrpcServer(state, host=cfg.host, port=cfg.grpc_port)
-        grpc_server.start()  # NOT_SERVING on the health service until the model is loaded
+        try:
+            grpc_server.start()  # NOT_SERVING on the health service until the model is loaded
+        except OSError as e:
+            print(f"loraplex serve: {e}", file=sys.stderr)
+            return 1
         logging.getLogger("loraplex").info("gRPC on %s:%d", cfg.host, grpc_server.port)
+    http = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=args.log_level.lower()))
+
+    def handle_exit(sig, frame):
+        # uvicorn's own handler would re-raise the signal once HTTP is down, killing the process
+        # before the gRPC drain and engine shutdown below; this one only asks it to stop.
+        state.draining = True  # at once: gRPC health NOT_SERVING, new calls UNAVAILABLE; in-flight ones finish
+        if http.should_exit and sig == signal.SIGINT:
+            http.force_exit = True  # a second Ctrl-C
+        http.should_exit = True
+
+    http.handle_exit = handle_exit
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level.lower())
+        http.run()
+        if not http.started:
+            failed.set()  # uvicorn could not bind its port (it logged why)
     finally:
         state.draining = True  # health turns NOT_SERVING while in-flight RPCs finish
         if grpc_server is not None:

@@ -1,20 +1,29 @@
 """The gRPC front end: `loraplex.v1.Inference` and `loraplex.v1.Admin`, plus standard health and reflection.
 
-It runs a grpc.aio server on its own asyncio loop in its own thread and
-shares the process's `ServerState` (engine, store, adapter manager) with the
-HTTP front end, so both see the same adapters, routes and batch.
-Deadlines are handed to the engine (the request is aborted at the next step
-after they pass) and a cancelled RPC cancels its engine request, so no
-orphan keeps generating. Every error leaves as a status code: our typed
-errors carry theirs; anything else is logged and answered INTERNAL with a
-generic message.
+A grpc.aio server on its own asyncio loop in its own thread, sharing the
+process's `ServerState` (engine, store, adapter manager, routes) with the
+HTTP front end, so both see the same adapters, routes and batch. The engine
+runs in its own thread and wakes each request's consumer on the loop that
+submitted it, so neither front end's loop waits on the other's.
+
+Requests are translated with the same rules as the HTTP API (defaults, `n`
+choices with seeds seed + i, logprobs), so a request and seed give the same
+tokens over either protocol. A call's deadline becomes the engine request's
+deadline, and a cancelled call cancels its engine request(s): either way the
+sequence leaves the batch at the next engine step. Every failure leaves as a
+status code: our typed errors and the store's carry theirs; anything else is
+logged with its stack trace and answered INTERNAL with a generic message.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import math
 import threading
+import time
+import uuid
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,77 +34,160 @@ from loraplex.protos.loraplex.v1 import loraplex_pb2 as pb
 from loraplex.protos.loraplex.v1 import loraplex_pb2_grpc as pbg
 
 from .adapters_api import version_json
-from .errors import ApiError, BadRequest, Unavailable, from_store_error
+from .errors import ApiError, BadRequest, NotFound, Unavailable, from_store_error
 from .request import SamplingParams
-from .service import Generation, merge
+from .service import Generation, gather_streams, merge
 
 log = logging.getLogger("loraplex.grpc")
 
-SERVICE_NAMES = (
-    pb.DESCRIPTOR.services_by_name["Inference"].full_name,
-    pb.DESCRIPTOR.services_by_name["Admin"].full_name,
-    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-    reflection.SERVICE_NAME,
-)
+INFERENCE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+SERVICE_NAMES = (INFERENCE, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # /v1/completions' default, kept for text and token-id prompts
+MAX_N, MAX_STOP, MAX_LOGPROBS = 64, 16, 20
 
 
-def _to_api_error(e: Exception) -> ApiError | None:
+class DeadlineExceeded(ApiError):
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+    error_type = "timeout_error"
+
+
+class Internal(ApiError):
+    http_status = 500
+    grpc_code = "INTERNAL"
+    error_type = "server_error"
+
+
+# The shared service names fields as the HTTP bodies do; these are their names in GenerateRequest.
+_GRPC_FIELD = {"messages": "chat.messages", "max_tokens": "sampling.max_tokens", "prompt": "prompt"}
+
+
+def _api_error(e: Exception) -> ApiError | None:
     if isinstance(e, ApiError):
         return e
-    if hasattr(e, "http_status") and hasattr(e, "grpc_code"):
+    if hasattr(e, "http_status") and hasattr(e, "grpc_code"):  # store errors
         return from_store_error(e)
     return None
 
 
+async def _abort(context, e: Exception, method: str):
+    err = _api_error(e)
+    if err is None:
+        log.error("internal error in gRPC %s", method, exc_info=e)
+        err = Internal("internal server error")
+    code = getattr(grpc.StatusCode, str(err.grpc_code), None)
+    if not isinstance(code, grpc.StatusCode) or code in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN):
+        log.error("error without a usable status code in gRPC %s: %r", method, err)
+        code, err = grpc.StatusCode.INTERNAL, Internal("internal server error")
+    details = err.message
+    field = _GRPC_FIELD.get(err.param, err.param) if err.param else None
+    if field:  # the offending field, in the details and machine-readable in trailing metadata
+        if field not in details:
+            details = f"{details} (field '{field}')"
+        context.set_trailing_metadata(tuple(context.trailing_metadata() or ()) + (("x-loraplex-field", field),))
+    await context.abort(code, details)
+
+
 def edge(fn):
-    """Maps every failure of an RPC handler to a status code, once."""
+    """Maps every failure of a unary handler to a status code, once."""
 
     async def wrapper(self, request, context):
         try:
             return await fn(self, request, context)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:
-            if isinstance(e, grpc.aio.AbortError) or (hasattr(grpc.aio, "AioRpcError") and isinstance(e, grpc.aio.AioRpcError)):
-                raise
-            err = _to_api_error(e)
-            if err is None:
-                log.exception("internal error in %s", fn.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
-            await context.abort(getattr(grpc.StatusCode, err.grpc_code), err.message)
+            await _abort(context, e, fn.__name__)
 
     wrapper.__name__ = fn.__name__
     return wrapper
 
 
 def edge_stream(fn):
+    """The same for a server-streaming handler."""
+
     async def wrapper(self, request, context):
         try:
             async for item in fn(self, request, context):
                 yield item
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:
-            if isinstance(e, grpc.aio.AbortError):
-                raise
-            err = _to_api_error(e)
-            if err is None:
-                log.exception("internal error in %s", fn.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
-            await context.abort(getattr(grpc.StatusCode, err.grpc_code), err.message)
+            await _abort(context, e, fn.__name__)
 
     wrapper.__name__ = fn.__name__
     return wrapper
 
 
+def _metadata(context) -> dict:
+    return {k: v for k, v in (context.invocation_metadata() or ())}
+
+
+def _check_finished(out, req) -> None:
+    """An engine request that ended without finishing normally, as the status the client should see."""
+    if out.finish_reason == "error":
+        log.error("engine error on request %s: %s", req.request_id, out.error)
+        raise Internal("internal server error")
+    if out.finish_reason == "abort":
+        if req.deadline is not None and time.monotonic() >= req.deadline:
+            raise DeadlineExceeded("deadline exceeded")
+        raise Unavailable("the request was aborted: the server is shutting down")
+
+
+def _sampling(sp: pb.SamplingParams, default_max_tokens: int) -> tuple[SamplingParams, int]:
+    """Validates the request's sampling fields as the HTTP API does; returns (params without seed, n)."""
+
+    def bad(field: str, rule: str):
+        raise BadRequest(f"'sampling.{field}' {rule}", param=f"sampling.{field}")
+
+    has = sp.HasField
+    n = sp.n if has("n") else 1
+    if not 1 <= n <= MAX_N:
+        bad("n", f"must be within [1, {MAX_N}]")
+    if has("max_tokens") and sp.max_tokens < 1:
+        bad("max_tokens", "must be at least 1")
+    if has("temperature") and not 0.0 <= sp.temperature <= 2.0:
+        bad("temperature", "must be within [0, 2]")
+    if has("top_p") and not 0.0 < sp.top_p <= 1.0:
+        bad("top_p", "must be within (0, 1]")
+    if has("top_k") and sp.top_k < -1:
+        bad("top_k", "must be -1, 0 (off) or positive")
+    if len(sp.stop) > MAX_STOP:
+        bad("stop", f"has more than {MAX_STOP} sequences")
+    if has("logprobs") and sp.logprobs > MAX_LOGPROBS:
+        bad("logprobs", f"must be at most {MAX_LOGPROBS}")
+    for f in ("presence_penalty", "frequency_penalty"):
+        v = getattr(sp, f)
+        if math.isnan(v) or not -2.0 <= v <= 2.0:
+            bad(f, "must be within [-2, 2]")
+    params = SamplingParams(
+        max_tokens=sp.max_tokens if has("max_tokens") else default_max_tokens,
+        temperature=sp.temperature if has("temperature") else 1.0,
+        top_p=sp.top_p if has("top_p") else 1.0,
+        top_k=sp.top_k if has("top_k") and sp.top_k > 0 else 0,
+        seed=None,
+        stop=list(sp.stop),
+        logprobs=sp.logprobs if has("logprobs") else None,
+        presence_penalty=sp.presence_penalty,
+        frequency_penalty=sp.frequency_penalty,
+        ignore_eos=sp.ignore_eos,
+    )
+    return params, n
+
+
 def _logprob_msgs(service, entries) -> list:
-    out = []
-    for e in entries:
-        out.append(pb.TokenLogprob(
-            token_id=e.token_id, token=service.token_text(e.token_id), logprob=e.logprob,
-            top=[pb.TopLogprob(token_id=t, token=service.token_text(t), logprob=lp) for t, lp in e.top],
-        ))
-    return out
+    return [
+        pb.TokenLogprob(token_id=e.token_id, token=service.token_text(e.token_id), logprob=e.logprob,
+                        top=[pb.TopLogprob(token_id=t, token=service.token_text(t), logprob=lp) for t, lp in e.top])
+        for e in entries
+    ]
+
+
+def _usage(prompt: int, completion: int) -> pb.Usage:
+    return pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 class _Base:
@@ -104,100 +196,104 @@ class _Base:
 
     def _service(self):
         if not self.state.ready:
-            raise Unavailable(self.state.error or "the model is still loading")
+            raise Unavailable(self.state.error or ("the server is shutting down" if self.state.draining else "the model is still loading"))
         return self.state.service
 
 
 class InferenceServicer(_Base, pbg.InferenceServicer):
-    def _prepare(self, request, context):
-        s = self._service()
-        if not request.model:
-            raise BadRequest("'model' is required", param="model")
+    def _prompt(self, s, request) -> tuple[list[int], bool]:
+        """(prompt token ids, is chat)."""
         which = request.WhichOneof("prompt")
-        sp = request.sampling
-        if sp.HasField("temperature") and not 0.0 <= sp.temperature <= 2.0:
-            raise BadRequest("'sampling.temperature' must be within [0, 2]", param="sampling.temperature")
-        if sp.HasField("top_p") and not 0.0 < sp.top_p <= 1.0:
-            raise BadRequest("'sampling.top_p' must be within (0, 1]", param="sampling.top_p")
-        if sp.HasField("logprobs") and sp.logprobs > 20:
-            raise BadRequest("'sampling.logprobs' must be at most 20", param="sampling.logprobs")
-        if sp.HasField("max_tokens") and sp.max_tokens < 1:
-            raise BadRequest("'sampling.max_tokens' must be at least 1", param="sampling.max_tokens")
-        adapter = s.resolve(request.model, request.session or None)
         if which == "chat":
             if not request.chat.messages:
                 raise BadRequest("'chat.messages' is empty", param="chat.messages")
-            roles = {"system", "developer", "user", "assistant", "tool"}
             msgs = []
             for i, m in enumerate(request.chat.messages):
-                if m.role not in roles:
-                    raise BadRequest(f"'chat.messages[{i}].role' must be one of {sorted(roles)}", param=f"chat.messages.{i}.role")
+                if m.role not in CHAT_ROLES:
+                    raise BadRequest(f"'chat.messages[{i}].role' must be one of {list(CHAT_ROLES)}", param=f"chat.messages[{i}].role")
                 msgs.append({"role": "system" if m.role == "developer" else m.role, "content": m.content})
-            prompt = s.chat_prompt_ids(msgs)
-        elif which == "text":
-            prompt = s.text_prompt_ids(request.text)
-        elif which == "token_ids":
-            prompt = s.check_token_ids(list(request.token_ids.ids), "token_ids")
-        else:
-            raise BadRequest("one of 'text', 'chat' or 'token_ids' is required", param="prompt")
-        params = SamplingParams(
-            max_tokens=sp.max_tokens if sp.HasField("max_tokens") else s.default_max_tokens(len(prompt)),
-            temperature=sp.temperature if sp.HasField("temperature") else 1.0,
-            top_p=sp.top_p if sp.HasField("top_p") else 1.0,
-            top_k=sp.top_k if sp.HasField("top_k") and sp.top_k > 0 else 0,
-            seed=sp.seed if sp.HasField("seed") else None,
-            stop=list(sp.stop),
-            logprobs=sp.logprobs if sp.HasField("logprobs") else None,
-            presence_penalty=sp.presence_penalty,
-            frequency_penalty=sp.frequency_penalty,
-            ignore_eos=sp.ignore_eos,
-        )
-        remaining = context.time_remaining()
-        req = s.submit(prompt, params, adapter, loop=asyncio.get_running_loop(), deadline_s=remaining,
-                       request_id=request.request_id or None)
+            return s.chat_prompt_ids(msgs), True
+        if which == "text":
+            return s.text_prompt_ids(request.text), False
+        if which == "token_ids":
+            return s.check_token_ids(list(request.token_ids.ids), "token_ids"), False
+        raise BadRequest("one of 'text', 'chat' or 'token_ids' is required", param="prompt")
+
+    def _submit(self, request, context):
+        """Validates, routes and queues the request's n engine requests; returns (service, requests, identity)."""
+        s = self._service()
+        if not request.model:
+            raise BadRequest("'model' is required", param="model")
+        session = request.session or _metadata(context).get("x-loraplex-session") or None
+        adapter = s.resolve(request.model, session)
+        prompt, chat = self._prompt(s, request)
+        default_max = s.default_max_tokens(len(prompt)) if chat else COMPLETION_DEFAULT_MAX_TOKENS
+        params, n = _sampling(request.sampling, default_max)
+        seed = request.sampling.seed if request.sampling.HasField("seed") else None
+        rid = request.request_id or uuid.uuid4().hex
+        deadline = context.time_remaining()  # None without a client deadline
+        loop = asyncio.get_running_loop()
+        reqs = []
+        try:
+            for i in range(n):
+                p = dataclasses.replace(params, seed=None if seed is None else seed + i, stop=list(params.stop))
+                reqs.append(s.submit(prompt, p, adapter, loop=loop, deadline_s=deadline, request_id=rid if n == 1 else f"{rid}-{i}"))
+        except BaseException:
+            for r in reqs:
+                r.cancel()
+            raise
         served = s.model_id if adapter is None else adapter.ref
-        ident = dict(request_id=req.request_id, adapter="" if adapter is None else adapter.name,
+        ident = dict(request_id=rid, adapter="" if adapter is None else adapter.name,
                      adapter_version=0 if adapter is None else adapter.version, served_by=served)
         context.set_trailing_metadata((("x-loraplex-adapter", served),))
-        return s, req, ident
+        return s, reqs, ident
 
     @edge
     async def Generate(self, request, context):
-        s, req, ident = self._prepare(request, context)
-        g = Generation()
-        async for out in s.stream(req):
-            merge(g, out)
-        if g.finish_reason == "abort":
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        return pb.GenerateResponse(
-            text=g.text, token_ids=g.token_ids, logprobs=_logprob_msgs(s, g.logprobs), finish_reason=g.finish_reason or "",
-            usage=pb.Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=g.completion_tokens,
-                           total_tokens=len(req.prompt_ids) + g.completion_tokens), **ident,
+        s, reqs, ident = self._submit(request, context)
+        gens = [Generation() for _ in reqs]
+        outputs = ((0, o) async for o in s.stream(reqs[0])) if len(reqs) == 1 else gather_streams(reqs, s)
+        async for i, out in outputs:
+            if out.finished:
+                _check_finished(out, reqs[i])
+            merge(gens[i], out)
+        first = gens[0]
+        msg = pb.GenerateResponse(
+            text=first.text, token_ids=first.token_ids, logprobs=_logprob_msgs(s, first.logprobs),
+            finish_reason=first.finish_reason or "",
+            usage=_usage(len(reqs[0].prompt_ids), sum(g.completion_tokens for g in gens)), **ident,
         )
+        if len(gens) > 1:
+            msg.choices.extend(
+                pb.Choice(index=i, text=g.text, token_ids=g.token_ids, logprobs=_logprob_msgs(s, g.logprobs),
+                          finish_reason=g.finish_reason or "", completion_tokens=g.completion_tokens)
+                for i, g in enumerate(gens)
+            )
+        return msg
 
     @edge_stream
     async def GenerateStream(self, request, context):
-        s, req, ident = self._prepare(request, context)
-        async for out in s.stream(req):
-            if out.finished and out.error:
-                raise ApiError(out.error)
-            msg = pb.GenerateResponse(text=out.text, token_ids=out.token_ids, logprobs=_logprob_msgs(s, out.logprobs), **ident)
+        s, reqs, ident = self._submit(request, context)
+        outputs = ((0, o) async for o in s.stream(reqs[0])) if len(reqs) == 1 else gather_streams(reqs, s)
+        left, completion = len(reqs), 0
+        async for i, out in outputs:
+            msg = pb.GenerateResponse(text=out.text, token_ids=out.token_ids, logprobs=_logprob_msgs(s, out.logprobs), index=i, **ident)
             if out.finished:
-                if out.finish_reason == "abort":
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+                _check_finished(out, reqs[i])
                 msg.finish_reason = out.finish_reason
-                msg.usage.CopyFrom(pb.Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=out.completion_tokens,
-                                            total_tokens=len(req.prompt_ids) + out.completion_tokens))
+                completion += out.completion_tokens
+                left -= 1
+                if left == 0:
+                    msg.usage.CopyFrom(_usage(len(reqs[0].prompt_ids), completion))
             yield msg
 
     @edge
     async def ListModels(self, request, context):
         s = self._service()
         models = [pb.ModelInfo(id=s.model_id)]
-        for v in s.store.list():
-            models.append(pb.ModelInfo(id=v.ref, parent=s.model_id, version=v.version))
-        for name in s.store.names():
-            models.append(pb.ModelInfo(id=name, parent=s.model_id))
+        versions = s.store.list()
+        models += [pb.ModelInfo(id=v.ref, parent=s.model_id, version=v.version) for v in versions]
+        models += [pb.ModelInfo(id=name, parent=s.model_id) for name in sorted({v.name for v in versions})]
         return pb.ListModelsResponse(models=models)
 
 
@@ -205,44 +301,68 @@ def _version_msg(d: dict) -> pb.AdapterVersion:
     return pb.AdapterVersion(
         name=d["name"], version=d["version"], id=d["id"], created_at=d["created_at"], path=d["path"], sha256=d["sha256"],
         r=d["r"], lora_alpha=d["lora_alpha"], target_modules=d["target_modules"], lineage_json=json.dumps(d["lineage"]),
-        in_flight=d.get("in_flight", 0), kind=d["kind"],
+        in_flight=d.get("in_flight", 0), kind=d["kind"], use_rslora=bool(d.get("use_rslora")),
+        base_fingerprint=d.get("base_fingerprint") or "", resident_slot=d.get("resident_slot"),
     )
 
 
 def _route_msg(r) -> pb.Route:
-    return pb.Route(name=r.name, weights={int(k): int(v) for k, v in r.versions.items()}, sticky=r.sticky or "",
-                    updated_at=r.updated_at, updated_by=r.updated_by)
+    msg = pb.Route(name=r.name, weights={int(k): int(v) for k, v in r.versions.items()}, sticky=r.sticky or "",
+                   updated_at=r.updated_at, updated_by=r.updated_by or "")
+    if r.guard:
+        msg.guard.CopyFrom(pb.RouteGuard(max_error_rate=r.guard.get("max_error_rate", 0.0), min_requests=r.guard.get("min_requests", 0)))
+    return msg
+
+
+def _store_call(fn, *a, **kw):
+    try:
+        return fn(*a, **kw)
+    except ApiError:
+        raise
+    except Exception as e:
+        if hasattr(e, "http_status"):
+            raise from_store_error(e) from e
+        raise
 
 
 class AdminServicer(_Base, pbg.AdminServicer):
     def _caller(self, context) -> str:
-        md = dict(context.invocation_metadata() or ())
-        return md.get("x-loraplex-caller") or context.peer() or "grpc"
+        return _metadata(context).get("x-loraplex-caller") or context.peer() or "grpc"
 
     def _parts(self):
         self._service()
         return self.state.manager, self.state.store, self.state.routes
 
+    @staticmethod
+    def _name(name: str) -> str:
+        if not name:
+            raise BadRequest("'name' is required", param="name")
+        return name
+
     @edge
     async def RegisterAdapter(self, request, context):
         m, _, _ = self._parts()
-        if not request.name:
-            raise BadRequest("'name' is required", param="name")
+        self._name(request.name)
         if not request.path:
             raise BadRequest("'path' is required", param="path")
         try:
             lineage = json.loads(request.lineage_json) if request.lineage_json else None
         except json.JSONDecodeError as e:
             raise BadRequest(f"'lineage_json' is not valid JSON: {e}", param="lineage_json") from e
+        if lineage is not None and not isinstance(lineage, dict):
+            raise BadRequest("'lineage_json' must be a JSON object", param="lineage_json")
         v = await asyncio.to_thread(m.register, request.name, request.path, lineage, self._caller(context))
         return _version_msg(version_json(v, m.engine))
 
     @edge
     async def GetAdapter(self, request, context):
         m, st, _ = self._parts()
-        versions = st.versions(request.name)
-        r = st.get_route(request.name)
-        msg = pb.Adapter(name=request.name, latest=versions[-1].version, versions=[_version_msg(version_json(v, m.engine)) for v in versions])
+        name = self._name(request.name)
+        versions = _store_call(st.versions, name)
+        if not versions:
+            raise NotFound(f"adapter {name!r} does not exist", param="name")
+        msg = pb.Adapter(name=name, latest=versions[-1].version, versions=[_version_msg(version_json(v, m.engine)) for v in versions])
+        r = st.get_route(name)
         if r is not None:
             msg.route.CopyFrom(_route_msg(r))
         return msg
@@ -256,73 +376,84 @@ class AdminServicer(_Base, pbg.AdminServicer):
     async def DeleteAdapter(self, request, context):
         m, _, _ = self._parts()
         version = request.version if request.HasField("version") else None
-        removed = await asyncio.to_thread(m.delete, request.name, version, self._caller(context))
+        removed = await asyncio.to_thread(m.delete, self._name(request.name), version, self._caller(context))
         return pb.DeleteAdapterResponse(deleted=[v.ref for v in removed], draining=[v.ref for v in removed if m.engine.in_use(v.ref)])
 
     @edge
     async def SetRoute(self, request, context):
-        _, st, routes = self._parts()
-        sticky = request.sticky or None
-        weights = st.validate_route(request.name, dict(request.weights), sticky)
-        routes._warm(request.name, [v for v, w in weights.items() if w > 0])
-        prev = st.get_route(request.name)
-        r = await asyncio.to_thread(st.set_route, request.name, weights, sticky=sticky, caller=self._caller(context))
-        routes.guards.arm(request.name, r, prev)
+        _, _, routes = self._parts()
+        name = self._name(request.name)
+        if request.sticky not in ("", "user", "session"):
+            raise BadRequest("'sticky' must be empty, 'user' or 'session'", param="sticky")
+        guard = None
+        if request.HasField("guard"):
+            g = request.guard
+            if not 0.0 <= g.max_error_rate <= 1.0:
+                raise BadRequest("'guard.max_error_rate' must be within [0, 1]", param="guard.max_error_rate")
+            guard = {"max_error_rate": g.max_error_rate, "min_requests": g.min_requests or 20}
+        r = await asyncio.to_thread(routes.apply_set, name, dict(request.weights), request.sticky or None, guard, self._caller(context))
         return _route_msg(r)
 
     @edge
     async def GetRoute(self, request, context):
         _, st, _ = self._parts()
-        r = st.get_route(request.name)
+        name = self._name(request.name)
+        r = st.get_route(name)
         if r is None:
-            st.versions(request.name)
-            from .errors import NotFound
-
-            raise NotFound(f"adapter {request.name!r} has no route", param="name")
+            _store_call(st.versions, name)  # NOT_FOUND for an unknown adapter
+            raise NotFound(f"adapter {name!r} has no route: bare-name requests go to its latest version", param="name")
         return _route_msg(r)
 
     @edge
     async def PromoteRoute(self, request, context):
-        _, st, routes = self._parts()
-        st.validate_route(request.name, {request.version: 100})
-        routes._warm(request.name, [request.version])
-        return _route_msg(await asyncio.to_thread(st.promote, request.name, request.version, caller=self._caller(context)))
+        _, _, routes = self._parts()
+        return _route_msg(await asyncio.to_thread(routes.apply_promote, self._name(request.name), request.version, self._caller(context)))
 
     @edge
     async def RollbackRoute(self, request, context):
-        _, st, _ = self._parts()
-        return _route_msg(await asyncio.to_thread(st.rollback, request.name, caller=self._caller(context), reason=request.reason or None))
+        _, _, routes = self._parts()
+        return _route_msg(await asyncio.to_thread(routes.apply_rollback, self._name(request.name), request.reason or None, self._caller(context)))
 
 
 class GrpcServer:
-    """A grpc.aio server on its own loop and thread; `start()` returns once it listens."""
+    """A grpc.aio server on its own loop and thread; `start()` returns the port once it listens.
 
-    def __init__(self, state, host: str = "127.0.0.1", port: int = 50051):
+    Health: NOT_SERVING until `state.ready` (model loaded), SERVING while it is,
+    NOT_SERVING again once `state.draining` is set and during `stop()`.
+    """
+
+    def __init__(self, state, host: str = "127.0.0.1", port: int = 50051, poll_interval: float = 0.1):
         self.state = state
         self.host = host
         self.port = port
+        self.poll_interval = poll_interval
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="loraplex-grpc", daemon=True)
         self.server: grpc.aio.Server | None = None
-        self.health = None
+        self.health: HealthServicer | None = None
         self._watch: asyncio.Task | None = None
 
     async def _start(self) -> int:
+        # so_reuseport off: a second server on a taken port fails instead of sharing it
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pbg.add_InferenceServicer_to_server(InferenceServicer(self.state), self.server)
         pbg.add_AdminServicer_to_server(AdminServicer(self.state), self.server)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES, self.server)
-        port = self.server.add_insecure_port(f"{self.host}:{self.port}")
-        await self.server.start()
+        try:
+            port = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        except RuntimeError as e:
+            self.server = None  # collected now, on its loop, not at interpreter exit
+            raise OSError(f"cannot listen for gRPC on {self.host}:{self.port}: {e}") from None
         await self._set_health(False)
+        await self.server.start()
         self._watch = asyncio.create_task(self._watch_ready())
         return port
 
     async def _set_health(self, serving: bool) -> None:
         st = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", *SERVICE_NAMES[:2]):
+        for name in ("", INFERENCE, ADMIN):
             await self.health.set(name, st)
 
     async def _watch_ready(self) -> None:
@@ -332,22 +463,29 @@ class GrpcServer:
             if ready != serving:
                 serving = ready
                 await self._set_health(serving)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(self.poll_interval)
 
     def start(self) -> int:
         self.thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+        try:
+            self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+            raise
         return self.port
 
     async def _stop(self, grace: float) -> None:
         if self._watch is not None:
             self._watch.cancel()
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+        await self.server.stop(grace)  # in-flight calls get `grace` seconds; then they are cancelled (and so their engine requests)
 
     def stop(self, grace: float = 5.0) -> None:
-        if self.server is None:
+        if self.server is None or not self.thread.is_alive():
             return
-        asyncio.run_coroutine_threadsafe(self._stop(grace), self.loop).result(grace + 10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop(grace), self.loop).result(grace + 10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)

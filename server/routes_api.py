@@ -141,19 +141,30 @@ class RouteRoutes:
     async def put(self, request: HttpRequest):
         name = request.path_params["name"]
         body: RouteBody = await parse_body(request, RouteBody)
-        caller = self._caller(request)
-
-        def apply():
-            weights = _store_call(self.store.validate_route, name, body.versions, body.sticky)
-            self._warm(name, [v for v, w in weights.items() if w > 0])
-            prev = self.store.get_route(name)
-            r = _store_call(self.store.set_route, name, body.versions, sticky=body.sticky,
-                            guard=body.guard.model_dump() if body.guard else None, caller=caller)
-            self.guards.arm(name, r, prev)
-            return r
-
-        r = await asyncio.to_thread(apply)
+        guard = body.guard.model_dump() if body.guard else None
+        r = await asyncio.to_thread(self.apply_set, name, body.versions, body.sticky, guard, self._caller(request))
         return JSONResponse(route_json(r))
+
+    # The changes themselves (blocking: they load adapter versions); the gRPC Admin service calls them too.
+    def apply_set(self, name: str, versions, sticky: str | None, guard: dict | None, caller: str):
+        weights = _store_call(self.store.validate_route, name, versions, sticky)
+        self._warm(name, [v for v, w in weights.items() if w > 0])
+        prev = self.store.get_route(name)
+        r = _store_call(self.store.set_route, name, versions, sticky=sticky, guard=guard, caller=caller)
+        self.guards.arm(name, r, prev)
+        return r
+
+    def apply_promote(self, name: str, version: int, caller: str):
+        _store_call(self.store.validate_route, name, {version: 100})
+        self._warm(name, [version])
+        r = _store_call(self.store.promote, name, version, caller=caller)
+        self.guards.arm(name, None, None)
+        return r
+
+    def apply_rollback(self, name: str, reason: str | None, caller: str):
+        r = _store_call(self.store.rollback, name, caller=caller, reason=reason)
+        self.guards.arm(name, None, None)
+        return r
 
     async def get(self, request: HttpRequest):
         name = request.path_params["name"]
@@ -170,29 +181,13 @@ class RouteRoutes:
     async def promote(self, request: HttpRequest):
         name = request.path_params["name"]
         body: PromoteBody = await parse_body(request, PromoteBody)
-        caller = self._caller(request)
-
-        def apply():
-            _store_call(self.store.validate_route, name, {body.version: 100})
-            self._warm(name, [body.version])
-            r = _store_call(self.store.promote, name, body.version, caller=caller)
-            self.guards.arm(name, None, None)
-            return r
-
-        return JSONResponse(route_json(await asyncio.to_thread(apply)))
+        return JSONResponse(route_json(await asyncio.to_thread(self.apply_promote, name, body.version, self._caller(request))))
 
     async def rollback(self, request: HttpRequest):
         name = request.path_params["name"]
         raw = await request.body()
         body = await parse_body(request, RollbackBody) if raw.strip() else RollbackBody()
-        caller = self._caller(request)
-
-        def apply():
-            r = _store_call(self.store.rollback, name, caller=caller, reason=body.reason)
-            self.guards.arm(name, None, None)
-            return r
-
-        return JSONResponse(route_json(await asyncio.to_thread(apply)))
+        return JSONResponse(route_json(await asyncio.to_thread(self.apply_rollback, name, body.reason, self._caller(request))))
 
     async def history(self, request: HttpRequest):
         name = request.path_params["name"]

@@ -15,6 +15,7 @@ import json
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request as HttpRequest
 from starlette.responses import FileResponse, JSONResponse
+from starlette.routing import Route
 
 from .errors import ApiError, BadRequest, Conflict, NotFound
 from .openai_api import parse_body
@@ -64,7 +65,14 @@ class FineTuningRoutes:
         return JSONResponse(await self._call(self.m.add_file, f.filename or "upload.jsonl", data, str(purpose)))
 
     async def list_files(self, request: HttpRequest):
-        return JSONResponse({"object": "list", "data": await self._call(self.m.files), "has_more": False})
+        q = request.query_params
+        order = q.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise BadRequest("'order' must be 'asc' or 'desc'", param="order")
+        limit = _limit(request, default=10000, most=10000)
+        data, more = await self._call(self.m.list_files, purpose=q.get("purpose"), after=q.get("after"), limit=limit, order=order)
+        return JSONResponse({"object": "list", "data": data, "has_more": more,
+                             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
 
     async def get_file(self, request: HttpRequest):
         return JSONResponse(await self._call(self.m.file, request.path_params["file_id"]))
@@ -111,8 +119,48 @@ class FineTuningRoutes:
                              "first_id": data[0]["id"] if data else None, "last_id": data[min(limit, len(data)) - 1]["id"] if data else None})
 
 
-def _limit(request: HttpRequest) -> int:
-    v = request.query_params.get("limit", "20")
-    if not v.isdigit() or not 1 <= int(v) <= 100:
-        raise BadRequest("'limit' must be an integer from 1 to 100", param="limit")
+def _limit(request: HttpRequest, default: int = 20, most: int = 100) -> int:
+    v = request.query_params.get("limit", str(default))
+    if not v.isdigit() or not 1 <= int(v) <= most:
+        raise BadRequest(f"'limit' must be an integer from 1 to {most}", param="limit")
     return int(v)
+
+
+def fine_tuning_routes(manager) -> list[Route]:
+    """The files and fine-tuning endpoints over `manager` (a trainer JobManager), ready to mount.
+
+    Each handler answers its own errors (`ApiError.body()` with its status; a
+    bare 500 for anything unexpected, logged, never a stack trace), so the
+    routes work in any Starlette app, with or without the server's wrapper.
+    """
+    import logging
+
+    r = FineTuningRoutes(manager)
+    log = logging.getLogger("loraplex.fine_tuning")
+
+    def answer(fn):
+        async def endpoint(request: HttpRequest):
+            try:
+                return await fn(request)
+            except ApiError as e:
+                return JSONResponse(e.body(), status_code=e.http_status)
+            except Exception:
+                log.exception("internal error on %s %s", request.method, request.url.path)
+                return JSONResponse({"error": {"message": "internal server error", "type": "server_error", "param": None, "code": None}},
+                                    status_code=500)
+
+        return endpoint
+
+    return [
+        Route("/v1/files", answer(r.upload), methods=["POST"]),
+        Route("/v1/files", answer(r.list_files), methods=["GET"]),
+        Route("/v1/files/{file_id}", answer(r.get_file), methods=["GET"]),
+        Route("/v1/files/{file_id}", answer(r.delete_file), methods=["DELETE"]),
+        Route("/v1/files/{file_id}/content", answer(r.file_content), methods=["GET"]),
+        Route("/v1/fine_tuning/jobs", answer(r.create_job), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs", answer(r.list_jobs), methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}", answer(r.get_job), methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/cancel", answer(r.cancel), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/events", answer(r.events), methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/checkpoints", answer(r.checkpoints), methods=["GET"]),
+    ]

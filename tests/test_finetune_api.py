@@ -151,3 +151,53 @@ def test_restart_lists_past_jobs_and_fails_interrupted_ones(tmp_path, tiny_base)
         assert m2.files()[0]["id"] == f["id"]
     finally:
         m2.close()
+
+
+def test_routes_mounted_alone_answer_the_openai_client(tmp_path, tiny_base):
+    """fine_tuning_routes() in a bare Starlette app (no server wrapper): shapes the openai client parses, errors as bodies."""
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from loraplex.server.http_fine_tuning import fine_tuning_routes
+    from loraplex.trainer.jobs import JobManager
+
+    m = JobManager(tmp_path / "jobs", tmp_path / "store", str(tiny_base), "tiny", poll=3600)  # jobs stay queued
+    try:
+        http = TestClient(Starlette(routes=fine_tuning_routes(m)))
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
+        data = color_data(tmp_path / "c.jsonl", 1)
+        ids = [client.files.create(file=(f"c{i}.jsonl", data.read_bytes()), purpose="fine-tune").id for i in range(3)]
+        other = client.files.create(file=("b.jsonl", b'{"custom_id": "1"}\n'), purpose="batch")
+        assert [f.id for f in client.files.list(purpose="fine-tune")] == ids[::-1]
+        page = client.files.list(limit=2, order="asc")
+        assert [f.id for f in page.data] == ids[:2] and page.has_more
+        assert [f.id for f in client.files.list(limit=2, order="asc", after=ids[1]).data] == [ids[2], other.id]
+        assert client.files.content(ids[0]).read() == data.read_bytes()
+        assert client.files.delete(ids[2]).deleted and ids[2] not in [f.id for f in client.files.list()]
+
+        jobs = [client.fine_tuning.jobs.create(model="tiny", training_file=ids[0], suffix="a", seed=3,
+                                               method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": "auto",
+                                                                                                                "learning_rate_multiplier": 0.5}}})]
+        jobs.append(client.fine_tuning.jobs.create(model="tiny", training_file=ids[1], hyperparameters={"n_epochs": 1}))  # legacy form
+        j = client.fine_tuning.jobs.retrieve(jobs[0].id)
+        assert j.status == "queued" and j.seed == 3 and j.method.type == "supervised"
+        assert j.method.supervised.hyperparameters.n_epochs == 2 and j.hyperparameters.learning_rate_multiplier == 0.5
+        assert jobs[1].hyperparameters.n_epochs == 1
+        first = client.fine_tuning.jobs.list(limit=1)
+        assert [x.id for x in first.data] == [jobs[1].id] and first.has_more
+        assert [x.id for x in client.fine_tuning.jobs.list(limit=1, after=jobs[1].id).data] == [jobs[0].id]
+        assert client.fine_tuning.jobs.list_events(jobs[0].id).data[0].message == "job created and queued"
+        assert client.fine_tuning.jobs.checkpoints.list(jobs[0].id).data == []
+        assert client.fine_tuning.jobs.cancel(jobs[0].id).status == "cancelled"
+        with pytest.raises(openai.ConflictError):
+            client.fine_tuning.jobs.cancel(jobs[0].id)
+        with pytest.raises(openai.NotFoundError):
+            client.files.retrieve("file-nope")
+        with pytest.raises(openai.NotFoundError):
+            client.fine_tuning.jobs.create(model="gpt-4o", training_file=ids[0])
+        r = http.get("/v1/fine_tuning/jobs?limit=0")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
+        r = http.post("/v1/fine_tuning/jobs", content=b"{oops")
+        assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    finally:
+        m.close()

@@ -95,10 +95,14 @@ class JobConfig(_Strict):
     @model_validator(mode="after")
     def _check(self):
         if self.quantize == "4bit":
+            import importlib.util
+
             import torch
 
-            if not torch.cuda.is_available():
-                raise ValueError("quantize: 4bit needs a CUDA device with bitsandbytes; this machine has none")
+            if not torch.cuda.is_available() or (self.device or "cuda").startswith("cpu"):
+                raise ValueError("quantize: 4bit needs a CUDA device (bitsandbytes 4-bit layers); this run has none")
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ValueError("quantize: 4bit needs the bitsandbytes package: pip install bitsandbytes")
         return self
 
     def target_modules(self) -> list[str] | str:
@@ -112,6 +116,8 @@ def _format_error(e: ValidationError) -> str:
         kind = err.get("type", "")
         if kind == "extra_forbidden":
             parts.append(f"unknown key '{loc}'")
+        elif not loc:  # a check across fields names its keys in its own message
+            parts.append(str(err.get("msg", "")).removeprefix("Value error, "))
         else:
             parts.append(f"'{loc}': {err.get('msg')}")
     return "; ".join(parts)

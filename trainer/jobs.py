@@ -119,7 +119,19 @@ class JobManager:
                 "purpose": r["purpose"], "status": "processed", "status_details": None}
 
     def files(self) -> list[dict]:
-        return [self.file(r["id"]) for r in self._db().execute("SELECT id FROM files ORDER BY created_at DESC").fetchall()]
+        return self.list_files(limit=1 << 30)[0]
+
+    def list_files(self, *, purpose: str | None = None, after: str | None = None, limit: int = 10000,
+                   order: str = "desc") -> tuple[list[dict], bool]:
+        """A page of files, newest first by default; `after` is the id of the last file of the previous page."""
+        direction = "ASC" if order == "asc" else "DESC"
+        sql, args = "SELECT id FROM files", []
+        if purpose:
+            sql, args = sql + " WHERE purpose=?", [purpose]
+        ids = [r["id"] for r in self._db().execute(f"{sql} ORDER BY created_at {direction}, rowid {direction}", args).fetchall()]
+        if after is not None:
+            ids = ids[ids.index(after) + 1:] if after in ids else []
+        return [self.file(i) for i in ids[:limit]], len(ids) > limit
 
     def file_path(self, fid: str) -> Path:
         self.file(fid)

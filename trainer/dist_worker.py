@@ -15,8 +15,10 @@ from pathlib import Path
 
 def main(spec_path: str) -> int:
     from .config import parse_config
-    from .distributed import Ranks
+    from .distributed import Ranks, die_with_parent
     from .sft import train_sft
+
+    die_with_parent()  # the launcher (torchrun) gone means the job is gone
 
     spec = json.loads(Path(spec_path).read_text())
     cfg = parse_config(spec["config"])

@@ -121,6 +121,30 @@ class Ranks:
         return mine
 
 
+def _load_libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc() if sys.platform.startswith("linux") else None  # loaded here: a preexec_fn must not load libraries
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies (usable as a Popen preexec_fn).
+
+    torchrun puts each rank in its own session, so a SIGKILL of the job's
+    process (cancel escalation, the OOM killer) would otherwise leave ranks
+    training on as orphans.
+    """
+    if _LIBC is None:
+        return
+    _LIBC.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,7 +201,8 @@ def train_distributed(cfg, out_dir: Path, *, resume: bool = False, on_event=None
     log_path = out_dir / "dist_launcher.log"
     offset = 0
     with open(log_path, "wb") as log:
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                             preexec_fn=die_with_parent)
         try:
             while True:
                 rc = p.poll()

@@ -274,14 +274,18 @@ class JobManager:
 
     # --- the watcher --------------------------------------------------------------
     def _start(self, jid: str) -> None:
+        from .distributed import die_with_parent
+
         job_dir = self.runs_dir / jid
         job_dir.mkdir(parents=True, exist_ok=True)
         cfg = json.loads(self._db().execute("SELECT config FROM jobs WHERE id=?", (jid,)).fetchone()["config"])
         (job_dir / "job.json").write_text(json.dumps({"config": cfg, "output_dir": str(job_dir / "output"), "store_dir": str(self.store_dir),
                                                       "caller": f"fine_tuning:{jid}"}))
-        log = open(job_dir / "process.log", "ab")
-        p = subprocess.Popen([self.python, "-m", "loraplex.trainer.run_job", str(job_dir)], stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        with open(job_dir / "process.log", "ab") as log:
+            p = subprocess.Popen([self.python, "-m", "loraplex.trainer.run_job", str(job_dir)], stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                                 # a job dies with the server, so its record ("interrupted") stays true after a restart
+                                 preexec_fn=die_with_parent)
         self._procs[jid] = p
         self._offsets[jid] = 0
         with self._db() as c:

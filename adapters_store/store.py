@@ -21,8 +21,8 @@ one transaction (readers see the old route or the new one) recorded in the route
 caller and reason; `rollback` restores the route as it was before the latest change (two rollbacks
 in a row swap back, like `kubectl rollout undo`).
 
-Threads and processes may share one store: SQLite serialises writers (`BEGIN IMMEDIATE`, WAL mode),
-every thread has its own connection. Reads come from an in-memory snapshot refreshed when the event
+Threads and processes may share one store: SQLite serialises writers (`BEGIN IMMEDIATE`, WAL mode);
+threads borrow connections from a small pool. Reads come from an in-memory snapshot refreshed when the event
 log's head moves (one indexed query per read), so `resolve` stays cheap on the request path.
 """
 from __future__ import annotations
@@ -165,67 +165,87 @@ class AdapterStore:
         (self.root / "adapters").mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
         self.db_path = self.root / "registry.sqlite3"
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []  # a small pool: threads borrow a connection per operation
+        self._pool_lock = threading.Lock()
+        self._closed = False
         self._view = _View(-1)
         self._view_lock = threading.Lock()
         self._rng = random.Random()
-        self._conn().executescript(_SCHEMA)  # idempotent; concurrent opens wait on the busy timeout
+        with self._connection() as c:
+            c.executescript(_SCHEMA)  # idempotent; concurrent opens wait on the busy timeout
         self._clean_tmp()
 
     def __repr__(self) -> str:
         return f"AdapterStore({str(self.root)!r})"
 
     # --- plumbing -------------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        c = getattr(self._local, "conn", None)
-        if c is None:
-            # one connection per thread; check_same_thread=False only so close() may close them all
-            c = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
-            c.execute("PRAGMA busy_timeout=60000")
-            c.execute("PRAGMA journal_mode=WAL")
-            c.execute("PRAGMA synchronous=FULL")
-            self._local.conn = c
-            with self._conns_lock:
-                self._conns.append(c)
+    # Connections are pooled rather than per thread: SQLite defers closing a connection's file
+    # descriptor while other connections of the process hold locks on the file, so a connection
+    # per short-lived thread leaked one descriptor per finished thread.
+    MAX_IDLE_CONNECTIONS = 16
+
+    def _open(self) -> sqlite3.Connection:
+        c = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
+        c.execute("PRAGMA busy_timeout=60000")
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute("PRAGMA synchronous=FULL")
         return c
 
+    @contextlib.contextmanager
+    def _connection(self):
+        with self._pool_lock:
+            if self._closed:
+                raise RuntimeError(f"{self!r} is closed")
+            c = self._idle.pop() if self._idle else None
+        if c is None:
+            c = self._open()
+        try:
+            yield c
+        finally:
+            if c.in_transaction:  # never hand a connection back mid-transaction
+                c.execute("ROLLBACK")
+            with self._pool_lock:
+                keep = not self._closed and len(self._idle) < self.MAX_IDLE_CONNECTIONS
+                if keep:
+                    self._idle.append(c)
+            if not keep:
+                c.close()
+
+    def _query(self, sql: str, args=()) -> list:
+        with self._connection() as c:
+            return c.execute(sql, args).fetchall()
+
     def close(self) -> None:
-        """Closes every thread's connection; the store must not be used afterwards."""
-        with self._conns_lock:
-            conns, self._conns = self._conns, []
-        for c in conns:
+        """Closes the store's connections; it must not be used afterwards."""
+        with self._pool_lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for c in idle:
             with contextlib.suppress(Exception):
                 c.close()
-        self._local = threading.local()
 
     @contextlib.contextmanager
     def _write(self):
-        """One write transaction; SQLite's write lock is held from BEGIN IMMEDIATE until commit."""
-        c = self._conn()
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            yield c
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        try:
-            c.execute("COMMIT")
-        except BaseException:
-            if c.in_transaction:
+        """One write transaction; SQLite's write lock is held from BEGIN IMMEDIATE until commit.
+        Never nest: the inner one would wait for the outer one's lock."""
+        with self._connection() as c:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                yield c
+            except BaseException:
                 c.execute("ROLLBACK")
-            raise
+                raise
+            c.execute("COMMIT")  # on failure _connection rolls back
 
     @contextlib.contextmanager
     def _read(self):
         """A consistent read snapshot over several queries."""
-        c = self._conn()
-        c.execute("BEGIN")
-        try:
-            yield c
-        finally:
-            c.execute("COMMIT")
+        with self._connection() as c:
+            c.execute("BEGIN")
+            try:
+                yield c
+            finally:
+                c.execute("COMMIT")
 
     def _clean_tmp(self) -> None:
         now = time.time()
@@ -239,11 +259,10 @@ class AdapterStore:
                   (kind, name, version, time.time(), caller, json.dumps(detail or {}, default=str)))
 
     def last_event_seq(self) -> int:
-        return int(self._conn().execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+        return int(self._query("SELECT COALESCE(MAX(seq), 0) FROM events")[0][0])
 
     def events_since(self, seq: int) -> list[StoreEvent]:
-        rows = self._conn().execute(
-            "SELECT seq, kind, name, version, at, caller, detail FROM events WHERE seq > ? ORDER BY seq", (int(seq),)).fetchall()
+        rows = self._query("SELECT seq, kind, name, version, at, caller, detail FROM events WHERE seq > ? ORDER BY seq", (int(seq),))
         return [StoreEvent(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in rows]
 
     # --- the in-memory snapshot -----------------------------------------------------
@@ -590,8 +609,7 @@ class AdapterStore:
                                    self._route_row(c, name), reason)
 
     def route_history(self, name: str) -> list[RouteChange]:
-        rows = self._conn().execute("SELECT name, at, caller, action, old, new, reason FROM route_history WHERE name = ? ORDER BY id",
-                                    (name,)).fetchall()
+        rows = self._query("SELECT name, at, caller, action, old, new, reason FROM route_history WHERE name = ? ORDER BY id", (name,))
         return [RouteChange(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, json.loads(r[5]) if r[5] else None, r[6])
                 for r in rows]
 

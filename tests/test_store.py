@@ -664,3 +664,23 @@ def test_versions_registered_for_another_base_are_not_served(tmp_path, spec, ada
     assert moved.get("bot").version == 1  # still listed
     with pytest.raises(InvalidAdapter, match="registered for base fingerprint"):
         moved.resolve("bot")
+
+
+def test_connections_of_finished_threads_are_closed(store, adapter_dirs):
+    import gc
+
+    store.register("bot", adapter_dirs["alpha"])
+
+    def open_fds() -> int:
+        gc.collect()
+        return sum(1 for fd in os.listdir("/proc/self/fd")
+                   if os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(store.db_path)))
+
+    before = open_fds()
+    for _ in range(30):
+        t = threading.Thread(target=lambda: store.resolve("bot"))
+        t.start()
+        t.join()
+    assert open_fds() <= before + 3  # one connection's db/wal handles at most, not 30 threads' worth
+    store.close()
+    assert open_fds() == 0

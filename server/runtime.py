@@ -80,7 +80,7 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     for name, path in cfg.adapters.items():
         v = manager.register(name, path, {"source": str(path), "registered_by": "cli"}, "cli")
         log.info("registered %s from %s", v.ref, path)
-    for v in store.list():  # warm what is already in the store, newest first, up to the CPU tier
+    for v in sorted(store.list(), key=lambda v: -v.created_at):  # warm what the store holds, newest first, up to the CPU tier
         if engine.pool.stats()["cpu_resident"] >= cfg.max_cpu_loras:
             break
         try:

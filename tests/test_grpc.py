@@ -5,6 +5,7 @@ HTTP app started by `start_server`, as `loraplex serve` wires them.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -18,6 +19,9 @@ from loraplex.protos.loraplex.v1 import loraplex_pb2 as pb
 from loraplex.protos.loraplex.v1 import loraplex_pb2_grpc as pbg
 
 MSGS = [{"role": "user", "content": "Say something."}]
+# generous: on a loaded 2-core machine a CPU request can take longer than httpx's 5 s default
+_post = functools.partial(httpx.post, timeout=60)
+_get = functools.partial(httpx.get, timeout=60)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -26,7 +30,7 @@ def g(server, adapter_dirs):
     from loraplex.server.grpc_server import GrpcServer
 
     for name in ("alpha", "beta"):
-        assert httpx.post(f"{server.url}/v1/adapters", json={"name": name, "path": str(adapter_dirs[name])}).status_code == 201
+        assert _post(f"{server.url}/v1/adapters", json={"name": name, "path": str(adapter_dirs[name])}).status_code == 201
     gs = GrpcServer(server.state, port=0)
     port = gs.start()
     ch = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -56,7 +60,7 @@ def test_unary_and_stream_equal_http(g):
     srv, ch, _ = g
     stub = pbg.InferenceStub(ch)
     for model in ("alpha", "beta", srv.state.service.model_id):
-        http = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": model, "messages": MSGS, "max_tokens": 10, "temperature": 0.9,
+        http = _post(f"{srv.url}/v1/chat/completions", json={"model": model, "messages": MSGS, "max_tokens": 10, "temperature": 0.9,
                                                                     "seed": 11, "logprobs": True, "top_logprobs": 2}).json()
         want = http["choices"][0]["message"]["content"]
         r = stub.Generate(chat_req(model, max_tokens=10, temperature=0.9, seed=11, logprobs=2))
@@ -80,7 +84,7 @@ def test_unary_and_stream_equal_http(g):
         assert chunks[-1].usage == r.usage
         assert {c.served_by for c in chunks} == {http["system_fingerprint"]}
     # text prompts equal /v1/completions, with its default of 16 new tokens
-    http = httpx.post(f"{srv.url}/v1/completions", json={"model": "alpha@1", "prompt": "Hello", "seed": 3}).json()
+    http = _post(f"{srv.url}/v1/completions", json={"model": "alpha@1", "prompt": "Hello", "seed": 3}).json()
     r = stub.Generate(pb.GenerateRequest(model="alpha@1", text="Hello", sampling=pb.SamplingParams(seed=3)))
     assert r.text == http["choices"][0]["text"] and r.usage.completion_tokens == http["usage"]["completion_tokens"]
     assert (r.adapter, r.adapter_version, r.served_by) == ("alpha", 1, "alpha@1")
@@ -93,7 +97,7 @@ def test_n_choices_stop_and_top_k_equal_http(g):
     srv, ch, _ = g
     stub = pbg.InferenceStub(ch)
     body = {"model": "beta", "messages": MSGS, "max_tokens": 8, "temperature": 1.0, "top_k": 20, "seed": 5, "n": 3}
-    http = httpx.post(f"{srv.url}/v1/chat/completions", json=body).json()
+    http = _post(f"{srv.url}/v1/chat/completions", json=body).json()
     want = [c["message"]["content"] for c in http["choices"]]
     assert len(set(want)) > 1  # seeds 5, 6, 7: different samples
     r = stub.Generate(chat_req("beta", max_tokens=8, temperature=1.0, top_k=20, seed=5, n=3, request_id="n3"))
@@ -110,7 +114,7 @@ def test_n_choices_stop_and_top_k_equal_http(g):
     # a stop string cuts the text the same way on both
     greedy = stub.Generate(chat_req("alpha", max_tokens=12, temperature=0, ignore_eos=True)).text
     stop = greedy[len(greedy) // 2:len(greedy) // 2 + 2]
-    http = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": "alpha", "messages": MSGS, "max_tokens": 12, "temperature": 0,
+    http = _post(f"{srv.url}/v1/chat/completions", json={"model": "alpha", "messages": MSGS, "max_tokens": 12, "temperature": 0,
                                                                 "ignore_eos": True, "stop": [stop]}).json()
     r = stub.Generate(chat_req("alpha", max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]))
     assert r.finish_reason == http["choices"][0]["finish_reason"] == "stop"
@@ -310,20 +314,20 @@ def test_admin_rpcs_share_the_store_with_http(g, adapter_dirs):
     v2 = admin.RegisterAdapter(pb.RegisterAdapterRequest(name="grpc-bot", path=str(adapter_dirs["delta"])))
     assert (v1.version, v2.version) == (1, 2) and (v1.r, v2.r) == (16, 2) and v1.use_rslora and v1.id == "grpc-bot@1"
     assert '"from": "test"' in v1.lineage_json and v1.sha256 and v1.base_fingerprint
-    assert httpx.get(f"{srv.url}/v1/adapters/grpc-bot").json()["latest"] == 2  # HTTP sees what gRPC registered
+    assert _get(f"{srv.url}/v1/adapters/grpc-bot").json()["latest"] == 2  # HTTP sees what gRPC registered
     a = admin.GetAdapter(pb.GetAdapterRequest(name="grpc-bot"))
     assert a.latest == 2 and [v.version for v in a.versions] == [1, 2] and not a.HasField("route")
     r = admin.SetRoute(pb.SetRouteRequest(name="grpc-bot", weights={1: 50, 2: 50}, sticky="session",
                                           guard=pb.RouteGuard(max_error_rate=0.5)), metadata=md)
     assert dict(r.weights) == {1: 50, 2: 50} and r.sticky == "session" and r.updated_by == "ci-bot"
     assert r.guard.max_error_rate == 0.5 and r.guard.min_requests == 20
-    assert httpx.get(f"{srv.url}/v1/routes/grpc-bot").json()["versions"] == {"1": 50, "2": 50}
+    assert _get(f"{srv.url}/v1/routes/grpc-bot").json()["versions"] == {"1": 50, "2": 50}
     assert admin.GetRoute(pb.GetRouteRequest(name="grpc-bot")) == r
     # sticky sessions: the same session goes to the same version over gRPC (field or metadata) and HTTP
     seen = set()
     for k in range(8):
         sess = f"user-{k}"
-        http = httpx.post(f"{srv.url}/v1/completions", json={"model": "grpc-bot", "prompt": "hi", "max_tokens": 1, "user": sess})
+        http = _post(f"{srv.url}/v1/completions", json={"model": "grpc-bot", "prompt": "hi", "max_tokens": 1, "user": sess})
         by_field = stub.Generate(pb.GenerateRequest(model="grpc-bot", text="hi", session=sess, sampling=pb.SamplingParams(max_tokens=1)))
         by_md = stub.Generate(pb.GenerateRequest(model="grpc-bot", text="hi", sampling=pb.SamplingParams(max_tokens=1)),
                               metadata=(("x-loraplex-session", sess),))
@@ -334,12 +338,12 @@ def test_admin_rpcs_share_the_store_with_http(g, adapter_dirs):
     assert dict(admin.RollbackRoute(pb.RollbackRouteRequest(name="grpc-bot", reason="test")).weights) == {1: 50, 2: 50}
     ids = {m.id for m in stub.ListModels(pb.ListModelsRequest()).models}
     assert {"grpc-bot", "grpc-bot@1", "grpc-bot@2", srv.state.service.model_id} <= ids
-    assert ids == {m["id"] for m in httpx.get(f"{srv.url}/v1/models").json()["data"]}
+    assert ids == {m["id"] for m in _get(f"{srv.url}/v1/models").json()["data"]}
     assert {"grpc-bot@1", "grpc-bot@2"} <= {v.id for v in admin.ListAdapters(pb.ListAdaptersRequest()).versions}
     d = admin.DeleteAdapter(pb.DeleteAdapterRequest(name="grpc-bot"))
     assert sorted(d.deleted) == ["grpc-bot@1", "grpc-bot@2"]
     assert rpc_error(stub.Generate, chat_req("grpc-bot", max_tokens=1))[0] == grpc.StatusCode.NOT_FOUND
-    assert httpx.get(f"{srv.url}/v1/adapters/grpc-bot").status_code == 404
+    assert _get(f"{srv.url}/v1/adapters/grpc-bot").status_code == 404
 
 
 def test_reflection_lists_and_describes_the_services(g):
@@ -424,7 +428,7 @@ def test_serve_starts_grpc_beside_http_and_drains_on_sigterm(tiny_base, tmp_path
             statuses = [next(watch).status]
             while statuses[-1] != SERVING:
                 statuses.append(next(watch).status)
-            model = httpx.get(f"http://127.0.0.1:{hp}/v1/models").json()["data"][0]["id"]  # HTTP is up too
+            model = _get(f"http://127.0.0.1:{hp}/v1/models").json()["data"][0]["id"]  # HTTP is up too
             stream = pbg.InferenceStub(ch).GenerateStream(chat_req(model, max_tokens=150, ignore_eos=True))
             first = next(stream)
             proc.send_signal(signal.SIGTERM)

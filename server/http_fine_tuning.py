@@ -82,7 +82,7 @@ class FineTuningRoutes:
 
     async def file_content(self, request: HttpRequest):
         path = await self._call(self.m.file_path, request.path_params["file_id"])
-        return FileResponse(path, media_type="application/jsonl")
+        return FileResponse(path, media_type="text/csv" if path.suffix == ".csv" else "application/jsonl")
 
     async def create_job(self, request: HttpRequest):
         body: JobBody = await parse_body(request, JobBody)

@@ -75,6 +75,7 @@ def test_openai_client_fine_tunes_and_chats_with_the_result(srv, client, tmp_pat
     metrics = [e for e in events if e.type == "metrics"]
     assert metrics and {"step", "loss", "tokens_per_second", "eta_seconds"} <= set(metrics[0].data)
     assert metrics[-1].data["loss"] > metrics[0].data["loss"]  # events are newest first
+    assert client.files.content(done.result_files[0]).text.startswith("step,train_loss,valid_loss")
     cks = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert cks and cks[0].fine_tuned_model_checkpoint == name
     # the server serves the new adapter immediately, and it learned the mapping

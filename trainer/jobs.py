@@ -62,6 +62,9 @@ class JobManager:
         self._procs: dict[str, subprocess.Popen] = {}
         self._offsets: dict[str, int] = {}
         self._db().executescript(_SCHEMA)
+        if "result_files" not in {r["name"] for r in self._db().execute("PRAGMA table_info(jobs)")}:
+            with self._db() as c:  # databases from before result files existed
+                c.execute("ALTER TABLE jobs ADD COLUMN result_files TEXT")
         now = int(time.time())
         with self._db() as c:  # a restart interrupts whatever was running
             for (jid,) in c.execute("SELECT id FROM jobs WHERE status IN ('running', 'validating_files')").fetchall():
@@ -103,13 +106,16 @@ class JobManager:
                             raise ValueError
                     except ValueError:
                         raise JobError(f"{filename}:{i}: not a JSON object per line (fine-tune files are JSONL)", param="file") from None
-        fid = "file-" + uuid.uuid4().hex[:24]
-        path = self.files_dir / f"{fid}.jsonl"
-        path.write_bytes(data)
-        rec = (fid, filename, len(data), int(time.time()), purpose, str(path))
         with self._db() as c:
-            c.execute("INSERT INTO files VALUES (?,?,?,?,?,?)", rec)
+            fid = self._save_file(c, filename, data, purpose)
         return self.file(fid)
+
+    def _save_file(self, c, filename: str, data: bytes, purpose: str) -> str:
+        fid = "file-" + uuid.uuid4().hex[:24]
+        path = self.files_dir / (fid + (Path(filename).suffix or ".jsonl"))
+        path.write_bytes(data)
+        c.execute("INSERT INTO files VALUES (?,?,?,?,?,?)", (fid, filename, len(data), int(time.time()), purpose, str(path)))
+        return fid
 
     def file(self, fid: str) -> dict:
         r = self._db().execute("SELECT * FROM files WHERE id=?", (fid,)).fetchone()
@@ -200,13 +206,20 @@ class JobManager:
         r = self._db().execute("SELECT * FROM jobs WHERE id=?", (jid,)).fetchone()
         if r is None:
             raise JobError(f"no fine-tuning job {jid!r}", 404, "fine_tuning_job_id")
+        eta = None
+        if r["status"] == "running":
+            last = self._db().execute("SELECT created_at, data FROM events WHERE job_id=? AND type='metrics' ORDER BY id DESC LIMIT 1",
+                                      (jid,)).fetchone()
+            if last is not None:
+                eta = int(last["created_at"] + json.loads(last["data"]).get("eta_seconds", 0))
         return {
             "id": r["id"], "object": "fine_tuning.job", "created_at": r["created_at"], "model": r["model"],
             "status": r["status"], "fine_tuned_model": r["fine_tuned_model"], "finished_at": r["finished_at"],
             "training_file": r["training_file"], "validation_file": r["validation_file"], "seed": r["seed"],
             "hyperparameters": json.loads(r["hyperparameters"]), "method": json.loads(r["method"]),
             "error": json.loads(r["error"]) if r["error"] else None, "trained_tokens": r["trained_tokens"],
-            "result_files": [], "organization_id": "loraplex", "integrations": [], "estimated_finish": None,
+            "result_files": json.loads(r["result_files"] or "[]"), "organization_id": "loraplex", "integrations": [],
+            "estimated_finish": eta,
             "user_provided_suffix": r["suffix"], "metadata": json.loads(r["metadata"]) if r["metadata"] else None,
         }
 
@@ -324,8 +337,12 @@ class JobManager:
             res = job_dir / "result.json"
             if rc == 0 and res.exists():
                 r = json.loads(res.read_text())
-                c.execute("UPDATE jobs SET status='succeeded', finished_at=?, fine_tuned_model=?, trained_tokens=? WHERE id=?",
-                          (now, r["adapter"], r.get("trained_tokens"), jid))
+                results = []
+                metrics = job_dir / "output" / "metrics.jsonl"
+                if metrics.exists():  # the step metrics as a fine-tune-results file, as OpenAI attaches one
+                    results.append(self._save_file(c, "step_metrics.csv", _metrics_csv(metrics), "fine-tune-results"))
+                c.execute("UPDATE jobs SET status='succeeded', finished_at=?, fine_tuned_model=?, trained_tokens=?, result_files=? WHERE id=?",
+                          (now, r["adapter"], r.get("trained_tokens"), json.dumps(results), jid))
                 self._event(c, jid, "info", "message", f"The job has successfully completed: {r['ref']}")
             else:
                 err_f = job_dir / "error.json"
@@ -356,3 +373,14 @@ class JobManager:
                 import logging
 
                 logging.getLogger("loraplex.jobs").exception("job watcher error")
+
+
+def _metrics_csv(path: Path) -> bytes:
+    cols = ("step", "train_loss", "valid_loss", "learning_rate", "tokens_per_second")
+    keys = ("step", "loss", "eval_loss", "learning_rate", "tokens_per_second")
+    lines = [",".join(cols)]
+    for line in path.read_text().splitlines():
+        if line.strip():
+            m = json.loads(line)
+            lines.append(",".join("" if m.get(k) is None else str(m[k]) for k in keys))
+    return ("\n".join(lines) + "\n").encode()

@@ -251,7 +251,7 @@ def train_sft(cfg: JobConfig, out_dir: Path, *, resume: bool = False, on_event: 
     train, val, data_info = prepare_data(cfg, tok)  # fails before any step on malformed data
     emit({"type": "data", "train_examples": len(train), "val_examples": len(val), "world_size": ranks.world, **data_info})
     if ranks.world > cfg.gradient_accumulation_steps:
-        emit({"type": "message", "level": "warning", "message": f"{ranks.world} processes but gradient_accumulation_steps="
+        emit({"type": "message", "level": "warn", "message": f"{ranks.world} processes but gradient_accumulation_steps="
               f"{cfg.gradient_accumulation_steps}: some ranks idle; use a multiple of num_processes"})
     model = lora_model(model, cfg)
     if cfg.gradient_checkpointing and cfg.quantize is None:

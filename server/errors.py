@@ -80,3 +80,11 @@ def pydantic_error(exc) -> BadRequest:
     loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     msg = first.get("msg", "invalid value")
     return BadRequest(f"invalid field '{loc}': {msg}" if loc else f"invalid request: {msg}", param=loc or None)
+
+
+class InternalError(ApiError):
+    """The engine failed a request (500 / INTERNAL); the message is generic, details are in the server log."""
+
+    http_status = 500
+    grpc_code = "INTERNAL"
+    error_type = "server_error"

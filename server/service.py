@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from .engine import Engine
-from .errors import ApiError, BadRequest, NotFound, from_store_error
+from .errors import ApiError, InternalError, BadRequest, NotFound, from_store_error
 from .loading import LoadedBase
 from .request import OutputStream, Request, RequestOutput, SamplingParams, TokenLogprob
 
@@ -116,7 +116,7 @@ class GenerationService:
             if out.hidden and g_hidden is None:
                 g_hidden = out.hidden[0]
             if out.finished and out.error:
-                raise ApiError(out.error)
+                raise InternalError(out.error)
         w, b = head["weight"].float(), head.get("bias")
         return float(g_hidden @ w[0] + (b.float()[0] if b is not None else 0.0))
 
@@ -164,7 +164,7 @@ def merge(g: Generation, out: RequestOutput) -> None:
     if out.finished:
         g.finish_reason = out.finish_reason
         if out.error:
-            raise ApiError(out.error)
+            raise InternalError(out.error)
 
 
 async def gather_streams(reqs: list[Request], service: GenerationService):

@@ -197,6 +197,11 @@ def test_request_spans_carry_adapter_and_version(srv):
     exp = InMemorySpanExporter()
     srv.state.telemetry.provider.add_span_processor(SimpleSpanProcessor(exp))
     httpx.post(f"{srv.url}/v1/completions", json={"model": "bot@2", "prompt": "x", "max_tokens": 2})
+    import time as _t
+
+    deadline = _t.time() + 5  # the span is recorded just after the client gets its last token
+    while not [s for s in exp.get_finished_spans() if s.name == "loraplex.request"] and _t.time() < deadline:
+        _t.sleep(0.02)
     spans = [s for s in exp.get_finished_spans() if s.name == "loraplex.request"]
     assert spans
     a = spans[-1].attributes

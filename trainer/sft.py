@@ -119,6 +119,8 @@ class CausalLMLoss(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._no_split_modules = getattr(lm, "_no_split_modules", None)  # FSDP's transformer-layer auto wrap looks here
 
     def forward(self, input_ids, attention_mask, position_ids, labels):
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

@@ -19,7 +19,7 @@ def run_job(cfg, out_dir: Path, store_dir: Path, *, resume: bool, caller: str, o
     if cfg.num_processes > 1:
         from .distributed import train_distributed
 
-        result = train_distributed(cfg, out_dir, resume=resume, on_event=on_event)
+        result = train_distributed(cfg, out_dir, resume=resume, on_event=on_event, progress=progress)
     elif cfg.method == "sft":
         from .sft import train_sft
 
@@ -33,8 +33,12 @@ def run_job(cfg, out_dir: Path, store_dir: Path, *, resume: bool, caller: str, o
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    from loraplex.adapters_store.base_model import BaseModelError
+    from loraplex.adapters_store.errors import StoreError
+
     from .config import JobConfigError, load_config
     from .data import DataError
+    from .distributed import DistributedJobError
 
     ap = argparse.ArgumentParser(prog="loraplex train", description="run a training job and register its adapter")
     ap.add_argument("job", type=Path, help="job YAML file")
@@ -51,9 +55,12 @@ def train_main(argv: list[str] | None = None) -> int:
     store = args.store or default_home() / "store"
     try:
         v, route = run_job(cfg, out, store, resume=args.resume, caller=f"train:{args.job.name}", progress=True)
-    except (DataError, JobConfigError) as e:
+    except (DataError, JobConfigError, BaseModelError) as e:
         print(f"loraplex train: {e}", file=sys.stderr)
         return 2
+    except (StoreError, DistributedJobError) as e:  # e.g. the store refused the adapter; the checkpoints stay in --output
+        print(f"loraplex train: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({"adapter": v.ref, "path": str(v.path), "route": None if route is None else route.to_json()}))
     return 0
 

@@ -185,6 +185,13 @@ def test_two_process_data_parallel_matches_single_process(tiny_base, tmp_path):
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     assert any(e.get("world_size") == 2 for e in events)
+    # stopped after one step, then resumed: each rank's optimizer and RNG state come back from the checkpoint
+    dcfg = parse_config({**base, "num_processes": 2, "adapter": {"name": "colors", "r": 16, "alpha": 32, "dropout": 0.1}})
+    part = train_distributed(dcfg, tmp_path / "part", stop_after=1)
+    assert part.steps == 1 and sorted(p.name for p in (tmp_path / "part" / "checkpoint-1").glob("rank-*.pt")) == ["rank-0.pt", "rank-1.pt"]
+    resumed = train_distributed(dcfg, tmp_path / "part", resume=True)
+    again = train_distributed(dcfg, tmp_path / "again")
+    assert resumed.losses == pytest.approx(again.losses, rel=1e-5)
 
 
 def test_4bit_and_distributed_options_are_refused_clearly_where_they_cannot_run(tmp_path, tiny_base):

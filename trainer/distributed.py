@@ -165,8 +165,9 @@ def accelerate_config(cfg, port: int) -> dict:
     return conf
 
 
-def train_distributed(cfg, out_dir: Path, *, resume: bool = False, on_event=None, progress: bool = False):
-    """Runs the SFT job on `cfg.num_processes` workers and returns rank 0's TrainResult."""
+def train_distributed(cfg, out_dir: Path, *, resume: bool = False, on_event=None, progress: bool = False,
+                      stop_after: int | None = None):
+    """Runs the SFT job on `cfg.num_processes` workers and returns rank 0's TrainResult (`stop_after` as in train_sft)."""
     import yaml
     from transformers import AutoTokenizer
 
@@ -185,7 +186,8 @@ def train_distributed(cfg, out_dir: Path, *, resume: bool = False, on_event=None
         (out_dir / "metrics.jsonl").unlink()
     port = _free_port()
     spec = out_dir / "dist_spec.json"
-    spec.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "out_dir": str(out_dir), "resume": resume}))
+    spec.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "out_dir": str(out_dir), "resume": resume,
+                                "stop_after": stop_after}))
     acc_cfg = out_dir / "accelerate.yaml"
     acc_cfg.write_text(yaml.safe_dump(accelerate_config(cfg, port)))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg), "--num_processes", str(cfg.num_processes),

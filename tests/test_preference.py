@@ -112,3 +112,14 @@ def test_missing_rejected_fails_before_training(tiny_base, tmp_path):
         run_job(pref_job(tiny_base, p, "dpo"), tmp_path / "run", tmp_path / "store", resume=False, caller="t", on_event=events.append)
     assert not any(e.get("type") == "metrics" for e in events)
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store" / "adapters").glob("*"))
+
+
+def test_dpo_stop_and_resume_gives_the_same_losses(tiny_base, tmp_path):
+    from loraplex.trainer.preference import train_preference
+
+    cfg = pref_job(tiny_base, pref_data(tmp_path / "p.jsonl", 24), "dpo", epochs=1, val_set_size=0.0)
+    full = train_preference(cfg, tmp_path / "full")
+    part = train_preference(cfg, tmp_path / "part", stop_after=2)
+    assert part.steps == 2
+    resumed = train_preference(cfg, tmp_path / "part", resume=True)
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)

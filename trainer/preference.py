@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .config import JobConfig
 from .data import Example, Tokenizing, collate
 from .preference_data import Pair, load_pairs
-from .sft import TrainResult, _schedule, latest_checkpoint, load_base_and_tokenizer, lora_model, save_checkpoint, set_seed
+from .sft import TrainResult, load_single_checkpoint, _schedule, latest_checkpoint, load_base_and_tokenizer, lora_model, save_checkpoint, set_seed
 
 
 def seq_logps(model, exs: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,8 +134,7 @@ def train_method(cfg: JobConfig, out_dir: Path, *, resume: bool = False, on_even
 
 
 def train_preference(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=None, progress=False, stop_after=None, store_dir=None) -> TrainResult:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     emit = on_event or (lambda e: None)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -200,13 +199,7 @@ def train_preference(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=No
 
     step, losses = 0, []
     if resume and (ck := latest_checkpoint(out_dir)) is not None:
-        set_peft_model_state_dict(model, load_file(str(ck / "adapter_model.safetensors")))
-        st = torch.load(ck / "trainer_state.pt", weights_only=False)
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["torch_rng"])
-        random.setstate(st["py_rng"])
-        step, losses = st["step"], st["losses"]
+        step, losses = load_single_checkpoint(model, opt, sched, ck)
         if head is not None:
             head.load_state_dict(torch.load(ck / "score_head.pt"))
         emit({"type": "resumed", "step": step})

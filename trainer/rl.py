@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .config import JobConfig
 from .data import DataError, read_jsonl
-from .sft import TrainResult, _schedule, latest_checkpoint, load_base_and_tokenizer, lora_model, save_checkpoint, set_seed
+from .sft import TrainResult, load_single_checkpoint, _schedule, latest_checkpoint, load_base_and_tokenizer, lora_model, save_checkpoint, set_seed
 
 
 # --- loss terms ----------------------------------------------------------------------------------
@@ -172,9 +172,6 @@ def _pad(rows: list[list[float]], T: int, device) -> torch.Tensor:
 
 
 def train_rl(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=None, progress=False, stop_after=None, store_dir=None) -> TrainResult:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     from .preference import init_adapter
     from .rollout import RolloutEngine
 
@@ -214,11 +211,7 @@ def train_rl(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=None, prog
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
         step, losses = 0, []
         if resume and (ck := latest_checkpoint(out_dir)) is not None:
-            set_peft_model_state_dict(model, load_file(str(ck / "adapter_model.safetensors")))
-            st = torch.load(ck / "trainer_state.pt", weights_only=False)
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            step, losses = st["step"], st["losses"]
+            step, losses = load_single_checkpoint(model, opt, sched, ck)
             if value_head is not None:
                 value_head.load_state_dict(torch.load(ck / "value_head.pt"))
             emit({"type": "resumed", "step": step})

@@ -210,6 +210,19 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda_rng"])
 
 
+def load_single_checkpoint(model, opt, sched, ck: Path) -> tuple[int, list[float]]:
+    """Restores a one-process checkpoint (adapter, optimizer, scheduler, RNG) -> (step, loss history)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(ck / "adapter_model.safetensors")))
+    st = torch.load(ck / "trainer_state.pt", weights_only=False)
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    _set_rng_state(st)
+    return st["step"], st["losses"]
+
+
 def _check_resumable(saved: dict | None, cfg: JobConfig, world: int, saved_world: int) -> None:
     if saved_world != world:
         raise JobConfigError(f"cannot resume: the checkpoint was written by {saved_world} process(es), this run has {world}")

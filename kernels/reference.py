@@ -75,3 +75,39 @@ def lora_expand_ref(
             delta = buf[i, a:b, :r] @ Bi[slot, :, :r].float().T
             y[a:b, offsets[i]:offsets[i] + n] += delta.to(y.dtype)
     return y
+
+
+def apply_lora_segmented(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A: list[torch.Tensor],
+    B: list[torch.Tensor],
+    seg: LoraSegments,
+    scales: torch.Tensor,
+    ranks: torch.Tensor,
+    offsets: list[int],
+) -> torch.Tensor:
+    """shrink + expand fused per segment, for fp32 CPU tensors: the engine's CPU execution path.
+
+    Same result as `lora_expand_ref(y, lora_shrink_ref(...))`, with two BLAS
+    calls per (segment, slice) and no intermediate buffer: `y_seg.addmm_(x_seg
+    A_slot^T, B_slot^T, alpha=scale)`. For a batch of one adapter (an RL
+    rollout, a single-tenant burst) that is the whole cost, where the
+    shrink/expand pair spends most of its time on bookkeeping.
+    """
+    ranks_h = ranks.tolist()
+    scales_h = scales.tolist()
+    starts = seg.seg_starts_host
+    for j, slot in enumerate(seg.seg_slots_host):
+        a, b = starts[j], starts[j + 1]
+        if slot < 0 or a == b:
+            continue
+        xs = x[a:b]
+        for i, (Ai, Bi) in enumerate(zip(A, B)):
+            r = ranks_h[i][slot]
+            if r == 0:
+                continue
+            n = Bi.shape[1]
+            h = torch.mm(xs, Ai[slot, :r].t())
+            y[a:b, offsets[i] : offsets[i] + n].addmm_(h, Bi[slot, :, :r].t(), alpha=scales_h[slot])
+    return y

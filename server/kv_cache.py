@@ -43,16 +43,6 @@ class SeqKVCache:
         m.used_tokens += new_cap - self.capacity
         self.kv = kv
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        # k, v: [n, H_kv, D] for positions start .. start+n-1
-        n = k.shape[0]
-        self.kv[layer, 0, :, start : start + n] = k.transpose(0, 1)
-        self.kv[layer, 1, :, start : start + n] = v.transpose(0, 1)
-
-    def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # -> K, V: [H_kv, end, D]
-        return self.kv[layer, 0, :, :end], self.kv[layer, 1, :, :end]
-
     def free(self) -> None:
         if self.kv is not None:
             self.manager.used_tokens -= self.capacity

@@ -130,7 +130,22 @@ class ModelRunner:
         h = self.embed(batch.input_ids)  # [T, H]
         cos, sin = self.rotary(h, batch.positions[None])  # [1, T, D]
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [T, 1, D]
-        chunk_masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
+        # Per-sequence views, built once per step with one `unbind` per sequence and
+        # shared by every layer: where this step's K/V go, and the keys/values each
+        # sequence attends to (per sliding window). The layer loop below then costs
+        # one batched copy plus one SDPA call per sequence.
+        sizes = [c.n for c in batch.chunks]
+        dst = [c.cache.kv[:, :, :, c.past : c.past + c.n].unbind(0) for c in batch.chunks]  # [seq][layer] -> [2, nKV, n, D]
+        dst_by_layer = list(zip(*dst))
+        keys: dict[int | None, list] = {}
+        for window in set(self.windows):
+            per_seq = []
+            for c in batch.chunks:
+                lo = 0 if window is None else max(0, c.past - window + 1)
+                kv = c.cache.kv[:, :, None, :, lo : c.past + c.n]  # [L, 2, 1, nKV, len, D]
+                per_seq.append((kv[:, 0].unbind(0), kv[:, 1].unbind(0), self._mask(c, window, lo)))
+            keys[window] = per_seq
+        gqa = nH != nKV
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -142,28 +157,15 @@ class ModelRunner:
                 k = attn.k_norm(k)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            out = torch.empty((T, nH, D), dtype=q.dtype, device=q.device)
-            window = self.windows[li]
-            for ci, c in enumerate(batch.chunks):
-                a, b = c.start, c.start + c.n
-                c.cache.write(li, k[a:b], v[a:b], c.past)
-                end = c.past + c.n
-                lo = 0 if window is None else max(0, c.past - window + 1)
-                K, V = c.cache.view(li, end)
-                key = (ci, window)
-                if key not in chunk_masks:
-                    chunk_masks[key] = self._mask(c, window, lo)
-                mask = chunk_masks[key]
-                o = F.scaled_dot_product_attention(
-                    q[a:b].transpose(0, 1)[None],
-                    K[:, lo:][None],
-                    V[:, lo:][None],
-                    attn_mask=mask,
-                    scale=self.scaling,
-                    enable_gqa=nH != nKV,
-                )  # [1, nH, n, D]
-                out[a:b] = o[0].transpose(0, 1)
-            h = h + attn.o_proj(out.view(T, nH * D))
+            kv_new = torch.stack((k, v)).permute(0, 2, 1, 3)  # [2, nKV, T, D]
+            torch._foreach_copy_(dst_by_layer[li], kv_new.split(sizes, dim=2))
+            qs = q.transpose(0, 1)[None].split(sizes, dim=2)  # [1, nH, n, D] per sequence
+            outs = [
+                F.scaled_dot_product_attention(qi, K[li], V[li], attn_mask=mask, scale=self.scaling, enable_gqa=gqa)[0]
+                for qi, (K, V, mask) in zip(qs, keys[self.windows[li]])
+            ]
+            out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).transpose(0, 1).reshape(T, nH * D)
+            h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         for c in batch.chunks:
             c.cache.length = max(c.cache.length, c.past + c.n)

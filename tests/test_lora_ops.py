@@ -1,4 +1,4 @@
-"""The CPU LoRA paths (segmented reference and dense-over-slots) agree, and `apply_lora` equals a plain per-token loop."""
+"""The CPU LoRA paths (segmented reference, fused segmented and dense-over-slots) agree, and `apply_lora` equals a plain per-token loop."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +6,7 @@ import torch
 
 from loraplex.kernels import LoraSegments, apply_lora
 from loraplex.kernels.dense import apply_lora_dense, dense_ok
+from loraplex.kernels.reference import apply_lora_segmented
 from loraplex.kernels.reference import lora_expand_ref, lora_shrink_ref
 
 
@@ -49,6 +50,8 @@ def test_reference_and_dense_match_naive(slots, ranks):
     assert dense_ok([A], [Bt.transpose(1, 2)])
     dense = apply_lora_dense(y0.clone(), x, [A], [Bt.transpose(1, 2)], seg, scales, rk, [0])
     assert torch.allclose(dense, want, atol=1e-4, rtol=1e-4)
+    fused = apply_lora_segmented(y0.clone(), x, [A], [Bt.transpose(1, 2)], seg, scales, rk, [0])
+    assert torch.allclose(fused, want, atol=1e-4, rtol=1e-4)
     via_dispatch = apply_lora(y0.clone(), x, [A], [Bt.transpose(1, 2)], seg, scales, rk, [0])
     assert torch.allclose(via_dispatch, want, atol=1e-4, rtol=1e-4)
 
@@ -77,4 +80,6 @@ def test_multi_slice_offsets():
     B = [b.transpose(1, 2) for b in Bt]
     ref = lora_expand_ref(y0.clone(), lora_shrink_ref(x, A, seg, scales, ranks), B, seg, ranks, [0, 12, 18])
     dense = apply_lora_dense(y0.clone(), x, A, B, seg, scales, ranks, [0, 12, 18])
+    fused = apply_lora_segmented(y0.clone(), x, A, B, seg, scales, ranks, [0, 12, 18])
     assert torch.allclose(ref, want, atol=1e-4) and torch.allclose(dense, want, atol=1e-4)
+    assert torch.allclose(fused, want, atol=1e-4)

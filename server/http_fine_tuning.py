@@ -23,7 +23,7 @@ from .openai_api import parse_body
 
 def _err(e) -> ApiError:
     cls = {404: NotFound, 409: Conflict}.get(getattr(e, "status", 400), BadRequest)
-    return cls(str(e), param=getattr(e, "param", None))
+    return cls(str(e), param=getattr(e, "param", None), code=getattr(e, "code", None))
 
 
 class JobBody(BaseModel):

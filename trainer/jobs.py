@@ -11,6 +11,7 @@ reason it failed. Cancel terminates the job's process group.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -37,10 +38,11 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 class JobError(ValueError):
     """A request the job manager refuses (bad file, unknown job...); carries an HTTP status."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status = status
         self.param = param
+        self.code = code
 
 
 class JobManager:
@@ -190,6 +192,9 @@ class JobManager:
             parsed = parse_config(cfg)
         except JobConfigError as e:
             raise JobError(str(e), param="hyperparameters") from None
+        if parsed.method in ("dpo", "reward"):  # a malformed preference file is refused now, not minutes later in the job
+            self._check_preference_files(parsed, {str(train_path): ("training_file", training_file),
+                                                  **({str(val_path): ("validation_file", validation_file)} if val_path else {})})
         shown = {"n_epochs": n_epochs, "batch_size": batch, "learning_rate_multiplier": mult}
         if mtype == "dpo":
             shown["beta"] = parsed.beta
@@ -202,6 +207,20 @@ class JobManager:
             self._event(c, jid, "info", "message", "job created and queued")
         return self.job(jid)
 
+    def _check_preference_files(self, cfg, uploaded: dict[str, tuple[str, str]]) -> None:
+        from .data import DataError
+        from .preference_data import check_records
+
+        for d in [*cfg.datasets, *cfg.validation_datasets]:
+            param, fid = uploaded.get(str(d.path), ("loraplex.datasets", None))
+            shown = self._db().execute("SELECT filename FROM files WHERE id=?", (fid,)).fetchone()["filename"] if fid else None
+            try:
+                check_records(d.path, shown)
+            except DataError as e:
+                where = f"{param} {fid}" if fid else "dataset"
+                raise JobError(f"{where} is not a valid {cfg.method.upper()} file: {e}", param=param,
+                               code="invalid_validation_file" if param == "validation_file" else "invalid_training_file") from None
+
     def job(self, jid: str) -> dict:
         r = self._db().execute("SELECT * FROM jobs WHERE id=?", (jid,)).fetchone()
         if r is None:
@@ -210,8 +229,9 @@ class JobManager:
         if r["status"] == "running":
             last = self._db().execute("SELECT created_at, data FROM events WHERE job_id=? AND type='metrics' ORDER BY id DESC LIMIT 1",
                                       (jid,)).fetchone()
-            if last is not None:
-                eta = int(last["created_at"] + json.loads(last["data"]).get("eta_seconds", 0))
+            left = json.loads(last["data"]).get("eta_seconds") if last is not None else None
+            if left is not None:  # none before the first step (a preference job's initial evaluation)
+                eta = int(last["created_at"] + left)
         return {
             "id": r["id"], "object": "fine_tuning.job", "created_at": r["created_at"], "model": r["model"],
             "status": r["status"], "fine_tuned_model": r["fine_tuned_model"], "finished_at": r["finished_at"],
@@ -233,7 +253,7 @@ class JobManager:
         self.job(jid)
         rows = self._db().execute("SELECT * FROM events WHERE job_id=? ORDER BY id DESC", (jid,)).fetchall()
         data = [{"id": f"ftevent-{r['id']}", "object": "fine_tuning.job.event", "created_at": r["created_at"], "level": r["level"],
-                 "message": r["message"], "data": json.loads(r["data"]) if r["data"] else None, "type": r["type"]} for r in rows]
+                 "message": r["message"], "data": _finite(json.loads(r["data"])) if r["data"] else None, "type": r["type"]} for r in rows]
         if after is not None:
             ids = [d["id"] for d in data]
             data = data[ids.index(after) + 1:] if after in ids else []
@@ -320,11 +340,16 @@ class JobManager:
             for line in chunk[:end].decode().splitlines():
                 e = json.loads(line)
                 if e.get("type") == "metrics":
-                    msg = f"Step {e['step']}/{e['total_steps']}: training loss={e['loss']:.4f}"
-                    self._event(c, jid, "info", "metrics", msg, {k: v for k, v in e.items() if k not in ("type", "at")})
+                    data = _finite({k: v for k, v in e.items() if k not in ("type", "at")})
+                    if data.get("loss") is None:  # the evaluation before the first step (DPO / reward) has no loss yet
+                        shown = ", ".join(f"{k}={v:.4f}" for k, v in data.items() if isinstance(v, float))
+                        msg = f"Step {e['step']}/{e['total_steps']}: initial evaluation" + (f": {shown}" if shown else "")
+                    else:
+                        msg = f"Step {e['step']}/{e['total_steps']}: training loss={data['loss']:.4f}"
+                    self._event(c, jid, "info", "metrics", msg, data)
                 elif e.get("type") in ("message", "checkpoint", "data", "resumed", "finished"):
                     self._event(c, jid, e.get("level", "info"), "message", e.get("message") or e["type"],
-                                {k: v for k, v in e.items() if k not in ("type", "at", "message", "level")} or None)
+                                _finite({k: v for k, v in e.items() if k not in ("type", "at", "message", "level")}) or None)
 
     def _finish(self, jid: str, rc: int) -> None:
         job_dir = self.runs_dir / jid
@@ -351,9 +376,20 @@ class JobManager:
                 else:
                     tail = (job_dir / "process.log").read_bytes()[-2000:].decode(errors="replace") if (job_dir / "process.log").exists() else ""
                     err = {"code": "training_failed", "message": f"the training process exited with status {rc}" + (f": {tail.strip().splitlines()[-1]}" if tail.strip() else "")}
+                err["message"] = self._uploaded_names(c, jid, err["message"])
                 c.execute("UPDATE jobs SET status='failed', finished_at=?, error=? WHERE id=?",
                           (now, json.dumps({"code": err["code"], "message": err["message"], "param": None}), jid))
                 self._event(c, jid, "error", "message", f"The job failed: {err['message']}")
+
+    @staticmethod
+    def _uploaded_names(c, jid: str, message: str) -> str:
+        """`message` with the server-side paths of the job's uploaded files replaced by `file-id (filename)`."""
+        row = c.execute("SELECT training_file, validation_file FROM jobs WHERE id=?", (jid,)).fetchone()
+        for fid in (row["training_file"], row["validation_file"]):
+            f = c.execute("SELECT path, filename FROM files WHERE id=?", (fid,)).fetchone() if fid else None
+            if f is not None:
+                message = message.replace(f["path"], f"{fid} ({f['filename']})")
+        return message
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll):
@@ -373,6 +409,17 @@ class JobManager:
                 import logging
 
                 logging.getLogger("loraplex.jobs").exception("job watcher error")
+
+
+def _finite(obj):
+    """`obj` with NaN / infinite floats as None: JSON has no NaN, and the HTTP layer refuses to write one."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _metrics_csv(path: Path) -> bytes:

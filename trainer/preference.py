@@ -150,7 +150,12 @@ def train_preference(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=No
     for d in cfg.datasets:
         pairs += load_pairs(d.path, tk)  # a malformed record fails here, before any step
         hashes[d.path] = file_sha256(d.path)
-    train, val = _split(pairs, cfg)
+    held_out: list[Pair] = []
+    for d in cfg.validation_datasets:
+        held_out += load_pairs(d.path, tk)
+        hashes[d.path] = file_sha256(d.path)
+    # a validation file (the fine-tuning API's validation_file) replaces the split off the training pairs, as in SFT
+    train, val = (pairs, held_out) if held_out else _split(pairs, cfg)
     emit({"type": "data", "train_pairs": len(train), "val_pairs": len(val)})
     model = lora_model(base, cfg)
     lineage = init_adapter(model, cfg, store_dir)

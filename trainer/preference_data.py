@@ -75,6 +75,28 @@ def _encode(tk: Tokenizing, prompt, answer) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
+def check_records(path, shown_as: str | None = None) -> int:
+    """Checks every record's shape without a tokenizer (fast, for refusing a file up front); -> the number of pairs.
+
+    Errors read `<shown_as or path>:<line>: <reason>`, naming the missing or malformed field."""
+    label = shown_as or str(path)
+    try:
+        records = read_jsonl(path)
+    except DataError as e:
+        raise DataError(str(e).replace(str(path), label, 1)) from None
+    except UnicodeDecodeError:
+        raise DataError(f"{label}: not UTF-8 text") from None
+    for line, rec in records:
+        try:
+            _, chosen, rejected = _normalize(rec)
+            for answer in (chosen, rejected):
+                if isinstance(answer, list) and (not answer or answer[-1]["role"] != "assistant"):
+                    raise ValueError("each answer must end with an assistant message")
+        except ValueError as e:
+            raise DataError(f"{label}:{line}: {e}") from None
+    return len(records)
+
+
 def load_pairs(path, tk: Tokenizing) -> list[Pair]:
     out = []
     for line, rec in read_jsonl(path):

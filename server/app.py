@@ -157,6 +157,8 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
                 for ev in events:
                     state._seq = max(state._seq, ev.seq)
                     await asyncio.to_thread(m.on_store_event, ev)
+                    if state.routes is not None:  # route changes from the CLI or a trainer: warm, arm guards
+                        await asyncio.to_thread(state.routes.on_store_event, ev)
             except Exception:
                 log.exception("store polling failed")
 

@@ -116,10 +116,14 @@ def routes_parser(sub) -> None:
     p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
     p.add_argument("--caller", default=None, help="who makes the change (recorded in the history; default $USER)")
     rs = p.add_subparsers(dest="action", required=True)
-    s = rs.add_parser("set", help="loraplex routes set NAME VERSION=PERCENT ... [--sticky user]")
+    s = rs.add_parser("set", help="loraplex routes set NAME VERSION=PERCENT ... [--sticky user] [--guard-max-error-rate 0.05]")
     s.add_argument("name")
     s.add_argument("weights", nargs="+", metavar="VERSION=PERCENT")
     s.add_argument("--sticky", choices=["user", "session"])
+    s.add_argument("--guard-max-error-rate", type=float, metavar="RATE",
+                   help="guard: roll the route back by itself when a version new in it fails more than RATE (0..1) of its last "
+                        "--guard-min-requests requests (armed by the running server, or by the server when it starts)")
+    s.add_argument("--guard-min-requests", type=int, metavar="N", help="guard: requests the rate is measured over (default 20)")
     s = rs.add_parser("promote", help="send all traffic of NAME to VERSION")
     s.add_argument("name")
     s.add_argument("version", type=int)
@@ -139,6 +143,10 @@ def cmd_routes(args) -> int:
 
     from .runtime import default_home
 
+    guard, err = _guard_arg(args) if args.action == "set" else (None, None)
+    if err:
+        print(f"loraplex routes: {err}", file=sys.stderr)
+        return 2
     store = AdapterStore(args.store or default_home() / "store")
     caller = args.caller or f"cli:{getpass.getuser()}"
     try:
@@ -150,7 +158,7 @@ def cmd_routes(args) -> int:
                     print(f"loraplex routes: expected VERSION=PERCENT, got {w!r}", file=sys.stderr)
                     return 2
                 weights[int(v)] = int(pct)
-            r = store.set_route(args.name, weights, sticky=args.sticky, caller=caller)
+            r = store.set_route(args.name, weights, sticky=args.sticky, guard=guard, caller=caller)
         elif args.action == "promote":
             r = store.promote(args.name, args.version, caller=caller)
         elif args.action == "rollback":
@@ -171,6 +179,26 @@ def cmd_routes(args) -> int:
         return 1
     print(json.dumps({"name": args.name, **r.to_json()}))
     return 0
+
+
+def _guard_arg(args) -> tuple[dict | None, str | None]:
+    """The route guard the `--guard-*` flags ask for, checked as the HTTP API checks it: (guard, None) or (None, error)."""
+    if args.guard_max_error_rate is None:
+        if args.guard_min_requests is not None:
+            return None, "--guard-min-requests needs --guard-max-error-rate"
+        return None, None
+    from pydantic import ValidationError
+
+    from .routes_api import Guard
+
+    raw = {"max_error_rate": args.guard_max_error_rate}
+    if args.guard_min_requests is not None:
+        raw["min_requests"] = args.guard_min_requests
+    try:
+        return Guard(**raw).model_dump(), None
+    except ValidationError as e:
+        x = e.errors()[0]
+        return None, f"--guard-{str(x['loc'][0]).replace('_', '-')}: {x['msg']}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,11 @@ the store applies changes atomically and records who made them. Before a
 route that sends traffic to a version is stored, the server loads that
 version into memory, so no request pays the load. A guard rolls a route
 back by itself when a version new in that route misbehaves.
+
+Routes also change without us: `loraplex routes set` and trainer jobs write
+the store from other processes. The server sees those changes in the store's
+event log (`on_store_event`) and arms or disarms guards from the stored route
+and its history, as it does at start for routes set while it was down.
 """
 from __future__ import annotations
 
@@ -98,6 +103,40 @@ class RouteGuards:
                 return
             self._armed[name] = {"versions": new, "since": time.time(), "guard": dict(route.guard)}
 
+    def sync(self, name: str) -> None:
+        """Arms or disarms `name`'s guard from what the store holds: the current route and the change that made it.
+
+        Only a `set` arms (as over the API); promote and rollback disarm; pruning a 0% version keeps what
+        the route's last real change armed. The watch counts outcomes since that change."""
+        route = self.store.get_route(name)
+        hist = self.store.route_history(name) if route is not None else []
+        if hist and hist[-1].new is not None and {int(k): w for k, w in hist[-1].new["versions"].items()} != route.versions:
+            return  # the route moved between the two reads; that change's own event syncs it
+        change = next((c for c in reversed(hist) if c.action != "prune"), None)
+        with self._lock:
+            if route is None or not route.guard or change is None or change.action != "set" or change.old is None:
+                self._armed.pop(name, None)
+                return
+            old = {int(v) for v in change.old["versions"]}
+            new = {v for v, w in route.versions.items() if w > 0 and v not in old}
+            if not new:
+                self._armed.pop(name, None)
+                return
+            self._armed[name] = {"versions": new, "since": change.at, "guard": dict(route.guard)}
+
+    def sync_all(self) -> None:
+        for name in self.store.names():
+            try:
+                self.sync(name)
+            except Exception:
+                log.exception("could not arm the guard of route %s", name)
+
+    def armed(self, name: str) -> dict | None:
+        """What the guard of `name` watches now: {"versions", "since", "guard"}, or None."""
+        with self._lock:
+            a = self._armed.get(name)
+            return None if a is None else {"versions": sorted(a["versions"]), "since": a["since"], "guard": dict(a["guard"])}
+
     def observe(self, ref: str | None, outcome) -> None:
         if ref is None:
             return
@@ -165,6 +204,20 @@ class RouteRoutes:
         r = _store_call(self.store.rollback, name, caller=caller, reason=reason)
         self.guards.arm(name, None, None)
         return r
+
+    def on_store_event(self, ev) -> None:
+        """A route changed in the store, maybe by another process (the CLI, a trainer job): warm the versions it
+        sends traffic to and arm or disarm its guard from the stored definition."""
+        if ev.kind != "route_changed":
+            return
+        r = self.store.get_route(ev.name)
+        for v, w in (r.versions.items() if r is not None else ()):
+            if w > 0:
+                try:
+                    self.engine.pool.prefetch(self.store.get(ev.name, v))
+                except Exception as e:
+                    log.warning("could not preload %s@%d: %s", ev.name, v, e)
+        self.guards.sync(ev.name)
 
     async def get(self, request: HttpRequest):
         name = request.path_params["name"]

@@ -87,9 +87,12 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
             engine.pool.prefetch(v)
         except Exception as e:
             log.warning("could not preload %s: %s", v.ref, e)
-    state.store, state.engine, state.manager, state.telemetry = store, engine, manager, telemetry
-    state.routes = RouteRoutes(store, engine, telemetry, RouteGuards(store, telemetry))
+    # the event log position first: a change made while we look at the routes is then replayed by the poller
     state._seq = store.last_event_seq()
+    guards = RouteGuards(store, telemetry)
+    guards.sync_all()  # guarded routes set while the server was down (CLI, trainer jobs) are watched from the start
+    state.routes = RouteRoutes(store, engine, telemetry, guards)  # before the store: the poller needs both
+    state.store, state.engine, state.manager, state.telemetry = store, engine, manager, telemetry
     state.extra["base"] = base
     state.extra["config"] = cfg
     from loraplex.trainer.jobs import JobManager

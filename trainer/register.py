@@ -79,5 +79,9 @@ def register_result(cfg: JobConfig, adapter_dir: Path, metrics: dict, store_dir:
     if cfg.canary:
         w = canary_weights(store, cfg.adapter.name, v.version, cfg.canary)
         if w is not None:
-            route = store.set_route(cfg.adapter.name, w, caller=caller)
+            # the canary keeps the route's guard (and sticky setting): a running server arms the guard for the new
+            # version from the stored route, so a failing canary rolls back by itself
+            current = store.get_route(cfg.adapter.name)
+            route = store.set_route(cfg.adapter.name, w, sticky=current.sticky if current else None,
+                                    guard=current.guard if current else None, caller=caller)
     return v, route

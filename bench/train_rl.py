@@ -20,7 +20,7 @@ Two workloads, both sampled at temperature 1:
 
 Then a few PPO steps (rule reward) report rollout seconds against step seconds.
 
-Usage: python bench/train_rl.py [--prompts 32] [--max-new-tokens 128] [--fixed-tokens 64] [--ppo-steps 2]
+Usage: python bench/train_rl.py [--prompts 32] [--max-new-tokens 128] [--fixed-tokens 64] [--repeats 2] [--ppo-steps 2]
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--fixed-tokens", type=int, default=64)
     ap.add_argument("--ppo-steps", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="rounds per workload, alternating the two systems")
     args = ap.parse_args()
     from loraplex.server.request import OutputStream, Request, SamplingParams
     from loraplex.trainer.config import parse_config
@@ -81,17 +82,18 @@ def main() -> None:
 
     ro = RolloutEngine(model, tok, {eos})
 
-    def ours(max_tokens: int, ignore_eos: bool) -> tuple[float, list[int]]:
-        reqs = [Request(f"b{i}", p, SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i, ignore_eos=ignore_eos, logprobs=0),
+    def ours(max_tokens: int, ignore_eos: bool, rep: int = 0) -> tuple[float, list[int]]:
+        reqs = [Request(f"b{i}", p, SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=1000 * rep + i, ignore_eos=ignore_eos, logprobs=0),
                         adapter=ro.policy, stream=OutputStream()) for i, p in enumerate(prompts)]
         t0 = time.perf_counter()
         for r in reqs:
             ro.engine.submit(r)
+        ro.engine.run_until_idle()  # as the trainer does: the engine runs on the caller's thread
         lens = []
         for r in reqs:
             n = 0
             while True:
-                o = r.stream.get(timeout=900)
+                o = r.stream.get_nowait()
                 n += len(o.token_ids)
                 if o.finished:
                     break
@@ -105,8 +107,9 @@ def main() -> None:
         ids[i, L - len(p):] = torch.tensor(p)
         mask[i, L - len(p):] = 1
 
-    def hf(max_tokens: int, ignore_eos: bool) -> tuple[float, list[int]]:
+    def hf(max_tokens: int, ignore_eos: bool, rep: int = 0) -> tuple[float, list[int]]:
         kw = {"min_new_tokens": max_tokens} if ignore_eos else {}
+        torch.manual_seed(rep)
         with torch.no_grad():
             t0 = time.perf_counter()
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=True, temperature=1.0,
@@ -124,8 +127,13 @@ def main() -> None:
         hf(8, True)
         results = {}
         for name, max_tokens, ignore in (("eos", args.max_new_tokens, False), ("fixed", args.fixed_tokens, True)):
-            o_dt, o_lens = ours(max_tokens, ignore)
-            h_dt, h_lens = hf(max_tokens, ignore)
+            o_dt = h_dt = 0.0
+            o_lens, h_lens = [], []
+            for rep in range(args.repeats):  # alternate, so drift in machine load hits both alike
+                dt, lens = ours(max_tokens, ignore, rep)
+                o_dt, o_lens = o_dt + dt, o_lens + lens
+                dt, lens = hf(max_tokens, ignore, rep)
+                h_dt, h_lens = h_dt + dt, h_lens + lens
             results[name] = (sum(o_lens) / o_dt, o_lens, sum(h_lens) / h_dt, h_lens)
     finally:
         ro.close()
@@ -137,7 +145,7 @@ def main() -> None:
     steps = [e for e in events if e.get("type") == "metrics"]
     share = sum(e["rollout_seconds"] for e in steps) / sum(e["step_seconds"] for e in steps)
 
-    print(f"\nrollouts of {args.prompts} prompts, SmolLM2-135M-Instruct + LoRA r=16 all-linear, CPU, {torch.get_num_threads()} threads")
+    print(f"\nrollouts of {args.prompts} prompts x {args.repeats} rounds per system, SmolLM2-135M-Instruct + LoRA r=16 all-linear, CPU, {torch.get_num_threads()} threads")
     print(f"{'workload':10s} {'system':36s} {'tokens/s':>9s} {'mean len':>9s} {'max len':>8s}")
     for name, (o_tps, o_lens, h_tps, h_lens) in results.items():
         print(f"{name:10s} {'ours (rollout engine, live LoRA)':36s} {o_tps:9.1f} {statistics.mean(o_lens):9.1f} {max(o_lens):8d}")

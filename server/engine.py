@@ -97,7 +97,7 @@ class Engine:
 
     def call(self, fn, timeout: float | None = 30.0):
         """Runs `fn()` on the engine thread between steps and returns its result (re-raising its error)."""
-        if threading.current_thread() is self._thread:
+        if self._thread is None or threading.current_thread() is self._thread:  # no loop thread: the caller drives
             return fn()
         done = threading.Event()
         box: dict = {}
@@ -148,22 +148,38 @@ class Engine:
                     self._cv.wait()
                 if self._stop:
                     break
-                new = list(self._inbox)
-                self._inbox.clear()
-                calls = list(self._calls)
-                self._calls.clear()
-            for fn in calls:
-                fn()
-            for req in new:
-                self._enqueue(req)
-            try:
-                self._step()
-            except Exception:
-                log.exception("engine step failed; aborting the requests of that step")
-                for seq in list(self.scheduler.running):
-                    self._finish(seq, "error", error="internal engine error")
+            self._iterate()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(seq, "abort")
+
+    def run_until_idle(self) -> None:
+        """Drives the loop on the caller's thread until every submitted request has finished.
+
+        For an engine that was never `start()`ed and has one user that blocks on
+        its results anyway (the trainer's rollouts): no thread hand-off per step,
+        and no second thread competing with the model's own intra-op threads.
+        """
+        if self._thread is not None:
+            raise RuntimeError("run_until_idle is for engines without a loop thread")
+        while self._inbox or self._calls or self.scheduler.running or self.scheduler.waiting:
+            self._iterate()
+
+    def _iterate(self) -> None:
+        with self._cv:
+            new = list(self._inbox)
+            self._inbox.clear()
+            calls = list(self._calls)
+            self._calls.clear()
+        for fn in calls:
+            fn()
+        for req in new:
+            self._enqueue(req)
+        try:
+            self._step()
+        except Exception:
+            log.exception("engine step failed; aborting the requests of that step")
+            for seq in list(self.scheduler.running):
+                self._finish(seq, "error", error="internal engine error")
 
     def _enqueue(self, req: Request) -> None:
         p = req.params

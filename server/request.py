@@ -76,6 +76,9 @@ class OutputStream:
     def get(self, timeout: float | None = None) -> RequestOutput:
         return self._q.get(timeout=timeout)
 
+    def get_nowait(self) -> RequestOutput:
+        return self._q.get_nowait()
+
 
 @dataclass
 class Request:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -115,6 +116,9 @@ def routes_parser(sub) -> None:
     p = sub.add_parser("routes", help="show and change adapter routes (canary splits) in the store")
     p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
     p.add_argument("--caller", default=None, help="who makes the change (recorded in the history; default $USER)")
+    p.add_argument("--server", default=os.environ.get("LORAPLEX_SERVER"), metavar="URL",
+                   help="a running server (default $LORAPLEX_SERVER): change routes through its API, so it loads new versions "
+                        "before they take traffic and arms guards at once, instead of writing the store directly")
     rs = p.add_subparsers(dest="action", required=True)
     s = rs.add_parser("set", help="loraplex routes set NAME VERSION=PERCENT ... [--sticky user] [--guard-max-error-rate 0.05]")
     s.add_argument("name")
@@ -147,17 +151,19 @@ def cmd_routes(args) -> int:
     if err:
         print(f"loraplex routes: {err}", file=sys.stderr)
         return 2
-    store = AdapterStore(args.store or default_home() / "store")
     caller = args.caller or f"cli:{getpass.getuser()}"
+    weights = {}
+    for w in getattr(args, "weights", None) or []:
+        v, sep, pct = w.partition("=")
+        if not sep or not v.isdigit() or not pct.isdigit():
+            print(f"loraplex routes: expected VERSION=PERCENT, got {w!r}", file=sys.stderr)
+            return 2
+        weights[int(v)] = int(pct)
+    if args.server:
+        return _routes_via_server(args, weights, guard, caller)
+    store = AdapterStore(args.store or default_home() / "store")
     try:
         if args.action == "set":
-            weights = {}
-            for w in args.weights:
-                v, sep, pct = w.partition("=")
-                if not sep or not v.isdigit() or not pct.isdigit():
-                    print(f"loraplex routes: expected VERSION=PERCENT, got {w!r}", file=sys.stderr)
-                    return 2
-                weights[int(v)] = int(pct)
             r = store.set_route(args.name, weights, sticky=args.sticky, guard=guard, caller=caller)
         elif args.action == "promote":
             r = store.promote(args.name, args.version, caller=caller)
@@ -178,6 +184,47 @@ def cmd_routes(args) -> int:
         print(f"loraplex routes: {e}", file=sys.stderr)
         return 1
     print(json.dumps({"name": args.name, **r.to_json()}))
+    return 0
+
+
+def _routes_via_server(args, weights: dict, guard: dict | None, caller: str) -> int:
+    """`loraplex routes ... --server URL`: the same actions through the server's HTTP API."""
+    import json
+
+    import httpx
+
+    base = f"{args.server.rstrip('/')}/v1/routes/{args.name}"
+    hdr = {"x-loraplex-caller": caller}
+    try:
+        with httpx.Client(timeout=120, headers=hdr) as c:
+            if args.action == "set":
+                body = {"versions": {str(v): p for v, p in weights.items()}, "sticky": args.sticky}
+                if guard:
+                    body["guard"] = guard
+                r = c.put(base, json=body)
+            elif args.action == "promote":
+                r = c.post(f"{base}/promote", json={"version": args.version})
+            elif args.action == "rollback":
+                r = c.post(f"{base}/rollback", json={"reason": args.reason} if args.reason else {})
+            elif args.action == "show":
+                r = c.get(base)
+            else:
+                r = c.get(f"{base}/history")
+    except httpx.HTTPError as e:
+        print(f"loraplex routes: cannot reach the server at {args.server}: {e}", file=sys.stderr)
+        return 1
+    if r.status_code >= 400:
+        try:
+            msg = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            msg = r.text
+        print(f"loraplex routes: {msg}", file=sys.stderr)
+        return 1
+    if args.action == "history":
+        for c in r.json()["data"]:
+            print(json.dumps(c))
+    else:
+        print(json.dumps({"name": args.name, **r.json()} if isinstance(r.json(), dict) else r.json()))
     return 0
 
 

@@ -243,3 +243,27 @@ def test_cli_sets_routes_seen_by_the_running_server(srv):
     assert httpx.post(f"{srv.url}/v1/completions", json={"model": "bot", "prompt": "x", "max_tokens": 1}).headers["x-loraplex-adapter"] == "bot@2"
     assert main(["routes", "--store", store_dir, "rollback", "bot"]) == 0
     assert httpx.get(f"{srv.url}/v1/routes/bot").json()["versions"] == {"1": 30, "2": 70}
+
+
+def test_cli_with_server_warms_the_version_before_it_takes_traffic(srv, adapter_dirs):
+    from loraplex.server.cli import main
+
+    # a new version registered behind the server's back (as another process would); once the
+    # server's store polling has seen (and preloaded) it, drop it again so the route change must load it
+    v = srv.state.store.register("bot", adapter_dirs["alpha"], caller="test").version
+    pool = srv.state.engine.pool
+    deadline = time.time() + 30
+    while f"bot@{v}" not in pool._cpu and time.time() < deadline:
+        time.sleep(0.1)
+    srv.state.engine.call(lambda: pool.forget(f"bot@{v}"))
+    assert f"bot@{v}" not in pool._cpu
+    assert main(["routes", "--server", srv.url, "--caller", "ops", "set", "bot", f"{v}=100"]) == 0
+    assert f"bot@{v}" in pool._cpu  # loaded when the CLI returned, before any request asked for it
+    r = httpx.get(f"{srv.url}/v1/routes/bot").json()
+    assert r["versions"] == {str(v): 100} and r["updated_by"] == "ops"
+    assert main(["routes", "--server", srv.url, "set", "bot", f"{v}=60", "1=30"]) == 1  # the server's 400, nothing changed
+    assert httpx.get(f"{srv.url}/v1/routes/bot").json()["versions"] == {str(v): 100}
+    assert main(["routes", "--server", srv.url, "rollback", "bot", "--reason", "cli test"]) == 0
+    hist = httpx.get(f"{srv.url}/v1/routes/bot/history").json()["data"]
+    assert hist[-1]["action"] == "rollback" and hist[-1]["reason"] == "cli test"
+    assert main(["routes", "--server", "http://127.0.0.1:9", "show", "bot"]) == 1  # nobody there: a clear error

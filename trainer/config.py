@@ -5,6 +5,8 @@ offending key named (`JobConfigError`).
 """
 from __future__ import annotations
 
+import functools
+import logging
 from pathlib import Path
 from typing import Literal, Union
 
@@ -14,8 +16,43 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+# On CPUs with AVX512-BF16, importing bitsandbytes (peft does, for every job) tries an optional kernel from the
+# Hugging Face Hub and warns when it is absent; bitsandbytes' built-in CPU kernels are used then, so it is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+BNB_MIN_VERSION = "0.46.1"  # transformers' minimum; 4-bit training on CPU tested with 0.46.1, 0.48.2 and 0.50.2
+
+
 class JobConfigError(ValueError):
     pass
+
+
+@functools.lru_cache(maxsize=None)
+def bnb_4bit_problem(device: str) -> str | None:
+    """Why bitsandbytes cannot train nf4 layers on `device`, or None when it can (tried: a tiny forward and backward)."""
+    import importlib.metadata
+
+    import torch
+    from packaging.version import Version
+
+    try:
+        version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return f"needs the bitsandbytes package: pip install 'loraplex[qlora]' (bitsandbytes>={BNB_MIN_VERSION})"
+    if Version(version) < Version(BNB_MIN_VERSION):
+        return f"needs bitsandbytes>={BNB_MIN_VERSION} (installed: {version})"
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import quantize_4bit
+
+        w = torch.linspace(-1, 1, 64 * 64, device=device).reshape(64, 64)
+        x = torch.linspace(-1, 1, 2 * 64, device=device).reshape(2, 64).requires_grad_()
+        q, state = quantize_4bit(w, quant_type="nf4")
+        bnb.matmul_4bit(x, q.t(), quant_state=state).sum().backward()
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot", and the reason is reported
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return f"cannot run on device '{device}' with bitsandbytes {version}: {type(e).__name__}: {first}"
+    return None
 
 
 class _Strict(BaseModel):
@@ -95,14 +132,14 @@ class JobConfig(_Strict):
     @model_validator(mode="after")
     def _check(self):
         if self.quantize == "4bit":
-            import importlib.util
-
+            if self.method in ("ppo", "grpo"):
+                raise ValueError(f"quantize: 4bit is not supported for method: {self.method} (its rollout engine reads the base "
+                                 "weights unquantized); use it with sft, dpo or reward")
             import torch
 
-            if not torch.cuda.is_available() or (self.device or "cuda").startswith("cpu"):
-                raise ValueError("quantize: 4bit needs a CUDA device (bitsandbytes 4-bit layers); this run has none")
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise ValueError("quantize: 4bit needs the bitsandbytes package: pip install bitsandbytes")
+            problem = bnb_4bit_problem(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            if problem:
+                raise ValueError(f"quantize: 4bit {problem}")
         return self
 
     def target_modules(self) -> list[str] | str:

@@ -39,6 +39,8 @@ def check_launchable(cfg) -> None:
     cuda = torch.cuda.is_available() and not (cfg.device or "").startswith("cpu")
     if cfg.distributed == "deepspeed":
         raise JobConfigError("distributed: deepspeed is not supported yet; use ddp, or fsdp on CUDA devices")
+    if cfg.quantize is not None:
+        raise JobConfigError(f"quantize: {cfg.quantize} runs on one process only; drop num_processes or quantize")
     if cfg.distributed == "fsdp" and not cuda:
         raise JobConfigError("distributed: fsdp needs CUDA devices (on CPU accelerate would silently run plain DDP); use ddp")
     if cuda and torch.cuda.device_count() < cfg.num_processes:

@@ -71,15 +71,23 @@ def load_base_and_tokenizer(cfg: JobConfig, device: torch.device):
 
     path = resolve_base_model(cfg.base_model)
     tok = AutoTokenizer.from_pretrained(path)
-    kw = {"dtype": torch.float32 if device.type == "cpu" else torch.bfloat16, "attn_implementation": "sdpa"}
-    if cfg.quantize == "4bit":
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    kw = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if cfg.quantize == "4bit":  # QLoRA: the base's linear layers become frozen nf4 bitsandbytes Linear4bit layers
         from transformers import BitsAndBytesConfig
 
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
         kw["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
     if cfg.quantize is None:
         model.to(device)
+    else:
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight for its inference kernel on the first
+        # forward in eval mode without grad (an evaluation, DPO's reference pass) and from then on runs that kernel,
+        # which has no autograd: later backward passes silently lose the gradient through the base weights.
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
     return model, tok, path
 
 
@@ -91,7 +99,8 @@ def lora_model(model, cfg: JobConfig):
     if cfg.quantize == "4bit":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        # freezes the base and keeps its non-quantized parameters in fp32; checkpointing is the caller's, as without 4-bit
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, lc)
 
 
@@ -269,7 +278,7 @@ def train_sft(cfg: JobConfig, out_dir: Path, *, resume: bool = False, on_event: 
         emit({"type": "message", "level": "warn", "message": f"{ranks.world} processes but gradient_accumulation_steps="
               f"{cfg.gradient_accumulation_steps}: some ranks idle; use a multiple of num_processes"})
     model = lora_model(model, cfg)
-    if cfg.gradient_checkpointing and cfg.quantize is None:
+    if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})

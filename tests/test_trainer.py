@@ -195,9 +195,11 @@ def test_two_process_data_parallel_matches_single_process(tiny_base, tmp_path):
 
 
 def test_distributed_options_are_refused_clearly_where_they_cannot_run(tmp_path, tiny_base):
-    data = color_data(tmp_path / "d.jsonl", 1)
-    if not torch.cuda.is_available():
-        from loraplex.trainer.distributed import check_launchable
+    from loraplex.trainer.distributed import check_launchable
 
-        with pytest.raises(JobConfigError, match="fsdp needs CUDA"):
-            check_launchable(parse_config(job(tiny_base, data, num_processes=2, distributed="fsdp")))
+    data = color_data(tmp_path / "d.jsonl", 1)
+    with pytest.raises(JobConfigError, match="distributed: deepspeed is not supported yet"):
+        check_launchable(parse_config(job(tiny_base, data, num_processes=2, distributed="deepspeed")))
+    with pytest.raises(JobConfigError, match="num_processes > 1 is supported for method: sft only"):
+        check_launchable(parse_config(job(tiny_base, data, num_processes=2, method="dpo")))
+    check_launchable(parse_config(job(tiny_base, data, num_processes=2, distributed="fsdp", device="cpu")))

@@ -8,9 +8,14 @@ forwards rank 0's events (`dist_events.jsonl`) and returns its result
 (`dist_result.json`). Registration stays in the calling process, so it
 happens once.
 
-`distributed: ddp` runs on CPU (gloo) and CUDA (NCCL). `fsdp` needs CUDA
-devices: on CPU accelerate would silently run plain DDP, so it is refused.
-`deepspeed` is refused until it is wired and tested.
+`distributed: ddp` runs on CPU (gloo) and CUDA (NCCL), through accelerate's
+DDP wrapper. `distributed: fsdp` shards the model with torch's FSDP2
+(`fully_shard`, each transformer layer then the root; only the LoRA weights
+train) on the process group accelerate starts. We call `fully_shard` ourselves
+because accelerate (1.15) enables FSDP only for accelerator devices and on CPU
+silently falls back to plain DDP; FSDP2 itself runs on CPU over gloo (tested
+against a single-process run). `deepspeed` is refused until it is wired and
+tested.
 """
 from __future__ import annotations
 
@@ -38,11 +43,9 @@ def check_launchable(cfg) -> None:
         raise JobConfigError(f"num_processes > 1 is supported for method: sft only (got {cfg.method})")
     cuda = torch.cuda.is_available() and not (cfg.device or "").startswith("cpu")
     if cfg.distributed == "deepspeed":
-        raise JobConfigError("distributed: deepspeed is not supported yet; use ddp, or fsdp on CUDA devices")
+        raise JobConfigError("distributed: deepspeed is not supported yet; use ddp or fsdp")
     if cfg.quantize is not None:
         raise JobConfigError(f"quantize: {cfg.quantize} runs on one process only; drop num_processes or quantize")
-    if cfg.distributed == "fsdp" and not cuda:
-        raise JobConfigError("distributed: fsdp needs CUDA devices (on CPU accelerate would silently run plain DDP); use ddp")
     if cuda and torch.cuda.device_count() < cfg.num_processes:
         raise JobConfigError(f"num_processes: {cfg.num_processes} but only {torch.cuda.device_count()} CUDA device(s)")
 
@@ -50,13 +53,13 @@ def check_launchable(cfg) -> None:
 class Ranks:
     """This process's place in a data-parallel job; world 1 (no accelerate) for an ordinary run."""
 
-    def __init__(self, device: torch.device, accelerator=None):
+    def __init__(self, device: torch.device, accelerator=None, fsdp: bool = False):
         self.acc = accelerator
         self.world = accelerator.num_processes if accelerator else 1
         self.rank = accelerator.process_index if accelerator else 0
         self.device = accelerator.device if accelerator else device
         self.is_main = self.rank == 0
-        self.fsdp = accelerator is not None and accelerator.distributed_type.name == "FSDP"
+        self.fsdp = fsdp and accelerator is not None
 
     @classmethod
     def single(cls, device: torch.device) -> "Ranks":
@@ -68,16 +71,35 @@ class Ranks:
         from accelerate import Accelerator
 
         cpu = not torch.cuda.is_available() or (cfg.device or "").startswith("cpu")
-        return cls(torch.device("cpu"), Accelerator(cpu=cpu))
+        return cls(torch.device("cpu"), Accelerator(cpu=cpu), fsdp=cfg.distributed == "fsdp")
 
     def prepare(self, module, opt):
-        return (module, opt) if self.acc is None else self.acc.prepare(module, opt)
+        if self.acc is None:
+            return module, opt
+        if not self.fsdp:
+            return self.acc.prepare(module, opt)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        names = {id(p): n for n, p in module.named_parameters()}
+        for m in list(module.modules()):
+            if type(m).__name__ in (module._no_split_modules or ()):  # each transformer layer is one unit
+                fully_shard(m, mesh=mesh)
+        fully_shard(module, mesh=mesh)
+        sharded = dict(module.named_parameters())  # sharding replaced the parameters: point the optimizer at the new ones
+        for g in opt.param_groups:
+            g["params"] = [sharded[names[id(p)]] for p in g["params"]]
+        return module, opt
 
     def unwrap(self, module):
         return self.acc.unwrap_model(module) if self.acc is not None else module
 
     def no_sync(self, module, last: bool):
         """Gradients are all-reduced once per step, on each rank's last micro-batch."""
+        if self.fsdp:  # FSDP2 has no no_sync context but a flag on the module
+            module.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         if self.acc is None or last:
             return contextlib.nullcontext()
         return self.acc.no_sync(module)
@@ -107,11 +129,12 @@ class Ranks:
             torch.distributed.barrier()
 
     def adapter_state(self, module) -> dict | None:
-        """FSDP: the gathered full state dict of the wrapped PEFT model (every rank must call this); otherwise None."""
+        """FSDP: the trainable (LoRA) weights of the wrapped PEFT model, gathered whole (every rank must call this);
+        otherwise None."""
         if not self.fsdp:
             return None
-        full = self.acc.get_state_dict(module)
-        return {k[len("model."):] if k.startswith("model.") else k: v for k, v in full.items()}
+        return {n.removeprefix("model."): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+                for n, p in module.named_parameters() if p.requires_grad}
 
     def deal(self, group: list, weights: list[float]) -> list[tuple]:
         """This rank's share of a step's micro-batches, padded with weight-0 repeats so every rank runs as many
@@ -154,17 +177,13 @@ def _free_port() -> int:
 
 
 def accelerate_config(cfg, port: int) -> dict:
-    """An explicit accelerate config, so a user's ~/.cache/huggingface/accelerate default never changes the job."""
+    """An explicit accelerate config, so a user's ~/.cache/huggingface/accelerate default never changes the job.
+
+    The same for ddp and fsdp: for fsdp the workers shard the model themselves (Ranks.prepare)."""
     cuda = torch.cuda.is_available() and not (cfg.device or "").startswith("cpu")
-    conf = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "num_machines": 1, "machine_rank": 0,
+    return {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "num_machines": 1, "machine_rank": 0,
             "num_processes": cfg.num_processes, "mixed_precision": "no", "use_cpu": not cuda, "main_process_port": port,
             "gpu_ids": "all", "rdzv_backend": "static", "same_network": True, "downcast_bf16": "no", "debug": False}
-    if cfg.distributed == "fsdp":
-        conf["distributed_type"] = "FSDP"
-        conf["fsdp_config"] = {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_reshard_after_forward": True,
-                               "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_cpu_ram_efficient_loading": False,
-                               "fsdp_offload_params": False, "fsdp_activation_checkpointing": False}
-    return conf
 
 
 def train_distributed(cfg, out_dir: Path, *, resume: bool = False, on_event=None, progress: bool = False,

@@ -11,9 +11,9 @@ optimized.
 
 Data parallelism (`ranks`, see distributed.py): the micro-batches of one
 optimizer step are dealt to the ranks in turn; each rank weights its summed
-loss by world / labels-of-the-whole-step and DDP's gradient mean makes that
-the single-process gradient, so a job gives the same adapter on 1 or N
-processes (N only changes the speed).
+loss by world / labels-of-the-whole-step and the gradient mean of DDP (or
+FSDP) makes that the single-process gradient, so a job gives the same adapter
+on 1 or N processes (N only changes the speed).
 
 Checkpoint layout (`output_dir/checkpoint-<step>/`): the PEFT adapter and
 `trainer_state.pt` (optimizer, scheduler, RNG states, step, loss history,
@@ -129,7 +129,7 @@ class CausalLMLoss(torch.nn.Module):
         super().__init__()
         self.model = model
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._no_split_modules = getattr(lm, "_no_split_modules", None)  # FSDP's transformer-layer auto wrap looks here
+        self._no_split_modules = getattr(lm, "_no_split_modules", None)  # FSDP shards each of these layers (Ranks.prepare)
 
     def forward(self, input_ids, attention_mask, position_ids, labels):
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -299,6 +299,12 @@ def train_sft(cfg: JobConfig, out_dir: Path, *, resume: bool = False, on_event: 
         _check_resumable(st.get("config"), cfg, ranks.world, st.get("world_size", 1))
         set_peft_model_state_dict(model, load_file(str(ck / "adapter_model.safetensors")))
     loss_mod, opt = ranks.prepare(CausalLMLoss(model), opt)
+    if ranks.fsdp:
+        from torch.distributed.tensor import DTensor
+
+        params = list(loss_mod.parameters())
+        sharded = sum(isinstance(p, DTensor) for p in params)
+        emit({"type": "message", "message": f"fsdp: {sharded} of {len(params)} parameter tensors sharded over {ranks.world} processes"})
     if ck is not None:
         own = st if ranks.world == 1 else torch.load(ck / f"rank-{ranks.rank}.pt", weights_only=False)
         opt.load_state_dict(own["optimizer"])

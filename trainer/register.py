@@ -12,7 +12,7 @@ from loraplex.adapters_store.base_model import fingerprint, model_id_for, resolv
 
 from .config import JobConfig
 
-LIBS = ("torch", "transformers", "peft", "trl", "accelerate", "safetensors")
+LIBS = ("torch", "transformers", "peft", "trl", "accelerate", "safetensors", "bitsandbytes")
 
 
 def library_versions() -> dict:

@@ -220,11 +220,12 @@ def _routes_via_server(args, weights: dict, guard: dict | None, caller: str) -> 
             msg = r.text
         print(f"loraplex routes: {msg}", file=sys.stderr)
         return 1
+    body = r.json()
     if args.action == "history":
-        for c in r.json()["data"]:
+        for c in body["data"]:
             print(json.dumps(c))
     else:
-        print(json.dumps({"name": args.name, **r.json()} if isinstance(r.json(), dict) else r.json()))
+        print(json.dumps({"name": args.name, **body}))
     return 0
 
 

@@ -135,12 +135,16 @@ class JobConfig(_Strict):
             if self.method in ("ppo", "grpo"):
                 raise ValueError(f"quantize: 4bit is not supported for method: {self.method} (its rollout engine reads the base "
                                  "weights unquantized); use it with sft, dpo or reward")
-            import torch
-
-            problem = bnb_4bit_problem(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            problem = bnb_4bit_problem(self.resolved_device())
             if problem:
                 raise ValueError(f"quantize: 4bit {problem}")
         return self
+
+    def resolved_device(self) -> str:
+        """`device`, else cuda where this machine has it, else cpu."""
+        import torch
+
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def target_modules(self) -> list[str] | str:
         return "all-linear" if self.adapter.target_modules == "all-linear" else list(self.adapter.target_modules)

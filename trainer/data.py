@@ -37,6 +37,11 @@ class Example:
     labels: list[int]
 
 
+def pad_token_id(tok) -> int:
+    """The tokenizer's pad id, else its EOS id (most chat models ship without a pad token)."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
 def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import JobConfig
-from .data import Example, Tokenizing, collate
+from .data import Example, Tokenizing, collate, pad_token_id
 from .preference_data import Pair, load_pairs
 from .sft import TrainResult, load_single_checkpoint, _schedule, latest_checkpoint, load_base_and_tokenizer, lora_model, save_checkpoint, set_seed
 
@@ -137,11 +137,11 @@ def train_preference(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=No
     from safetensors.torch import save_file
 
     emit = on_event or (lambda e: None)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(cfg.resolved_device())
     out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     base, tok, base_path = load_base_and_tokenizer(cfg, device)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_token_id(tok)
     tk = Tokenizing(tok, cfg.sequence_len)
     pairs: list[Pair] = []
     hashes = {}

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import JobConfig
-from .data import DataError, read_jsonl
+from .data import DataError, pad_token_id, read_jsonl
 from .sft import TrainResult, load_single_checkpoint, _schedule, latest_checkpoint, load_base_and_tokenizer, lora_model, save_checkpoint, set_seed
 
 
@@ -176,11 +176,11 @@ def train_rl(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=None, prog
     from .rollout import RolloutEngine
 
     emit = on_event or (lambda e: None)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(cfg.resolved_device())
     out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     base, tok, base_path = load_base_and_tokenizer(cfg, device)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_token_id(tok)
     prompts = []
     for d in cfg.datasets:
         prompts += load_prompts(d.path, tok)

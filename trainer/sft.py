@@ -38,7 +38,7 @@ import torch
 from loraplex.adapters_store.base_model import model_id_for, resolve_base_model
 
 from .config import JobConfig, JobConfigError
-from .data import IGNORE, Example, Tokenizing, batches, collate, file_sha256, load_examples
+from .data import IGNORE, Example, Tokenizing, batches, collate, file_sha256, load_examples, pad_token_id
 
 Event = Callable[[dict], None]
 
@@ -264,14 +264,14 @@ def train_sft(cfg: JobConfig, out_dir: Path, *, resume: bool = False, on_event: 
     from .distributed import Ranks
 
     if ranks is None:
-        ranks = Ranks.single(torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        ranks = Ranks.single(torch.device(cfg.resolved_device()))
     main = ranks.is_main
     emit = (on_event or (lambda e: None)) if main else (lambda e: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     model, tok, base_path = load_base_and_tokenizer(cfg, ranks.device)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(tok)
     train, val, data_info = prepare_data(cfg, tok)  # fails before any step on malformed data
     emit({"type": "data", "train_examples": len(train), "val_examples": len(val), "world_size": ranks.world, **data_info})
     if ranks.world > cfg.gradient_accumulation_steps:

@@ -15,13 +15,14 @@ import os
 
 import torch
 
+from . import cpu_gemm
 from .dense import apply_lora_dense, dense_ok
 from .reference import apply_lora_segmented, lora_expand_ref, lora_shrink_ref
 from .segments import LoraSegments
 
 DENSE_MIN_SEGMENTS = 10  # measured break-even against the fused segmented loop (T=32, 8 slots of r=16)
 
-__all__ = ["LoraSegments", "apply_lora", "lora_shrink", "lora_expand", "backend_for"]
+__all__ = ["LoraSegments", "apply_lora", "cpu_gemm", "lora_shrink", "lora_expand", "backend_for"]
 
 
 BACKENDS = ("torch", "triton")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraplex.kernels import LoraSegments, apply_lora
+from loraplex.kernels import LoraSegments, apply_lora, cpu_gemm
 
 RANK_ALIGN = 16
 
@@ -46,6 +46,7 @@ class LoraLinear(nn.Module):
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=dev)
         self.ranks = torch.zeros((1, num_slots), dtype=torch.int32, device=dev)
         self.ranks_host = [0] * num_slots
+        self.packed: torch.Tensor | None = None  # the base weight in oneDNN's layout (CPU fp32), see pack_base
 
     @property
     def weight(self) -> torch.Tensor:  # some HF code peeks at .weight (dtype/device checks)
@@ -82,8 +83,20 @@ class LoraLinear(nn.Module):
         self.ranks[0, slot] = r
         self.ranks_host[slot] = r
 
+    def pack_base(self, release: bool = False) -> None:
+        """Runs the base product through `cpu_gemm` from now on; `release` drops the unpacked weight.
+
+        Release only when nothing else reads the base module's weight (the
+        server owns its model; the trainer's rollout engine shares it with the
+        policy being trained and keeps it). `.weight` then stays a 0-element
+        tensor of the right dtype and device for code that only peeks at those.
+        """
+        self.packed = cpu_gemm.pack(self.base.weight)
+        if release:
+            self.base.weight = nn.Parameter(self.base.weight.new_empty(0), requires_grad=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = self.base(x) if self.packed is None else cpu_gemm.packed_linear(x, self.packed, self.base.bias)
         seg = self.ctx.seg
         if seg is None or not any(self.ranks_host[s] for s in seg.seg_slots_host if s >= 0):
             return y

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplex.kernels import LoraSegments
+from loraplex.kernels import LoraSegments, cpu_gemm
 
 from .kv_cache import KVCacheManager, SeqKVCache
 from .lora_layer import LoraContext, LoraLinear, wrap_lora_modules
@@ -75,7 +75,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, *, max_loras: int, kv_budget_tokens: int, max_model_len: int | None = None):
+    def __init__(self, model: nn.Module, *, max_loras: int, kv_budget_tokens: int, max_model_len: int | None = None,
+                 owns_weights: bool = False):
+        """`owns_weights`: nothing but this runner uses `model`, so base weights packed for the CPU GEMM
+        may drop their unpacked copy (the server's model); the trainer's rollout engine shares them."""
         self.model = model
         self.config = model.config
         self.arch = check_architecture(self.config)
@@ -99,6 +102,13 @@ class ModelRunner:
         self.lora_ctx = LoraContext()
         self.max_loras = max_loras
         self.lora_modules: dict[str, LoraLinear] = wrap_lora_modules(model, self.lora_ctx, max_loras, self.layers)
+        # CPU fp32: every frozen base product through oneDNN with its weight packed once (kernels/cpu_gemm.py)
+        self.lm_head_packed = None
+        self.cpu_gemm = cpu_gemm.available(self.lm_head.weight)
+        if self.cpu_gemm:
+            for m in self.lora_modules.values():
+                m.pack_base(release=owns_weights)
+            self.lm_head_packed = cpu_gemm.pack(self.lm_head.weight)  # often tied to the embedding: never released
         self.kv = KVCacheManager(
             num_layers=len(self.layers),
             num_kv_heads=self.num_kv_heads,
@@ -170,7 +180,10 @@ class ModelRunner:
         for c in batch.chunks:
             c.cache.length = max(c.cache.length, c.past + c.n)
         hs = self.norm(h[batch.logits_indices])
-        logits = self.lm_head(hs).float()
+        if self.lm_head_packed is not None:
+            logits = cpu_gemm.packed_linear(hs, self.lm_head_packed, self.lm_head.bias).float()
+        else:
+            logits = self.lm_head(hs).float()
         return logits, hs
 
     def _mask(self, c: SeqChunk, window: int | None, lo: int) -> torch.Tensor | None:

@@ -1,53 +1,116 @@
-"""Per-sequence KV caches under one memory budget.
+"""KV caches of the running sequences under one memory budget, laid out for batched decode attention.
 
-Each running sequence owns one tensor `[layers, 2, kv_heads, capacity, head_dim]`
-that grows geometrically (so appends are amortised O(1)) and is freed the
-moment the sequence finishes or is preempted. The manager accounts every
-sequence's capacity against `budget_tokens`; the scheduler asks `can_grow`
-before it plans a step and preempts (recompute later) when memory is short.
-Contiguous per-sequence storage keeps attention a plain SDPA call over a view,
-which on CPU beats gathering pages every step.
+A sequence's cache is a row of a *class arena*: one tensor
+`[layers, 2, rows, kv_heads, C, head_dim]` per capacity class C (32, 64, 128,
+... tokens, capped at the model's context). A sequence starts in the
+smallest class that holds it and moves to the next class when it outgrows
+its row (one copy of its keys and values per doubling, so appends stay
+amortised O(1)). The rows of an arena are kept packed: when a sequence
+leaves, the last row moves into the hole. So for every layer the decode
+steps of all sequences of one class read one strided view
+`arena[layer, k|v, :rows, :, :len]`, and attention for all of them is one
+call instead of one per sequence (see `ModelRunner`); a prefill chunk
+attends through its own row's view.
+
+An arena grows by rows (geometrically, at most `_MAX_GROW_TOKENS` at a time,
+and never past the budget) and shrinks when most of its rows are free, so a
+burst does not keep its memory. The manager accounts every allocated row
+against `budget_tokens`; the scheduler asks `growth_needed` before it plans
+a step and preempts (recompute later) when memory is short.
 """
 from __future__ import annotations
 
 import torch
 
-_ALIGN = 32
-
-
-def _round_up(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
+_MIN_CLASS = 32
+_MAX_GROW_TOKENS = 4096  # the most one arena grows by at once (rows x C)
 
 
 class SeqKVCache:
-    __slots__ = ("kv", "length", "manager")
+    __slots__ = ("arena", "row", "length", "manager")
 
     def __init__(self, manager: "KVCacheManager"):
         self.manager = manager
-        self.kv: torch.Tensor | None = None  # [L, 2, H_kv, cap, D]
+        self.arena: _Arena | None = None
+        self.row = -1
         self.length = 0
 
     @property
+    def kv(self) -> torch.Tensor | None:
+        """This sequence's keys and values: a view `[L, 2, H_kv, C, D]` of its arena (valid until the next reserve/free)."""
+        return None if self.arena is None else self.arena.kv[:, :, self.row]
+
+    @property
     def capacity(self) -> int:
-        return 0 if self.kv is None else self.kv.shape[3]
+        return 0 if self.arena is None else self.arena.C
 
     def reserve(self, total_len: int) -> None:
         if total_len <= self.capacity:
             return
         m = self.manager
-        new_cap = min(max(_round_up(total_len), _round_up(self.capacity * 2)), m.max_seq_len)
-        new_cap = max(new_cap, total_len)
-        kv = torch.empty((m.num_layers, 2, m.num_kv_heads, new_cap, m.head_dim), dtype=m.dtype, device=m.device)
-        if self.kv is not None and self.length:
-            kv[:, :, :, : self.length] = self.kv[:, :, :, : self.length]
-        m.used_tokens += new_cap - self.capacity
-        self.kv = kv
+        target = m.arena_for(m.class_for(total_len))
+        old, old_row = self.arena, self.row
+        row = target.add(self)
+        if old is not None:
+            if self.length:
+                target.kv[:, :, row, :, : self.length] = old.kv[:, :, old_row, :, : self.length]
+            old.remove(old_row)
+        self.arena, self.row = target, row
 
     def free(self) -> None:
-        if self.kv is not None:
-            self.manager.used_tokens -= self.capacity
-            self.kv = None
+        if self.arena is not None:
+            self.arena.remove(self.row)
+            self.arena, self.row = None, -1
         self.length = 0
+
+
+class _Arena:
+    """The rows of one capacity class, packed at the front of one tensor."""
+
+    def __init__(self, manager: "KVCacheManager", C: int):
+        self.m = manager
+        self.C = C
+        self.rows: list[SeqKVCache] = []
+        self.kv = self._alloc(0)
+
+    def _alloc(self, rows: int) -> torch.Tensor:
+        m = self.m
+        # zeros, not empty: a batched decode step also reads (and discards) rows that are not decoding, never NaN garbage
+        return torch.zeros((m.num_layers, 2, rows, m.num_kv_heads, self.C, m.head_dim), dtype=m.dtype, device=m.device)
+
+    @property
+    def cap_rows(self) -> int:
+        return self.kv.shape[2]
+
+    def _resize(self, rows: int) -> None:
+        kv = self._alloc(rows)
+        n = len(self.rows)
+        if n:
+            kv[:, :, :n] = self.kv[:, :, :n]
+        self.m.used_tokens += (rows - self.cap_rows) * self.C
+        self.kv = kv
+
+    def add(self, cache: SeqKVCache) -> int:
+        if len(self.rows) == self.cap_rows:
+            self._resize(self.cap_rows + self.m.rows_to_add(self))
+        self.rows.append(cache)
+        return len(self.rows) - 1
+
+    def remove(self, row: int) -> None:
+        last = self.rows.pop()
+        if row < len(self.rows):  # keep rows packed: the last row moves into the hole
+            n = last.length
+            if n:
+                self.kv[:, :, row, :, :n] = self.kv[:, :, len(self.rows), :, :n]
+            self.rows[row] = last
+            last.row = row
+        n = len(self.rows)
+        if n == 0:
+            self.m.drop(self)
+            return
+        slack = max(1, min(n, _MAX_GROW_TOKENS // self.C))
+        if self.cap_rows - n >= 2 * slack:  # mostly free: give the memory back, keeping some room to grow
+            self._resize(n + slack)
 
 
 class KVCacheManager:
@@ -60,6 +123,7 @@ class KVCacheManager:
         self.budget_tokens = budget_tokens
         self.max_seq_len = max_seq_len
         self.used_tokens = 0
+        self.arenas: dict[int, _Arena] = {}
 
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.tensor([], dtype=self.dtype).element_size()
@@ -67,12 +131,40 @@ class KVCacheManager:
     def new_cache(self) -> SeqKVCache:
         return SeqKVCache(self)
 
+    def class_for(self, total_len: int) -> int:
+        c = _MIN_CLASS
+        while c < total_len:
+            c *= 2
+        return max(min(c, self.max_seq_len), total_len)
+
+    def arena_for(self, C: int) -> _Arena:
+        a = self.arenas.get(C)
+        if a is None:
+            a = self.arenas[C] = _Arena(self, C)
+        return a
+
+    def drop(self, arena: _Arena) -> None:
+        self.used_tokens -= arena.cap_rows * arena.C
+        del self.arenas[arena.C]
+
+    def rows_to_add(self, arena: _Arena) -> int:
+        """Geometric row growth, at most _MAX_GROW_TOKENS at once and within the free budget (at least one row)."""
+        want = max(1, min(max(arena.cap_rows, 4), _MAX_GROW_TOKENS // arena.C))
+        return max(1, min(want, self.free_tokens // arena.C))
+
     def growth_needed(self, cache: SeqKVCache, total_len: int) -> int:
-        """Extra budget tokens `cache.reserve(total_len)` would take."""
+        """Extra budget tokens `cache.reserve(total_len)` takes at least (one row of the class it moves to)."""
         if total_len <= cache.capacity:
             return 0
-        new_cap = min(max(_round_up(total_len), _round_up(cache.capacity * 2)), self.max_seq_len)
-        return max(new_cap, total_len) - cache.capacity
+        C = self.class_for(total_len)
+        a = self.arenas.get(C)
+        if a is not None and len(a.rows) < a.cap_rows:
+            return 0
+        if C > self.free_tokens:  # short of memory: first give back the rows arenas hold in reserve
+            for other in list(self.arenas.values()):
+                if other.cap_rows > len(other.rows):
+                    other._resize(len(other.rows))
+        return C
 
     @property
     def free_tokens(self) -> int:

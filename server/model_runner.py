@@ -69,6 +69,19 @@ class StepBatch:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class _DecodeGroup:
+    """The decode steps of one KV arena's sequences, attended in one call per layer."""
+
+    arena: object  # kv_cache._Arena
+    rows: int  # the arena's rows in use (all read)
+    width: int  # keys read per row: the longest decoding row's length
+    masks: dict  # window -> [R, 1, 1, width] additive bias (0 or -inf)
+    q_index: torch.Tensor  # [R] flat token index of each row's query (any index for rows not decoding)
+    out_rows: torch.Tensor  # [k] rows decoding in this step
+    out_flat: torch.Tensor  # [k] their flat token index
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
@@ -140,24 +153,25 @@ class ModelRunner:
         h = self.embed(batch.input_ids)  # [T, H]
         cos, sin = self.rotary(h, batch.positions[None])  # [1, T, D]
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [T, 1, D]
-        # Per-sequence views, built once per step with one `unbind` per sequence and
-        # shared by every layer: where this step's K/V go, and the keys/values each
-        # sequence attends to (per sliding window). The layer loop below then costs
-        # one batched copy plus one SDPA call per sequence.
+        # Built once per step, shared by every layer: where this step's K/V go (one `unbind`
+        # per sequence), the decode groups attended in one call each, and the views of the
+        # sequences attended one by one (prefill chunks, lone decodes).
         sizes = [c.n for c in batch.chunks]
         dst = [c.cache.kv[:, :, :, c.past : c.past + c.n].unbind(0) for c in batch.chunks]  # [seq][layer] -> [2, nKV, n, D]
         dst_by_layer = list(zip(*dst))
+        groups, single = self._decode_groups(batch.chunks)
         keys: dict[int | None, list] = {}
         for window in set(self.windows):
             per_seq = []
-            for c in batch.chunks:
+            for c in single:
                 lo = 0 if window is None else max(0, c.past - window + 1)
                 kv = c.cache.kv[:, :, None, :, lo : c.past + c.n]  # [L, 2, 1, nKV, len, D]
-                per_seq.append((kv[:, 0].unbind(0), kv[:, 1].unbind(0), self._mask(c, window, lo)))
+                per_seq.append((c, kv[:, 0].unbind(0), kv[:, 1].unbind(0), self._mask(c, window, lo)))
             keys[window] = per_seq
         gqa = nH != nKV
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
+            window = self.windows[li]
             x = layer.input_layernorm(h)
             q = attn.q_proj(x).view(T, nH, D)
             k = attn.k_proj(x).view(T, nKV, D)
@@ -169,13 +183,24 @@ class ModelRunner:
             k = k * cos + _rotate_half(k) * sin
             kv_new = torch.stack((k, v)).permute(0, 2, 1, 3)  # [2, nKV, T, D]
             torch._foreach_copy_(dst_by_layer[li], kv_new.split(sizes, dim=2))
-            qs = q.transpose(0, 1)[None].split(sizes, dim=2)  # [1, nH, n, D] per sequence
-            outs = [
-                F.scaled_dot_product_attention(qi, K[li], V[li], attn_mask=mask, scale=self.scaling, enable_gqa=gqa)[0]
-                for qi, (K, V, mask) in zip(qs, keys[self.windows[li]])
-            ]
-            out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).transpose(0, 1).reshape(T, nH * D)
-            h = h + attn.o_proj(out)
+            if not groups and len(single) == 1:
+                c, K, V, mask = keys[window][0]
+                out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[li], V[li], attn_mask=mask, scale=self.scaling,
+                                                     enable_gqa=gqa)[0].transpose(0, 1)
+            else:
+                out = q.new_empty((T, nH, D))
+                for c, K, V, mask in keys[window]:
+                    qi = q[c.start : c.start + c.n].transpose(0, 1)[None]  # [1, nH, n, D]
+                    o = F.scaled_dot_product_attention(qi, K[li], V[li], attn_mask=mask, scale=self.scaling, enable_gqa=gqa)
+                    out[c.start : c.start + c.n] = o[0].transpose(0, 1)
+                for g in groups:
+                    kv = g.arena.kv[li, :, : g.rows, :, : g.width]  # [2, R, nKV, width, D]: every row of the class
+                    # one query per row: plain batched matmuls (GQA as [R, nKV, group, D]) beat SDPA's kernel here
+                    qg = q.index_select(0, g.q_index).view(g.rows, nKV, nH // nKV, D)
+                    scores = torch.matmul(qg, kv[0].transpose(-1, -2)).mul_(self.scaling).add_(g.masks[window])
+                    o = torch.matmul(torch.softmax(scores, dim=-1), kv[1]).view(g.rows, nH, D)
+                    out.index_copy_(0, g.out_flat, o.index_select(0, g.out_rows))
+            h = h + attn.o_proj(out.reshape(T, nH * D))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         for c in batch.chunks:
             c.cache.length = max(c.cache.length, c.past + c.n)
@@ -185,6 +210,51 @@ class ModelRunner:
         else:
             logits = self.lm_head(hs).float()
         return logits, hs
+
+    def _decode_groups(self, chunks: list[SeqChunk]) -> tuple[list["_DecodeGroup"], list[SeqChunk]]:
+        """Splits a step's chunks into batched decode groups (one per KV arena) and chunks attended alone.
+
+        A group is worth it when at least two of its arena's rows decode in this
+        step and they are at least half of the rows: the call then reads every
+        row of the arena (up to the longest of them), and rows that are not
+        decoding attend to key 0 only, with their output thrown away.
+        """
+        by_arena: dict[int, list[SeqChunk]] = {}
+        single: list[SeqChunk] = []
+        for c in chunks:
+            if c.n == 1:
+                by_arena.setdefault(id(c.cache.arena), []).append(c)
+            else:
+                single.append(c)
+        groups = []
+        dev = self.device
+        for cs in by_arena.values():
+            arena = cs[0].cache.arena
+            rows = len(arena.rows)
+            if len(cs) < 2 or 2 * len(cs) < rows:
+                single.extend(cs)
+                continue
+            past = [0] * rows  # a row not decoding now sees key 0 only
+            q_index = [cs[0].start] * rows
+            for c in cs:
+                past[c.cache.row] = c.past
+                q_index[c.cache.row] = c.start
+            width = max(past) + 1
+            qpos = torch.tensor(past, device=dev)[:, None]
+            kpos = torch.arange(width, device=dev)[None, :]
+            allowed = kpos <= qpos
+            masks = {}
+            for window in set(self.windows):
+                m = allowed if window is None else allowed & (kpos > qpos - window)
+                bias = torch.zeros(m.shape, dtype=self.dtype, device=dev).masked_fill_(~m, float("-inf"))
+                masks[window] = bias[:, None, None, :]  # [R, 1, 1, width], added to the scores
+            groups.append(_DecodeGroup(
+                arena=arena, rows=rows, width=width, masks=masks,
+                q_index=torch.tensor(q_index, device=dev),
+                out_rows=torch.tensor([c.cache.row for c in cs], device=dev),
+                out_flat=torch.tensor([c.start for c in cs], device=dev),
+            ))
+        return groups, single
 
     def _mask(self, c: SeqChunk, window: int | None, lo: int) -> torch.Tensor | None:
         # Query i (position past+i) sees keys lo..past+i (and within the window).

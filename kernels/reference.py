@@ -111,3 +111,55 @@ def apply_lora_segmented(
             h = torch.mm(xs, Ai[slot, :r].t())
             y[a:b, offsets[i] : offsets[i] + n].addmm_(h, Bi[slot, :, :r].t(), alpha=scales_h[slot])
     return y
+
+
+def apply_lora_batched(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A: list[torch.Tensor],
+    B: list[torch.Tensor],
+    seg: LoraSegments,
+    scales: torch.Tensor,
+    ranks: torch.Tensor,
+    offsets: list[int],
+) -> torch.Tensor:
+    """The segmented product as two batched matmuls over all segments at once (fp32 CPU, one output slice).
+
+    Segments are padded to the longest one: `H = X_pad A_segᵀ` then
+    `Y_pad = H B_segᵀ`, added back into `y` token by token. A and B are read
+    whole (zero rows past a slot's rank add nothing), so the cost is a
+    handful of ops whatever the number of adapters in the batch, where the
+    per-segment loop pays two BLAS calls per segment. Used for many-adapter
+    decode batches; the loop stays faster for one or two segments.
+    """
+    starts = seg.seg_starts_host
+    live = [(j, s) for j, s in enumerate(seg.seg_slots_host) if s >= 0 and starts[j + 1] > starts[j]]
+    if not live:
+        return y
+    slots = [s for _, s in live]
+    lens = [starts[j + 1] - starts[j] for j, _ in live]
+    n, lmax = len(live), max(lens)
+    A0, B0 = A[0], B[0]  # [S, R, in], [S, out, R]
+    if slots == list(range(slots[0], slots[0] + n)):  # slots ascending and contiguous: views, no gather
+        As, Bs = A0[slots[0] : slots[0] + n], B0[slots[0] : slots[0] + n]
+        sc = scales[slots[0] : slots[0] + n]
+    else:
+        idx = torch.tensor(slots, device=x.device)
+        As, Bs, sc = A0.index_select(0, idx), B0.index_select(0, idx), scales.index_select(0, idx)
+    contiguous = live[-1][0] - live[0][0] == n - 1  # no no-adapter segment in between
+    if contiguous and all(m == lmax for m in lens):
+        t0 = starts[live[0][0]]
+        xp = x[t0 : t0 + n * lmax].view(n, lmax, -1)
+    else:
+        tok = torch.tensor([starts[j] + min(i, m - 1) for (j, _), m in zip(live, lens) for i in range(lmax)], device=x.device)
+        xp = x.index_select(0, tok).view(n, lmax, -1)
+    h = torch.bmm(xp, As.transpose(1, 2)).mul_(sc.view(n, 1, 1))  # [n, lmax, R]
+    d = torch.bmm(h, Bs.transpose(1, 2))  # [n, lmax, out]
+    out = y[:, offsets[0] : offsets[0] + d.shape[-1]]
+    if contiguous and all(m == lmax for m in lens):
+        out[t0 : t0 + n * lmax] += d.view(n * lmax, -1)
+    else:
+        keep = [k * lmax + i for k, m in enumerate(lens) for i in range(m)]
+        rows = [starts[j] + i for (j, _), m in zip(live, lens) for i in range(m)]
+        out.index_add_(0, torch.tensor(rows, device=x.device), d.view(n * lmax, -1).index_select(0, torch.tensor(keep, device=x.device)))
+    return y

@@ -84,3 +84,33 @@ def test_runner_with_packed_weights_matches_peft_and_drops_the_unpacked_copy(tin
     plain, logits_t, _ = _runner_logits(tiny_base, adapter_dirs["alpha"], monkeypatch, "torch")
     assert not plain.cpu_gemm and all(m.packed is None and m.base.weight.numel() > 0 for m in plain.lora_modules.values())
     torch.testing.assert_close(logits, logits_t, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_loading_off_the_engine_thread_starts_no_openmp_team(adapter_dirs):
+    # Loading runs on request threads; with an OpenMP team of its own there, libgomp would throttle
+    # the engine thread's team (see peft_format.one_intra_op_thread). Inside, torch runs one thread.
+    import threading
+
+    from loraplex.adapters_store import peft_format
+
+    seen = {}
+    real = torch.Tensor.to
+
+    def spy(self, *a, **kw):
+        seen.setdefault("threads", set()).add(torch.get_num_threads())
+        return real(self, *a, **kw)
+
+    def load():
+        before = torch.get_num_threads()
+        manifest = peft_format.validate_adapter_dir(adapter_dirs["alpha"], None)
+        torch.Tensor.to = spy
+        try:
+            w = peft_format.load_adapter_weights(adapter_dirs["alpha"], manifest)
+        finally:
+            torch.Tensor.to = real
+        seen["ok"] = bool(w) and torch.get_num_threads() == before
+
+    t = threading.Thread(target=load)
+    t.start()
+    t.join()
+    assert seen["ok"] and seen["threads"] == {1}

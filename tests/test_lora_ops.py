@@ -1,4 +1,4 @@
-"""The CPU LoRA paths (segmented reference, fused segmented and dense-over-slots) agree, and `apply_lora` equals a plain per-token loop."""
+"""The CPU LoRA paths (segmented reference, fused segmented, batched over segments and dense-over-slots) agree, and `apply_lora` equals a plain per-token loop."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from loraplex.kernels import LoraSegments, apply_lora
 from loraplex.kernels.dense import apply_lora_dense, dense_ok
-from loraplex.kernels.reference import apply_lora_segmented
+from loraplex.kernels.reference import apply_lora_batched, apply_lora_segmented
 from loraplex.kernels.reference import lora_expand_ref, lora_shrink_ref
 
 
@@ -36,6 +36,8 @@ def naive(y, x, A, Bt, scales, ranks, token_slots):
     [-1, -1, -1],                             # nobody
     [0, 1, 2, 3, 0, 1, 2, 3],                 # decode-like: one token per segment, slots repeat
     [1] * 30 + [0],                           # skewed
+    [0, 0, 1, 1, 2, 2, 3, 3],                 # equal segments over contiguous slots (the view fast path)
+    [1, 1, 3, 3, 3, -1, 0],                   # unequal segments, slots not a range (the gathered path)
 ])
 @pytest.mark.parametrize("ranks", [[4, 16, 1, 8], [16, 16, 16, 16], [8, 0, 3, 5]])  # 0 = slot inactive in this module
 def test_reference_and_dense_match_naive(slots, ranks):
@@ -52,6 +54,8 @@ def test_reference_and_dense_match_naive(slots, ranks):
     assert torch.allclose(dense, want, atol=1e-4, rtol=1e-4)
     fused = apply_lora_segmented(y0.clone(), x, [A], [Bt.transpose(1, 2)], seg, scales, rk, [0])
     assert torch.allclose(fused, want, atol=1e-4, rtol=1e-4)
+    batched = apply_lora_batched(y0.clone(), x, [A], [Bt.transpose(1, 2)], seg, scales, rk, [0])
+    assert torch.allclose(batched, want, atol=1e-4, rtol=1e-4)
     via_dispatch = apply_lora(y0.clone(), x, [A], [Bt.transpose(1, 2)], seg, scales, rk, [0])
     assert torch.allclose(via_dispatch, want, atol=1e-4, rtol=1e-4)
 

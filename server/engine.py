@@ -23,7 +23,7 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import BadRequest, QueueFull
 from .model_runner import ModelRunner, SeqChunk, StepBatch
 from .request import Request, RequestOutput
-from .sampler import make_generator, sample, token_logprob
+from .sampler import make_generator, sample_rows, token_logprob
 from .scheduler import Scheduler, Sequence
 
 log = logging.getLogger("loraplex.engine")
@@ -249,12 +249,12 @@ class Engine:
             lps = torch.log_softmax(logits[row : row + (end - pos)], dim=-1)
             for j in range(end - pos):
                 seq.prompt_logprobs.append(token_logprob(lps[j], seq.all_ids[pos + j + 1], k))
-        for seq, row in samplers:
-            self._advance(seq, logits[row], hidden[row] if seq.req.params.return_hidden else None)
+        drawn = sample_rows(logits, [(row, seq.req.params, seq.gen, seq.output_ids) for seq, row in samplers])
+        for (seq, row), (token, entry) in zip(samplers, drawn):
+            self._advance(seq, token, entry, logits[row], hidden[row] if seq.req.params.return_hidden else None)
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
+    def _advance(self, seq: Sequence, token: int, entry, logits: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         req, p = seq.req, seq.req.params
-        token, entry = sample(logits, p, seq.gen, seq.output_ids)
         seq.all_ids.append(token)
         self.tokens_generated += 1
         if req.first_token_at is None:

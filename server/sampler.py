@@ -65,3 +65,51 @@ def sample(
     if params.logprobs is not None:
         entry = token_logprob(torch.log_softmax(raw, dim=-1), token, params.logprobs)
     return token, entry
+
+
+def _plain(p: SamplingParams) -> bool:
+    return not (p.presence_penalty or p.frequency_penalty) and (not p.top_k or p.top_k <= 1) and p.top_p >= 1.0
+
+
+def sample_rows(
+    logits: torch.Tensor, rows: list[tuple[int, SamplingParams, torch.Generator, list[int]]]
+) -> list[tuple[int, TokenLogprob | None]]:
+    """`sample` for many sequences of one step: rows (row of `logits` [K, V], params, generator, output ids).
+
+    Greedy rows and plain temperature rows (no penalty, top-k or top-p) share
+    one batched op per stage, and so do the log-softmaxes of rows that want
+    logprobs. Each row still draws its own uniform from its own generator,
+    and row-wise softmax / cumsum give the same values for a row alone as in
+    a batch, so a seeded request samples what `sample` would, whatever else
+    is in the step. Other rows go through `sample` one by one.
+    """
+    out: list = [None] * len(rows)
+    greedy, temp = [], []
+    for i, (_, p, _, _) in enumerate(rows):
+        if _plain(p):
+            (greedy if p.temperature <= 1e-5 or p.top_k == 1 else temp).append(i)
+        else:
+            out[i] = sample(logits[rows[i][0]], p, rows[i][2], rows[i][3])
+    tokens: dict[int, int] = {}
+    if greedy:
+        idx = torch.tensor([rows[i][0] for i in greedy])
+        for i, t in zip(greedy, torch.argmax(logits.index_select(0, idx), dim=-1).tolist()):
+            tokens[i] = t
+    if temp:
+        idx = torch.tensor([rows[i][0] for i in temp])
+        temps = torch.tensor([rows[i][1].temperature for i in temp], dtype=logits.dtype)
+        probs = torch.softmax(logits.index_select(0, idx) / temps[:, None], dim=-1)
+        cdf = torch.cumsum(probs, dim=-1)
+        u = torch.cat([torch.rand(1, generator=rows[i][2]) for i in temp]) * cdf[:, -1]
+        picked = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
+        for k, (i, t) in enumerate(zip(temp, picked.tolist())):
+            while probs[k, t] <= 0 and t > 0:  # u landed exactly on a zero-mass boundary
+                t -= 1
+            tokens[i] = t
+    want = [i for i in tokens if rows[i][1].logprobs is not None]
+    lps = torch.log_softmax(logits.index_select(0, torch.tensor([rows[i][0] for i in want])), dim=-1) if want else None
+    for i, t in tokens.items():
+        out[i] = (t, None)
+    for k, i in enumerate(want):
+        out[i] = (tokens[i], token_logprob(lps[k], tokens[i], rows[i][1].logprobs))
+    return out

@@ -3,9 +3,13 @@
 We load the checkpoint with transformers and keep its modules (embedding,
 norms, projections, rotary embedding, MLP) but drive them ourselves: the
 batch is a flat `[T]` token vector tagged with positions and with the slot of
-the adapter each token belongs to, and attention runs per sequence against
-that sequence's own KV cache. This is what lets requests join and leave at
-every step without padding, and adapters differ per token.
+the adapter each token belongs to. Each sequence's keys and values are a
+row of a KV arena (server/kv_cache.py): a prefill chunk attends through its
+own row, and the decode tokens of one arena's sequences attend in one
+batched call per layer (`_decode_groups`). This is what lets requests join
+and leave at every step without padding, and adapters differ per token.
+On CPU the frozen projections and the LM head run through oneDNN with
+packed weights (kernels/cpu_gemm.py).
 
 Supported: Llama-family decoders (Llama 2/3, Mistral, Qwen2/2.5, Qwen3,
 SmolLM). Others are refused at load time by `check_architecture`.

@@ -86,6 +86,14 @@ class _DecodeGroup:
     out_flat: torch.Tensor  # [k] their flat token index
 
 
+def _visible(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys each query sees: causal, and within the sliding window if the layer has one."""
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed &= kpos > qpos - window
+    return allowed
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
@@ -246,10 +254,9 @@ class ModelRunner:
             width = max(past) + 1
             qpos = torch.tensor(past, device=dev)[:, None]
             kpos = torch.arange(width, device=dev)[None, :]
-            allowed = kpos <= qpos
             masks = {}
             for window in set(self.windows):
-                m = allowed if window is None else allowed & (kpos > qpos - window)
+                m = _visible(qpos, kpos, window)
                 bias = torch.zeros(m.shape, dtype=self.dtype, device=dev).masked_fill_(~m, float("-inf"))
                 masks[window] = bias[:, None, None, :]  # [R, 1, 1, width], added to the scores
             groups.append(_DecodeGroup(
@@ -266,10 +273,7 @@ class ModelRunner:
             return None  # one query at the newest position sees every key from lo on
         qpos = torch.arange(c.past, c.past + c.n, device=self.device)[:, None]
         kpos = torch.arange(lo, c.past + c.n, device=self.device)[None, :]
-        allowed = kpos <= qpos
-        if window is not None:
-            allowed &= kpos > qpos - window
-        return allowed[None, None]
+        return _visible(qpos, kpos, window)[None, None]
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         return {name: (m.in_features, m.out_features) for name, m in self.lora_modules.items()}

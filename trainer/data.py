@@ -222,6 +222,12 @@ def read_records(spec) -> tuple[list[tuple[str, dict]], str]:
         source, kw, digest = str(local), {"name": spec.name}, f"hub:{path.split('@')[0]}@{local.name}"
     else:
         source, kw, digest = {".json": "json", ".csv": "csv", ".parquet": "parquet"}[suffix], {"data_files": path}, None
+        if suffix == ".csv":  # every cell is text: "4" stays the completion "4", an empty cell stays ""
+            import csv
+
+            with open(path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+            kw.update(features=datasets.Features({c: datasets.Value("string") for c in header}), keep_default_na=False)
     try:
         ds = datasets.load_dataset(source, split=spec.split, **kw)
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the reason is reported, naming the dataset

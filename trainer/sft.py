@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from .config import JobConfig
-from .core import (Event, Run, TrainResult, gradient_checkpointing_on, load_base_and_tokenizer, load_tokenizer,  # noqa: F401
-                   lora_model, make_optimizer, save_adapter, set_seed, total_steps)
+from .core import (Event, Run, TrainResult, gradient_checkpointing_on, init_adapter,  # noqa: F401
+                   load_base_and_tokenizer, load_tokenizer, lora_model, make_optimizer, save_adapter, set_seed, total_steps)
 from .data import IGNORE, Example, Tokenizing, batches, collate, load_dataset_examples, pack, pad_token_id
 
 class CausalLMLoss(torch.nn.Module):
@@ -179,7 +179,7 @@ def train_plan(cfg: JobConfig, train: list[Example]) -> dict:
 
 
 def train_sft(cfg: JobConfig, out_dir: Path, *, resume: bool = False, on_event: Event | None = None,
-              stop_after: int | None = None, progress: bool = False, ranks=None) -> TrainResult:
+              stop_after: int | None = None, progress: bool = False, ranks=None, store_dir=None) -> TrainResult:
     """Trains and saves the adapter. `stop_after` ends the run after that many optimizer steps (tests, preemption).
 
     `ranks` (distributed.Ranks) is given by a data-parallel worker; None is an ordinary single-process run.
@@ -194,7 +194,9 @@ def train_sft(cfg: JobConfig, out_dir: Path, *, resume: bool = False, on_event: 
     if ranks.world > 1 and not cfg.examples_per_step and ranks.world > cfg.gradient_accumulation_steps:
         run.warn(f"{ranks.world} processes but gradient_accumulation_steps={cfg.gradient_accumulation_steps}: some "
                  "ranks idle; use a multiple of num_processes")
-    model = run.load_weights(lora_model(model, cfg))
+    model = lora_model(model, cfg)
+    lineage = init_adapter(model, cfg, store_dir)  # adapter.init_from: a stored or hub adapter to continue from
+    model = run.load_weights(model)
     model.train()
     plan = train_plan(cfg, train)
     total, steps_per_epoch = plan["optimizer_steps"], plan["steps_per_epoch"]
@@ -251,6 +253,6 @@ def train_sft(cfg: JobConfig, out_dir: Path, *, resume: bool = False, on_event: 
     ranks.barrier()
     metrics = {"eval_loss": last_eval, "train_examples": len(train), "tokens_seen_this_run": tokens_seen,
                "world_size": ranks.world}
-    result = run.finish(final, metrics)
+    result = run.finish(final, metrics, lineage)
     result.metrics.update({**data_info, "base_path": str(base_path)})
     return result

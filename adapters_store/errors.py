@@ -6,6 +6,10 @@ class StoreError(Exception):
     http_status = 400
     grpc_code = "INVALID_ARGUMENT"
 
+    def __init__(self, message: str = "", *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
 
 class AdapterNotFound(StoreError):
     http_status = 404
@@ -30,3 +34,9 @@ class AdapterConflict(StoreError):
 class InvalidRequest(StoreError):
     http_status = 400
     grpc_code = "INVALID_ARGUMENT"
+
+
+class StoreBusy(StoreError):
+    """Too many registrations are copying files already; retry later."""
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"

@@ -15,17 +15,16 @@ MAX_VERSION = 2**32 - 1
 _VERSION = re.compile(r"[0-9]{1,10}", re.ASCII)
 
 
-def parse_version(text, *, param: str = "version") -> int:
+def parse_version(text, *, param: str = "version", what: str = "version") -> int:
     """The version number `text` names (a str of ASCII digits, or an int); InvalidRequest otherwise."""
     if isinstance(text, int) and not isinstance(text, bool):
         v = text
     elif isinstance(text, str) and _VERSION.fullmatch(text):
         v = int(text)
     else:
-        raise InvalidRequest(f"{param}: version {_shown(text)} is not a positive integer written with the digits 0-9",
-                             param=param)
+        raise InvalidRequest(f"{what} {_shown(text)} is not an integer written with the digits 0-9", param=param)
     if not 1 <= v <= MAX_VERSION:
-        raise InvalidRequest(f"{param}: version {v} is outside 1..{MAX_VERSION}", param=param)
+        raise InvalidRequest(f"{what} {v} is not a positive integer up to {MAX_VERSION}", param=param)
     return v
 
 
@@ -38,7 +37,7 @@ def parse_ref(ref, *, param: str = "model") -> tuple[str, int | None]:
     name, sep, ver = ref.partition("@")
     if not sep:
         return name, None
-    return name, parse_version(ver, param=param)
+    return name, parse_version(ver, param=param, what=f"the version in {_shown(ref)}:")
 
 
 def _shown(text) -> str:

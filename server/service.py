@@ -11,6 +11,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from loraplex.adapters_store.refs import parse_ref
+
 from .engine import Engine
 from .errors import ApiError, InternalError, BadRequest, NotFound, from_store_error
 from .loading import LoadedBase
@@ -51,13 +53,8 @@ class GenerationService:
             raise BadRequest("'model' is required", param="model")
         if model in (self.model_id, "default"):
             return None
-        name, _, ver = model.partition("@")
-        version = None
-        if ver:
-            if not ver.isdigit():
-                raise BadRequest(f"bad version in model {model!r}: expected name@<integer>", param="model")
-            version = int(ver)
         try:
+            name, version = parse_ref(model, param="model")  # the one name@version parser (ASCII digits only)
             return self.store.resolve(name, version=version, sticky_key=sticky_key)
         except ApiError:
             raise

@@ -687,3 +687,44 @@ def test_connections_of_finished_threads_are_closed(store, adapter_dirs):
     assert open_fds() <= before + 3  # one connection's db/wal handles at most, not 30 threads' worth
     store.close()
     assert open_fds() == 0
+
+
+def test_crash_leftovers_are_swept_at_open_but_never_a_live_registration(tmp_path, spec):
+    AdapterStore(tmp_path / "s", base=spec).close()
+    tmp = tmp_path / "s" / "tmp"
+    (tmp / "bot.99999.crashed").mkdir()  # fresh, no lock file: a registration that died
+    (tmp / "bot.99999.crashed" / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    (tmp / "bot.1.unlocked").mkdir()
+    (tmp / "bot.1.unlocked.lock").touch()  # a lock file nobody holds: its owner died
+    (tmp / "bot.3.orphan.lock").touch()
+    live = tmp / "bot.2.live"
+    live.mkdir()
+    holder = subprocess.Popen(  # another process mid-registration holds its entry's lock
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
+         str(tmp / "bot.2.live.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        AdapterStore(tmp_path / "s", base=spec).close()
+        assert sorted(p.name for p in tmp.iterdir()) == ["bot.2.live", "bot.2.live.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    AdapterStore(tmp_path / "s", base=spec).close()  # its owner is gone now
+    assert list(tmp.iterdir()) == []
+
+
+def test_a_registration_holds_its_tmp_entry_against_a_sweeping_open(store, adapter_dirs, monkeypatch):
+    """A store opened (and sweeping tmp/) while another registration copies never removes that copy."""
+    real_copy = store._copy_files
+    swept = []
+
+    def copy_then_sweep(plan, dst, shown):
+        real_copy(plan, dst, shown)
+        other = AdapterStore(store.root)  # opens and sweeps, as a second process starting would
+        swept.append(dst.exists())
+        other.close()
+
+    monkeypatch.setattr(store, "_copy_files", copy_then_sweep)
+    v = store.register("bot", adapter_dirs["alpha"])
+    assert swept == [True] and v.version == 1 and list((store.root / "tmp").iterdir()) == []

@@ -36,7 +36,7 @@ except ImportError:  # Python < 3.11
 MAX_KEYS = 1024
 MAX_KEY_CHARS = 512
 MAX_REPEATS = 3  # repeats (`*`, `+`, `{m,n}` with n > 1) in one key: bounds PEFT's polynomial backtracking
-_REPEATS = (_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT) + ((_sre_c.POSSESSIVE_REPEAT,) if hasattr(_sre_c, "POSSESSIVE_REPEAT") else ())
+_REPEATS = (_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT, getattr(_sre_c, "POSSESSIVE_REPEAT", _sre_c.MAX_REPEAT))
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # refusals are answered to the client, not logged to stderr by absl
 _RE2_OPTIONS.max_mem = 1 << 20  # one compiled key; a larger program is refused
@@ -87,8 +87,8 @@ def _check_backtracking(field: str, key: str) -> None:
                 lo, hi, sub = av
                 if hi > 1:
                     if under_repeat:
-                        raise _refuse(field, key, "nests a repeat inside a repeat (like (a*)*): a backtracking matcher "
-                                                  "such as PEFT's can take exponential time on it")
+                        raise _refuse(field, key, "nests a repeat inside a repeat (like (a*)*): a backtracking "
+                                                  "matcher such as PEFT's can take exponential time on it")
                     repeats += 1
                     walk(sub, True)
                 else:
@@ -124,7 +124,8 @@ def compile_patterns(raw, field: str, value_check) -> PatternTable:
         raise InvalidAdapter(f"adapter_config.json {field} must be an object mapping module-name patterns to values, "
                              f"got {type(raw).__name__}", param=field)
     if len(raw) > MAX_KEYS:
-        raise InvalidAdapter(f"adapter_config.json {field} has {len(raw)} keys; at most {MAX_KEYS} are accepted", param=field)
+        raise InvalidAdapter(f"adapter_config.json {field} has {len(raw)} keys; at most {MAX_KEYS} are accepted",
+                             param=field)
     out = []
     for key, value in raw.items():
         if not isinstance(key, str) or not key:

@@ -84,7 +84,8 @@ class BaseModelSpec:
             if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
         }
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.") if any(True for _ in model.parameters()) else "float32"
+        first = next(iter(model.parameters()), None)
+        dtype = "float32" if first is None else str(first.dtype).removeprefix("torch.")
         return cls(model_id, fingerprint, shapes, max_rank, hidden if isinstance(hidden, int) else None, dtype)
 
     @property
@@ -178,7 +179,8 @@ def _positive_int(value, what: str, where: str) -> int:
     if isinstance(value, float) and value.is_integer() and 1 <= value <= 1 << 20:
         value = int(value)  # 8.0 is 8; 4.9 is refused below, never truncated
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidAdapter(f"{where}: {CONFIG_FILE} {what} must be a positive integer, got {str(value)[:40]}", param=what)
+        raise InvalidAdapter(f"{where}: {CONFIG_FILE} {what} must be a positive integer, got {str(value)[:40]}",
+                             param=what)
     return value
 
 
@@ -189,7 +191,7 @@ def _scale_limit(spec: BaseModelSpec | None) -> float:
 
 
 def pattern_value(pattern: dict | PatternTable | None, module: str, default):
-    """PEFT's `rank_pattern` / `alpha_pattern` lookup: the value of the first key that matches the module path's tail."""
+    """PEFT's `rank_pattern` / `alpha_pattern` lookup: the value of the first key matching the module path's tail."""
     if not isinstance(pattern, PatternTable):
         pattern = compile_patterns(pattern or None, "pattern", lambda f, k, v: v)
     return pattern.lookup(module, default)
@@ -347,8 +349,8 @@ def validate_adapter_dir(path, spec: BaseModelSpec | None, *, check_values: bool
     r = _positive_int(cfg.get("r", 8), "r", where)
     alpha = finite_number(cfg.get("lora_alpha", 8))
     if alpha is None:
-        raise InvalidAdapter(f"{where}: {CONFIG_FILE} lora_alpha must be a finite number, got {str(cfg.get('lora_alpha'))[:40]}",
-                             param="lora_alpha")
+        raise InvalidAdapter(f"{where}: {CONFIG_FILE} lora_alpha must be a finite number, got "
+                             f"{str(cfg.get('lora_alpha'))[:40]}", param="lora_alpha")
     try:
         rank_pattern = compile_patterns(cfg.get("rank_pattern"), "rank_pattern", rank_value)
         alpha_pattern = compile_patterns(cfg.get("alpha_pattern"), "alpha_pattern", alpha_value)
@@ -360,8 +362,8 @@ def validate_adapter_dir(path, spec: BaseModelSpec | None, *, check_values: bool
                              param="use_rslora")
     base_name = cfg.get("base_model_name_or_path")
     if base_name is not None and (not isinstance(base_name, str) or len(base_name) > 4096 or "\0" in base_name):
-        raise InvalidAdapter(f"{where}: {CONFIG_FILE} base_model_name_or_path must be a string of at most 4096 characters",
-                             param="base_model_name_or_path")
+        raise InvalidAdapter(f"{where}: {CONFIG_FILE} base_model_name_or_path must be a string of at most 4096 "
+                             "characters", param="base_model_name_or_path")
     max_scale = _scale_limit(spec)
 
     meta = _tensor_meta(w_path, where)
@@ -412,8 +414,9 @@ def validate_adapter_dir(path, spec: BaseModelSpec | None, *, check_values: bool
         m_alpha = float(pattern_value(alpha_pattern, module, alpha))
         scale = m_alpha / (math.sqrt(rank) if rslora else rank)
         if not math.isfinite(scale) or abs(scale) > max_scale:
-            raise InvalidAdapter(f"{where}: module {module}: scale lora_alpha / {'sqrt(r)' if rslora else 'r'} = {scale:g} is not "
-                                 f"finite in the serving dtype (|scale| must be at most {max_scale:g})", param="lora_alpha")
+            how = "sqrt(r)" if rslora else "r"
+            raise InvalidAdapter(f"{where}: module {module}: scale lora_alpha / {how} = {scale:g} is not finite in "
+                                 f"the serving dtype (|scale| must be at most {max_scale:g})", param="lora_alpha")
         ranks[module] = rank
         scales[module] = scale
         in_out[module] = [a[1], b[0]]

@@ -229,7 +229,8 @@ def lineage_json(lineage) -> str:
     except TypeError:
         raise InvalidRequest("lineage keys must be strings", param="lineage") from None
     if len(text) > MAX_LINEAGE_BYTES:
-        raise InvalidRequest(f"lineage is {len(text)} bytes as JSON; at most {MAX_LINEAGE_BYTES} are accepted", param="lineage")
+        raise InvalidRequest(f"lineage is {len(text)} bytes as JSON; at most {MAX_LINEAGE_BYTES} are accepted",
+                             param="lineage")
     return text
 
 
@@ -459,8 +460,8 @@ class AdapterStore:
             else:
                 versions, routes = dict(view.versions), dict(view.routes)
                 for (name,) in c.execute("SELECT DISTINCT name FROM events WHERE seq > ?", (view.seq,)).fetchall():
-                    vs = self._servable_rows(
-                        c.execute(f"SELECT {self._VERSION_COLS} FROM versions WHERE name = ? ORDER BY version", (name,)))
+                    vs = self._servable_rows(c.execute(
+                        f"SELECT {self._VERSION_COLS} FROM versions WHERE name = ? ORDER BY version", (name,)))
                     if vs:
                         versions[name] = vs
                     else:
@@ -539,9 +540,9 @@ class AdapterStore:
             cap = self.max_adapter_bytes if fname in WEIGHT_FILES or fname == CONFIG_FILE else MAX_SIDE_FILE_BYTES
             total += st.st_size
             if st.st_size > cap or total > self.max_adapter_bytes:
-                raise InvalidAdapter(f"adapter path {shown!r}: {fname} ({st.st_size} bytes) takes the adapter past the "
-                                     f"size limit ({min(cap, self.max_adapter_bytes)} bytes; see --max-adapter-bytes)",
-                                     param="path")
+                raise InvalidAdapter(f"adapter path {shown!r}: {fname} ({st.st_size} bytes) takes the adapter past "
+                                     f"the size limit ({min(cap, self.max_adapter_bytes)} bytes; see "
+                                     "--max-adapter-bytes)", param="path")
             plan.append((fname, real, st.st_size))
         return plan
 
@@ -623,7 +624,8 @@ class AdapterStore:
                     fo.write(block)
                     left -= len(block)
                 if left or fi.read(1):
-                    raise InvalidAdapter(f"{fname} in adapter path {shown!r} changed while it was copied", param="path")
+                    raise InvalidAdapter(f"{fname} in adapter path {shown!r} changed while it was copied",
+                                         param="path")
                 fo.flush()
                 os.fsync(fo.fileno())
 

@@ -33,7 +33,7 @@ def serve_parser(sub) -> None:
         ("--max-loras", 8, "adapter slots usable in one batch"),
         ("--max-cpu-loras", 64, "adapter versions kept loaded in host memory"),
         ("--max-lora-rank", 256, "largest rank accepted"),
-        ("--max-adapter-bytes", 4 << 30, "size cap of one adapter version's files (registration copies only the adapter's own files)"),
+        ("--max-adapter-bytes", 4 << 30, "size cap of one adapter version's files (only its own are copied)"),
         ("--max-num-seqs", 64, "sequences in one batch"),
         ("--max-num-batched-tokens", 2048, "token budget of one step (prefill chunks + decodes)"),
         ("--max-queue", 512, "waiting requests before 429"),

@@ -76,7 +76,8 @@ class LoraLinear(nn.Module):
         if A is None:
             return None
         r = A.shape[0]
-        if A.dim() != 2 or B.dim() != 2 or r < 1 or A.shape[1] != self.in_features or tuple(B.shape) != (self.out_features, r):
+        fits = A.dim() == 2 and B.dim() == 2 and r >= 1 and A.shape[1] == self.in_features
+        if not fits or tuple(B.shape) != (self.out_features, r):
             raise ValueError(f"LoRA weights A {list(A.shape)} / B {list(B.shape)} do not fit a "
                              f"{self.in_features}->{self.out_features} layer")
         scale = float(scale)

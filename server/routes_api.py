@@ -180,7 +180,8 @@ class RouteRoutes:
     async def put(self, request: HttpRequest):
         name = request.path_params["name"]
         body: RouteBody = await parse_body(request, RouteBody)
-        r = await asyncio.to_thread(self.apply_set, name, body.versions, body.sticky, body.guard, self._caller(request))
+        caller = self._caller(request)
+        r = await asyncio.to_thread(self.apply_set, name, body.versions, body.sticky, body.guard, caller)
         return JSONResponse(route_json(r))
 
     # The changes themselves (blocking: they load adapter versions); the gRPC Admin service calls them too.

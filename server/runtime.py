@@ -61,8 +61,8 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
 
     state = state or ServerState()
     base = load_base(cfg.model, dtype=cfg.dtype, device=cfg.device, model_id=cfg.served_model_name)
-    spec = BaseModelSpec(model_id=base.model_id, fingerprint=base.fingerprint, module_shapes=base.module_shapes, max_rank=cfg.max_lora_rank,
-                         dtype=str(base.model.dtype).removeprefix("torch."))
+    spec = BaseModelSpec(model_id=base.model_id, fingerprint=base.fingerprint, module_shapes=base.module_shapes,
+                         max_rank=cfg.max_lora_rank, dtype=str(base.model.dtype).removeprefix("torch."))
     store = AdapterStore(cfg.store_dir(), base=spec, allowed_roots=cfg.allowed_adapter_roots,
                          max_adapter_bytes=cfg.max_adapter_bytes)
     runner = ModelRunner(base.model, max_loras=cfg.max_loras, kv_budget_tokens=cfg.kv_cache_tokens, max_model_len=cfg.max_model_len,

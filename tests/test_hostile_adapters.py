@@ -34,8 +34,8 @@ def hostile_root(tmp_path_factory, adapter_dirs) -> Path:
 def hsrv(tiny_base, tmp_path_factory, hostile_root, adapter_dirs):
     from conftest import start_server
 
-    s = start_server(tmp_path_factory.mktemp("hostile-srv"), tiny_base, max_loras=2, allowed_adapter_roots=[hostile_root],
-                     max_adapter_bytes=MAX_ADAPTER_BYTES)
+    s = start_server(tmp_path_factory.mktemp("hostile-srv"), tiny_base, max_loras=2,
+                     allowed_adapter_roots=[hostile_root], max_adapter_bytes=MAX_ADAPTER_BYTES)
     for name, src in (("resident", "alpha"), ("other", "delta")):
         shutil.copytree(adapter_dirs[src], hostile_root / f"src-{name}")
         r = httpx.post(f"{s.url}/v1/adapters", json={"name": name, "path": str(hostile_root / f"src-{name}")})
@@ -118,8 +118,7 @@ CASES = {
     "rank-pattern-string": lambda d: edit_config(d, rank_pattern={"q_proj": "4"}),
     "rank-pattern-bool": lambda d: edit_config(d, rank_pattern={"q_proj": True}),
     "rank-pattern-negative": lambda d: edit_config(d, rank_pattern={"q_proj": -4}),
-    "alpha-pattern-nan": lambda d: raw_config(d, json.dumps({**json.loads((d / "adapter_config.json").read_text()),
-                                                              "alpha_pattern": {"q_proj": "@@"}}).replace('"@@"', "NaN")),
+    "alpha-pattern-nan": lambda d: config_text(d, "alpha_pattern", '{"q_proj": NaN}'),
     "alpha-pattern-string": lambda d: edit_config(d, alpha_pattern={"q_proj": "big"}),
     # numbers that are not finite, or not finite in the serving dtype
     "alpha-nan": lambda d: config_text(d, "lora_alpha", "NaN"),
@@ -241,8 +240,8 @@ def test_a_stored_non_finite_record_is_hidden_not_500(hsrv, hostile_root):
     assert not (st.root / "adapters" / "legacy").exists()
 
 
-@pytest.mark.parametrize("ref", ["resident@²", "resident@١", "resident@1.0", "resident@+1", "resident@ 1", "resident@0",
-                                 "resident@99999999999"])
+@pytest.mark.parametrize("ref", ["resident@²", "resident@١", "resident@1.0", "resident@+1", "resident@ 1",
+                                 "resident@0", "resident@99999999999"])
 def test_versions_in_model_refs_are_ascii_integers(ref, hsrv):
     r = httpx.post(f"{hsrv.url}/v1/completions", json={"model": ref, **PROMPT})
     assert r.status_code in (400, 404), r.text
@@ -261,7 +260,8 @@ def test_delete_versions_are_ascii_integers_and_delete_nothing_else(ver, hsrv):
 def test_no_server_paths_in_models_adapters_and_lineage(hsrv, hostile_root):
     lineage = {"dataset": "/srv/secret/data/train.jsonl", "config": {"output_dir": "/home/op/runs/x"},
                "note": "from /opt/ckpt/base (see https://example.org/a/b)"}
-    r = httpx.post(f"{hsrv.url}/v1/adapters", json={"name": "pathless", "path": str(hostile_root / "good"), "lineage": lineage})
+    body = {"name": "pathless", "path": str(hostile_root / "good"), "lineage": lineage}
+    r = httpx.post(f"{hsrv.url}/v1/adapters", json=body)
     assert r.status_code == 201, r.text
     root = str(hsrv.state.store.root)
     base = str(hsrv.state.service.base.path)
@@ -290,7 +290,8 @@ def test_a_refused_slot_fill_fails_its_request_alone_and_keeps_the_slot(hsrv):
     assert {eng.pool.slot_of("resident@1"), eng.pool.slot_of("other@1")} == {0, 1}
     mod = next(iter(eng.pool.modules))
     lin = eng.pool.modules[mod]
-    bad = LoadedAdapter("poison@1", {mod: (torch.ones(4, lin.in_features), torch.ones(lin.out_features, 4))}, {mod: 1e308}, 0.0)
+    weights = {mod: (torch.ones(4, lin.in_features), torch.ones(lin.out_features, 4))}
+    bad = LoadedAdapter("poison@1", weights, {mod: 1e308}, 0.0)
     with eng.pool._lock:  # straight into the CPU tier, as if an older check had let it through
         eng.pool._cpu["poison@1"] = bad
     version = SimpleNamespace(ref="poison@1", name="poison", version=1)
@@ -311,8 +312,8 @@ def test_route_guards_are_typed_and_bounded(hsrv):
     u = hsrv.url
     before = httpx.get(f"{u}/v1/routes").json()
     for guard in ({"max_error_rate": 0.1, "min_requests": 2**40}, {"max_error_rate": 0.1, "min_requests": 0},
-                  {"max_error_rate": 2}, {"max_error_rate": "0.1"}, {"max_error_rate": 0.1, "extra": 1}, {"min_requests": 5},
-                  [0.1]):
+                  {"max_error_rate": 2}, {"max_error_rate": "0.1"}, {"max_error_rate": 0.1, "extra": 1},
+                  {"min_requests": 5}, [0.1]):
         r = httpx.put(f"{u}/v1/routes/resident", json={"versions": {"1": 100}, "guard": guard})
         assert r.status_code == 400, (guard, r.text)
         assert_openai_error(r)
@@ -356,7 +357,8 @@ def test_route_changes_never_queue_behind_slow_registrations(hsrv, hostile_root,
     codes: list[int] = []
 
     def register():
-        r = httpx.post(f"{hsrv.url}/v1/adapters", json={"name": "slow", "path": str(hostile_root / "good")}, timeout=60)
+        body = {"name": "slow", "path": str(hostile_root / "good")}
+        r = httpx.post(f"{hsrv.url}/v1/adapters", json=body, timeout=60)
         codes.append(r.status_code)
 
     ts = [threading.Thread(target=register) for _ in range(n)]

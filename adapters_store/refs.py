@@ -37,7 +37,7 @@ def parse_ref(ref, *, param: str = "model") -> tuple[str, int | None]:
     name, sep, ver = ref.partition("@")
     if not sep:
         return name, None
-    return name, parse_version(ver, param=param, what=f"the version in {_shown(ref)}:")
+    return name, parse_version(ver, param=param, what=f"{param} {_shown(ref)}: version")
 
 
 def _shown(text) -> str:

@@ -11,6 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from loraplex.adapters_store import InvalidRequest
 from loraplex.adapters_store.refs import parse_ref
 
 from .engine import Engine
@@ -55,6 +56,9 @@ class GenerationService:
             return None
         try:
             name, version = parse_ref(model, param="model")  # the one name@version parser (ASCII digits only)
+        except InvalidRequest as e:
+            raise BadRequest(str(e), param="model") from e
+        try:
             return self.store.resolve(name, version=version, sticky_key=sticky_key)
         except ApiError:
             raise

@@ -109,11 +109,15 @@ class AdapterManager:
         if not self._admitted.acquire(blocking=False):
             raise from_store_error(StoreBusy(f"{REGISTER_WORKERS + REGISTER_PENDING} adapter registrations are in "
                                              "progress or waiting; retry later"))
+        # released when the work ends, not when the caller stops waiting: a client that disconnects does not
+        # free a place while its copy still runs
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._registrations, self.register, name, path, lineage, caller)
-        finally:
+            work = self._registrations.submit(self.register, name, path, lineage, caller)
+        except RuntimeError:  # shut down
             self._admitted.release()
+            raise
+        work.add_done_callback(lambda _: self._admitted.release())
+        return await asyncio.wrap_future(work)
 
     def close(self) -> None:
         self._registrations.shutdown(wait=False, cancel_futures=True)

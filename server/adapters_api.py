@@ -32,7 +32,8 @@ from loraplex.adapters_store.errors import StoreBusy
 from loraplex.adapters_store.refs import parse_version
 from loraplex.adapters_store.store import client_lineage
 
-from .errors import NotFound, from_store_error
+from .caller import caller_of
+from .errors import NotFound
 from .openai_api import parse_body
 
 log = logging.getLogger("loraplex.adapters")
@@ -83,32 +84,28 @@ def version_json(v, engine=None) -> dict:
 class AdapterManager:
     """Store + engine together: registration with warm-up, deletion with drain."""
 
-    def __init__(self, store, engine, caller_header: str = "x-loraplex-caller"):
+    def __init__(self, store, engine):
         self.store = store
         self.engine = engine
-        self.caller_header = caller_header
         self._registrations = ThreadPoolExecutor(REGISTER_WORKERS, thread_name_prefix="loraplex-register")
         self._admitted = threading.BoundedSemaphore(REGISTER_WORKERS + REGISTER_PENDING)
 
     def register(self, name: str, path: str, lineage: dict | None, caller: str):
+        v = self.store.register(name, path, lineage=lineage, caller=caller)
         try:
-            v = self.store.register(name, path, lineage=lineage, caller=caller)
-            try:
-                self.engine.pool.prefetch(v)  # warm before it takes traffic
-            except StoreError:
-                # the store's checks and the engine's disagree (they should not): never keep a version
-                # the engine refuses to serve
-                self.store.delete(v.name, v.version, caller=caller)
-                raise
-        except StoreError as e:
-            raise from_store_error(e) from e
+            self.engine.pool.prefetch(v)  # warm before it takes traffic
+        except StoreError:
+            # the store's checks and the engine's disagree (they should not): never keep a version the
+            # engine refuses to serve
+            self.store.delete(v.name, v.version, caller=caller)
+            raise
         return v
 
     async def register_async(self, name: str, path: str, lineage: dict | None, caller: str):
         """`register` on the registration executor; StoreBusy (429) when too many are running or waiting."""
         if not self._admitted.acquire(blocking=False):
-            raise from_store_error(StoreBusy(f"{REGISTER_WORKERS + REGISTER_PENDING} adapter registrations are in "
-                                             "progress or waiting; retry later"))
+            raise StoreBusy(f"{REGISTER_WORKERS + REGISTER_PENDING} adapter registrations are in progress or "
+                            "waiting; retry later")
         # released when the work ends, not when the caller stops waiting: a client that disconnects does not
         # free a place while its copy still runs
         try:
@@ -123,10 +120,7 @@ class AdapterManager:
         self._registrations.shutdown(wait=False, cancel_futures=True)
 
     def delete(self, name: str, version: int | None, caller: str):
-        try:
-            removed = self.store.delete(name, version, caller=caller)
-        except StoreError as e:
-            raise from_store_error(e) from e
+        removed = self.store.delete(name, version, caller=caller)
         for v in removed:
             self.engine.call(lambda ref=v.ref: self.engine.pool.mark_deleted(ref))
         return removed
@@ -148,7 +142,7 @@ class AdapterRoutes:
         self.m = manager
 
     def _caller(self, request: HttpRequest) -> str:
-        return request.headers.get(self.m.caller_header) or (request.client.host if request.client else "api")
+        return caller_of(request)
 
     async def register(self, request: HttpRequest):
         body = await parse_body(request, RegisterBody)
@@ -161,10 +155,7 @@ class AdapterRoutes:
 
     async def get(self, request: HttpRequest):
         name = request.path_params["name"]
-        try:
-            versions = self.m.store.versions(name)
-        except StoreError as e:
-            raise from_store_error(e) from e
+        versions = self.m.store.versions(name)
         if not versions:
             raise NotFound(f"adapter {name!r} does not exist", param="name")
         route = self.m.store.get_route(name)
@@ -180,10 +171,7 @@ class AdapterRoutes:
     async def delete(self, request: HttpRequest):
         name = request.path_params["name"]
         ver = request.query_params.get("version")
-        try:
-            version = None if ver is None else parse_version(ver, param="version", what="query parameter 'version'")
-        except StoreError as e:
-            raise from_store_error(e) from e
+        version = None if ver is None else parse_version(ver, param="version", what="query parameter 'version'")
         removed = await asyncio.to_thread(self.m.delete, name, version, self._caller(request))
         return JSONResponse({"deleted": [v.ref for v in removed], "draining": [v.ref for v in removed if self.m.engine.in_use(v.ref)]})
 

@@ -34,13 +34,15 @@ import operator
 import re
 from typing import Callable
 
+from loraplex.adapters_store.errors import InvalidArgument
+
 GRADER_TYPES = ("string_check", "text_similarity", "score_model", "multi", "python")
 STRING_OPS = ("eq", "ne", "like", "ilike")
 METRICS = ("fuzzy_match", "bleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l")
 _TEMPLATE = re.compile(r"\{\{\s*(sample|item)\.([A-Za-z0-9_.]+)\s*\}\}")
 
 
-class GraderError(ValueError):
+class GraderError(InvalidArgument, ValueError):
     """A grader spec that cannot run, with the offending field in its message."""
 
 

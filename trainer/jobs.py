@@ -25,6 +25,8 @@ import time
 import uuid
 from pathlib import Path
 
+from loraplex.adapters_store.errors import LoraplexError, kind_for_status
+
 from .core import STOP_FILE_ENV, few_steps_warning
 from .hyperparams import resolve as resolve_hyperparameters
 
@@ -42,14 +44,14 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 STOP_FILE = "stop"  # in a job's directory: present = checkpoint at the end of this step and exit (a pause)
 
 
-class JobError(ValueError):
-    """A request the job manager refuses (bad file, unknown job...); carries an HTTP status."""
+class JobError(LoraplexError, ValueError):
+    """A request the job manager refuses (bad file, unknown job...); `status` picks its kind (404, 409...)."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
-        super().__init__(message)
+        super().__init__(message, param=param, code=code)
         self.status = status
-        self.param = param
-        self.code = code
+        kind = kind_for_status(status)
+        self.http_status, self.grpc_code, self.error_type = kind.http_status, kind.grpc_code, kind.error_type
 
 
 class JobManager:

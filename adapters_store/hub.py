@@ -105,3 +105,25 @@ def hub_allowed(value: str, allowed_orgs: list[str] | None) -> str | None:
     if "*" in allowed_orgs or org_of(value) in allowed_orgs:
         return None
     return f"hub organisation {org_of(value)!r} of {value!r} is not in this server's allow-list {sorted(allowed_orgs)}"
+
+
+def adapter_source(path: str, allowed_orgs: list[str] | None, *, operator: bool = False) -> tuple[str, dict]:
+    """Where to register an adapter from: `path` itself, or for a hub id its snapshot directory (then validated by the
+    store like any directory) -> (directory, lineage fields naming the source). A hub id named over the API must be
+    allowed (`hub_allowed`, 403 otherwise); the operator's own `--adapter NAME=org/repo` always is."""
+    if not is_hub_id(path):
+        return path, {}
+    if not operator:
+        why = hub_allowed(path, allowed_orgs)
+        if why:
+            from .errors import AdapterPathForbidden
+
+            raise AdapterPathForbidden(why)
+    snap = hub_adapter_dir(path)
+    return str(snap), {"source": f"hub:{split_hub_id(path)[0]}@{snap.name}"}
+
+
+def hub_cache_root() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)

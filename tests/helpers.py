@@ -175,3 +175,21 @@ def make_hub_cache(cache_dir, repo_id: str, files: dict, *, repo_type: str = "mo
     (root / "refs").mkdir(parents=True, exist_ok=True)
     (root / "refs" / ref).write_text(commit)
     return snap
+
+
+def make_small_pretrained(out_dir, layers: int = 2) -> Path:
+    """The embedded SmolLM2-135M-Instruct cut to its first `layers` decoder layers: tiny and fast like the random
+    models, but with pretrained embeddings, so a LoRA learns facts from a few examples at an ordinary learning rate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = default_tokenizer_dir()
+    out = Path(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    model.config.layer_types = (getattr(model.config, "layer_types", None) or [])[:layers] or None
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    if (src / "generation_config.json").exists():
+        shutil.copy(src / "generation_config.json", out / "generation_config.json")
+    return out

@@ -141,3 +141,35 @@ def test_hub_model_and_hub_adapter_resolve_offline(tiny_base, hub, tmp_path):
     from loraplex.adapters_store import AdapterStore
 
     assert [x.name for x in AdapterStore(tmp_path / "store").list()] == ["from-hub"]
+
+
+def test_hub_adapters_over_the_api_only_from_allowed_orgs(tiny_base, hub, tmp_path):
+    import httpx
+
+    from conftest import start_server
+    from helpers import make_hub_cache, make_peft_adapter
+
+    ada = make_peft_adapter(tiny_base, tmp_path / "ada", r=4, alpha=8)
+    snap = make_hub_cache(hub, "acme/ada", {"": ada})
+    make_hub_cache(hub, "evil/ada", {"": ada})
+    closed = start_server(tmp_path / "closed", tiny_base)
+    try:
+        r = httpx.post(f"{closed.url}/v1/adapters", json={"name": "h", "path": "acme/ada"})
+        assert r.status_code == 403 and "--allow-hub-org" in r.json()["error"]["message"]
+    finally:
+        closed.stop()
+    s = start_server(tmp_path / "open", tiny_base, hub_orgs=["acme"])
+    try:
+        r = httpx.post(f"{s.url}/v1/adapters", json={"name": "h", "path": "acme/ada"})
+        assert r.status_code == 201, r.text
+        assert s.state.store.get("h").lineage["source"] == f"hub:acme/ada@{snap.name}"
+        chat = httpx.post(f"{s.url}/v1/chat/completions", json={"model": "h", "max_tokens": 2,
+                                                               "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 200
+        r = httpx.post(f"{s.url}/v1/adapters", json={"name": "e", "path": "evil/ada"})
+        assert r.status_code == 403 and "'evil'" in r.json()["error"]["message"]
+        r = httpx.post(f"{s.url}/v1/adapters", json={"name": "m", "path": "acme/missing"})
+        assert r.status_code == 422 and "'acme/missing'" in r.json()["error"]["message"]
+        assert [v.name for v in s.state.store.list()] == ["h"]  # the refusals changed nothing
+    finally:
+        s.stop()

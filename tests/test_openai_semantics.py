@@ -46,7 +46,7 @@ def test_auto_follows_openais_rules():
     assert auto_epochs(1000) == 3 and auto_epochs(20_000) == 1 and auto_epochs(10_000) == 2  # large: <= 25k seen
     assert auto_batch_size(20) == 1 and auto_batch_size(5000) == 10 and auto_batch_size(10**6) == 256
     r = resolve({}, 20)
-    assert (r["n_epochs"], r["batch_size"], r["planned_steps"]) == (5, 1, 100)
+    assert (r["n_epochs"], r["batch_size"], r["planned_steps"]) == (5, 1, 100) and r["learning_rate"] == 2e-4
     r = resolve({"n_epochs": 2, "batch_size": 3, "learning_rate_multiplier": 0.5}, 10)
     assert (r["n_epochs"], r["batch_size"], r["planned_steps"]) == (2, 3, 8) and r["learning_rate"] == pytest.approx(1e-4)
     assert resolve({}, 20, method="dpo")["beta"] == 0.1

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .adapters_api import AdapterManager, AdapterRoutes
-from .errors import LoraplexError, PayloadTooLarge, Unavailable, internal
+from .errors import LoraplexError, NotFound, PayloadTooLarge, Unavailable, internal
 
 log = logging.getLogger("loraplex.server")
 
@@ -223,7 +223,14 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
 
     from starlette.middleware import Middleware
 
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[
+    async def no_route(request: HttpRequest, exc):  # Starlette's own 404 / 405, in OpenAI's error shape too
+        kind = NotFound if exc.status_code == 404 else LoraplexError
+        err = kind(f"no route for {request.method} {request.url.path}" if exc.status_code == 404 else
+                   f"{request.method} is not allowed on {request.url.path}")
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: no_route, 405: no_route}, middleware=[
         Middleware(BodyLimit, max_request_bytes=max_request_bytes, max_upload_bytes=max_upload_bytes)])
+    app.router.redirect_slashes = False  # `/v1/routes/` is an unknown route (404), not a redirect a client must follow
     app.state.loraplex = state
     return app

@@ -32,6 +32,7 @@ from loraplex.protos.loraplex.v1 import loraplex_pb2 as pb
 from loraplex.protos.loraplex.v1 import loraplex_pb2_grpc as pbg
 
 from .adapters_api import version_json
+from .openai_api import load_json
 from .caller import caller_of
 from .errors import BadRequest, DeadlineExceeded, LoraplexError, NotFound, Unavailable, internal
 from .generation_params import CHAT_ROLES, COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, GenerationParams
@@ -305,10 +306,7 @@ class AdminServicer(_Base, pbg.AdminServicer):
         self._name(request.name)
         if not request.path:
             raise BadRequest("'path' is required", param="path")
-        try:
-            lineage = json.loads(request.lineage_json) if request.lineage_json else None
-        except json.JSONDecodeError as e:
-            raise BadRequest(f"'lineage_json' is not valid JSON: {e}", param="lineage_json") from e
+        lineage = load_json(request.lineage_json, "'lineage_json'", "lineage_json") if request.lineage_json else None
         if lineage is not None and not isinstance(lineage, dict):
             raise BadRequest("'lineage_json' must be a JSON object", param="lineage_json")
         v = await asyncio.to_thread(m.register, request.name, request.path, lineage, self._caller(context))

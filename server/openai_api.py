@@ -126,6 +126,10 @@ def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
             for p in content:
                 if p.get("type") != "text" or not isinstance(p.get("text"), str):
                     raise BadRequest(f"messages[{i}].content: only text parts are supported", param=f"messages.{i}.content")
+                try:
+                    valid_text(p["text"])
+                except ValueError as e:
+                    raise BadRequest(f"messages[{i}].content: {e}", param=f"messages.{i}.content") from None
                 parts.append(p["text"])
             content = "".join(parts)
         role = "system" if m.role == "developer" else m.role

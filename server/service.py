@@ -90,6 +90,7 @@ class GenerationService:
         """
         limit = self.engine.max_model_len
         try:
+            text.encode("utf-8")  # tokenizers refuse lone surrogates with a TypeError: say what is wrong instead
             size = 4 * limit
             while size < len(text):
                 cut = text.rfind(" ", size // 2, size)

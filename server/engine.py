@@ -103,7 +103,8 @@ class Engine:
                     param="max_tokens",
                 )
         if len(reqs) > self.config.max_queue:
-            raise BadRequest(f"{len(reqs)} choices in one request exceed the queue's capacity ({self.config.max_queue})", param="n")
+            raise BadRequest(f"{len(reqs)} choices in one request exceed the queue's capacity "
+                             f"({self.config.max_queue})", param="n")
         with self._cv:
             if self.failure is not None:
                 raise Unavailable("the engine has stopped; the server is restarting")
@@ -166,7 +167,8 @@ class Engine:
         try:
             while True:
                 with self._cv:
-                    while not (self._stop or self._inbox or self._calls or self.scheduler.running or self.scheduler.waiting):
+                    s = self.scheduler
+                    while not (self._stop or self._inbox or self._calls or s.running or s.waiting):
                         self._cv.wait()
                     if self._stop:
                         break
@@ -203,10 +205,9 @@ class Engine:
                 self._finish(seq, "error", error=error)
             except Exception:
                 log.exception("could not finish request %s", seq.req.request_id)
-                try:
-                    self.scheduler.running.remove(seq) if seq in self.scheduler.running else self.scheduler.waiting.remove(seq)
-                except ValueError:
-                    pass
+                for queue in (self.scheduler.running, self.scheduler.waiting):
+                    if seq in queue:
+                        queue.remove(seq)
 
     def _reject(self, req: Request, error: str) -> None:
         """Fails a request that never became a sequence: its client gets the error, its adapter pin is released."""

@@ -20,8 +20,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import BadRequest, pydantic_error
 from .generation_params import (
-    COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPTS, MAX_TOKENS, GenerationParams, TopLogprobs,
-    valid_text,
+    COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPTS, MAX_TOKENS, GenerationParams,
+    TopLogprobs, valid_text,
 )
 from .request import TokenLogprob
 from .service import Generation, GenerationService, gather_streams, merge
@@ -364,7 +364,8 @@ async def _disconnected(request: HttpRequest) -> None:
         pass
 
 
-async def _collect_unless_disconnected(request: HttpRequest, reqs, service: GenerationService) -> list[Generation] | None:
+async def _collect_unless_disconnected(request: HttpRequest, reqs,
+                                      service: GenerationService) -> list[Generation] | None:
     """Every request's whole result, or None once the client has gone (its requests are cancelled then)."""
     gens = [Generation() for _ in reqs]
 

@@ -13,6 +13,7 @@ long strings, wrong JSON types, deep nesting), so the fuzzer reaches past the
 first check of every handler. The default run keeps the example counts small;
 `make test-all` (the `slow` mark) runs the same properties much longer.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,23 @@ from hypothesis import strategies as st
 from loraplex.protos.loraplex.v1 import loraplex_pb2 as pb
 from loraplex.protos.loraplex.v1 import loraplex_pb2_grpc as pbg
 
-FAST = settings(max_examples=25, deadline=None, database=None, derandomize=False,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FAST = settings(
+    max_examples=25,
+    deadline=None,
+    database=None,
+    derandomize=False,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 DEEP = settings(FAST, max_examples=400)
 
 ERROR_STATUSES = {400, 403, 404, 405, 409, 413, 422, 429}
-GRPC_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
-              grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+GRPC_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +57,12 @@ def fz(tiny_base, adapter_dirs, tmp_path_factory):
     root = next(iter(adapter_dirs.values())).parent
     s = start_server(tmp_path_factory.mktemp("fuzz"), tiny_base, max_queue=64, allowed_adapter_roots=[root])
     for name in ("alpha", "beta"):
-        assert httpx.post(f"{s.url}/v1/adapters", json={"name": name, "path": str(adapter_dirs[name])}, timeout=60).status_code == 201
+        assert (
+            httpx.post(
+                f"{s.url}/v1/adapters", json={"name": name, "path": str(adapter_dirs[name])}, timeout=60
+            ).status_code
+            == 201
+        )
     gs = GrpcServer(s.state, port=0)
     port = gs.start()
     ch = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -63,13 +79,18 @@ def fz(tiny_base, adapter_dirs, tmp_path_factory):
 WIRE_INTS = [2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**30, -1, 0]
 hostile_text = st.one_of(
     st.text(max_size=30),
-    st.sampled_from(["\ud800", "a\udfffb", "\x00", "x" * 600, "../../etc/passwd", "\u202e", "²", "١", "%00", "{{7*7}}"]),
+    st.sampled_from(
+        ["\ud800", "a\udfffb", "\x00", "x" * 600, "../../etc/passwd", "\u202e", "²", "١", "%00", "{{7*7}}"]
+    ),
 )
 hostile_number = st.one_of(st.sampled_from(WIRE_INTS), st.floats(), st.integers(-10, 10))
 json_leaf = st.one_of(st.none(), st.booleans(), hostile_number, hostile_text)
-any_json = st.recursive(json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
-                        max_leaves=8)
-deep_json = st.integers(1, 3000).map(lambda d: json.loads("[" * min(d, 900) + "]" * min(d, 900)) if d < 900 else {"deep": d})
+any_json = st.recursive(
+    json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=8
+)
+deep_json = st.integers(1, 3000).map(
+    lambda d: json.loads("[" * min(d, 900) + "]" * min(d, 900)) if d < 900 else {"deep": d}
+)
 
 
 def either(good):
@@ -83,50 +104,107 @@ def maybe_fields(**fields):
 
 
 def model_names(base: str):
-    return st.sampled_from([base, "default", "alpha", "beta", "alpha@1", "beta@1", "alpha@999", "alpha@x", "alpha@²", "nope", "",
-                            "a" * 600, "alpha@-1", "@1", "alpha@1@2"]) | hostile_text
+    return (
+        st.sampled_from(
+            [
+                base,
+                "default",
+                "alpha",
+                "beta",
+                "alpha@1",
+                "beta@1",
+                "alpha@999",
+                "alpha@x",
+                "alpha@²",
+                "nope",
+                "",
+                "a" * 600,
+                "alpha@-1",
+                "@1",
+                "alpha@1@2",
+            ]
+        )
+        | hostile_text
+    )
 
 
 SAMPLING = dict(
-    n=either(st.integers(1, 3)), max_tokens=either(st.integers(1, 4)), temperature=either(st.floats(0, 2)),
-    top_p=either(st.floats(0.01, 1)), top_k=either(st.integers(-1, 50)), seed=either(st.integers(-(2**63), 2**63 - 4)),
+    n=either(st.integers(1, 3)),
+    max_tokens=either(st.integers(1, 4)),
+    temperature=either(st.floats(0, 2)),
+    top_p=either(st.floats(0.01, 1)),
+    top_k=either(st.integers(-1, 50)),
+    seed=either(st.integers(-(2**63), 2**63 - 4)),
     stop=either(st.one_of(st.text(max_size=5), st.lists(st.text(max_size=5), max_size=4))),
-    presence_penalty=either(st.floats(-2, 2)), frequency_penalty=either(st.floats(-2, 2)), user=either(st.text(max_size=20)),
-    ignore_eos=either(st.booleans()), stream=either(st.booleans()),
+    presence_penalty=either(st.floats(-2, 2)),
+    frequency_penalty=either(st.floats(-2, 2)),
+    user=either(st.text(max_size=20)),
+    ignore_eos=either(st.booleans()),
+    stream=either(st.booleans()),
     stream_options=either(st.fixed_dictionaries({"include_usage": st.booleans()})),
 )
-message = st.fixed_dictionaries({"role": either(st.sampled_from(["system", "developer", "user", "assistant", "tool"])),
-                                 "content": either(st.one_of(st.text(max_size=40), hostile_text, st.lists(
-                                     st.fixed_dictionaries({"type": either(st.just("text")), "text": either(st.text(max_size=20))}),
-                                     max_size=2)))})
+message = st.fixed_dictionaries(
+    {
+        "role": either(st.sampled_from(["system", "developer", "user", "assistant", "tool"])),
+        "content": either(
+            st.one_of(
+                st.text(max_size=40),
+                hostile_text,
+                st.lists(
+                    st.fixed_dictionaries({"type": either(st.just("text")), "text": either(st.text(max_size=20))}),
+                    max_size=2,
+                ),
+            )
+        ),
+    }
+)
 
 
 def chat_bodies(base):
     return st.one_of(
-        maybe_fields(model=either(model_names(base)), messages=either(st.lists(message, min_size=1, max_size=3)),
-                     max_completion_tokens=either(st.integers(1, 4)), logprobs=either(st.booleans()),
-                     top_logprobs=either(st.integers(0, 20)), **SAMPLING),
+        maybe_fields(
+            model=either(model_names(base)),
+            messages=either(st.lists(message, min_size=1, max_size=3)),
+            max_completion_tokens=either(st.integers(1, 4)),
+            logprobs=either(st.booleans()),
+            top_logprobs=either(st.integers(0, 20)),
+            **SAMPLING,
+        ),
         st.dictionaries(st.text(max_size=8), any_json, max_size=4),
     )
 
 
 def completion_bodies(base):
-    prompt = st.one_of(st.text(max_size=40), hostile_text, st.lists(st.text(max_size=10), min_size=1, max_size=3),
-                       st.lists(st.integers(-5, 60000), min_size=1, max_size=8), st.lists(st.lists(st.integers(0, 100), max_size=4), max_size=3),
-                       st.sampled_from([[2**63], [10**30], [-1], [[]], [1, "a"], []]))
+    prompt = st.one_of(
+        st.text(max_size=40),
+        hostile_text,
+        st.lists(st.text(max_size=10), min_size=1, max_size=3),
+        st.lists(st.integers(-5, 60000), min_size=1, max_size=8),
+        st.lists(st.lists(st.integers(0, 100), max_size=4), max_size=3),
+        st.sampled_from([[2**63], [10**30], [-1], [[]], [1, "a"], []]),
+    )
     return st.one_of(
-        maybe_fields(model=either(model_names(base)), prompt=either(prompt), echo=either(st.booleans()),
-                     logprobs=either(st.integers(0, 5)), suffix=either(st.text(max_size=3)), **SAMPLING),
+        maybe_fields(
+            model=either(model_names(base)),
+            prompt=either(prompt),
+            echo=either(st.booleans()),
+            logprobs=either(st.integers(0, 5)),
+            suffix=either(st.text(max_size=3)),
+            **SAMPLING,
+        ),
         st.dictionaries(st.text(max_size=8), any_json, max_size=4),
     )
 
 
 # --- HTTP --------------------------------------------------------------------------------------------------------
 
+
 def _send(s, method: str, path: str, body) -> httpx.Response:
     """`body` serialized as the hostile client would: NaN allowed, surrogates as \\u escapes; raw bytes as they are."""
     content = body if isinstance(body, bytes) else json.dumps(body, allow_nan=True).encode()
-    return httpx.request(method, f"{s.url}{path}", content=content, headers={"content-type": "application/json"}, timeout=120)
+    return httpx.request(
+        method, f"{s.url}{path}", content=content, headers={"content-type": "application/json"}, timeout=120
+    )
 
 
 def _check_http(r: httpx.Response) -> None:
@@ -147,7 +225,11 @@ def _check_http(r: httpx.Response) -> None:
 
 
 def _alive(s) -> None:
-    r = httpx.post(f"{s.url}/v1/completions", json={"model": s.state.service.model_id, "prompt": "hi", "max_tokens": 2}, timeout=120)
+    r = httpx.post(
+        f"{s.url}/v1/completions",
+        json={"model": s.state.service.model_id, "prompt": "hi", "max_tokens": 2},
+        timeout=120,
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
     assert httpx.get(f"{s.url}/health", timeout=30).status_code == 200
     assert s.engine.failure is None
@@ -167,12 +249,20 @@ def _inference_property(fz, examples: settings):
     base = s.state.service.model_id
 
     @examples
-    @given(path_body=st.one_of(st.tuples(st.just("/v1/chat/completions"), chat_bodies(base)),
-                               st.tuples(st.just("/v1/completions"), completion_bodies(base)),
-                               st.tuples(st.just("/v1/rewards"), maybe_fields(model=either(model_names(base)),
-                                                                            messages=either(st.lists(message, max_size=2)))),
-                               st.tuples(st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
-                                         st.one_of(deep_json, st.binary(max_size=40)))))
+    @given(
+        path_body=st.one_of(
+            st.tuples(st.just("/v1/chat/completions"), chat_bodies(base)),
+            st.tuples(st.just("/v1/completions"), completion_bodies(base)),
+            st.tuples(
+                st.just("/v1/rewards"),
+                maybe_fields(model=either(model_names(base)), messages=either(st.lists(message, max_size=2))),
+            ),
+            st.tuples(
+                st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+                st.one_of(deep_json, st.binary(max_size=40)),
+            ),
+        )
+    )
     def prop(path_body):
         path, body = path_body
         _check_http(_send(s, "POST", path, body))
@@ -184,25 +274,55 @@ def _inference_property(fz, examples: settings):
 def _admin_property(fz, examples: settings):
     s, _ = fz
     names = st.sampled_from(["alpha", "beta", "nope", "x" * 300, "a/b", "..", "alpha@1", ""]) | hostile_text
-    paths = st.sampled_from(s.adapter_paths + ["/", "/etc", "/nonexistent", "", "\x00", "/" + "a" * 5000]) | hostile_text
-    versions = either(st.dictionaries(st.sampled_from(["1", "2", "3", "x", "-1", "²"]), st.integers(-10, 110), max_size=3))
-    route_body = maybe_fields(versions=versions, sticky=either(st.sampled_from(["user", "session", None])),
-                              guard=either(maybe_fields(max_error_rate=either(st.floats(0, 1)), min_requests=either(st.integers(1, 50)))))
+    paths = (
+        st.sampled_from(s.adapter_paths + ["/", "/etc", "/nonexistent", "", "\x00", "/" + "a" * 5000]) | hostile_text
+    )
+    versions = either(
+        st.dictionaries(st.sampled_from(["1", "2", "3", "x", "-1", "²"]), st.integers(-10, 110), max_size=3)
+    )
+    route_body = maybe_fields(
+        versions=versions,
+        sticky=either(st.sampled_from(["user", "session", None])),
+        guard=either(maybe_fields(max_error_rate=either(st.floats(0, 1)), min_requests=either(st.integers(1, 50)))),
+    )
     calls = st.one_of(
-        st.tuples(st.just("POST"), st.just("/v1/adapters"), maybe_fields(name=either(names), path=either(paths), lineage=either(any_json))),
-        st.tuples(st.just("POST"), st.just("/v1/load_lora_adapter"), maybe_fields(lora_name=either(names), lora_path=either(paths))),
+        st.tuples(
+            st.just("POST"),
+            st.just("/v1/adapters"),
+            maybe_fields(name=either(names), path=either(paths), lineage=either(any_json)),
+        ),
+        st.tuples(
+            st.just("POST"),
+            st.just("/v1/load_lora_adapter"),
+            maybe_fields(lora_name=either(names), lora_path=either(paths)),
+        ),
         st.tuples(st.just("POST"), st.just("/v1/unload_lora_adapter"), maybe_fields(lora_name=either(names))),
         st.tuples(st.just("PUT"), names.map(lambda n: f"/v1/routes/{_q(n)}"), route_body),
-        st.tuples(st.just("POST"), names.map(lambda n: f"/v1/routes/{_q(n)}/promote"),
-                  maybe_fields(version=either(st.integers(1, 3)))),
-        st.tuples(st.just("POST"), names.map(lambda n: f"/v1/routes/{_q(n)}/rollback"),
-                  maybe_fields(reason=either(st.text(max_size=10)))),
-        st.tuples(st.just("GET"), st.tuples(names, hostile_text).map(
-            lambda t: f"/v1/routes/{_q(t[0])}/compare?window={_q(t[1])}"), st.just(b"")),
-        st.tuples(st.sampled_from(["GET", "DELETE"]), st.tuples(names, hostile_text).map(
-            lambda t: f"/v1/adapters/{_q(t[0])}?version={_q(t[1])}"), st.just(b"")),
-        st.tuples(st.sampled_from(["POST", "PUT"]), st.sampled_from(["/v1/adapters", "/v1/routes/alpha", "/v1/load_lora_adapter"]),
-                  st.one_of(deep_json, st.binary(max_size=40), any_json)),
+        st.tuples(
+            st.just("POST"),
+            names.map(lambda n: f"/v1/routes/{_q(n)}/promote"),
+            maybe_fields(version=either(st.integers(1, 3))),
+        ),
+        st.tuples(
+            st.just("POST"),
+            names.map(lambda n: f"/v1/routes/{_q(n)}/rollback"),
+            maybe_fields(reason=either(st.text(max_size=10))),
+        ),
+        st.tuples(
+            st.just("GET"),
+            st.tuples(names, hostile_text).map(lambda t: f"/v1/routes/{_q(t[0])}/compare?window={_q(t[1])}"),
+            st.just(b""),
+        ),
+        st.tuples(
+            st.sampled_from(["GET", "DELETE"]),
+            st.tuples(names, hostile_text).map(lambda t: f"/v1/adapters/{_q(t[0])}?version={_q(t[1])}"),
+            st.just(b""),
+        ),
+        st.tuples(
+            st.sampled_from(["POST", "PUT"]),
+            st.sampled_from(["/v1/adapters", "/v1/routes/alpha", "/v1/load_lora_adapter"]),
+            st.one_of(deep_json, st.binary(max_size=40), any_json),
+        ),
     )
 
     @examples
@@ -237,10 +357,14 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(fz):
     s, _ = fz
     for method, path in (("GET", "/v1/nothing"), ("DELETE", "/v1/chat/completions"), ("POST", "/v1/adapters/a/b/c")):
         r = httpx.request(method, f"{s.url}{path}", timeout=30)
-        assert r.status_code in (404, 405) and r.json()["error"]["type"] in ("not_found_error", "invalid_request_error")
+        assert r.status_code in (404, 405) and r.json()["error"]["type"] in (
+            "not_found_error",
+            "invalid_request_error",
+        )
 
 
 # --- gRPC --------------------------------------------------------------------------------------------------------
+
 
 def _u32(good):
     return st.one_of(good, st.sampled_from([0, 2**31, 2**32 - 1]))
@@ -251,10 +375,22 @@ def _i64(good):
 
 
 f32 = st.one_of(st.floats(0, 2, width=32), st.floats(width=32))
-sampling_msg = st.builds(lambda d: pb.SamplingParams(**d), maybe_fields(
-    max_tokens=_u32(st.integers(1, 4)), temperature=f32, top_p=f32, top_k=st.one_of(st.integers(-1, 50), st.sampled_from([-(2**31), 2**31 - 1])),
-    seed=_i64(st.integers(0, 1000)), stop=st.lists(st.text(max_size=5), max_size=18), logprobs=_u32(st.integers(0, 5)),
-    presence_penalty=f32, frequency_penalty=f32, ignore_eos=st.booleans(), n=_u32(st.integers(1, 3))))
+sampling_msg = st.builds(
+    lambda d: pb.SamplingParams(**d),
+    maybe_fields(
+        max_tokens=_u32(st.integers(1, 4)),
+        temperature=f32,
+        top_p=f32,
+        top_k=st.one_of(st.integers(-1, 50), st.sampled_from([-(2**31), 2**31 - 1])),
+        seed=_i64(st.integers(0, 1000)),
+        stop=st.lists(st.text(max_size=5), max_size=18),
+        logprobs=_u32(st.integers(0, 5)),
+        presence_penalty=f32,
+        frequency_penalty=f32,
+        ignore_eos=st.booleans(),
+        n=_u32(st.integers(1, 3)),
+    ),
+)
 grpc_text = st.one_of(st.text(max_size=40), st.sampled_from(["x" * 600, "\x00", "²"]))
 
 
@@ -263,17 +399,41 @@ def _no_surrogates(s: str) -> str:
 
 
 def generate_msgs(base):
-    names = st.sampled_from([base, "default", "alpha", "alpha@1", "alpha@999", "alpha@x", "nope", "", "a" * 600, "alpha@²"])
-    chat = st.builds(lambda ms: pb.ChatPrompt(messages=ms), st.lists(st.builds(
-        lambda r, c: pb.ChatMessage(role=r, content=c), st.sampled_from(["user", "system", "assistant", "robot", ""]),
-        grpc_text.map(_no_surrogates)), max_size=3))
-    prompt = st.one_of(st.fixed_dictionaries({"text": grpc_text.map(_no_surrogates)}), st.fixed_dictionaries({"chat": chat}),
-                       st.fixed_dictionaries({"token_ids": st.builds(lambda ids: pb.TokenIds(ids=ids), st.lists(
-                           st.one_of(st.integers(0, 60000), st.sampled_from([-1, 2**31 - 1, -(2**31)])), max_size=8))}),
-                       st.just({}))
-    return st.builds(lambda m, p, sp, sess, rid: pb.GenerateRequest(model=m, sampling=sp, session=sess, request_id=rid, **p),
-                     names, prompt, sampling_msg, st.text(max_size=10).map(_no_surrogates),
-                     st.one_of(st.just(""), st.text(max_size=10).map(_no_surrogates), st.just("r" * 600)))
+    names = st.sampled_from(
+        [base, "default", "alpha", "alpha@1", "alpha@999", "alpha@x", "nope", "", "a" * 600, "alpha@²"]
+    )
+    chat = st.builds(
+        lambda ms: pb.ChatPrompt(messages=ms),
+        st.lists(
+            st.builds(
+                lambda r, c: pb.ChatMessage(role=r, content=c),
+                st.sampled_from(["user", "system", "assistant", "robot", ""]),
+                grpc_text.map(_no_surrogates),
+            ),
+            max_size=3,
+        ),
+    )
+    prompt = st.one_of(
+        st.fixed_dictionaries({"text": grpc_text.map(_no_surrogates)}),
+        st.fixed_dictionaries({"chat": chat}),
+        st.fixed_dictionaries(
+            {
+                "token_ids": st.builds(
+                    lambda ids: pb.TokenIds(ids=ids),
+                    st.lists(st.one_of(st.integers(0, 60000), st.sampled_from([-1, 2**31 - 1, -(2**31)])), max_size=8),
+                )
+            }
+        ),
+        st.just({}),
+    )
+    return st.builds(
+        lambda m, p, sp, sess, rid: pb.GenerateRequest(model=m, sampling=sp, session=sess, request_id=rid, **p),
+        names,
+        prompt,
+        sampling_msg,
+        st.text(max_size=10).map(_no_surrogates),
+        st.one_of(st.just(""), st.text(max_size=10).map(_no_surrogates), st.just("r" * 600)),
+    )
 
 
 U32 = st.one_of(st.integers(0, 120), st.sampled_from([2**31, 2**32 - 1]))
@@ -282,22 +442,41 @@ U32 = st.one_of(st.integers(0, 120), st.sampled_from([2**31, 2**32 - 1]))
 def admin_msgs(paths):
     names = st.sampled_from(["alpha", "beta", "nope", "", "x" * 300, "a/b", "alpha@1", "²"])
     return st.one_of(
-        st.tuples(st.just("RegisterAdapter"), st.builds(lambda n, p, lj: pb.RegisterAdapterRequest(name=n, path=p, lineage_json=lj), names,
-                                                        st.sampled_from(paths + ["/", "/nonexistent", "", "/etc"]),
-                                                        st.sampled_from(["", "{}", "[1]", "{nope", '{"a": NaN}', "[" * 3000, "null"]))),
+        st.tuples(
+            st.just("RegisterAdapter"),
+            st.builds(
+                lambda n, p, lj: pb.RegisterAdapterRequest(name=n, path=p, lineage_json=lj),
+                names,
+                st.sampled_from(paths + ["/", "/nonexistent", "", "/etc"]),
+                st.sampled_from(["", "{}", "[1]", "{nope", '{"a": NaN}', "[" * 3000, "null"]),
+            ),
+        ),
         st.tuples(st.just("GetAdapter"), st.builds(lambda n: pb.GetAdapterRequest(name=n), names)),
         st.tuples(st.just("ListAdapters"), st.just(pb.ListAdaptersRequest())),
-        st.tuples(st.just("DeleteAdapter"), st.builds(lambda n, v: pb.DeleteAdapterRequest(name=n, **v), names,
-                                                      maybe_fields(version=U32))),
-        st.tuples(st.just("SetRoute"), st.builds(lambda n, w, s, gd: pb.SetRouteRequest(name=n, weights=w, sticky=s, **gd), names,
-                                                 st.dictionaries(U32, U32, max_size=3),
-                                                 st.sampled_from(["", "user", "session", "cookie"]),
-                                                 maybe_fields(guard=st.builds(lambda r, m: pb.RouteGuard(max_error_rate=r, min_requests=m),
-                                                                              f32, U32)))),
+        st.tuples(
+            st.just("DeleteAdapter"),
+            st.builds(lambda n, v: pb.DeleteAdapterRequest(name=n, **v), names, maybe_fields(version=U32)),
+        ),
+        st.tuples(
+            st.just("SetRoute"),
+            st.builds(
+                lambda n, w, s, gd: pb.SetRouteRequest(name=n, weights=w, sticky=s, **gd),
+                names,
+                st.dictionaries(U32, U32, max_size=3),
+                st.sampled_from(["", "user", "session", "cookie"]),
+                maybe_fields(guard=st.builds(lambda r, m: pb.RouteGuard(max_error_rate=r, min_requests=m), f32, U32)),
+            ),
+        ),
         st.tuples(st.just("GetRoute"), st.builds(lambda n: pb.GetRouteRequest(name=n), names)),
-        st.tuples(st.just("PromoteRoute"), st.builds(lambda n, v: pb.PromoteRouteRequest(name=n, version=v), names, U32)),
-        st.tuples(st.just("RollbackRoute"), st.builds(lambda n, r: pb.RollbackRouteRequest(name=n, reason=r), names,
-                                                      st.text(max_size=10).map(_no_surrogates))),
+        st.tuples(
+            st.just("PromoteRoute"), st.builds(lambda n, v: pb.PromoteRouteRequest(name=n, version=v), names, U32)
+        ),
+        st.tuples(
+            st.just("RollbackRoute"),
+            st.builds(
+                lambda n, r: pb.RollbackRouteRequest(name=n, reason=r), names, st.text(max_size=10).map(_no_surrogates)
+            ),
+        ),
     )
 
 
@@ -315,9 +494,14 @@ def _check_grpc(fn, msg, stream=False) -> None:
 def _grpc_property(fz, examples: settings):
     s, ch = fz
     inf, adm = pbg.InferenceStub(ch), pbg.AdminStub(ch)
-    raw = {m: ch.unary_unary(f"/loraplex.v1.{svc}/{m}", request_serializer=lambda b: b, response_deserializer=lambda b: b)
-           for svc, ms in (("Inference", ("Generate", "ListModels")), ("Admin", ("RegisterAdapter", "SetRoute", "DeleteAdapter")))
-           for m in ms}
+    raw = {
+        m: ch.unary_unary(f"/loraplex.v1.{svc}/{m}", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        for svc, ms in (
+            ("Inference", ("Generate", "ListModels")),
+            ("Admin", ("RegisterAdapter", "SetRoute", "DeleteAdapter")),
+        )
+        for m in ms
+    }
 
     @examples
     @given(msg=generate_msgs(s.state.service.model_id), streamed=st.booleans())

@@ -23,6 +23,9 @@ def serve_parser(sub) -> None:
     p.add_argument("--served-model-name", help="the id clients use for the base model")
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR", help="register a PEFT adapter at start (repeatable)")
     p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
+    p.add_argument("--allow-hub-org", action="append", dest="hub_orgs", metavar="ORG",
+                   help="let POST /v1/adapters register Hugging Face hub adapters (org/repo[@rev]) of this org; '*' = any "
+                        "(repeatable; default: none, remote ids refused)")
     p.add_argument("--allowed-adapter-root", action="append", type=Path, dest="allowed_adapter_roots", help="only register adapters from under these dirs (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

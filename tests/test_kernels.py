@@ -22,7 +22,7 @@ if not HAS_CUDA:
 triton = pytest.importorskip("triton")
 
 import loraplex.kernels as K  # noqa: E402
-from loraplex.kernels import LoraSegments, apply_lora  # noqa: E402
+from loraplex.kernels import LoraSegments  # noqa: E402
 from loraplex.kernels import triton_lora as TL  # noqa: E402
 from loraplex.kernels.reference import lora_expand_ref, lora_shrink_ref  # noqa: E402
 
@@ -163,30 +163,36 @@ def test_no_programs_for_tokens_without_adapter():
     assert [tuple(r) for r in plan.rows().cpu().tolist()] == [(m, 3) for m in range(50, 90)] + [(97, 1), (98, 2)]
 
 
-def test_dispatch_runs_triton_when_forced(monkeypatch):
-    """apply_lora (the engine's entry point) reaches the kernels under LORAPLEX_KERNELS=triton and agrees with torch."""
+def test_backend_chosen_once_runs_triton_when_forced(monkeypatch):
+    """select_backend (called once per runner) reaches the kernels under LORAPLEX_KERNELS=triton and agrees with torch."""
     slots, S, outs = [0] * 6 + [-1] * 2 + [1, 2, 1], 3, [16, 8, 8]
     ranks = torch.tensor(random_ranks(3, S, 16, seed=5), dtype=torch.int32)
     A, B = stacks(S, 16, 24, outs, ranks, torch.float32, 5)
     x = torch.randn(len(slots), 24).to(DEV)
     y0 = torch.randn(len(slots), sum(outs)).to(DEV)
     scales = torch.full((S,), 0.75, device=DEV)
-    args = (A, B, LoraSegments.from_token_slots(slots, DEV), scales, ranks.to(DEV), [0, 16, 24])
+    seg = LoraSegments.from_token_slots(slots, DEV)
+
+    def run(backend):
+        return backend.apply(backend.plan(seg), y0.clone(), x, A, B, scales, ranks.to(DEV), [0, 16, 24])
 
     monkeypatch.setenv("LORAPLEX_KERNELS", "torch")
-    assert K.backend_for(y0) == "torch"
-    ref = apply_lora(y0.clone(), x, *args)
+    torch_backend = K.select_backend(DEV)
+    assert torch_backend.name == "torch"
+    ref = run(torch_backend)
     calls = []
     for name in ("lora_shrink_triton", "lora_expand_triton"):
         real = getattr(TL, name)
         monkeypatch.setattr(TL, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
     monkeypatch.setenv("LORAPLEX_KERNELS", "triton")
-    got = apply_lora(y0.clone(), x, *args)
+    triton_backend = K.select_backend(DEV)
+    monkeypatch.setenv("LORAPLEX_KERNELS", "torch")  # read once, at selection: a later change does not matter
+    got = run(triton_backend)
     assert calls == ["lora_shrink_triton", "lora_expand_triton"]
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     monkeypatch.setenv("LORAPLEX_KERNELS", "tritton")
     with pytest.raises(ValueError, match="LORAPLEX_KERNELS"):
-        apply_lora(y0.clone(), x, *args)
+        K.select_backend(DEV)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU the other tests compile and run the kernels for real")

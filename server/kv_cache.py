@@ -146,7 +146,9 @@ class KVCacheManager:
     def _room_for_cache(self, tokens: int) -> bool:
         """The cache may grow by `tokens` into memory no row holds, evicting its own older blocks for it."""
         if tokens > self.budget_tokens - self.used_tokens:
-            return False
+            self._release_spare_rows()  # rows held in reserve matter less than prefixes already computed
+            if tokens > self.budget_tokens - self.used_tokens:
+                return False
         self.make_room(tokens)
         return self.used_tokens + self.prefix.tokens + tokens <= self.budget_tokens
 
@@ -187,10 +189,13 @@ class KVCacheManager:
         if a is not None and len(a.rows) < a.cap_rows:
             return 0
         if C > self.free_tokens:  # short of memory: first give back the rows arenas hold in reserve
-            for other in list(self.arenas.values()):
-                if other.cap_rows > len(other.rows):
-                    other._resize(len(other.rows))
+            self._release_spare_rows()
         return C
+
+    def _release_spare_rows(self) -> None:
+        for arena in list(self.arenas.values()):
+            if arena.cap_rows > len(arena.rows):
+                arena._resize(len(arena.rows))
 
     @property
     def free_tokens(self) -> int:

@@ -13,6 +13,10 @@ With a prefix cache (server/prefix_cache.py), an admitted sequence first
 copies the longest cached prefix of its tokens under its adapter version and
 computes only the rest (the step's token budget counts computed tokens);
 after each step, `computed` adds the blocks the step completed to the cache.
+A waiting request that starts like one admitted in the same step (same
+adapter version, same first block) and whose prompt that step computes in
+full waits one step, then reuses it instead of computing it a second time
+(requests that arrive together for one system prompt).
 """
 from __future__ import annotations
 
@@ -120,6 +124,7 @@ class Scheduler:
             i += 1
         # 2. admit waiting requests in arrival order.
         skipped: list[Sequence] = []
+        leaders: set = set()  # first blocks whose whole prompt this step computes (and caches)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
             if seq in preempted:  # never re-admit in the step that preempted it
@@ -128,6 +133,10 @@ class Scheduler:
             ref = seq.req.adapter_ref
             if ref is not None and not self.pool.can_acquire(ref):
                 skipped.append(seq)
+                continue
+            lead = self._first_block(seq)
+            if lead is not None and lead in leaders:
+                skipped.append(seq)  # a request admitted in this step computes the same start: reuse it next step
                 continue
             hit = self._cached_prefix(seq)
             cached = len(hit) * self.kv.prefix.block if hit else 0
@@ -143,12 +152,22 @@ class Scheduler:
                     skipped.append(seq)
                     continue
             self._admit(seq, cache, hit, cached + n)
+            B = self.kv.prefix.block if lead is not None else 1
+            if lead is not None and cached + n == len(seq.all_ids) and cached // B < (len(seq.all_ids) - 1) // B:
+                leaders.add(lead)  # it computes (and will cache) blocks the cache does not have yet
             items.append((seq, n))
             budget -= n
         for seq in reversed(skipped):
             self.waiting.appendleft(seq)
         items.sort(key=lambda it: it[0].slot)
         return Plan(items, preempted)
+
+    def _first_block(self, seq: Sequence):
+        """(adapter version, first block of tokens) of a sequence the prefix cache can serve, else None."""
+        prefix = self.kv.prefix
+        if prefix is None or seq.req.params.prompt_logprobs is not None or len(seq.all_ids) <= prefix.block:
+            return None
+        return seq.req.adapter_ref, tuple(seq.all_ids[: prefix.block])
 
     def _cached_prefix(self, seq: Sequence) -> list:
         """The prefix-cache blocks `seq` can start from (whole blocks, leaving at least its last token)."""

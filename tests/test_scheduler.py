@@ -120,3 +120,19 @@ def test_cached_prefixes_give_way_to_running_sequences():
     kv = engine.runner.kv
     assert engine.scheduler.preemptions == 0 and kv.prefix.evictions > 0
     assert kv.used_tokens == 0 and kv.cached_tokens <= kv.budget_tokens
+
+
+def test_requests_arriving_together_compute_a_shared_system_prompt_once():
+    engine, runner = make_engine(prefix_caching=True)
+    a = adapter(engine, "a@1")
+    system = prompt(40, 9)
+    reqs = [submit(engine, system + [i, i + 1], 3, a) for i in range(3)] + [submit(engine, system + [7], 3)]
+    engine.run_until_idle()
+    for i, r in enumerate(reqs[:3]):
+        assert outputs(r) == expected(system + [i, i + 1], 3)
+    assert outputs(reqs[3]) == expected(system + [7], 3)
+    first = {c.request_id: (c.past, c.n) for c in runner.steps[0]}
+    # the base request has another root: it runs at once; the other two of adapter a wait one step
+    assert first == {reqs[0].request_id: (0, 42), reqs[3].request_id: (0, 41)}
+    second = {c.request_id: (c.past, c.n) for c in runner.steps[1]}
+    assert second[reqs[1].request_id] == second[reqs[2].request_id] == (32, 10)

@@ -64,7 +64,8 @@ class CpuLoraPlan:
         if not self.packed:
             L = self.lmax
             self.tok = torch.tensor([a + min(i, m - 1) for a, m, _ in self.live for i in range(L)], device=device)
-            self.keep = torch.tensor([k * L + i for k, (_, m, _) in enumerate(self.live) for i in range(m)], device=device)
+            keep = [k * L + i for k, (_, m, _) in enumerate(self.live) for i in range(m)]  # unpadded rows
+            self.keep = torch.tensor(keep, device=device)
             self.rows = torch.tensor([a + i for a, m, _ in self.live for i in range(m)], device=device)
 
     def touches(self, ranks_host: list[int]) -> bool:

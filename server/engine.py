@@ -53,8 +53,8 @@ class Engine:
         if config.prefix_caching:
             runner.kv.enable_prefix_caching()
         self.scheduler = Scheduler(
-            self.pool, runner.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            on_prefix_lookup=self._prefix_lookup,
+            self.pool, runner.kv, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens, on_prefix_lookup=self._prefix_lookup,
         )
         self.max_model_len = runner.max_model_len
         self._inbox: deque[Request] = deque()

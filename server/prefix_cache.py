@@ -99,7 +99,8 @@ class PrefixCache:
         cache.length = max(cache.length, n)
         return n
 
-    def extend(self, ref: str | None, ids: list[int], computed: int, cache, chain: list[_Node] | None) -> list[_Node] | None:
+    def extend(self, ref: str | None, ids: list[int], computed: int, cache,
+               chain: list[_Node] | None) -> list[_Node] | None:
         """Adds the full blocks of `ids[:computed]` (their keys and values are in `cache`) past `chain`.
 
         Returns the extended chain, or None once the chain cannot grow (its tail

@@ -118,9 +118,12 @@ class Telemetry:
         self.resident = Gauge("loraplex_resident_adapters", "Adapter versions resident per tier", ["tier"], registry=r)
         self.load_time = Histogram("loraplex_adapter_load_seconds", "Adapter load time (disk to CPU tier)", lbl, buckets=LATENCY_BUCKETS, registry=r)
         self.evictions = Counter("loraplex_adapter_evictions", "Adapter versions evicted from a slot", lbl, registry=r)
-        self.prefix_queries = Counter("loraplex_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache", lbl, registry=r)
-        self.prefix_hits = Counter("loraplex_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", lbl, registry=r)
-        self.prefix_hit_rate = Gauge("loraplex_prefix_cache_hit_rate", "Cached share of prompt tokens since start", lbl, registry=r)
+        self.prefix_queries = Counter("loraplex_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
+                                      lbl, registry=r)
+        self.prefix_hits = Counter("loraplex_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", lbl,
+                                   registry=r)
+        self.prefix_hit_rate = Gauge("loraplex_prefix_cache_hit_rate", "Cached share of prompt tokens since start", lbl,
+                                     registry=r)
         self._prefix_totals: dict[tuple[str, str], list[int]] = {}
         self.window = VersionWindow()
         self.provider, self.tracer = make_tracer(exporter)

@@ -7,6 +7,7 @@ import torch
 
 from loraplex.kernels import LoraSegments, TorchBackend, cpu_lora, select_backend
 from loraplex.kernels.reference import lora_expand_ref, lora_shrink_ref
+from lora_batches import PATTERNS, pattern_batch
 
 
 def fast_path(y, x, A, Bt, seg, scales, mode):
@@ -88,3 +89,18 @@ def test_multi_slice_offsets():
     backend = select_backend("cpu")  # several slices: the backend runs the reference
     got = backend.apply(backend.plan(seg), y0.clone(), x, A, B, scales, ranks, [0, 12, 18])
     assert torch.allclose(ref, want, atol=1e-4) and torch.allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("lengths", [[1], [5, 2, 7, 3]], ids=["decode", "prefill"])
+@pytest.mark.parametrize("R", [16, 256])  # 256: the server's default maximum rank
+def test_fast_paths_under_popularity_patterns(pattern, lengths, R):
+    S, IN, OUT = 6, 40, 24
+    slots = pattern_batch(pattern, 12, S, lengths)
+    A, Bt, scales, rk = make(S, R, IN, OUT, [R, R // 2, 3, R, 1, R // 4])
+    x = torch.randn(len(slots), IN)
+    y0 = torch.randn(len(slots), OUT)
+    seg = LoraSegments.from_token_slots(slots)
+    want = naive(y0, x, A, Bt, scales, rk, slots)
+    for mode in ("looped", "batched"):
+        torch.testing.assert_close(fast_path(y0.clone(), x, A, Bt, seg, scales, mode), want, atol=1e-3, rtol=1e-4)

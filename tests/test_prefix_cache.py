@@ -53,7 +53,8 @@ def ids(n: int, seed: int) -> list[int]:
 @pytest.fixture(scope="module")
 def states(tiny_base, adapter_dirs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prefix")
-    on, off = build(tiny_base, adapter_dirs, tmp, prefix_caching=True), build(tiny_base, adapter_dirs, tmp, prefix_caching=False)
+    on = build(tiny_base, adapter_dirs, tmp, prefix_caching=True)
+    off = build(tiny_base, adapter_dirs, tmp, prefix_caching=False)
     yield on, off
     on.engine.shutdown()
     off.engine.shutdown()

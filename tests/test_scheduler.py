@@ -86,7 +86,7 @@ def test_prefix_cache_reuses_whole_blocks_and_outputs_stay_exact():
     assert outputs(second) == expected(shared + [4, 5], 5)
     assert outputs(base) == expected(shared + [4, 5], 5)
     by_id = {c.request_id: c for step in runner.steps for c in step if c.past == 0 or c.n > 1}
-    assert (by_id[second.request_id].past, by_id[second.request_id].n) == (32, 15)  # 2 cached blocks, the rest computed
+    assert (by_id[second.request_id].past, by_id[second.request_id].n) == (32, 15)  # 2 cached blocks, 15 computed
     assert (by_id[base.request_id].past, by_id[base.request_id].n) == (0, 47)
     assert engine.prefix_hits == 32
 

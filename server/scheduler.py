@@ -58,6 +58,7 @@ class Sequence:
 class Plan:
     items: list[tuple[Sequence, int]]  # (sequence, tokens to compute), ordered by slot
     preempted: list[Sequence]
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)  # admissions refused: fail these alone
 
 
 class Scheduler:
@@ -124,6 +125,7 @@ class Scheduler:
             i += 1
         # 2. admit waiting requests in arrival order.
         skipped: list[Sequence] = []
+        failed: list[tuple[Sequence, Exception]] = []
         leaders: set = set()  # first blocks whose whole prompt this step computes (and caches)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
@@ -151,6 +153,9 @@ class Scheduler:
                 except NoFreeSlot:
                     skipped.append(seq)
                     continue
+                except Exception as e:  # the adapter cannot fill a slot (the slot is unchanged): this request fails
+                    failed.append((seq, e))
+                    continue
             self._admit(seq, cache, hit, cached + n)
             B = self.kv.prefix.block if lead is not None else 1
             if lead is not None and cached + n == len(seq.all_ids) and cached // B < (len(seq.all_ids) - 1) // B:
@@ -160,7 +165,7 @@ class Scheduler:
         for seq in reversed(skipped):
             self.waiting.appendleft(seq)
         items.sort(key=lambda it: it[0].slot)
-        return Plan(items, preempted)
+        return Plan(items, preempted, failed)
 
     def _first_block(self, seq: Sequence):
         """(adapter version, first block of tokens) of a sequence the prefix cache can serve, else None."""

@@ -44,6 +44,8 @@ def serve_parser(sub) -> None:
     ]:
         p.add_argument(flag, type=int, default=default, help=help_)
     p.add_argument("--max-model-len", type=int)
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+                   help="do not reuse the KV of prompt prefixes already computed (per adapter version)")
     p.add_argument("--jobs-dir", type=Path, help="fine-tuning files and jobs (default $LORAPLEX_HOME/jobs)")
     p.add_argument("--max-concurrent-jobs", type=int, default=1, help="training jobs run at once")
     p.add_argument("--max-request-bytes", type=int,

@@ -40,11 +40,12 @@ class ServeConfig(BaseModel):
     max_queue: int = Field(512, ge=1)
     kv_cache_tokens: int = Field(65536, ge=64)
     max_model_len: int | None = Field(None, ge=16)
+    prefix_caching: bool = True  # reuse computed prompt prefixes per adapter version (server/prefix_cache.py)
     jobs_dir: Path | None = None  # fine-tuning files and jobs; default $LORAPLEX_HOME/jobs
     max_concurrent_jobs: int = Field(1, ge=1)
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024)  # any HTTP body but an upload (413 above)
     max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, ge=1024)  # POST /v1/files
-    drain_timeout: float = Field(30.0, ge=0.0, le=3600.0)  # seconds SIGTERM waits for in-flight requests, then aborts them
+    drain_timeout: float = Field(30.0, ge=0.0, le=3600.0)  # seconds SIGTERM waits for in-flight requests, then aborts
 
     def store_dir(self) -> Path:
         return self.store or default_home() / "store"
@@ -84,6 +85,7 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
         max_queue=cfg.max_queue,
         kv_cache_tokens=cfg.kv_cache_tokens,
         max_model_len=cfg.max_model_len,
+        prefix_caching=cfg.prefix_caching,
     )
     telemetry = telemetry or Telemetry(base.model_id)
     engine = Engine(runner, base.tokenizer, ecfg, eos_token_ids=base.eos_token_ids, telemetry=telemetry)

@@ -1,6 +1,7 @@
 """The fine-tuning API as a user drives it with the official openai client: all-"auto" jobs that learn, the
 resolved plan on the job and its first event, pause and resume with the loss curve of an uninterrupted run, a job
 that survives a server restart, and the reinforcement method with a string_check grader."""
+
 from __future__ import annotations
 
 import json
@@ -61,14 +62,27 @@ def _all_auto_fact_job(model_dir, tmp_path):
     client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
     f = client.files.create(file=fact_data(tmp_path / "facts.jsonl").open("rb"), purpose="fine-tune")
     base = srv.state.service.model_id
-    job = client.fine_tuning.jobs.create(model=base, training_file=f.id, suffix="facts",
-                                         method={"type": "supervised", "supervised": {"hyperparameters": {}}})
+    job = client.fine_tuning.jobs.create(
+        model=base,
+        training_file=f.id,
+        suffix="facts",
+        method={"type": "supervised", "supervised": {"hyperparameters": {}}},
+    )
     # 20 examples: OpenAI's auto gives 5 epochs (>= 100 examples seen) of batch size 1, so 100 optimizer steps
     hp = job.method.supervised.hyperparameters
-    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (5, 1, 1.0) and job.hyperparameters.n_epochs == 5
+    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (
+        5,
+        1,
+        1.0,
+    ) and job.hyperparameters.n_epochs == 5
     plan = job.to_dict()["training_plan"]
-    assert plan == {"optimizer_steps": 100, "examples_per_step": 1, "train_examples": 20, "n_epochs": 5,
-                    "learning_rate": 2e-4}
+    assert plan == {
+        "optimizer_steps": 100,
+        "examples_per_step": 1,
+        "train_examples": 20,
+        "n_epochs": 5,
+        "learning_rate": 2e-4,
+    }
     first = events(client, job.id)[-1]
     assert "100 optimizer steps" in first.message and first.data["batch_size"] == 1
     done = wait(client, job.id, timeout=3600)
@@ -82,8 +96,9 @@ def held_out_right(client, model) -> int:
     right = 0
     for k, v in FACTS.items():
         for q in HELD_OUT_Q:
-            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q.format(k)}],
-                                               max_tokens=16, temperature=0)
+            r = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": q.format(k)}], max_tokens=16, temperature=0
+            )
             right += v in r.choices[0].message.content
     return right
 
@@ -143,9 +158,25 @@ def test_pause_and_resume_continue_with_the_same_loss_curve(manager_client, tmp_
 
 def _serve(tiny_base, tmp_path, port):
     env = {**os.environ, "LORAPLEX_HOME": str(tmp_path / "home")}
-    return subprocess.Popen([sys.executable, "-m", "loraplex.server.cli", "serve", "--model", str(tiny_base), "--port",
-                             str(port), "--grpc-port", "0", "--log-level", "warning"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"server-{port}.log", "ab"))
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loraplex.server.cli",
+            "serve",
+            "--model",
+            str(tiny_base),
+            "--port",
+            str(port),
+            "--grpc-port",
+            "0",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / f"server-{port}.log", "ab"),
+    )
 
 
 def _up(url, proc, timeout=120):
@@ -171,9 +202,12 @@ def test_a_job_interrupted_by_a_server_restart_resumes_and_finishes(tiny_base, t
         _up(url, proc)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         f = client.files.create(file=mixed_data(tmp_path / "d.jsonl", 12).open("rb"), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id,
-                                             training_file=f.id, hyperparameters={"n_epochs": 4, "batch_size": 2},
-                                             extra_body={"loraplex": {"save_steps": 3}})
+        job = client.fine_tuning.jobs.create(
+            model=client.models.list().data[0].id,
+            training_file=f.id,
+            hyperparameters={"n_epochs": 4, "batch_size": 2},
+            extra_body={"loraplex": {"save_steps": 3}},
+        )
         deadline = time.time() + 300
         while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
             assert time.time() < deadline
@@ -189,8 +223,9 @@ def test_a_job_interrupted_by_a_server_restart_resumes_and_finishes(tiny_base, t
         assert any(msg == "resumed" for msg in messages)
         steps = [e.data["step"] for e in events(client, job.id) if e.type == "metrics"]
         assert max(steps) == 24
-        r = client.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": "item 1"}],
-                                           max_tokens=4)
+        r = client.chat.completions.create(
+            model=done.fine_tuned_model, messages=[{"role": "user", "content": "item 1"}], max_tokens=4
+        )
         assert r.choices[0].message.content is not None
     finally:
         proc.kill()
@@ -213,32 +248,66 @@ def test_reinforcement_with_a_string_check_grader_raises_its_mean_score(char_bas
 
     m = JobManager(tmp_path / "jobs", tmp_path / "store", str(char_base), "char", poll=0.2)
     try:
-        client = openai.OpenAI(base_url="http://testserver/v1", api_key="none", max_retries=0,
-                               http_client=TestClient(Starlette(routes=fine_tuning_routes(m))))
+        client = openai.OpenAI(
+            base_url="http://testserver/v1",
+            api_key="none",
+            max_retries=0,
+            http_client=TestClient(Starlette(routes=fine_tuning_routes(m))),
+        )
         subjects = ["cats", "rain", "music", "bread", "trains", "stars", "paper", "tea"]
         data = tmp_path / "rft.jsonl"  # OpenAI's reinforcement format: messages, plus fields the grader reads
-        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say something about {s}."}],
-                                            "must_contain": "z"}) + "\n" for s in subjects))
+        data.write_text(
+            "".join(
+                json.dumps(
+                    {"messages": [{"role": "user", "content": f"say something about {s}."}], "must_contain": "z"}
+                )
+                + "\n"
+                for s in subjects
+            )
+        )
         f = client.files.create(file=data.open("rb"), purpose="fine-tune")
-        grader = {"type": "string_check", "name": "has z", "input": "{{sample.output_text}}",
-                  "reference": "{{item.must_contain}}", "operation": "like"}
+        grader = {
+            "type": "string_check",
+            "name": "has z",
+            "input": "{{sample.output_text}}",
+            "reference": "{{item.must_contain}}",
+            "operation": "like",
+        }
         bad = {**grader, "operation": "regex"}
         with pytest.raises(openai.BadRequestError, match="operation"):
-            client.fine_tuning.jobs.create(model="char", training_file=f.id,
-                                           method={"type": "reinforcement", "reinforcement": {"grader": bad}})
+            client.fine_tuning.jobs.create(
+                model="char", training_file=f.id, method={"type": "reinforcement", "reinforcement": {"grader": bad}}
+            )
         with pytest.raises(openai.BadRequestError, match="code in a request is never run"):
-            client.fine_tuning.jobs.create(model="char", training_file=f.id, method={"type": "reinforcement", "reinforcement": {
-                "grader": {"type": "python", "name": "x", "source": "def grade(s, i): return 1"}}})
+            client.fine_tuning.jobs.create(
+                model="char",
+                training_file=f.id,
+                method={
+                    "type": "reinforcement",
+                    "reinforcement": {
+                        "grader": {"type": "python", "name": "x", "source": "def grade(s, i): return 1"}
+                    },
+                },
+            )
         job = client.fine_tuning.jobs.create(
-            model="char", training_file=f.id, seed=0,
-            method={"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {
-                "n_epochs": 14, "batch_size": 8, "learning_rate_multiplier": 50}}},
-            extra_body={"loraplex": {"response_length": 8, "mini_batch_size": 16, "kl_coef": 0.02, "num_generations": 4}})
+            model="char",
+            training_file=f.id,
+            seed=0,
+            method={
+                "type": "reinforcement",
+                "reinforcement": {
+                    "grader": grader,
+                    "hyperparameters": {"n_epochs": 14, "batch_size": 8, "learning_rate_multiplier": 50},
+                },
+            },
+            extra_body={
+                "loraplex": {"response_length": 8, "mini_batch_size": 16, "kl_coef": 0.02, "num_generations": 4}
+            },
+        )
         assert job.method.type == "reinforcement" and job.to_dict()["training_plan"]["optimizer_steps"] == 14
         done = wait(client, job.id)
         assert done.status == "succeeded", done.error
-        steps = sorted((e.data for e in events(client, job.id) if e.type == "metrics"),
-                       key=lambda d: d["step"])
+        steps = sorted((e.data for e in events(client, job.id) if e.type == "metrics"), key=lambda d: d["step"])
         first, last = steps[0]["reward_mean"], sum(d["reward_mean"] for d in steps[-4:]) / 4
         assert first < 0.3 and last > first + 0.4, [round(d["reward_mean"], 2) for d in steps]
     finally:

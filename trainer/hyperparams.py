@@ -25,6 +25,7 @@ ceil(examples / batch_size) x n_epochs.
 DPO keeps the same resolution; `beta` "auto" is 0.1. The reinforcement method
 counts prompts as its examples (batch_size prompts per step).
 """
+
 from __future__ import annotations
 
 import math
@@ -63,6 +64,7 @@ def planned_steps(n_examples: int, batch_size: int, n_epochs: float) -> int:
 def resolve(hp: dict, n_examples: int, *, method: str = "supervised") -> dict:
     """OpenAI hyperparameters as asked ("auto" or absent where not given) -> every value resolved, plus the plan:
     {n_epochs, batch_size, learning_rate_multiplier, [beta], learning_rate, planned_steps, train_examples}."""
+
     def given(key):
         v = hp.get(key, "auto")
         return None if v == "auto" else v
@@ -73,6 +75,9 @@ def resolve(hp: dict, n_examples: int, *, method: str = "supervised") -> dict:
     out = {"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": float(mult)}
     if method == "dpo":
         out["beta"] = given("beta") or AUTO_BETA
-    out.update(learning_rate=LORA_BASE_LR * float(mult), planned_steps=planned_steps(n_examples, batch, epochs),
-               train_examples=n_examples)
+    out.update(
+        learning_rate=LORA_BASE_LR * float(mult),
+        planned_steps=planned_steps(n_examples, batch, epochs),
+        train_examples=n_examples,
+    )
     return out

@@ -79,7 +79,6 @@ class JobManager:
         if "plan" not in {r["name"] for r in self._db().execute("PRAGMA table_info(jobs)")}:
             with self._db() as c:  # databases from before training plans were recorded
                 c.execute("ALTER TABLE jobs ADD COLUMN plan TEXT")
-        now = int(time.time())
         with self._db() as c:  # a restart interrupted whatever was running: queue it again, to resume from its checkpoint
             for (jid,) in c.execute("SELECT id FROM jobs WHERE status IN ('running', 'validating_files')").fetchall():
                 c.execute("UPDATE jobs SET status='queued' WHERE id=?", (jid,))

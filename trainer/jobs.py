@@ -192,6 +192,8 @@ class JobManager:
         if mtype == "reinforcement":  # a step samples batch_size prompts (x num_generations) and grades them
             from .graders import GraderError, check_grader
 
+            if validation_file:  # refused rather than ignored: the GRPO loop has no held-out evaluation yet
+                raise JobError("validation_file is not supported with the reinforcement method", param="validation_file")
             grader = (method.get(mtype) or {}).get("grader")
             try:
                 check_grader(grader, "method.reinforcement.grader")

@@ -305,7 +305,7 @@ def test_reinforcement_with_a_string_check_grader_raises_its_mean_score(char_bas
             },
         )
         assert job.method.type == "reinforcement" and job.to_dict()["training_plan"]["optimizer_steps"] == 14
-        done = wait(client, job.id)
+        done = wait(client, job.id, timeout=3600)
         assert done.status == "succeeded", done.error
         steps = sorted((e.data for e in events(client, job.id) if e.type == "metrics"), key=lambda d: d["step"])
         first, last = steps[0]["reward_mean"], sum(d["reward_mean"] for d in steps[-4:]) / 4

@@ -97,9 +97,10 @@ class RoutesMixin:
         return _route_from_row(name, c.execute(
             "SELECT versions, sticky, guard, updated_at, updated_by FROM routes WHERE name = ?", (name,)).fetchone())
 
-    def _history(self, c, name, caller, action, old: Route | None, new: Route | None, reason=None) -> None:
+    def _history(self, c, name, caller, action, old: Route | None, new: Route | None, reason=None,
+                 at: float | None = None) -> None:
         c.execute("INSERT INTO route_history(name, at, caller, action, old, new, reason) VALUES (?,?,?,?,?,?,?)",
-                  (name, time.time(), caller, action, json.dumps(old.to_json()) if old else None,
+                  (name, time.time() if at is None else at, caller, action, json.dumps(old.to_json()) if old else None,
                    json.dumps(new.to_json()) if new else None, reason))
         self._event(c, "route_changed", name, None, caller,
                     {"action": action, "reason": reason, "versions": new.to_json()["versions"] if new else None})
@@ -112,7 +113,7 @@ class RoutesMixin:
                   (name, json.dumps({str(k): v for k, v in sorted(versions.items())}), sticky,
                    json.dumps(guard) if guard else None, now, caller))
         new = Route(name, dict(sorted(versions.items())), sticky, guard, now, caller)
-        self._history(c, name, caller, action, old, new, reason)
+        self._history(c, name, caller, action, old, new, reason, at=now)  # the change's time is the route's
         return new
 
     @staticmethod
@@ -178,12 +179,19 @@ class RoutesMixin:
             old = self._route_row(c, name)
             return self._put_route(c, name, weights, old.sticky if old else None, None, caller, "promote", old)
 
-    def rollback(self, name: str, *, caller: str = "api", reason: str | None = None) -> Route:
-        """Restores the route as it was before its latest change; InvalidRequest when there was none."""
+    def rollback(self, name: str, *, caller: str = "api", reason: str | None = None,
+                 if_updated_at: float | None = None) -> Route:
+        """Restores the route as it was before its latest change; InvalidRequest when there was none.
+        With `if_updated_at` (a guard's), only if the route is still the one changed at that time: replicas
+        whose guards trip together roll back once, where two rollbacks would swap the route back."""
         with self._write() as c:
             known = self._known(c, name)
             if not known:
                 raise AdapterNotFound(f"adapter {name!r} does not exist")
+            if if_updated_at is not None:
+                current = self._route_row(c, name)
+                if current is None or current.updated_at != if_updated_at:
+                    return current
             row = c.execute("SELECT action, old FROM route_history WHERE name = ? AND action != 'prune' ORDER BY id DESC LIMIT 1",
                             (name,)).fetchone()
             if row is None or row[0] == "delete" or row[1] is None:

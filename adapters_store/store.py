@@ -43,7 +43,7 @@ from pathlib import Path
 
 from .peft_format import BaseModelSpec
 from .refs import MAX_VERSION, parse_version  # noqa: F401  (re-exported)
-from .registry import SQLiteRegistry
+from .registry import Registry, open_registry
 from .routes import (  # noqa: F401  (re-exported: the store's public names stay importable from here)
     GUARD_DEFAULT_MIN_REQUESTS, GUARD_MAX_MIN_REQUESTS, STICKY_KINDS, Route, RouteChange, RoutesMixin, _route_from_row,
     _stored_guard, check_guard,
@@ -68,7 +68,16 @@ CREATE INDEX IF NOT EXISTS route_history_name ON route_history(name, id);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, name TEXT NOT NULL, version INTEGER,
     at REAL NOT NULL, caller TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS guard_counts (
+    name TEXT NOT NULL, version INTEGER NOT NULL, since REAL NOT NULL, replica TEXT NOT NULL,
+    requests INTEGER NOT NULL, errors INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY (name, version, since, replica));
 """
+# The event log is compacted as it grows: every COMPACT_EVERY events, events older than EVENT_RETENTION_S
+# beyond the newest EVENT_KEEP go. Replicas poll it every second, so an hour is far more history than any
+# running replica needs; one that starts later loads the registry whole and needs none.
+EVENT_KEEP = 10_000
+EVENT_RETENTION_S = 3600.0
+COMPACT_EVERY = 256
 
 
 
@@ -93,7 +102,9 @@ class _View:
 
 class AdapterStore(VersionsMixin, RoutesMixin):
     def __init__(self, root, *, base: BaseModelSpec | None = None, allowed_roots: list | None = None,
-                 max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES):
+                 max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES, registry: str | Registry | None = None):
+        """`registry`: a `Registry`, a postgresql:// URL or a SQLite path; None: `$LORAPLEX_REGISTRY`, else
+        `registry.sqlite3` in `root`."""
         self.root = Path(root).expanduser().resolve()
         self.base = base
         self.max_adapter_bytes = int(max_adapter_bytes)
@@ -101,7 +112,7 @@ class AdapterStore(VersionsMixin, RoutesMixin):
         (self.root / "adapters").mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
         self.db_path = self.root / "registry.sqlite3"
-        self.registry = SQLiteRegistry(self.db_path)
+        self.registry = registry if isinstance(registry, Registry) else open_registry(registry, self.root)
         self._view = _View(-1)
         self._view_lock = threading.Lock()
         self._rng = random.Random()
@@ -130,8 +141,12 @@ class AdapterStore(VersionsMixin, RoutesMixin):
 
     # --- the event log --------------------------------------------------------------
     def _event(self, c, kind, name, version, caller, detail=None) -> None:
-        c.execute("INSERT INTO events(kind, name, version, at, caller, detail) VALUES (?,?,?,?,?,?)",
-                  (kind, name, version, time.time(), caller, json.dumps(detail or {}, default=str)))
+        now = time.time()
+        seq = c.execute("INSERT INTO events(kind, name, version, at, caller, detail) VALUES (?,?,?,?,?,?) RETURNING seq",
+                        (kind, name, version, now, caller, json.dumps(detail or {}, default=str))).fetchone()[0]
+        if seq % COMPACT_EVERY == 0:
+            c.execute("DELETE FROM events WHERE seq <= ? AND at < ?", (seq - EVENT_KEEP, now - EVENT_RETENTION_S))
+        self.registry.notify(c)
 
     def last_event_seq(self) -> int:
         return int(self._query("SELECT COALESCE(MAX(seq), 0) FROM events")[0][0])
@@ -139,6 +154,38 @@ class AdapterStore(VersionsMixin, RoutesMixin):
     def events_since(self, seq: int) -> list[StoreEvent]:
         rows = self._query("SELECT seq, kind, name, version, at, caller, detail FROM events WHERE seq > ? ORDER BY seq", (int(seq),))
         return [StoreEvent(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in rows]
+
+    def wait_events(self, seq: int, timeout: float) -> list[StoreEvent]:
+        """The events after `seq`, waiting up to `timeout` seconds for one (woken by other writers'
+        notifications where the registry has them): what a replica's poller calls in a loop."""
+        deadline = time.monotonic() + timeout
+        while True:
+            events = self.events_since(seq)
+            left = deadline - time.monotonic()
+            if events or left <= 0:
+                return events
+            self.registry.wait(left if self.registry.notifies else min(left, 0.1))
+
+    # --- guard outcomes of every replica ---------------------------------------------
+    def publish_guard_counts(self, replica: str, counts: dict) -> None:
+        """Records what `replica` saw of guarded versions: {(name, version, since): (requests, errors)}.
+        Rows of routes that changed since are dropped by `guard_counts`' callers' keys (`since`)."""
+        if not counts:
+            return
+        now = time.time()
+        with self._connection() as c:
+            for (name, version, since), (n, e) in counts.items():
+                c.execute("INSERT INTO guard_counts(name, version, since, replica, requests, errors, at) "
+                          "VALUES (?,?,?,?,?,?,?) ON CONFLICT(name, version, since, replica) DO UPDATE SET "
+                          "requests = excluded.requests, errors = excluded.errors, at = excluded.at",
+                          (name, int(version), float(since), replica, int(n), int(e), now))
+            c.execute("DELETE FROM guard_counts WHERE at < ?", (now - EVENT_RETENTION_S,))
+
+    def guard_counts(self, name: str, version: int, since: float) -> dict[str, tuple[int, int]]:
+        """{replica: (requests, errors)} published for `name@version` under the guard armed at `since`."""
+        rows = self._query("SELECT replica, requests, errors FROM guard_counts WHERE name = ? AND version = ? "
+                           "AND since = ?", (name, int(version), float(since)))
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
 
     # --- the in-memory snapshot -----------------------------------------------------
     def _snapshot(self) -> _View:

@@ -196,13 +196,14 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
 
     async def poll_store():
         # Registrations made by other processes (the trainer) reach us through the store's event log.
+        # Other replicas' changes too: `wait_events` returns as soon as the log moves (PostgreSQL NOTIFY wakes it).
         while True:
-            await asyncio.sleep(poll_interval)
             st, m = state.store, state.manager
             if st is None or m is None:
+                await asyncio.sleep(poll_interval)
                 continue
             try:
-                events = await asyncio.to_thread(st.events_since, state._seq)
+                events = await asyncio.to_thread(st.wait_events, state._seq, poll_interval)
                 for ev in events:
                     state._seq = max(state._seq, ev.seq)
                     await asyncio.to_thread(m.on_store_event, ev)
@@ -210,6 +211,7 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
                         await asyncio.to_thread(state.routes.on_store_event, ev)
             except Exception:
                 log.exception("store polling failed")
+                await asyncio.sleep(poll_interval)
 
     from contextlib import asynccontextmanager
 

@@ -23,6 +23,8 @@ def serve_parser(sub) -> None:
     p.add_argument("--served-model-name", help="the id clients use for the base model")
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR", help="register a PEFT adapter at start (repeatable)")
     p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
+    p.add_argument("--registry", help="registry database: a postgresql:// URL shared by replicas (default "
+                   "$LORAPLEX_REGISTRY, else registry.sqlite3 in the store)")
     p.add_argument("--allowed-adapter-root", action="append", type=Path, dest="allowed_adapter_roots", help="only register adapters from under these dirs (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -24,6 +24,7 @@ class ServeConfig(BaseModel):
     served_model_name: str | None = None
     adapters: dict[str, str] = Field(default_factory=dict)  # name -> PEFT dir, registered at start
     store: Path | None = None  # default $LORAPLEX_HOME/store
+    registry: str | None = None  # postgresql:// URL; default $LORAPLEX_REGISTRY, else registry.sqlite3 in the store
     allowed_adapter_roots: list[Path] | None = None  # None = any readable path
     host: str = "127.0.0.1"
     port: int = 8000
@@ -52,6 +53,7 @@ class ServeConfig(BaseModel):
 def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=None) -> ServerState:
     """Loads everything; fills `state` in place (so an app built earlier sees it once ready)."""
     from loraplex.adapters_store import AdapterStore, BaseModelSpec
+    from loraplex.adapters_store.registry import REGISTRY_ENV
 
     from .adapters_api import AdapterManager
     from .engine import Engine, EngineConfig
@@ -66,8 +68,10 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     base = load_base(cfg.model, dtype=cfg.dtype, device=cfg.device, model_id=cfg.served_model_name)
     spec = BaseModelSpec(model_id=base.model_id, fingerprint=base.fingerprint, module_shapes=base.module_shapes,
                          max_rank=cfg.max_lora_rank, dtype=str(base.model.dtype).removeprefix("torch."))
+    if cfg.registry:  # job processes and other handles on this store open the same registry
+        os.environ[REGISTRY_ENV] = cfg.registry
     store = AdapterStore(cfg.store_dir(), base=spec, allowed_roots=cfg.allowed_adapter_roots,
-                         max_adapter_bytes=cfg.max_adapter_bytes)
+                         max_adapter_bytes=cfg.max_adapter_bytes, registry=cfg.registry)
     runner = ModelRunner(base.model, max_loras=cfg.max_loras, kv_budget_tokens=cfg.kv_cache_tokens, max_model_len=cfg.max_model_len,
                          owns_weights=True)
     ecfg = EngineConfig(

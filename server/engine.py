@@ -146,6 +146,10 @@ class Engine:
             "running": len(s.running),
             "waiting": len(s.waiting) + len(self._inbox),
             "running_ids": [q.req.request_id for q in list(s.running)],
+            # adapter refs (None: the base) of the running and waiting requests: the gateway's adapter affinity
+            "running_adapters": [q.req.adapter_ref for q in list(s.running)],
+            "waiting_adapters": [q.req.adapter_ref for q in list(s.waiting)] + [r.adapter_ref for r in list(self._inbox)],
+            "max_loras": self.config.max_loras,
             "kv_used_tokens": self.runner.kv.used_tokens,
             "kv_budget_tokens": self.runner.kv.budget_tokens,
             "steps": self.steps,

@@ -181,3 +181,37 @@ def test_unsupported_registry_urls_are_refused(tmp_path):
     with pytest.raises(InvalidRequest, match="unsupported registry URL scheme"):
         open_registry("mysql://db/x", tmp_path)
     assert isinstance(open_registry(None, tmp_path), SQLiteRegistry)
+
+
+def test_a_guard_decides_on_the_errors_of_every_replica(pair, adapter_dirs):
+    """Each replica alone saw too few requests to judge the canary; together they saw enough: the route rolls
+    back, once."""
+    from loraplex.server.routes_api import RouteGuards
+    from loraplex.server.telemetry import Outcome, Telemetry
+
+    a, b = pair
+    for k in ("alpha", "beta"):
+        a.register("bot", adapter_dirs[k])
+    a.set_route("bot", {"1": 100})
+    armed = a.set_route("bot", {"1": 50, "2": 50}, guard={"max_error_rate": 0.2, "min_requests": 20})
+    guards = []
+    for st in (a, b):
+        g = RouteGuards(st, Telemetry("tiny"))
+        g.close()  # shared by hand below, not by the background thread
+        g.sync("bot")
+        assert g.armed("bot")["since"] == armed.updated_at
+        guards.append(g)
+    for g in guards:  # 12 requests on each replica, 4 failed on each: 24 requests, 33% errors
+        for i in range(12):
+            o = Outcome(time.time(), i % 3 != 0, 0.1, None, 1)
+            g.telemetry.window.add("bot@2", o)
+            g.observe("bot@2", o)
+    assert a.get_route("bot").versions == {1: 50, 2: 50}  # neither saw min_requests alone
+    guards[0].share()  # A publishes its counts; B's are not in the registry yet
+    assert a.get_route("bot").versions == {1: 50, 2: 50}
+    guards[1].share()  # B publishes, reads A's, decides on 24 requests
+    assert b.get_route("bot").versions == {1: 100}
+    guards[0].share()
+    hist = a.route_history("bot")
+    assert [(c.action, c.caller) for c in hist] == [("set", "api"), ("set", "api"), ("rollback", "guard")]
+    assert "24 requests" in hist[-1].reason

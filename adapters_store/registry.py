@@ -255,7 +255,8 @@ def open_registry(url: str | None, store_root) -> Registry:
     """The registry named by `url` (else `$LORAPLEX_REGISTRY`, else the SQLite file in `store_root`)."""
     url = url or os.environ.get(REGISTRY_ENV) or None
     if url is None or url.startswith("sqlite:") or "://" not in url:
-        path = Path(url.removeprefix("sqlite:///").removeprefix("sqlite:")) if url else Path(store_root) / "registry.sqlite3"
+        default = Path(store_root) / "registry.sqlite3"
+        path = Path(url.removeprefix("sqlite:///").removeprefix("sqlite:")) if url else default
         return SQLiteRegistry(path)
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresRegistry(url)

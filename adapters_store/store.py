@@ -142,7 +142,8 @@ class AdapterStore(VersionsMixin, RoutesMixin):
     # --- the event log --------------------------------------------------------------
     def _event(self, c, kind, name, version, caller, detail=None) -> None:
         now = time.time()
-        seq = c.execute("INSERT INTO events(kind, name, version, at, caller, detail) VALUES (?,?,?,?,?,?) RETURNING seq",
+        seq = c.execute("INSERT INTO events(kind, name, version, at, caller, detail) VALUES (?,?,?,?,?,?) "
+                        "RETURNING seq",
                         (kind, name, version, now, caller, json.dumps(detail or {}, default=str))).fetchone()[0]
         if seq % COMPACT_EVERY == 0:
             c.execute("DELETE FROM events WHERE seq <= ? AND at < ?", (seq - EVENT_KEEP, now - EVENT_RETENTION_S))

@@ -38,9 +38,10 @@ def pct(xs, q):
 def start(tmp: Path, model: Path, store: Path, url: str, name: str, port: int):
     log = open(tmp / f"{name}.log", "w")
     env = dict(os.environ, LORAPLEX_REGISTRY="", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.Popen([sys.executable, "-m", "loraplex.server.cli", "serve", "--model", str(model), "--store", str(store),
-                          "--registry", url, "--port", str(port), "--grpc-port", "0", "--jobs-dir", str(tmp / f"jobs-{name}"),
-                          "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    cmd = [sys.executable, "-m", "loraplex.server.cli", "serve", "--model", str(model), "--store", str(store),
+           "--registry", url, "--port", str(port), "--grpc-port", "0", "--jobs-dir", str(tmp / f"jobs-{name}"),
+           "--log-level", "warning"]
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -81,7 +82,8 @@ def main() -> None:
                 procs.append(start(tmp, model, store, url, name, free_port()))
             urls = [b for _, b in procs]
             for src in adapters[:2]:
-                assert httpx.post(f"{urls[0]}/v1/adapters", json={"name": "bot", "path": str(src)}, timeout=60).status_code == 201
+                r = httpx.post(f"{urls[0]}/v1/adapters", json={"name": "bot", "path": str(src)}, timeout=60)
+                assert r.status_code == 201, r.text
             time.sleep(1.0)
 
             lat = {"quiet": [], "changes": []}
@@ -92,7 +94,8 @@ def main() -> None:
                 with httpx.Client(timeout=60) as c:
                     n = 0
                     while not phase["stop"]:
-                        body = {"model": "bot", "prompt": "Hello there", "max_tokens": 8, "temperature": 0, "user": f"u{i}-{n}"}
+                        body = {"model": "bot", "prompt": "Hello there", "max_tokens": 8, "temperature": 0,
+                                "user": f"u{i}-{n}"}
                         ph, t0 = phase["name"], time.perf_counter()
                         try:
                             ok = c.post(f"{urls[n % 2]}/v1/completions", json=body).status_code == 200
@@ -112,7 +115,8 @@ def main() -> None:
             while time.time() < t_end:
                 writer, reader = urls[k % 2], urls[(k + 1) % 2]
                 if time.time() >= next_reg:
-                    r = httpx.post(f"{writer}/v1/adapters", json={"name": "bot", "path": str(adapters[len(versions) % 4])}, timeout=60)
+                    src = adapters[len(versions) % 4]
+                    r = httpx.post(f"{writer}/v1/adapters", json={"name": "bot", "path": str(src)}, timeout=60)
                     versions.append(r.json()["version"])
                     next_reg += 2.0
                 a, b = versions[-2], versions[-1]

@@ -84,8 +84,9 @@ def test_the_container_arguments_parse_as_loraplex_serve_flags():
     docs = _docs()
     (c,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
     env = {**docs["ConfigMap"]["data"]}
-    args = [a.replace("$(LORAPLEX_STORE)", env["LORAPLEX_STORE"]).replace("$(LORAPLEX_MAX_LORAS)", env["LORAPLEX_MAX_LORAS"])
-            for a in c["args"]]
+    args = c["args"]
+    for var in ("LORAPLEX_STORE", "LORAPLEX_MAX_LORAS"):  # Kubernetes expands $(VAR) from the container's env
+        args = [a.replace(f"$({var})", env[var]) for a in args]
     p = argparse.ArgumentParser()
     serve_parser(p.add_subparsers(dest="cmd"))
     ns = p.parse_args(args)

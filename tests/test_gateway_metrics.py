@@ -56,7 +56,8 @@ def test_vllm_named_metrics_carry_running_and_waiting_adapters(tmp_path, tiny_ba
         labels, running, waiting, fams = seen
         assert {labels["running_lora_adapters"], labels["waiting_lora_adapters"]} == {"alpha", "beta"}
         assert labels["max_lora"] == "3"
-        assert running.value == 1 and waiting.value >= 1 and running.labels == {"model_name": s.state.telemetry.base_id}
+        assert running.value == 1 and waiting.value >= 1
+        assert running.labels == {"model_name": s.state.telemetry.base_id}
         for name in ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"):
             usage = fams[name].samples[0].value
             assert 0 < usage <= 1

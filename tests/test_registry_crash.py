@@ -24,8 +24,9 @@ def test_kill_9_mid_registration_leaves_whole_versions_or_none(tmp_path, adapter
     root = tmp_path / "store"
     rng = random.Random(0)
     for _ in range(6):
-        p = subprocess.Popen([sys.executable, "-c", REGISTER_FOREVER, str(root), postgres_url, str(adapter_dirs["beta"])],
-                             stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, "-c", REGISTER_FOREVER, str(root), postgres_url, str(adapter_dirs["beta"])],
+            stdout=subprocess.PIPE, text=True)
         assert p.stdout.readline().strip() == "open"
         time.sleep(rng.uniform(0.3, 1.5))  # registrations take a fraction of that: kills land mid-way
         p.kill()

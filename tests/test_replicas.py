@@ -27,7 +27,8 @@ class Replica:
         env = dict(os.environ, LORAPLEX_REGISTRY="", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loraplex.server.cli", "serve", "--model", str(model), "--store", str(store),
-             "--registry", registry, "--port", str(self.port), "--grpc-port", "0", "--jobs-dir", str(tmp / f"jobs-{name}"),
+             "--registry", registry, "--port", str(self.port), "--grpc-port", "0",
+             "--jobs-dir", str(tmp / f"jobs-{name}"),
              "--max-loras", "4", "--kv-cache-tokens", "8192", "--log-level", "warning"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
@@ -106,7 +107,8 @@ def test_two_replicas_on_one_postgres_registry_agree(replicas, adapter_dirs):
     with httpx.Client(timeout=60) as ca, httpx.Client(timeout=60) as cb:
         for i in range(500):
             user = f"user-{i}"
-            ra, rb = a.complete("bot", user=user, max_tokens=1, client=ca), b.complete("bot", user=user, max_tokens=1, client=cb)
+            ra = a.complete("bot", user=user, max_tokens=1, client=ca)
+            rb = b.complete("bot", user=user, max_tokens=1, client=cb)
             assert ra.status_code == rb.status_code == 200
             served[user] = (ra.headers["x-loraplex-adapter"], rb.headers["x-loraplex-adapter"])
     assert all(x == y for x, y in served.values())
@@ -129,6 +131,7 @@ def test_two_replicas_on_one_postgres_registry_agree(replicas, adapter_dirs):
     _until(lambda: b.complete("bot@1", max_tokens=1).status_code == 404, 1.0)
     assert a.complete("bot@1", max_tokens=1).status_code == 404
     t.join(60)
-    assert running["resp"].status_code == 200 and running["resp"].json()["choices"][0]["finish_reason"] in ("length", "stop")
+    assert running["resp"].status_code == 200
+    assert running["resp"].json()["choices"][0]["finish_reason"] in ("length", "stop")
     assert all(x["id"] != "bot@1" for x in httpx.get(f"{b.url}/v1/adapters").json()["data"])
     assert b.complete("bot", user="user-1", max_tokens=1).headers["x-loraplex-adapter"] == "bot@2"

@@ -46,7 +46,8 @@ def _error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.http_status)
 
 
-def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, poll_interval: float = 1.0) -> Starlette:
+def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, poll_interval: float = 1.0,
+              console: bool = True) -> Starlette:
     def need(attr):
         def get():
             obj = getattr(state, attr)
@@ -144,6 +145,10 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
     ]
     for r in extra_routes or []:
         routes.append(r)
+    if console:  # the web console at /console and its JSON endpoints (server/console/), after the API's own routes
+        from .console import console_routes
+
+        routes += console_routes(state)
 
     async def poll_store():
         # Registrations made by other processes (the trainer) reach us through the store's event log.

@@ -42,6 +42,7 @@ def serve_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--jobs-dir", type=Path, help="fine-tuning files and jobs (default $LORAPLEX_HOME/jobs)")
     p.add_argument("--max-concurrent-jobs", type=int, default=1, help="training jobs run at once")
+    p.add_argument("--no-console", dest="console", action="store_false", help="do not serve the web console at /console")
     p.add_argument("--log-level", default="info")
 
 
@@ -61,7 +62,7 @@ def cmd_serve(args) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = ServerState()
-    app = build_app(state)
+    app = build_app(state, console=cfg.console)
     failed = threading.Event()
 
     def load():

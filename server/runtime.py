@@ -40,6 +40,7 @@ class ServeConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=16)
     jobs_dir: Path | None = None  # fine-tuning files and jobs; default $LORAPLEX_HOME/jobs
     max_concurrent_jobs: int = Field(1, ge=1)
+    console: bool = True  # serve the web console at /console
 
     def store_dir(self) -> Path:
         return self.store or default_home() / "store"

@@ -183,6 +183,8 @@ def check(p: Preview, method: str | None, tokenizer, sequence_len: int) -> dict:
             _check_record(r.record, method, fmt, tk)
         except ValueError as e:
             r.error = str(e)
+        except Exception as e:  # noqa: BLE001 - the trainer's code choked on this record: still the record's fault
+            r.error = f"cannot be used ({type(e).__name__}: {e})"
     bad = [r for r in p.rows if r.error]
 
     def where(r: Row) -> str:
@@ -198,7 +200,7 @@ def check(p: Preview, method: str | None, tokenizer, sequence_len: int) -> dict:
         "records": len(p.rows),
         "valid_records": len(p.rows) - len(bad),
         "columns": sorted({k for r in good[:SAMPLE] for k in r.record}),
-        "sample": [{p.position: r.at, "record": r.record} for r in p.rows[:SAMPLE] if r.record is not None],
+        "sample": [{p.position: r.at, "record": r.record} for r in good[:SAMPLE]],
         "errors": [{p.position: r.at, "reason": r.error, "message": f"{where(r)}: {r.error}"} for r in bad[:MAX_ERRORS]],
         "errors_total": len(bad),
     }

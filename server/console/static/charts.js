@@ -3,6 +3,8 @@
 
 import { colorOf, fmt, h } from "./api.js";
 
+const STEP_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000]; // whole steps only
+
 function timeRange(xs) {
   const hi = xs.length ? xs[xs.length - 1] : Date.now() / 1000;
   return [Math.min(xs.length ? xs[0] : hi, hi - 60), hi];
@@ -42,7 +44,7 @@ export class TimeChart {
         },
         legend: { show: labels.length > 0, live: false },
         cursor: { drag: { x: false, y: false } },
-        axes: [{ size: 28, ...(this.time ? {} : { label: this.xLabel, labelSize: 14 }) },
+        axes: [{ size: 28, ...(this.time ? {} : { label: this.xLabel, labelSize: 14, incrs: STEP_INCRS }) },
                { size: 60, values: (u, vals) => vals.map((v) => fmtY(v)) }],
         series: [{}, ...labels.map((l, i) => ({
           label: l, stroke: (colors && colors[i]) || colorOf(i), width: 1.6, spanGaps: true,

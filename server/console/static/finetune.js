@@ -51,7 +51,7 @@ function renderPreview() {
   const sample = h("details", { open: true }, h("summary", {}, `first ${p.sample.length} records`),
     h("table", { class: "tbl", id: "ft-sample" }, p.sample.map((s) => {
       const at = s.line ?? s.row;
-      return h("tr", {}, h("td", { class: "muted" }, at), h("td", {}, h("pre", {}, JSON.stringify(s.record, null, 1))));
+      return h("tr", {}, h("td", { class: "muted" }, at), h("td", {}, h("pre", { class: "record" }, JSON.stringify(s.record))));
     })));
   $("#ft-preview").replaceChildren(summary, errs || "", sample);
   updatePlan();

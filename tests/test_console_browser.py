@@ -169,7 +169,7 @@ def test_bad_line_is_named_then_fixed_file_trains_with_live_loss_and_one_click_c
     pg.fill("#ft-seq", "128")
     pg.press("#ft-seq", "Tab")  # a new sequence length checks the file again
     pg.locator("#ft-preview-summary", has_text="all valid").wait_for()
-    pg.fill("#ft-name", "support-bot")  # a new version of the adapter already serving
+    pg.fill("#ft-suffix", "colors")
     pg.fill("#ft-epochs", "3")
     pg.fill("#ft-batch", "2")
     pg.fill("#ft-lr", "10")
@@ -187,13 +187,22 @@ def test_bad_line_is_named_then_fixed_file_trains_with_live_loss_and_one_click_c
     pg.wait_for_function("n => Number(document.querySelector('#ft-chart-loss').dataset.points) === n", arg=len(trained))
     assert pg.locator("#ft-events li", has_text="successfully completed").count() == 1
     job = httpx.get(f"{srv.url}/v1/fine_tuning/jobs/{job_id}").json()
-    assert job["fine_tuned_model"] == "support-bot"
+    ft = job["fine_tuned_model"]
+    assert ft.startswith("ft-colors-")
     assert pg.locator("#ft-cancel").is_hidden() and pg.locator("#ft-pause").is_hidden()
     admin.shot("finetune-job")
 
+    # one click: the new model becomes support-bot@2 and takes 10% of support-bot's traffic
+    pg.fill("#ft-canary-name", "support-bot")
     pg.click("#ft-canary-btn")
-    pg.locator("#ft-canary-msg", has_text="@1 90% · @2 10%").wait_for()
+    pg.locator("#ft-canary-msg", has_text="support-bot: @1 90% · @2 10%").wait_for()
     assert route_of(srv) == {"1": 90, "2": 10}
+    shipped, trained = srv.state.store.get("support-bot", 2), srv.state.store.get(ft, 1)
+    assert shipped.sha256 == trained.sha256 and shipped.lineage["copied_from"] == f"{ft}@1"
+    pg.evaluate("document.querySelector('#ft-canary-msg').textContent = ''")
+    pg.click("#ft-canary-btn")  # a second click changes nothing
+    pg.locator("#ft-canary-msg", has_text="support-bot: @1 90% · @2 10%").wait_for()
+    assert [v.version for v in srv.state.store.versions("support-bot")] == [1, 2]
 
 
 def test_compare_chart_follows_traffic_then_sliders_promote_and_rollback(admin, srv):
@@ -254,7 +263,8 @@ def test_compare_chart_follows_traffic_then_sliders_promote_and_rollback(admin, 
     row.wait_for()
     assert "worse answers" in row.inner_text()
     hist = httpx.get(f"{srv.url}/v1/routes/support-bot/history").json()["data"]
-    assert hist[-1]["action"] == "rollback" and hist[-1]["reason"] == "worse answers" and hist[-1]["caller"] == "console"
+    assert hist[-1]["action"] == "rollback" and hist[-1]["reason"] == "worse answers"
+    assert [c["caller"] for c in hist] == ["127.0.0.1"] * len(hist)  # the console's changes, from its address
     admin.shot("routes")
 
 
@@ -291,7 +301,7 @@ def test_adapters_page_shows_versions_lineage_residency_and_traffic(admin, srv):
     assert re.search(r"slot \d|cpu|disk", row2.inner_text())
     row2.locator("summary").click()
     lineage = row2.locator("details").inner_text()
-    assert "sft" in lineage
+    assert "sft" in lineage and "copied from" in lineage
     sha = next(iter(srv.state.store.get("support-bot", 2).lineage["dataset_sha256"].values()))
     assert sha[:12] in lineage
     admin.wait_points(".adapter[data-name='support-bot'] .chart[data-metric=requests_per_s]", 1)

@@ -7,10 +7,12 @@
   `window` seconds, from the telemetry's rolling window (the same outcomes that feed `/metrics`, route compare
   and guards). Computed on a worker thread: a few thousand outcomes per version, never on the event loop.
 - `POST /v1/console/datasets/preview` (multipart `file`, optional `method`, `sequence_len`): `preview.py`.
-- `POST /v1/console/jobs/{id}/canary {"percent": 10}`: gives the version a finished job registered `percent` of
-  its name's traffic, scaling the current split into the rest (the trainer's `canary_weights`, the rule a job's
-  own `canary:` follows) and keeping the route's sticky setting and guard; applied like `PUT /v1/routes/{name}`
-  (version warmed first, guard armed).
+- `POST /v1/console/jobs/{id}/canary {"percent": 10, "name": "support-bot"}`: gives the version a finished job
+  registered `percent` of a name's traffic, scaling the current split into the rest (the trainer's
+  `canary_weights`, the rule a job's own `canary:` follows) and keeping the route's sticky setting and guard;
+  applied like `PUT /v1/routes/{name}` (version warmed first, guard armed). A job registers its own `ft-...`
+  name; `name` ships that version into an existing adapter first, as its next version (the same files, validated
+  again, lineage kept plus `copied_from`), once: a second click reuses the copy.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ AUTO_HYPERPARAMETERS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplie
 class CanaryBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     percent: int = Field(10, ge=1, le=99)
+    name: str | None = Field(None, min_length=1)  # the adapter whose traffic to split; default: the job's own
 
 
 def residency(pool, ref: str) -> str:
@@ -184,10 +187,11 @@ class ConsoleApi:
     async def canary(self, request: HttpRequest):
         raw = await request.body()
         body = await parse_body(request, CanaryBody) if raw.strip() else CanaryBody()
-        caller = request.headers.get("x-loraplex-caller") or "console"
-        return JSONResponse(await asyncio.to_thread(self._canary, request.path_params["job_id"], body.percent, caller))
+        caller = request.client.host if request.client else "unknown"  # the address, as route changes record it
+        return JSONResponse(await asyncio.to_thread(self._canary, request.path_params["job_id"], body.percent, body.name,
+                                                    caller))
 
-    def _canary(self, jid: str, percent: int, caller: str) -> dict:
+    def _canary(self, jid: str, percent: int, target: str | None, caller: str) -> dict:
         from loraplex.trainer.jobs import JobError
         from loraplex.trainer.register import canary_weights
 
@@ -207,15 +211,32 @@ class ConsoleApi:
         r = json.loads(result.read_text())
         name, version = r["adapter"], int(r["version"])
         try:
+            if target and target != name:
+                name, version = target, self._ship(store.get(name, version), target, caller)
+            current = store.get_route(name)
+            has = current.versions.get(version, 0) if current else 0
+            if has == percent:  # clicked again: the split is already what was asked
+                return {"name": name, "version": version, "route": route_json(current)}
+            if has:
+                raise Conflict(f"{name}@{version} already takes {has}% of {name!r}'s traffic; change the split on its "
+                               f"route (PUT /v1/routes/{name})")
             weights = canary_weights(store, name, version, percent)
             if weights is None:
                 raise Conflict(f"{name}@{version} is the only version of {name!r}: it already takes all its traffic")
-            current = store.get_route(name)
             route = routes.apply_set(name, weights, current.sticky if current else None,
                                      current.guard if current else None, caller)
         except StoreError as e:
             raise from_store_error(e) from e
         return {"name": name, "version": version, "route": route_json(route)}
+
+    def _ship(self, src, target: str, caller: str) -> int:
+        """`src`'s files as the next version of `target` (validated and warmed like any registration) -> its number;
+        the version an earlier call made when there is one."""
+        store, manager = self._need("store"), self._need("manager")
+        for v in store.versions(target):  # AdapterNotFound (404) for a name that does not exist: never creates one
+            if v.lineage.get("copied_from") == src.ref:
+                return v.version
+        return manager.register(target, str(src.path), {**src.lineage, "copied_from": src.ref}, caller).version
 
 
 def _positive(q, key: str, default: float) -> float:

@@ -25,6 +25,7 @@ function lineage(v) {
   add("method", L.method);
   const parent = (L.config && L.config.adapter && L.config.adapter.init_from) || L.parent || L.init_from;
   add("parent adapter", parent);
+  add("copied from", L.copied_from);
   add("source", L.source);
   const ds = L.dataset_sha256 || {};
   add("datasets", Object.keys(ds).length ? h("div", {}, Object.entries(ds).map(([p, sha]) =>

@@ -16,7 +16,7 @@ export class ApiError extends Error {
 }
 
 function headers(extra = {}) {
-  const h = { "X-Loraplex-Caller": "console", ...extra };
+  const h = { ...extra }; // who made a change is what the server verified (key, address), not a header we send
   if (auth.key) h.Authorization = `Bearer ${auth.key}`;
   return h;
 }

@@ -106,8 +106,6 @@ function jobBody(fileId) {
   const method = $("#ft-method").value;
   const hp = hyperparameters();
   const ext = {};
-  const name = $("#ft-name").value.trim();
-  if (name) ext.adapter = { name };
   if ($("#ft-seq").value.trim()) ext.sequence_len = Number($("#ft-seq").value);
   let m;
   if (method === "dpo") m = { type: "dpo", dpo: { hyperparameters: hp } };
@@ -119,7 +117,10 @@ function jobBody(fileId) {
     if ($("#ft-gens").value.trim()) ext.num_generations = Number($("#ft-gens").value);
   }
   // "default" names this server's base model; keys without the inference scope cannot list models to learn its id
-  return { model: ctx.baseModel || "default", training_file: fileId, method: m, loraplex: ext };
+  const body = { model: ctx.baseModel || "default", training_file: fileId, method: m };
+  if (Object.keys(ext).length) body.loraplex = ext;
+  if ($("#ft-suffix").value.trim()) body.suffix = $("#ft-suffix").value.trim();
+  return body;
 }
 
 async function start(ev) {
@@ -208,7 +209,7 @@ async function refreshJob(id) {
   $("#ft-pause").hidden = job.status !== "running";
   $("#ft-resume").hidden = job.status !== "paused";
   $("#ft-canary").hidden = !(job.status === "succeeded" && job.fine_tuned_model && ctx.can("admin"));
-  $("#ft-canary-btn").textContent = `Send 10% of ${job.fine_tuned_model}'s traffic to the new version`;
+  $("#ft-canary-name").placeholder = job.fine_tuned_model || "adapter name";
 
   const trained = metrics.filter((m) => m.loss !== null && m.loss !== undefined && !m.initial);
   const steps = trained.map((m) => m.step);
@@ -245,7 +246,9 @@ async function jobAction(action, what) {
 async function canary() {
   const msg = $("#ft-canary-msg");
   try {
-    const r = await api(`/v1/console/jobs/${selected}/canary`, { method: "POST", body: { percent: 10 } });
+    const name = $("#ft-canary-name").value.trim();
+    const r = await api(`/v1/console/jobs/${selected}/canary`, { method: "POST",
+      body: name ? { percent: 10, name } : { percent: 10 } });
     say(msg, `${r.name}: ` + Object.entries(r.route.versions).map(([v, w]) => `@${v} ${w}%`).join(" · "), "ok");
   } catch (e) {
     say(msg, e.message, "error");

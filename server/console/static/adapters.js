@@ -96,6 +96,8 @@ function renderMetrics(m) {
       cards.delete(name);
     }
   }
+  // for the browser's performance panel (and the test that holds the page to a second): first data on screen
+  if (!performance.getEntriesByName("loraplex:first-data").length) performance.mark("loraplex:first-data");
   const e = m.engine;
   $("#ad-engine").textContent = `engine: ${e.running} running, ${e.waiting} waiting · slots ${e.slots_used}/${e.slots_total} · ` +
     `${e.cpu_resident} versions loaded in memory · KV ${e.kv_used_tokens}/${e.kv_budget_tokens} tokens`;

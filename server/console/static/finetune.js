@@ -6,7 +6,8 @@ import { $, fill, $$, Poller, api, fmt, h, say, when } from "./api.js";
 import { TimeChart } from "./charts.js";
 
 const TERMINAL = ["succeeded", "failed", "cancelled"];
-const REWARD_KEYS = ["rewards_accuracy", "rewards_margin", "reward_mean", "kl"];
+// what preference (DPO, reward) and RL (GRPO, PPO) jobs report besides their loss
+const REWARD_KEYS = ["rewards_accuracy", "rewards_margin", "val_accuracy", "val_margin", "reward_mean", "kl"];
 const poll = new Poller();
 const jobPoll = new Poller();
 let ctx = null;

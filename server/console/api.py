@@ -36,7 +36,6 @@ from .preview import PreviewError, check, private_tokenizer, read_rows
 log = logging.getLogger("loraplex.console")
 
 ALL_SCOPES = ("inference", "train", "admin")
-MAX_PREVIEW_BYTES = 256 << 20
 MAX_BUCKETS = 720
 # The fine-tuning API's "auto" hyperparameters as the job manager resolves them today (trainer/jobs.py), shown in
 # the console's job form next to the planned number of steps; the job's own plan is in its first events.
@@ -162,9 +161,7 @@ class ConsoleApi:
         seq = form.get("sequence_len") or str(JobConfig.model_fields["sequence_len"].default)
         if not str(seq).isdigit() or int(seq) < 8:
             raise BadRequest("'sequence_len' must be an integer of at least 8", param="sequence_len")
-        data = await f.read()
-        if len(data) > MAX_PREVIEW_BYTES:
-            raise BadRequest(f"the file is larger than {MAX_PREVIEW_BYTES >> 20} MiB", param="file")
+        data = await f.read()  # bounded by the server's upload limit (app.BodyLimit, --max-upload-bytes), as /v1/files
         base = self._need("extra").get("base")
         if base is None:
             raise Unavailable("the model is still loading")

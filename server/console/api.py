@@ -29,6 +29,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ..caller import caller_of
 from ..errors import ApiError, BadRequest, Conflict, Unavailable, from_store_error
 from ..openai_api import parse_body
 from .preview import PreviewError, check, private_tokenizer, read_rows
@@ -184,22 +185,17 @@ class ConsoleApi:
     async def canary(self, request: HttpRequest):
         raw = await request.body()
         body = await parse_body(request, CanaryBody) if raw.strip() else CanaryBody()
-        caller = request.client.host if request.client else "unknown"  # the address, as route changes record it
+        caller = caller_of(request)  # who changes the route, as every route change records it
         return JSONResponse(await asyncio.to_thread(self._canary, request.path_params["job_id"], body.percent, body.name,
                                                     caller))
 
     def _canary(self, jid: str, percent: int, target: str | None, caller: str) -> dict:
-        from loraplex.trainer.jobs import JobError
         from loraplex.trainer.register import canary_weights
 
-        from ..http_fine_tuning import _err
         from ..routes_api import route_json
 
         jobs, store, routes = self._need("jobs"), self._need("store"), self._need("routes")
-        try:
-            job = jobs.job(jid)
-        except JobError as e:
-            raise _err(e) from e
+        job = jobs.job(jid)  # JobError (404 for an unknown job) is one of the API's errors
         if job["status"] != "succeeded":
             raise Conflict(f"job {jid} is {job['status']}: only a succeeded job's version can take traffic")
         result = jobs.runs_dir / jid / "result.json"  # the job process's record of what it registered

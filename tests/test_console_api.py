@@ -1,5 +1,5 @@
 """The console's own endpoints over HTTP (the browser test drives the page): dataset preview for every file type
-and method, the per-version metrics summary, the one-click canary's refusals, `--no-console`, and the shipped assets."""
+and method, the per-version metrics summary, the one-click canary's refusals, `--no-console`, the shipped assets."""
 from __future__ import annotations
 
 import io
@@ -96,7 +96,8 @@ def test_prompts_for_grpo_and_json_arrays(url):
     data = json.dumps([{"prompt": "Say red."}, {"prompt": [{"role": "user", "content": "Say blue."}]}, {"prompt": ""}])
     b = preview(url, "prompts.json", data.encode()).json()
     assert (b["format"], b["method"], b["valid_records"]) == ("prompts", "grpo", 2)
-    assert b["errors"][0]["message"] == "prompts.json: row 3: each record needs a 'prompt' (a string or a list of messages)"
+    assert b["errors"][0]["message"] == ("prompts.json: row 3: each record needs a 'prompt' "
+                                         "(a string or a list of messages)")
 
 
 @pytest.mark.parametrize("name,data,form,param,text", [
@@ -121,8 +122,8 @@ def test_preview_needs_a_file(url):
 
 def test_metrics_summary_counts_each_versions_requests_and_where_it_lives(url, server):
     for _ in range(3):
-        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "console-a", "messages": [{"role": "user", "content": "hi"}],
-                                                           "max_tokens": 2}, timeout=60)
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "console-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert r.headers["x-loraplex-adapter"] == "console-a@1"
     m = httpx.get(f"{url}/v1/console/metrics?window=120&step=10&name=console-a").json()
     assert len(m["times"]) == 12 and m["times"][1] - m["times"][0] == 10
@@ -152,7 +153,8 @@ def test_metrics_of_an_unknown_adapter_is_404(url):
 def test_canary_needs_a_succeeded_job(url):
     r = httpx.post(f"{url}/v1/console/jobs/ftjob-nope/canary", json={"percent": 10})
     assert r.status_code == 404
-    f = httpx.post(f"{url}/v1/files", files={"file": ("c.jsonl", jsonl(*[CHAT_OK] * 4))}, data={"purpose": "fine-tune"}).json()
+    f = httpx.post(f"{url}/v1/files", files={"file": ("c.jsonl", jsonl(*[CHAT_OK] * 4))},
+                   data={"purpose": "fine-tune"}).json()
     job = httpx.post(f"{url}/v1/fine_tuning/jobs", json={"model": "default", "training_file": f["id"],
                                                          "hyperparameters": {"n_epochs": 50}}).json()
     try:

@@ -41,7 +41,8 @@ WAIT = 90_000  # ms: a training job's process starts torch and transformers on t
 def srv(tiny_base, adapter_dirs, tmp_path_factory):
     from conftest import start_server
 
-    s = start_server(tmp_path_factory.mktemp("console"), tiny_base, max_loras=4, kv_cache_tokens=16384, max_concurrent_jobs=2)
+    s = start_server(tmp_path_factory.mktemp("console"), tiny_base, max_loras=4, kv_cache_tokens=16384,
+                     max_concurrent_jobs=2)
     r = httpx.post(f"{s.url}/v1/adapters", json={"name": "support-bot", "path": str(adapter_dirs["alpha"])})
     assert r.status_code == 201, r.text
     yield s
@@ -72,11 +73,15 @@ class Page:
         self.url = url
         self.errors: list[tuple[str, str]] = []
         self.requests: list[str] = []
-        self.page.on("console", lambda m: m.type == "error" and self.errors.append((m.text, m.location.get("url", ""))))
+        self.page.on("console", self._console)
         self.page.on("pageerror", lambda e: self.errors.append((f"uncaught: {e}", "")))
         self.page.on("request", lambda r: self.requests.append(r.url))
         self.page.route(re.compile(r".*/v1/me$"), self._me)
         self.page.set_default_timeout(20_000)
+
+    def _console(self, m) -> None:
+        if m.type == "error":
+            self.errors.append((m.text, m.location.get("url") or ""))
 
     @staticmethod
     def _me(route):
@@ -107,14 +112,14 @@ class Page:
         return int(self.page.locator(sel).get_attribute("data-points") or 0)
 
     def wait_points(self, sel: str, n: int, timeout: int = WAIT) -> None:
-        self.page.wait_for_function("([s, n]) => Number(document.querySelector(s).dataset.points || 0) >= n", arg=[sel, n],
-                                    timeout=timeout)
+        self.page.wait_for_function("([s, n]) => Number(document.querySelector(s).dataset.points || 0) >= n",
+                                    arg=[sel, n], timeout=timeout)
 
     def shot(self, name: str) -> None:
         self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
     def unexpected_errors(self) -> list:
-        # The sign-in page asks /v1/me without a key (and with a wrong one): those 401s are the design, nothing else is.
+        # The sign-in page asks /v1/me without a key (and with a wrong one): those 401s are the design, nothing else.
         return [e for e in self.errors if not ("401" in e[0] and e[1].endswith("/v1/me"))]
 
 
@@ -204,7 +209,8 @@ def test_bad_line_is_named_then_fixed_file_trains_with_live_loss_and_one_click_c
     pg.locator("#ft-status", has_text="succeeded").wait_for(timeout=WAIT)
     events = httpx.get(f"{srv.url}/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()["data"]
     trained = [e for e in events if e["type"] == "metrics" and e["data"].get("loss") is not None]
-    pg.wait_for_function("n => Number(document.querySelector('#ft-chart-loss').dataset.points) === n", arg=len(trained))
+    pg.wait_for_function("n => Number(document.querySelector('#ft-chart-loss').dataset.points) === n",
+                         arg=len(trained))
     assert pg.locator("#ft-events li", has_text="successfully completed").count() == 1
     job = httpx.get(f"{srv.url}/v1/fine_tuning/jobs/{job_id}").json()
     ft = job["fine_tuned_model"]
@@ -346,10 +352,10 @@ def test_dpo_job_plots_rewards_and_accuracy(admin, srv):
 
 def test_pause_degrades_clearly_and_cancel_stops_a_running_job(admin, srv, tmp_path):
     pg = admin.page
-    f = httpx.post(f"{srv.url}/v1/files", files={"file": ("long.jsonl", color_data(tmp_path / "l.jsonl", 2).read_bytes())},
-                   data={"purpose": "fine-tune"}).json()
-    job = httpx.post(f"{srv.url}/v1/fine_tuning/jobs", json={"model": "default", "training_file": f["id"],
-                                                             "hyperparameters": {"n_epochs": 50, "batch_size": 1}}).json()
+    data = color_data(tmp_path / "l.jsonl", 2).read_bytes()
+    f = httpx.post(f"{srv.url}/v1/files", files={"file": ("long.jsonl", data)}, data={"purpose": "fine-tune"}).json()
+    job = httpx.post(f"{srv.url}/v1/fine_tuning/jobs", json={
+        "model": "default", "training_file": f["id"], "hyperparameters": {"n_epochs": 50, "batch_size": 1}}).json()
     admin.go("finetune")
     pg.locator(f"#ft-jobs tr[data-job='{job['id']}']").click()
     pg.locator("#ft-status", has_text="running").wait_for(timeout=WAIT)

@@ -186,8 +186,8 @@ class ConsoleApi:
         raw = await request.body()
         body = await parse_body(request, CanaryBody) if raw.strip() else CanaryBody()
         caller = caller_of(request)  # who changes the route, as every route change records it
-        return JSONResponse(await asyncio.to_thread(self._canary, request.path_params["job_id"], body.percent, body.name,
-                                                    caller))
+        jid = request.path_params["job_id"]
+        return JSONResponse(await asyncio.to_thread(self._canary, jid, body.percent, body.name, caller))
 
     def _canary(self, jid: str, percent: int, target: str | None, caller: str) -> dict:
         from loraplex.trainer.register import canary_weights

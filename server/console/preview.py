@@ -201,7 +201,8 @@ def check(p: Preview, method: str | None, tokenizer, sequence_len: int) -> dict:
         "valid_records": len(p.rows) - len(bad),
         "columns": sorted({k for r in good[:SAMPLE] for k in r.record}),
         "sample": [{p.position: r.at, "record": r.record} for r in good[:SAMPLE]],
-        "errors": [{p.position: r.at, "reason": r.error, "message": f"{where(r)}: {r.error}"} for r in bad[:MAX_ERRORS]],
+        "errors": [{p.position: r.at, "reason": r.error, "message": f"{where(r)}: {r.error}"}
+                   for r in bad[:MAX_ERRORS]],
         "errors_total": len(bad),
     }
 

@@ -13,11 +13,12 @@ Nothing an engine step consumes is left unbounded: the engine thread must never
 meet a value it cannot use (a seed `torch.Generator.manual_seed` rejects, a NaN
 temperature), because such a value would fail the whole step, not one request.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import pydantic_error
 from .request import SamplingParams
@@ -77,8 +78,11 @@ class GenerationParams(BaseModel):
     def _nulls_are_defaults(cls, data: Any) -> Any:
         # OpenAI clients send `"temperature": null` for "not set": the default stated above, not a type error
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields
-                                                           and cls.model_fields[k].default is not None)}
+            return {
+                k: v
+                for k, v in data.items()
+                if not (v is None and k in cls.model_fields and cls.model_fields[k].default is not None)
+            }
         return data
 
     @field_validator("stop", mode="before")
@@ -96,11 +100,12 @@ class GenerationParams(BaseModel):
             valid_text(v)
         return v
 
-    @model_validator(mode="after")
-    def _seeds_in_range(self):
-        if self.seed is not None and self.seed + self.n - 1 > SEED_MAX:
+    @field_validator("seed")
+    @classmethod
+    def _seeds_in_range(cls, v, info: ValidationInfo):  # `n` is declared, so validated, before `seed`
+        if v is not None and v + info.data.get("n", 1) - 1 > SEED_MAX:
             raise ValueError(f"seed + n - 1 must be at most {SEED_MAX} (choice i of n uses seed + i)")
-        return self
+        return v
 
     def logprob_count(self) -> int | None:
         """Alternatives per token to report, None for no logprobs (the chat body spells this differently)."""
@@ -124,7 +129,7 @@ class GenerationParams(BaseModel):
 
     @classmethod
     def from_proto(cls, sp) -> "GenerationParams":
-        """The set fields of a gRPC `SamplingParams` message, checked as an HTTP body is (errors name `sampling.<field>`)."""
+        """The set fields of a gRPC `SamplingParams` message, checked as an HTTP body is (errors: sampling.<field>)."""
         data = {f.name: (list(v) if f.name == "stop" else v) for f, v in sp.ListFields()}
         try:
             return cls.model_validate(data)

@@ -2,9 +2,10 @@
 
 `LoraLinear` keeps the frozen base `nn.Linear` and, per adapter slot, the
 adapter's A and B stacked along a slot dimension. A forward pass reads the
-token -> slot mapping of the current batch from the shared `LoraContext` and
-adds `scale * (x A^T) B^T` to the tokens of each slot through
-`loraplex.kernels.apply_lora` (reference ops on CPU, Triton on CUDA).
+step's LoRA plan (made once per step from the token -> slot mapping) and the
+backend (chosen once when the runner was built, `loraplex.kernels.select_backend`)
+from the shared `LoraContext`, and adds `scale * (x A^T) B^T` to the tokens
+of each slot.
 
 Mixed ranks: the stacks are as wide as the largest rank loaded so far
 (rounded up to 16) and grow when a wider adapter arrives; each slot's true
@@ -14,19 +15,25 @@ tokens pass through the base layer only.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from loraplex.kernels import LoraSegments, apply_lora, cpu_gemm
+from loraplex.kernels import LoraSegments, cpu_gemm, select_backend
 
 RANK_ALIGN = 16
 
 
 class LoraContext:
-    """Per-step state shared by every LoraLinear of one model: the current segments (None = no LoRA)."""
+    """Shared by every LoraLinear of one model: the backend (fixed) and the current step's plan (None = no LoRA)."""
 
-    def __init__(self) -> None:
-        self.seg: LoraSegments | None = None
+    def __init__(self, backend=None) -> None:
+        self.backend = backend if backend is not None else select_backend("cpu")
+        self.plan = None
+
+    def begin_step(self, seg: LoraSegments | None) -> None:
+        self.plan = None if seg is None or not seg.has_lora else self.backend.plan(seg)
 
 
 class LoraLinear(nn.Module):
@@ -40,7 +47,7 @@ class LoraLinear(nn.Module):
         dev, dt = base.weight.device, base.weight.dtype
         self.width = 0  # current stacked rank capacity
         # A: [S, R, in]; B is kept as Bt: [S, R, out] and handed to the kernels as its
-        # transposed view [S, out, R], which makes the dense CPU path a free reshape.
+        # transposed view [S, out, R]: the CPU expand then reads each slot's rows contiguously.
         self.A = torch.zeros((num_slots, 0, self.in_features), device=dev, dtype=dt)
         self.Bt = torch.zeros((num_slots, 0, self.out_features), device=dev, dtype=dt)
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=dev)
@@ -66,22 +73,54 @@ class LoraLinear(nn.Module):
         Bt[:, : self.width] = self.Bt
         self.A, self.Bt, self.width = A, Bt, width
 
-    def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
-        """Loads one adapter's (A [r, in], B [out, r]) into `slot`; None clears the slot for this module."""
+    def prepare_slot(self, A: torch.Tensor | None, B: torch.Tensor | None, scale: float):
+        """One adapter's weights for this module, converted to the stacks' dtype and checked, nothing written:
+        (A [r, in], Bt [r, out], scale), or None for "not targeted". ValueError when a shape does not fit or
+        a value is not finite in this layer's dtype (a 1e308 scale, an F64 weight past fp16's range), so a
+        slot is never left half-written by a conversion that fails or overflows."""
         if A is None:
+            return None
+        r = A.shape[0]
+        fits = A.dim() == 2 and B.dim() == 2 and r >= 1 and A.shape[1] == self.in_features
+        if not fits or tuple(B.shape) != (self.out_features, r):
+            raise ValueError(f"LoRA weights A {list(A.shape)} / B {list(B.shape)} do not fit a "
+                             f"{self.in_features}->{self.out_features} layer")
+        scale = float(scale)
+        if not math.isfinite(scale) or abs(scale) > min(torch.finfo(torch.float32).max, torch.finfo(self.A.dtype).max):
+            raise ValueError(f"LoRA scale {scale:g} is not finite in {self.A.dtype}")
+        a = A.to(self.A.dtype)  # on the weights' own device (the CPU tier): the stacks are written in commit_slot
+        bt = B.t().to(self.Bt.dtype)
+        if not (torch.isfinite(a).all() and torch.isfinite(bt).all()):
+            raise ValueError(f"LoRA weights are not finite in {self.A.dtype}")
+        return a, bt, scale
+
+    def reserve(self, prepared) -> None:
+        """Widens the stacks for `prepared` ahead of commit_slot (padding only: what the slots hold is unchanged)."""
+        if prepared is not None:
+            self._grow(prepared[0].shape[0])
+
+    def commit_slot(self, slot: int, prepared) -> None:
+        """Writes what prepare_slot returned into `slot` (None clears the slot for this module)."""
+        if prepared is None:
             self.ranks_host[slot] = 0
             self.ranks[0, slot] = 0
             self.scales[slot] = 0.0
             return
-        r = A.shape[0]
+        a, bt, scale = prepared
+        r = a.shape[0]
         self._grow(r)
         self.A[slot].zero_()
         self.Bt[slot].zero_()
-        self.A[slot, :r] = A.to(self.A.dtype)
-        self.Bt[slot, :r] = B.t().to(self.Bt.dtype)
-        self.scales[slot] = float(scale)
+        self.A[slot, :r] = a
+        self.Bt[slot, :r] = bt
+        self.scales[slot] = scale
         self.ranks[0, slot] = r
         self.ranks_host[slot] = r
+
+    def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
+        """Loads one adapter's (A [r, in], B [out, r]) into `slot`; None clears the slot for this module.
+        All or nothing: a refused adapter (ValueError) leaves the slot as it was."""
+        self.commit_slot(slot, self.prepare_slot(A, B, scale))
 
     def pack_base(self, release: bool = False) -> None:
         """Runs the base product through `cpu_gemm` from now on; `release` drops the unpacked weight.
@@ -97,11 +136,11 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x) if self.packed is None else cpu_gemm.packed_linear(x, self.packed, self.base.bias)
-        seg = self.ctx.seg
-        if seg is None or not any(self.ranks_host[s] for s in seg.seg_slots_host if s >= 0):
+        ctx = self.ctx
+        if ctx.plan is None or not ctx.backend.touches(ctx.plan, self.ranks_host):
             return y
         # x: [T, in] (the runner always passes a flattened batch), y: [T, out]
-        return apply_lora(y, x, [self.A], [self.Bt.transpose(1, 2)], seg, self.scales, self.ranks, [0])
+        return ctx.backend.apply(ctx.plan, y, x, [self.A], [self.Bt.transpose(1, 2)], self.scales, self.ranks, [0])
 
 
 def wrap_lora_modules(model: nn.Module, ctx: LoraContext, num_slots: int, layers: nn.ModuleList) -> dict[str, LoraLinear]:

@@ -100,8 +100,8 @@ class BodyLimit:
 
 
 def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, poll_interval: float = 1.0,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-              max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> Starlette:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+              console: bool = True) -> Starlette:
     def need(attr):
         def get():
             obj = getattr(state, attr)

@@ -44,7 +44,7 @@ def test_jsonl_preview_names_every_bad_line_with_the_trainers_reason(url):
     assert b["auto_hyperparameters"]["n_epochs"] == 3
 
 
-def test_the_trainer_refuses_what_the_preview_refuses(url, tmp_path):
+def test_the_trainer_refuses_what_the_preview_refuses(url, tiny_base, tmp_path):
     """Same reason, same line: the preview runs the trainer's own checks (a job on this file fails with it)."""
     from transformers import AutoTokenizer
 
@@ -54,12 +54,8 @@ def test_the_trainer_refuses_what_the_preview_refuses(url, tmp_path):
     p = tmp_path / "t.jsonl"
     p.write_bytes(data)
     with pytest.raises(DataError) as e:
-        load_examples(p, "auto", Tokenizing(AutoTokenizer.from_pretrained(_base_dir(url)), 1024))
+        load_examples(p, "auto", Tokenizing(AutoTokenizer.from_pretrained(tiny_base), 1024))
     assert str(e.value).replace(str(p), "t.jsonl") == preview(url, "t.jsonl", data).json()["errors"][0]["message"]
-
-
-def _base_dir(url) -> str:
-    return httpx.get(f"{url}/v1/models").json()["data"][0]["root"]
 
 
 def test_csv_preview_decodes_message_columns_and_counts_file_lines(url):

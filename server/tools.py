@@ -158,19 +158,33 @@ def resolve_tool_choice(tools: list[dict] | None, tool_choice, parallel: bool | 
     return ToolChoice(tools, "named", name=name, parallel=False)
 
 
-def forced_call_grammar(choice: ToolChoice) -> str:
-    """The llguidance grammar of an answer that is only tool calls (one, or several when parallel is allowed)."""
-    fns = [t["function"] for t in choice.tools if choice.mode == "required" or t["function"]["name"] == choice.name]
+def _call_rules(choice: ToolChoice, names: list[str] | None = None) -> list[str]:
+    """Lark rules `call` (one tool call of one of `names`, arguments per its `parameters`) and its alternatives."""
+    fns = [t["function"] for t in choice.tools if names is None or t["function"]["name"] in names]
     alts = []
     for k, fn in enumerate(fns):
         schema = {"type": "object", "properties": {"name": {"const": fn["name"]},
                                                    "arguments": fn.get("parameters") or {"type": "object"}},
                   "required": ["name", "arguments"], "additionalProperties": False}
         alts.append(f"fn{k}: %json {json.dumps(schema)}")
-    call = f"call: {lark_literal(CALL_OPEN + chr(10))} ({' | '.join(f'fn{k}' for k in range(len(fns)))}) " \
-           f"{lark_literal(chr(10) + CALL_CLOSE)}"
-    start = 'start: call ("\\n" call)*' if choice.parallel and choice.mode == "required" else "start: call"
-    return lark_grammar("\n".join([start, call, *alts]))
+    body = " | ".join(f"fn{k}" for k in range(len(fns)))
+    return [f"call: {lark_literal(CALL_OPEN + chr(10))} ({body}) {lark_literal(chr(10) + CALL_CLOSE)}", *alts]
+
+
+def _calls_rule(choice: ToolChoice) -> str:
+    return 'calls: call ("\\n" call)*' if choice.parallel else "calls: call"
+
+
+def forced_call_grammar(choice: ToolChoice) -> str:
+    """The llguidance grammar of an answer that is only tool calls (one, or several when parallel is allowed)."""
+    names = [choice.name] if choice.mode == "named" else None
+    return lark_grammar("\n".join(["start: calls", _calls_rule(choice), *_call_rules(choice, names)]))
+
+
+def calls_or_json_grammar(choice: ToolChoice, schema: dict) -> str:
+    """`tool_choice: auto` with a response format: tool calls, or a JSON answer matching `schema`."""
+    rules = ["start: calls | answer", _calls_rule(choice), *_call_rules(choice), f"answer: %json {json.dumps(schema)}"]
+    return lark_grammar("\n".join(rules))
 
 
 def _parse_one(body: str, known: set[str]) -> ToolCall | None:

@@ -8,6 +8,7 @@ what served it: header `X-Loraplex-Adapter` and the body's
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -20,6 +21,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from .errors import BadRequest, pydantic_error
 from .request import SamplingParams, TokenLogprob
 from .service import Generation, GenerationService, gather_streams, merge
+from .structured_fields import AnswerFields, ToolFields, ToolMessageFields, compile_answer
+from .tools import CALL_CLOSE, ToolChoice, ToolStreamParser, check_tool_support, parse_tool_calls, template_messages
 
 MAX_TOP_LOGPROBS = 20
 
@@ -28,7 +31,7 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class ChatMessage(_Body):
+class ChatMessage(_Body, ToolMessageFields):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[dict], None] = None
     name: str | None = None
@@ -38,7 +41,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
+class _Sampling(_Body, AnswerFields):
     model: str
     n: int = Field(1, ge=1, le=64)
     max_tokens: int | None = Field(None, ge=1)
@@ -65,7 +68,7 @@ class _Sampling(_Body):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(_Sampling, ToolFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -102,18 +105,23 @@ def _sticky_key(body: _Sampling, request: HttpRequest) -> str | None:
 
 
 def _params(body: _Sampling, max_tokens: int, seed: int | None, **kw) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k if body.top_k and body.top_k > 0 else 0,
-        seed=seed,
-        stop=body.stop_list(),
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        ignore_eos=body.ignore_eos,
+    return SamplingParams(**{
+        "max_tokens": max_tokens,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "top_k": body.top_k if body.top_k and body.top_k > 0 else 0,
+        "seed": seed,
+        "stop": body.stop_list(),
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "ignore_eos": body.ignore_eos,
         **kw,
-    )
+    })
+
+
+def _answer_params(service: GenerationService, body: _Sampling) -> dict:
+    """Engine fields from the answer-shaping fields that are not a grammar."""
+    return {"logit_bias": body.logit_bias_ids(service.vocab_size)}
 
 
 def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -175,14 +183,24 @@ class OpenAIRoutes:
         s = self.service
         body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
         adapter = s.resolve(body.model, _sticky_key(body, request))
-        prompt = s.chat_prompt_ids(_message_dicts(body.messages))
+        tools = body.tool_choice_spec()
+        if tools is not None and tools.tools:
+            check_tool_support(s.tokenizer)
+        messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
+        prompt = s.chat_prompt_ids(messages, tools=tools.tools if tools is not None and tools.tools else None)
         max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens(len(prompt))
         lp = (body.top_logprobs or 0) if body.logprobs else None
+        extra = _answer_params(s, body)
+        constraint = await asyncio.to_thread(compile_answer, s.grammars, body, tools)
+        if tools is not None and tools.mode == "auto" and not tools.parallel:
+            extra["stop"] = body.stop_list() + [CALL_CLOSE]  # one call, then the answer ends
+            extra["include_stop_str_in_output"] = True
         reqs = []
         try:
             for i in range(body.n):
                 seed = None if body.seed is None else body.seed + i
-                reqs.append(s.submit(prompt, _params(body, max_tokens, seed, logprobs=lp), adapter, loop=_loop()))
+                c = None if constraint is None else (constraint if i == 0 else constraint.copy())
+                reqs.append(s.submit(prompt, _params(body, max_tokens, seed, logprobs=lp, constraint=c, **extra), adapter, loop=_loop()))
         except Exception:
             for r in reqs:
                 r.cancel()
@@ -192,7 +210,7 @@ class OpenAIRoutes:
         created = int(time.time())
         if body.stream:
             return StreamingResponse(
-                self._chat_stream(body, reqs, rid, created, served),
+                self._chat_stream(body, reqs, rid, created, served, tools),
                 media_type="text/event-stream",
                 headers=_headers(served),
             )
@@ -204,7 +222,15 @@ class OpenAIRoutes:
             logprobs = None
             if body.logprobs:
                 logprobs = {"content": [_chat_logprob_entry(s, e) for e in g.logprobs], "refusal": None}
-            choices.append({"index": i, "message": {"role": "assistant", "content": g.text, "refusal": None}, "logprobs": logprobs, "finish_reason": g.finish_reason})
+            message = {"role": "assistant", "content": g.text, "refusal": None}
+            finish = g.finish_reason
+            if tools is not None and tools.tools:
+                content, calls = parse_tool_calls(g.text, tools)
+                message["content"] = content
+                if calls:
+                    message["tool_calls"] = [c.openai() for c in calls]
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
         completion = sum(g.completion_tokens for g in gens)
         return JSONResponse(
             {
@@ -219,8 +245,9 @@ class OpenAIRoutes:
             headers=_headers(served),
         )
 
-    async def _chat_stream(self, body, reqs, rid, created, served):
+    async def _chat_stream(self, body, reqs, rid, created, served, tools: ToolChoice | None = None):
         s = self.service
+        parsers = [ToolStreamParser(tools) if tools is not None and tools.tools else None for _ in reqs]
 
         def chunk(choices, usage=None):
             d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model, "system_fingerprint": served, "choices": choices}
@@ -236,14 +263,25 @@ class OpenAIRoutes:
             logprobs = None
             if body.logprobs and out.logprobs:
                 logprobs = {"content": [_chat_logprob_entry(s, e) for e in out.logprobs], "refusal": None}
-            if out.text or logprobs is not None:
-                yield chunk([{"index": i, "delta": {"content": out.text}, "logprobs": logprobs, "finish_reason": None}])
+            text, p, new = out.text, parsers[i], []
+            if p is not None:  # tool calls leave the content stream and go out whole, as OpenAI deltas
+                seen = len(p.calls)
+                text = p.feed(text) + (p.finish() if out.finished else "")
+                new = list(enumerate(p.calls[seen:], seen))
+            if text or logprobs is not None:
+                yield chunk([{"index": i, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}])
+            for k, c in new:
+                head = {"index": k, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
+                yield chunk([{"index": i, "delta": {"tool_calls": [head]}, "logprobs": None, "finish_reason": None}])
+                args = {"index": k, "function": {"arguments": c.arguments}}
+                yield chunk([{"index": i, "delta": {"tool_calls": [args]}, "logprobs": None, "finish_reason": None}])
             if out.finished:
                 if out.error:
                     yield f"data: {json.dumps({'error': {'message': out.error, 'type': 'server_error'}})}\n\n"
                     return
                 completion += out.completion_tokens
-                yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}])
+                finish = "tool_calls" if p is not None and p.calls and out.finish_reason == "stop" else out.finish_reason
+                yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}])
         if body.stream_options and body.stream_options.include_usage:
             yield chunk([], _usage(prompt_tokens, completion))
         yield "data: [DONE]\n\n"
@@ -265,6 +303,8 @@ class OpenAIRoutes:
             raise BadRequest("'suffix' is not supported", param="suffix")
         adapter = s.resolve(body.model, _sticky_key(body, request))
         prompts = _prompt_list(body.prompt, s)
+        extra = _answer_params(s, body)
+        constraint = await asyncio.to_thread(compile_answer, s.grammars, body)
         reqs, prompt_texts = [], []
         try:
             for pi, ids in enumerate(prompts):
@@ -272,7 +312,9 @@ class OpenAIRoutes:
                 prompt_texts.append(s.tokenizer.decode(ids))
                 for i in range(body.n):
                     seed = None if body.seed is None else body.seed + i
-                    p = _params(body, max_tokens, seed, logprobs=body.logprobs, prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
+                    c = None if constraint is None else constraint.copy()
+                    p = _params(body, max_tokens, seed, logprobs=body.logprobs, prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
+                                constraint=c, **extra)
                     reqs.append(s.submit(ids, p, adapter, loop=_loop()))
         except Exception:
             for r in reqs:

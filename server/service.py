@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from .engine import Engine
 from .errors import ApiError, InternalError, BadRequest, NotFound, from_store_error
 from .loading import LoadedBase
+from .structured import GrammarCompiler
 from .request import OutputStream, Request, RequestOutput, SamplingParams, TokenLogprob
 
 
@@ -39,6 +40,8 @@ class GenerationService:
         self.telemetry = telemetry
         self.ready = False
         self._heads: dict = {}
+        self.vocab_size = base.model.config.vocab_size  # width of the logits; token ids below it are valid
+        self.grammars = GrammarCompiler(self.tokenizer, engine.eos_ids, self.vocab_size)
 
     @property
     def model_id(self) -> str:
@@ -70,9 +73,9 @@ class GenerationService:
             raise
 
     # --- prompts ------------------------------------------------------------------
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         except Exception as e:
             raise BadRequest(f"messages cannot be rendered with the model's chat template: {e}", param="messages") from e
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -194,3 +194,23 @@ def compile_answer(compiler: GrammarCompiler, body: AnswerFields, tools: ToolCho
     """The request's compiled constraint (call on a worker thread: the first call builds the vocabulary view)."""
     g = answer_grammar(body, tools)
     return None if g is None else compiler.compile(*g)
+
+
+class CalledFunction(_Strict):
+    name: str
+    arguments: str = "{}"
+
+
+class MessageToolCall(_Strict):
+    """An earlier assistant turn's call, as OpenAI clients send it back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class ToolMessageFields(BaseModel):
+    """What a chat message adds for tool calling: an assistant's calls, a tool result's call id."""
+
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None

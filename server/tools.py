@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass
 
 from .errors import BadRequest
-from .structured import lark_grammar, lark_literal
+from .structured import JSON_OPTIONS, lark_grammar, lark_literal
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL_RE = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CALL_CLOSE) + r"|$)", re.DOTALL)
@@ -165,7 +165,7 @@ def _call_rules(choice: ToolChoice, names: list[str] | None = None) -> list[str]
     for k, fn in enumerate(fns):
         schema = {"type": "object", "properties": {"name": {"const": fn["name"]},
                                                    "arguments": fn.get("parameters") or {"type": "object"}},
-                  "required": ["name", "arguments"], "additionalProperties": False}
+                  "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": JSON_OPTIONS}
         alts.append(f"fn{k}: %json {json.dumps(schema)}")
     body = " | ".join(f"fn{k}" for k in range(len(fns)))
     return [f"call: {lark_literal(CALL_OPEN + chr(10))} ({body}) {lark_literal(chr(10) + CALL_CLOSE)}", *alts]
@@ -183,7 +183,7 @@ def forced_call_grammar(choice: ToolChoice) -> str:
 
 def calls_or_json_grammar(choice: ToolChoice, schema: dict) -> str:
     """`tool_choice: auto` with a response format: tool calls, or a JSON answer matching `schema`."""
-    rules = ["start: calls | answer", _calls_rule(choice), *_call_rules(choice), f"answer: %json {json.dumps(schema)}"]
+    rules = ["start: calls | answer", _calls_rule(choice), *_call_rules(choice), f"answer: %json {json.dumps({**schema, 'x-guidance': JSON_OPTIONS})}"]
     return lark_grammar("\n".join(rules))
 
 

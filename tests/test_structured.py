@@ -149,3 +149,22 @@ def test_schemas_the_library_cannot_enforce_are_refused_naming_the_field(compile
     with pytest.raises(BadRequest) as e:
         compiler.compile(json_schema_grammar(schema, "response_format.json_schema.schema"), "response_format.json_schema.schema")
     assert e.value.param == "response_format.json_schema.schema"
+
+
+def test_forced_tool_call_grammar_allows_parallel_calls_only_when_asked(compiler):
+    from loraplex.server.tools import forced_call_grammar, parse_tool_calls, resolve_tool_choice
+
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}}}]
+    two = '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call>'
+    ids = compiler.hf_tokenizer.encode(two, add_special_tokens=False)
+    for parallel, accepted in ((True, True), (False, False)):
+        choice = resolve_tool_choice(tools, "required", parallel)
+        c = compiler.compile(forced_call_grammar(choice), "tool_choice")
+        assert all(c.matcher.consume_token(t) for t in ids) == accepted
+        content, calls = parse_tool_calls(two, choice)
+        assert [json.loads(k.arguments) for k in calls] == ([{"a": 1}, {"a": 2}] if parallel else [{"a": 1}])
+        assert content is None
+    bad = compiler.compile(forced_call_grammar(resolve_tool_choice(tools, "required", True)), "tool_choice")
+    wrong = compiler.hf_tokenizer.encode('<tool_call>\n{"name": "add", "arguments": {"a": "x"}}', add_special_tokens=False)
+    assert not all(bad.matcher.consume_token(t) for t in wrong)

@@ -36,6 +36,7 @@ from loraplex.protos.loraplex.v1 import loraplex_pb2_grpc as pbg
 from .adapters_api import version_json
 from .errors import ApiError, BadRequest, NotFound, Unavailable, from_store_error
 from .request import SamplingParams
+from .structured_fields import grpc_answer
 from .service import Generation, gather_streams, merge
 
 log = logging.getLogger("loraplex.grpc")
@@ -229,6 +230,7 @@ class InferenceServicer(_Base, pbg.InferenceServicer):
         prompt, chat = self._prompt(s, request)
         default_max = s.default_max_tokens(len(prompt)) if chat else COMPLETION_DEFAULT_MAX_TOKENS
         params, n = _sampling(request.sampling, default_max)
+        constraint, params.logit_bias = grpc_answer(s.grammars, request, s.vocab_size)
         seed = request.sampling.seed if request.sampling.HasField("seed") else None
         rid = request.request_id or uuid.uuid4().hex
         deadline = context.time_remaining()  # None without a client deadline
@@ -236,7 +238,8 @@ class InferenceServicer(_Base, pbg.InferenceServicer):
         reqs = []
         try:
             for i in range(n):
-                p = dataclasses.replace(params, seed=None if seed is None else seed + i, stop=list(params.stop))
+                p = dataclasses.replace(params, seed=None if seed is None else seed + i, stop=list(params.stop),
+                                        constraint=None if constraint is None else constraint.copy())
                 reqs.append(s.submit(prompt, p, adapter, loop=loop, deadline_s=deadline, request_id=rid if n == 1 else f"{rid}-{i}"))
         except BaseException:
             for r in reqs:

@@ -214,3 +214,26 @@ class ToolMessageFields(BaseModel):
 
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
+
+
+def grpc_answer(compiler: GrammarCompiler, request, vocab_size: int) -> tuple[TokenConstraint | None, dict[int, float] | None]:
+    """A gRPC GenerateRequest's `output_format` and `logit_bias`, checked as HTTP's are (fields named as gRPC spells
+    them) -> (compiled constraint, logit bias by token id)."""
+    from pydantic import ValidationError
+
+    kind = request.output_format.WhichOneof("kind") if request.HasField("output_format") else None
+    so = None
+    if kind is not None:
+        v = getattr(request.output_format, kind)
+        so = {"json_object": True} if kind == "json_object" else {"choice": list(v.values)} if kind == "choice" else \
+            {"json" if kind == "json_schema" else kind: v}
+    try:
+        fields = AnswerFields(structured_outputs=so, logit_bias={str(k): v for k, v in request.logit_bias.items()} or None)
+    except ValidationError as e:
+        where = "logit_bias" if any(err["loc"][:1] == ("logit_bias",) for err in e.errors()) else f"output_format.{kind}"
+        raise BadRequest(f"'{where}': {e.errors()[0]['msg']}", param=where) from e
+    try:
+        return compile_answer(compiler, fields), fields.logit_bias_ids(vocab_size)
+    except BadRequest as e:
+        where = "logit_bias" if e.param == "logit_bias" else f"output_format.{kind}"
+        raise BadRequest(e.message.replace(f"'{e.param}'", f"'{where}'"), param=where) from e

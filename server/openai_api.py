@@ -21,14 +21,14 @@ from starlette.responses import JSONResponse, StreamingResponse
 from .errors import BadRequest, pydantic_error
 from .request import SamplingParams, TokenLogprob
 from .service import Generation, GenerationService, gather_streams, merge
-from .structured_fields import AnswerFields, ToolFields, ToolMessageFields, compile_answer
+from .structured_fields import AnswerFields, PlatformFields, ToolFields, ToolMessageFields, compile_answer
 from .tools import CALL_CLOSE, ToolChoice, ToolStreamParser, check_tool_support, parse_tool_calls, template_messages
 
 MAX_TOP_LOGPROBS = 20
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # an unknown field is a 400 naming it, never silently ignored
 
 
 class ChatMessage(_Body, ToolMessageFields):
@@ -39,6 +39,7 @@ class ChatMessage(_Body, ToolMessageFields):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # no effect: there is no network side channel to pad against
 
 
 class _Sampling(_Body, AnswerFields):
@@ -68,7 +69,7 @@ class _Sampling(_Body, AnswerFields):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-class ChatCompletionRequest(_Sampling, ToolFields):
+class ChatCompletionRequest(_Sampling, ToolFields, PlatformFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -80,6 +81,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=64)
 
 
 async def parse_body(request: HttpRequest, model: type[BaseModel]):
@@ -182,6 +184,9 @@ class OpenAIRoutes:
     async def chat(self, request: HttpRequest):
         s = self.service
         body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
+        body.refuse_unsupported()
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         adapter = s.resolve(body.model, _sticky_key(body, request))
         tools = body.tool_choice_spec()
         if tools is not None and tools.tools:
@@ -301,6 +306,9 @@ class OpenAIRoutes:
         body: CompletionRequest = await parse_body(request, CompletionRequest)
         if body.suffix:
             raise BadRequest("'suffix' is not supported", param="suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise BadRequest("'best_of' other than n is not supported (candidates are not ranked server-side)",
+                             param="best_of")
         adapter = s.resolve(body.model, _sticky_key(body, request))
         prompts = _prompt_list(body.prompt, s)
         extra = _answer_params(s, body)
@@ -358,7 +366,8 @@ class OpenAIRoutes:
             offsets.append(offset)
             offset += len(txt)
             token_lps.append(None if e is None else e.logprob)
-            tops.append(None if e is None else {s.token_text(t): lp for t, lp in e.top})
+            # OpenAI's "up to logprobs + 1": the sampled token is listed even when it is not among the top k
+            tops.append(None if e is None else {**{s.token_text(t): lp for t, lp in e.top}, txt: e.logprob})
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
     async def _completion_stream(self, body, reqs, prompts, prompt_texts, rid, created, served):

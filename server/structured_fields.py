@@ -214,6 +214,11 @@ class ToolMessageFields(BaseModel):
 
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
+    # what an assistant turn echoed back from an earlier answer may carry; not rendered into the prompt
+    refusal: str | None = None
+    annotations: list | None = None
+    audio: Any = None
+    function_call: Any = None
 
 
 def grpc_answer(compiler: GrammarCompiler, request, vocab_size: int) -> tuple[TokenConstraint | None, dict[int, float] | None]:
@@ -237,3 +242,43 @@ def grpc_answer(compiler: GrammarCompiler, request, vocab_size: int) -> tuple[To
     except BadRequest as e:
         where = "logit_bias" if e.param == "logit_bias" else f"output_format.{kind}"
         raise BadRequest(e.message.replace(f"'{e.param}'", f"'{where}'"), param=where) from e
+
+
+# OpenAI request fields that mean nothing on a self-hosted server (accepted, no effect; the README's table says so)
+NO_EFFECT = ("store", "metadata", "service_tier", "prompt_cache_key", "prompt_cache_retention", "safety_identifier")
+# OpenAI request fields we cannot honour: a 400 naming the field when set
+REFUSED = {
+    "audio": "audio output is not supported",
+    "functions": "the deprecated 'functions' are not supported; use 'tools'",
+    "function_call": "the deprecated 'function_call' is not supported; use 'tool_choice'",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "the served models have no reasoning-effort setting",
+    "verbosity": "the served models have no verbosity setting",
+    "web_search_options": "web search is not available",
+}
+
+
+class PlatformFields(BaseModel):
+    """OpenAI's platform fields, each accepted with no effect or refused by name (never silently dropped)."""
+
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    functions: Any = None
+    function_call: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+
+    def refuse_unsupported(self) -> None:
+        for name, why in REFUSED.items():
+            if getattr(self, name) is not None:
+                raise BadRequest(f"'{name}': {why}", param=name)
+        if self.modalities is not None and self.modalities != ["text"]:
+            raise BadRequest("'modalities': only [\"text\"] is supported", param="modalities")

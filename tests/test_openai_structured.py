@@ -246,3 +246,72 @@ def test_a_template_without_tool_support_is_a_clear_400(server):
                                                               "tools": [ADD]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
     assert "tool support" in r.json()["error"]["message"]
+
+
+# One value per field of the README's "Request fields" table, for the test that walks it.
+SAMPLES = {
+    "model": None, "stream": False, "stream_options.include_usage": None, "messages": None, "prompt": None,
+    "echo": True, "max_tokens": 2, "n": 1, "seed": 1, "stop": ["zz"], "temperature": 0.5, "top_p": 0.9,
+    "presence_penalty": 0.1, "frequency_penalty": 0.1, "max_completion_tokens": 2, "top_logprobs": 2,
+    "logprobs": None, "logit_bias": {"5": 1.0}, "response_format": {"type": "json_object"}, "tools": [ADD],
+    "tool_choice": "none", "parallel_tool_calls": False, "user": "u1", "top_k": 5, "ignore_eos": True,
+    "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["x", "y"], "guided_grammar": 'start: "ok"',
+    "structured_outputs": {"regex": "b+"}, "best_of": 2, "suffix": "end", "audio": {"voice": "alloy", "format": "wav"},
+    "functions": [ADD["function"]], "function_call": "auto", "prediction": {"type": "content", "content": "x"},
+    "reasoning_effort": "low", "verbosity": "low", "web_search_options": {}, "modalities": ["audio"],
+    "store": True, "metadata": {"k": "v"}, "service_tier": "auto", "prompt_cache_key": "k",
+    "prompt_cache_retention": "24h", "safety_identifier": "s", "stream_options.include_obfuscation": False,
+}
+
+
+def _readme_fields() -> list[tuple[str, list[str], str]]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text.split("### Request fields", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
+    rows = []
+    for line in table.splitlines()[2:]:
+        fields_cell, endpoints, status = [c.strip() for c in line.strip("|").split("|")]
+        fields = re.findall(r"^`([^`]+)`|, `([^`]+)`", fields_cell)
+        names = [a or b for a, b in fields]
+        eps = [e for e in ("chat", "completions") if e in endpoints.split("(")[0]]
+        rows += [(n, eps, status) for n in names]
+    return rows
+
+
+def _body(field: str, endpoint: str) -> dict:
+    body = {"model": "alpha", "max_tokens": 3}
+    body.update({"messages": MSG} if endpoint == "chat" else {"prompt": "Hi"})
+    if field.startswith("stream_options."):
+        body["stream_options"] = {field.split(".", 1)[1]: SAMPLES[field] if SAMPLES[field] is not None else True}
+    elif field == "logprobs":
+        body["logprobs"] = True if endpoint == "chat" else 2
+    elif field == "top_logprobs":
+        body.update(logprobs=True, top_logprobs=2)
+    elif SAMPLES[field] is not None:
+        body[field] = SAMPLES[field]
+    if field in ("tool_choice", "parallel_tool_calls"):
+        body["tools"] = [ADD]
+    return body
+
+
+def test_every_field_of_the_readme_table_behaves_as_it_says(srv):
+    rows = _readme_fields()
+    assert {n for n, _, _ in rows} == set(SAMPLES), "the README's table and this test's samples disagree"
+    for field, endpoints, status in rows:
+        for ep in endpoints:
+            url = f"{srv.url}/v1/{'chat/completions' if ep == 'chat' else 'completions'}"
+            r = httpx.post(url, json=_body(field, ep), timeout=120)
+            if status.startswith("refused") or (field in ("best_of", "modalities")):
+                assert r.status_code == 400, (field, ep, r.text)
+                assert r.json()["error"]["param"] == field, (field, r.text)
+            else:
+                assert r.status_code == 200, (field, ep, r.text)
+    from loraplex.server.openai_api import ChatCompletionRequest, CompletionRequest
+
+    declared = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
+    declared = {ChatCompletionRequest.model_fields.get(f, CompletionRequest.model_fields.get(f)).alias or f for f in declared}
+    assert declared - {n for n, _, _ in rows} - {"stream_options"} == set()  # every accepted field is in the table
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": "alpha", "messages": MSG, "frobnicate": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate", r.text

@@ -17,13 +17,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
-from .errors import ApiError, BadRequest, Conflict, NotFound
+from .errors import ApiError, BadRequest
 from .openai_api import parse_body
-
-
-def _err(e) -> ApiError:
-    cls = {404: NotFound, 409: Conflict}.get(getattr(e, "status", 400), BadRequest)
-    return cls(str(e), param=getattr(e, "param", None), code=getattr(e, "code", None))
 
 
 class JobBody(BaseModel):
@@ -46,12 +41,7 @@ class FineTuningRoutes:
         self.m = manager
 
     async def _call(self, fn, *a, **kw):
-        from loraplex.trainer.jobs import JobError
-
-        try:
-            return await asyncio.to_thread(fn, *a, **kw)
-        except JobError as e:
-            raise _err(e) from e
+        return await asyncio.to_thread(fn, *a, **kw)  # a JobError is a LoraplexError: the edge answers it as it is
 
     async def upload(self, request: HttpRequest):
         form = await request.form()

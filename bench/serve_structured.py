@@ -52,8 +52,9 @@ SCHEMAS = [
 def prompts_for(tok, n: int) -> list[list[int]]:
     out = []
     for i in range(n):
-        msgs = [{"role": "user", "content": f"List facts about {TOPICS[i % len(TOPICS)]} as JSON records, number {i}."}]
-        out.append(tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False))
+        msgs = [{"role": "user", "content": f"List facts about {TOPICS[i % len(TOPICS)]} as JSON records, {i}."}]
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        out.append(tok.encode(text, add_special_tokens=False))
     return out
 
 

@@ -126,7 +126,7 @@ class OutlinesCore:
 
         self.oc, self.regex_of = outlines_core, build_regex_from_schema
         # byte-level BPE token strings back to the bytes they stand for (GPT-2's printable-byte alphabet)
-        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
         cs, n = bs[:], 0
         for b in range(256):
             if b not in bs:

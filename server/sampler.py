@@ -42,7 +42,7 @@ def sample(
     logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, output_ids: list[int],
     raw: torch.Tensor | None = None,
 ) -> tuple[int, TokenLogprob | None]:
-    """logits: [V] fp32 of one sequence (after bias and mask; `raw`: before them) -> (next token, its logprob entry)."""
+    """logits: [V] fp32 of one sequence (after bias and mask; `raw`: before them) -> (next token, logprob entry)."""
     raw = logits if raw is None else raw
     if params.presence_penalty or params.frequency_penalty:
         if output_ids:
@@ -89,7 +89,8 @@ def _adjusted_rows(logits: torch.Tensor, rows: list, masks: StepMasks | None) ->
     for k, i in enumerate(idx):
         bias = rows[i][1].logit_bias
         if bias:
-            sub[k].index_add_(0, torch.tensor(list(bias), dtype=torch.long), torch.tensor(list(bias.values()), dtype=sub.dtype))
+            ids, vals = torch.tensor(list(bias), dtype=torch.long), torch.tensor(list(bias.values()), dtype=sub.dtype)
+            sub[k].index_add_(0, ids, vals)
     if mask_of:
         ks = [k for k, i in enumerate(idx) if i in mask_of]
         bm = masks.bitmask[torch.tensor([mask_of[idx[k]] for k in ks])]

@@ -168,8 +168,10 @@ def answer_grammar(body: AnswerFields, tools: ToolChoice | None = None) -> tuple
         json_of(ANY_JSON_OBJECT, "structured_outputs.json_object")
     for param, value, build in (
         ("guided_regex", body.guided_regex, regex_grammar), ("structured_outputs.regex", so.regex, regex_grammar),
-        ("guided_choice", body.guided_choice, choice_grammar), ("structured_outputs.choice", so.choice, choice_grammar),
-        ("guided_grammar", body.guided_grammar, lark_grammar), ("structured_outputs.grammar", so.grammar, lark_grammar),
+        ("guided_choice", body.guided_choice, choice_grammar),
+        ("structured_outputs.choice", so.choice, choice_grammar),
+        ("guided_grammar", body.guided_grammar, lark_grammar),
+        ("structured_outputs.grammar", so.grammar, lark_grammar),
     ):
         if value is not None:
             found.append((build(value), param, None))
@@ -190,7 +192,8 @@ def answer_grammar(body: AnswerFields, tools: ToolChoice | None = None) -> tuple
     return grammar, param
 
 
-def compile_answer(compiler: GrammarCompiler, body: AnswerFields, tools: ToolChoice | None = None) -> TokenConstraint | None:
+def compile_answer(compiler: GrammarCompiler, body: AnswerFields,
+                   tools: ToolChoice | None = None) -> TokenConstraint | None:
     """The request's compiled constraint (call on a worker thread: the first call builds the vocabulary view)."""
     g = answer_grammar(body, tools)
     return None if g is None else compiler.compile(*g)
@@ -221,7 +224,8 @@ class ToolMessageFields(BaseModel):
     function_call: Any = None
 
 
-def grpc_answer(compiler: GrammarCompiler, request, vocab_size: int) -> tuple[TokenConstraint | None, dict[int, float] | None]:
+def grpc_answer(compiler: GrammarCompiler, request,
+                vocab_size: int) -> tuple[TokenConstraint | None, dict[int, float] | None]:
     """A gRPC GenerateRequest's `output_format` and `logit_bias`, checked as HTTP's are (fields named as gRPC spells
     them) -> (compiled constraint, logit bias by token id)."""
     from pydantic import ValidationError
@@ -233,9 +237,11 @@ def grpc_answer(compiler: GrammarCompiler, request, vocab_size: int) -> tuple[To
         so = {"json_object": True} if kind == "json_object" else {"choice": list(v.values)} if kind == "choice" else \
             {"json" if kind == "json_schema" else kind: v}
     try:
-        fields = AnswerFields(structured_outputs=so, logit_bias={str(k): v for k, v in request.logit_bias.items()} or None)
+        bias = {str(k): v for k, v in request.logit_bias.items()} or None
+        fields = AnswerFields(structured_outputs=so, logit_bias=bias)
     except ValidationError as e:
-        where = "logit_bias" if any(err["loc"][:1] == ("logit_bias",) for err in e.errors()) else f"output_format.{kind}"
+        bad_bias = any(err["loc"][:1] == ("logit_bias",) for err in e.errors())
+        where = "logit_bias" if bad_bias else f"output_format.{kind}"
         raise BadRequest(f"'{where}': {e.errors()[0]['msg']}", param=where) from e
     try:
         return compile_answer(compiler, fields), fields.logit_bias_ids(vocab_size)

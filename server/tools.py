@@ -88,14 +88,17 @@ def template_messages(messages: list[dict]) -> list[dict]:
                 try:
                     args = json.loads(fn.get("arguments") or "{}")
                 except (TypeError, json.JSONDecodeError) as e:
-                    raise BadRequest(f"'{p}.function.arguments' is not valid JSON: {e}", param=f"{p}.function.arguments") from e
+                    raise BadRequest(f"'{p}.function.arguments' is not valid JSON: {e}",
+                                     param=f"{p}.function.arguments") from e
                 names[c.get("id")] = fn["name"]
-                calls.append({"id": c.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+                calls.append({"id": c.get("id"), "type": "function",
+                              "function": {"name": fn["name"], "arguments": args}})
             d["tool_calls"] = calls
         if role == "tool":
             tid = m.get("tool_call_id")
             if not tid:
-                raise BadRequest(f"'messages.{i}.tool_call_id' is required for a tool message", param=f"messages.{i}.tool_call_id")
+                raise BadRequest(f"'messages.{i}.tool_call_id' is required for a tool message",
+                                 param=f"messages.{i}.tool_call_id")
             if tid not in names:
                 raise BadRequest(f"'messages.{i}.tool_call_id' {tid!r} answers no earlier assistant tool call",
                                  param=f"messages.{i}.tool_call_id")
@@ -138,7 +141,8 @@ def resolve_tool_choice(tools: list[dict] | None, tool_choice, parallel: bool | 
         if tool_choice not in (None, "none"):
             raise BadRequest("'tool_choice' is only allowed when 'tools' are given", param="tool_choice")
         if parallel is not None:
-            raise BadRequest("'parallel_tool_calls' is only allowed when 'tools' are given", param="parallel_tool_calls")
+            raise BadRequest("'parallel_tool_calls' is only allowed when 'tools' are given",
+                             param="parallel_tool_calls")
         return None
     names = [t["function"]["name"] for t in tools]
     for i, n in enumerate(names):
@@ -183,7 +187,8 @@ def forced_call_grammar(choice: ToolChoice) -> str:
 
 def calls_or_json_grammar(choice: ToolChoice, schema: dict) -> str:
     """`tool_choice: auto` with a response format: tool calls, or a JSON answer matching `schema`."""
-    rules = ["start: calls | answer", _calls_rule(choice), *_call_rules(choice), f"answer: %json {json.dumps({**schema, 'x-guidance': JSON_OPTIONS})}"]
+    answer = json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+    rules = ["start: calls | answer", _calls_rule(choice), *_call_rules(choice), f"answer: %json {answer}"]
     return lark_grammar("\n".join(rules))
 
 

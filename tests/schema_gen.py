@@ -33,7 +33,8 @@ def _node(r: random.Random, depth: int) -> dict:
     if depth <= 0 or roll < 0.45:
         return _leaf(r)
     if roll < 0.7:
-        return {"type": "array", "items": _node(r, depth - 1), "minItems": r.randint(0, 1), "maxItems": r.randint(1, 3)}
+        return {"type": "array", "items": _node(r, depth - 1), "minItems": r.randint(0, 1),
+                "maxItems": r.randint(1, 3)}
     return _object(r, depth - 1)
 
 

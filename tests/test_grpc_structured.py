@@ -38,7 +38,8 @@ def test_json_schema_choice_and_logit_bias(server, stub):
     r = stub.Generate(_req(server, output_format=pb.OutputFormat(json_schema=json.dumps(SCHEMA))), timeout=120)
     for c in r.choices:
         jsonschema.validate(json.loads(c.text), SCHEMA)
-    r = stub.Generate(_req(server, output_format=pb.OutputFormat(choice=pb.Choices(values=["up", "down"]))), timeout=120)
+    choice = pb.OutputFormat(choice=pb.Choices(values=["up", "down"]))
+    r = stub.Generate(_req(server, output_format=choice), timeout=120)
     assert {c.text for c in r.choices} <= {"up", "down"}
     tok = server.state.service.tokenizer
     t = tok.encode(" yes", add_special_tokens=False)[0]

@@ -37,10 +37,12 @@ def srv(tool_base, tmp_path_factory):
     from conftest import start_server
     from helpers import make_peft_adapter
 
-    s = start_server(tmp_path_factory.mktemp("srv-structured"), tool_base, max_loras=4, kv_cache_tokens=32768, max_queue=128)
+    s = start_server(tmp_path_factory.mktemp("srv-structured"), tool_base, max_loras=4, kv_cache_tokens=32768,
+                     max_queue=128)
     root = tmp_path_factory.mktemp("adapters-structured")
     for i, name in enumerate(ADAPTERS):
-        d = make_peft_adapter(tool_base, root / name, r=4 + 4 * i, alpha=16, target_modules=["q_proj", "v_proj"], seed=i + 1)
+        d = make_peft_adapter(tool_base, root / name, r=4 + 4 * i, alpha=16, target_modules=["q_proj", "v_proj"],
+                              seed=i + 1)
         r = httpx.post(f"{s.url}/v1/adapters", json={"name": name, "path": str(d)})
         assert r.status_code == 201, r.text
     yield s
@@ -81,21 +83,25 @@ def test_json_object_and_pydantic_parse(client):
         celsius: int = Field(ge=-40, le=50)
         sunny: bool
 
-    parsed = client.chat.completions.parse(model="alpha", messages=MSG, max_tokens=200, seed=2, response_format=Weather)
+    parsed = client.chat.completions.parse(model="alpha", messages=MSG, max_tokens=200, seed=2,
+                                           response_format=Weather)
     w = parsed.choices[0].message.parsed
     assert isinstance(w, Weather) and -40 <= w.celsius <= 50
 
 
 def test_completions_take_response_format_and_vllm_extensions(srv):
     base = f"{srv.url}/v1/completions"
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["n"],
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["n"],
               "additionalProperties": False}
     r = httpx.post(base, json={"model": "gamma", "prompt": "JSON:", "max_tokens": 50, "seed": 3,
-                               "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}},
+                               "response_format": {"type": "json_schema",
+                                                   "json_schema": {"name": "n", "schema": schema}}},
                    timeout=120)
     assert r.status_code == 200, r.text
     jsonschema.validate(json.loads(r.json()["choices"][0]["text"]), schema)
-    r = httpx.post(base, json={"model": "alpha", "prompt": "Code:", "max_tokens": 20, "guided_regex": r"[A-Z]{3}-\d{2}"},
+    r = httpx.post(base, json={"model": "alpha", "prompt": "Code:", "max_tokens": 20,
+                               "guided_regex": r"[A-Z]{3}-\d{2}"},
                    timeout=120)
     import re
 
@@ -109,7 +115,8 @@ def test_completions_take_response_format_and_vllm_extensions(srv):
 @pytest.mark.parametrize("body,param", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
      "response_format.json_schema.schema"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(?=a)"}}}},
+    ({"response_format": {"type": "json_schema",
+                          "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(?=a)"}}}},
      "response_format.json_schema.schema"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
@@ -231,13 +238,15 @@ def test_langchain_bind_tools_round_trip(srv):
     msgs = [HumanMessage("What is 6 times 7?")]
     ai = bound.invoke(msgs)
     assert ai.tool_calls and ai.tool_calls[0]["name"] == "multiply"
-    assert set(ai.tool_calls[0]["args"]) == {"a", "b"} and all(isinstance(v, int) for v in ai.tool_calls[0]["args"].values())
+    args = ai.tool_calls[0]["args"]
+    assert set(args) == {"a", "b"} and all(isinstance(v, int) for v in args.values())
     streamed = None
     for part in bound.stream(msgs):
         streamed = part if streamed is None else streamed + part
     assert [(c["name"], c["args"]) for c in streamed.tool_calls] == [(c["name"], c["args"]) for c in ai.tool_calls]
     result = multiply.invoke(ai.tool_calls[0]["args"])
-    answer = llm.bind_tools([multiply]).invoke(msgs + [ai, ToolMessage(str(result), tool_call_id=ai.tool_calls[0]["id"])])
+    reply = ToolMessage(str(result), tool_call_id=ai.tool_calls[0]["id"])
+    answer = llm.bind_tools([multiply]).invoke(msgs + [ai, reply])
     assert isinstance(answer.content, str)
 
 
@@ -255,7 +264,8 @@ SAMPLES = {
     "presence_penalty": 0.1, "frequency_penalty": 0.1, "max_completion_tokens": 2, "top_logprobs": 2,
     "logprobs": None, "logit_bias": {"5": 1.0}, "response_format": {"type": "json_object"}, "tools": [ADD],
     "tool_choice": "none", "parallel_tool_calls": False, "user": "u1", "top_k": 5, "ignore_eos": True,
-    "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["x", "y"], "guided_grammar": 'start: "ok"',
+    "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["x", "y"],
+    "guided_grammar": 'start: "ok"',
     "structured_outputs": {"regex": "b+"}, "best_of": 2, "suffix": "end", "audio": {"voice": "alloy", "format": "wav"},
     "functions": [ADD["function"]], "function_call": "auto", "prediction": {"type": "content", "content": "x"},
     "reasoning_effort": "low", "verbosity": "low", "web_search_options": {}, "modalities": ["audio"],
@@ -311,7 +321,8 @@ def test_every_field_of_the_readme_table_behaves_as_it_says(srv):
     from loraplex.server.openai_api import ChatCompletionRequest, CompletionRequest
 
     declared = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
-    declared = {ChatCompletionRequest.model_fields.get(f, CompletionRequest.model_fields.get(f)).alias or f for f in declared}
+    fields = {**CompletionRequest.model_fields, **ChatCompletionRequest.model_fields}
+    declared = {fields[f].alias or f for f in declared}
     assert declared - {n for n, _, _ in rows} - {"stream_options"} == set()  # every accepted field is in the table
     r = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": "alpha", "messages": MSG, "frobnicate": 1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate", r.text

@@ -99,7 +99,12 @@ ADAPTERS = ["alpha", "beta", "gamma", "delta", None]
 
 
 def _free(i: int) -> SamplingParams:
-    return SamplingParams(max_tokens=12, temperature=0.0 if i % 3 == 0 else 0.9, seed=50 + i, top_p=1.0 if i % 2 else 0.9)
+    return SamplingParams(max_tokens=12, temperature=0.0 if i % 3 == 0 else 0.9, seed=50 + i,
+                          top_p=1.0 if i % 2 else 0.9)
+
+
+def _json(compiler, schema):
+    return compiler.compile(json_schema_grammar(schema, "x"), "x")
 
 
 def test_free_requests_with_constrained_neighbours_sample_what_they_sample_alone(state, compiler):
@@ -107,7 +112,7 @@ def test_free_requests_with_constrained_neighbours_sample_what_they_sample_alone
     free = [(ADAPTERS[i % 5], _free(i)) for i in range(12)]
     alone = _run(state, free)
     constrained = [(ADAPTERS[(i + 2) % 5], SamplingParams(max_tokens=300, temperature=1.0, seed=i,
-                                                          constraint=compiler.compile(json_schema_grammar(s, "x"), "x")))
+                                                          constraint=_json(compiler, s)))
                    for i, s in enumerate(schemas)]
     mixed = [None] * 24
     mixed[0::2], mixed[1::2] = free, constrained
@@ -132,7 +137,8 @@ def test_dozens_of_schemas_on_different_adapters_in_one_batch_all_validate(state
 
 def test_regex_and_choice_constraints(state, compiler):
     pat = r"[A-Z]{2}-\d{3}"
-    items = [(None, SamplingParams(max_tokens=20, temperature=1.0, seed=1, constraint=compiler.compile(regex_grammar(pat), "x"))),
+    items = [(None, SamplingParams(max_tokens=20, temperature=1.0, seed=1,
+                                   constraint=compiler.compile(regex_grammar(pat), "x"))),
              ("beta", SamplingParams(max_tokens=20, temperature=1.0, seed=2,
                                      constraint=compiler.compile(choice_grammar(["yes", "no", "it depends"]), "x")))]
     (_, a, ra), (_, b, rb) = _run(state, items)
@@ -147,7 +153,8 @@ def test_schemas_the_library_cannot_enforce_are_refused_naming_the_field(compile
     from loraplex.server.errors import BadRequest
 
     with pytest.raises(BadRequest) as e:
-        compiler.compile(json_schema_grammar(schema, "response_format.json_schema.schema"), "response_format.json_schema.schema")
+        p = "response_format.json_schema.schema"
+        compiler.compile(json_schema_grammar(schema, p), p)
     assert e.value.param == "response_format.json_schema.schema"
 
 
@@ -155,8 +162,10 @@ def test_forced_tool_call_grammar_allows_parallel_calls_only_when_asked(compiler
     from loraplex.server.tools import forced_call_grammar, parse_tool_calls, resolve_tool_choice
 
     tools = [{"type": "function", "function": {"name": "add", "parameters": {
-        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}}}]
-    two = '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call>'
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+        "additionalProperties": False}}}]
+    one = '<tool_call>\n{"name": "add", "arguments": {"a": %d}}\n</tool_call>'
+    two = one % 1 + "\n" + one % 2
     ids = compiler.hf_tokenizer.encode(two, add_special_tokens=False)
     for parallel, accepted in ((True, True), (False, False)):
         choice = resolve_tool_choice(tools, "required", parallel)
@@ -166,5 +175,6 @@ def test_forced_tool_call_grammar_allows_parallel_calls_only_when_asked(compiler
         assert [json.loads(k.arguments) for k in calls] == ([{"a": 1}, {"a": 2}] if parallel else [{"a": 1}])
         assert content is None
     bad = compiler.compile(forced_call_grammar(resolve_tool_choice(tools, "required", True)), "tool_choice")
-    wrong = compiler.hf_tokenizer.encode('<tool_call>\n{"name": "add", "arguments": {"a": "x"}}', add_special_tokens=False)
+    wrong = compiler.hf_tokenizer.encode('<tool_call>\n{"name": "add", "arguments": {"a": "x"}}',
+                                         add_special_tokens=False)
     assert not all(bad.matcher.consume_token(t) for t in wrong)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .app import ServerState
+from .app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_UPLOAD_BYTES, ServerState
 
 log = logging.getLogger("loraplex.server")
 
@@ -33,6 +33,7 @@ class ServeConfig(BaseModel):
     max_loras: int = Field(8, ge=1)
     max_cpu_loras: int = Field(64, ge=1)
     max_lora_rank: int = Field(256, ge=1)
+    max_adapter_bytes: int = Field(4 << 30, ge=1 << 20)  # all of one adapter version's files; see AdapterStore
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
     max_queue: int = Field(512, ge=1)
@@ -40,6 +41,9 @@ class ServeConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=16)
     jobs_dir: Path | None = None  # fine-tuning files and jobs; default $LORAPLEX_HOME/jobs
     max_concurrent_jobs: int = Field(1, ge=1)
+    max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024)  # any HTTP body but an upload (413 above)
+    max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, ge=1024)  # POST /v1/files
+    drain_timeout: float = Field(30.0, ge=0.0, le=3600.0)  # seconds SIGTERM waits for in-flight requests, then aborts them
 
     def store_dir(self) -> Path:
         return self.store or default_home() / "store"
@@ -60,8 +64,10 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
 
     state = state or ServerState()
     base = load_base(cfg.model, dtype=cfg.dtype, device=cfg.device, model_id=cfg.served_model_name)
-    spec = BaseModelSpec(model_id=base.model_id, fingerprint=base.fingerprint, module_shapes=base.module_shapes, max_rank=cfg.max_lora_rank)
-    store = AdapterStore(cfg.store_dir(), base=spec, allowed_roots=cfg.allowed_adapter_roots)
+    spec = BaseModelSpec(model_id=base.model_id, fingerprint=base.fingerprint, module_shapes=base.module_shapes,
+                         max_rank=cfg.max_lora_rank, dtype=str(base.model.dtype).removeprefix("torch."))
+    store = AdapterStore(cfg.store_dir(), base=spec, allowed_roots=cfg.allowed_adapter_roots,
+                         max_adapter_bytes=cfg.max_adapter_bytes)
     runner = ModelRunner(base.model, max_loras=cfg.max_loras, kv_budget_tokens=cfg.kv_cache_tokens, max_model_len=cfg.max_model_len,
                          owns_weights=True)
     ecfg = EngineConfig(

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .adapters_api import AdapterManager, AdapterRoutes
-from .errors import LoraplexError, PayloadTooLarge, Unavailable, internal
+from .errors import LoraplexError, MethodNotAllowed, NotFoundError, PayloadTooLarge, Unavailable, internal
 
 log = logging.getLogger("loraplex.server")
 
@@ -118,6 +118,8 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
             try:
                 return await fn_getter()(request)
             except LoraplexError as e:
+                if state.telemetry is not None and 400 <= e.http_status < 500:
+                    state.telemetry.request_rejected("http", e.http_status, e.error_type)
                 return _error_response(e)
             except Exception:
                 log.exception("internal error on %s %s", request.method, request.url.path)
@@ -129,6 +131,11 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
 
     def oa():
         return OpenAIRoutes(service())
+
+    def tk():
+        from .tokenizer_api import TokenizerRoutes
+
+        return TokenizerRoutes(service())
 
     def ad():
         return AdapterRoutes(manager())
@@ -162,6 +169,10 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", wrap(lambda: oa().models), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", wrap(lambda: oa().model), methods=["GET"]),
+        Route("/tokenize", wrap(lambda: tk().tokenize), methods=["POST"]),
+        Route("/detokenize", wrap(lambda: tk().detokenize), methods=["POST"]),
+        Route("/tokenizer_info", wrap(lambda: tk().tokenizer_info), methods=["GET"]),
         Route("/v1/chat/completions", wrap(lambda: oa().chat), methods=["POST"]),
         Route("/v1/completions", wrap(lambda: oa().completions), methods=["POST"]),
         Route("/v1/rewards", wrap(lambda: oa().rewards), methods=["POST"]),
@@ -223,7 +234,17 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
 
     from starlette.middleware import Middleware
 
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[
+    async def no_route(request: HttpRequest, exc):
+        # unknown paths and methods answer in OpenAI's error shape, as every route does
+        if exc.status_code == 405:
+            err = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        else:
+            err = NotFoundError(f"{request.method} {request.url.path} is not an endpoint of this server")
+        if state.telemetry is not None:
+            state.telemetry.request_rejected("http", err.http_status, err.error_type)
+        return _error_response(err)
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: no_route, 405: no_route}, middleware=[
         Middleware(BodyLimit, max_request_bytes=max_request_bytes, max_upload_bytes=max_upload_bytes)])
     app.state.loraplex = state
     return app

@@ -24,6 +24,13 @@ QueueFull = ResourceExhausted
 Unavailable = ServiceUnavailable
 
 
+class MethodNotAllowed(LoraplexError):
+    """An HTTP method a path does not answer (405); gRPC has no such case."""
+
+    http_status = 405
+    grpc_code = "UNIMPLEMENTED"
+
+
 def internal() -> InternalError:
     return InternalError("internal server error")
 

@@ -105,6 +105,21 @@ def add_service(server, servicer, service_name: str) -> None:
     server.add_registered_method_handlers(desc.full_name, handlers)
 
 
+class _Health(HealthServicer):
+    """grpcio-health-checking's servicer plus `List` (every service's status), which it leaves UNIMPLEMENTED."""
+
+    async def List(self, request, context) -> health_pb2.HealthListResponse:
+        # _server_status is the base class's only record of the statuses `set` stored
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=st) for name, st in self._server_status.items()})
+
+
+def _count_rejected(servicer, e: Exception) -> None:
+    tel = getattr(servicer.state, "telemetry", None)
+    if tel is not None and isinstance(e, LoraplexError) and 400 <= e.http_status < 500:
+        tel.request_rejected("grpc", e.grpc_code, e.error_type)
+
+
 def edge(fn):
     """Maps every failure of a unary handler to a status code, once."""
 
@@ -114,6 +129,7 @@ def edge(fn):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:
+            _count_rejected(self, e)
             await _abort(context, e, fn.__name__)
 
     wrapper.__name__ = fn.__name__
@@ -130,6 +146,7 @@ def edge_stream(fn):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:
+            _count_rejected(self, e)
             await _abort(context, e, fn.__name__)
 
     wrapper.__name__ = fn.__name__
@@ -400,7 +417,7 @@ class GrpcServer:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         add_service(self.server, InferenceServicer(self.state), "Inference")
         add_service(self.server, AdminServicer(self.state), "Admin")
-        self.health = HealthServicer()
+        self.health = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES, self.server)
         try:

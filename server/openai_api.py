@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from .errors import BadRequest, pydantic_error
+from .errors import BadRequest, NotFound, pydantic_error
 from .generation_params import (
     COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPTS, MAX_TOKENS, GenerationParams, TopLogprobs,
     valid_text,
@@ -175,6 +175,14 @@ class OpenAIRoutes:
             data.append({"id": name, "object": "model", "created": int(latest.created_at), "owned_by": "loraplex", "root": latest.ref, "parent": s.model_id})
         return JSONResponse({"object": "list", "data": data})
 
+    async def model(self, request: HttpRequest) -> JSONResponse:
+        """GET /v1/models/{id}: one entry of the list, or 404 naming the model."""
+        want = request.path_params["model_id"]
+        for m in json.loads((await self.models(request)).body)["data"]:
+            if m["id"] == want:
+                return JSONResponse(m)
+        raise NotFound(f"model {want!r} does not exist", param="model")
+
     async def chat(self, request: HttpRequest):
         s = self.service
         body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
@@ -186,7 +194,8 @@ class OpenAIRoutes:
         if tools is not None and tools.tools:
             check_tool_support(s.tokenizer)
         messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
-        prompt = await asyncio.to_thread(s.chat_prompt_ids, messages, tools.tools if tools is not None and tools.tools else None)
+        shown = tools.tools if tools is not None and tools.tools else None  # what the template renders
+        prompt = await asyncio.to_thread(s.chat_prompt_ids, messages, shown)
         max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens(len(prompt))
         extra = _answer_params(s, body)
         constraint = await asyncio.to_thread(compile_answer, s.grammars, body, tools)
@@ -269,7 +278,9 @@ class OpenAIRoutes:
                     yield f"data: {json.dumps({'error': {'message': out.error, 'type': 'server_error'}})}\n\n"
                     return
                 completion += out.completion_tokens
-                finish = "tool_calls" if p is not None and p.calls and out.finish_reason == "stop" else out.finish_reason
+                finish = out.finish_reason
+                if p is not None and p.calls and finish == "stop":
+                    finish = "tool_calls"
                 yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}])
         if body.stream_options and body.stream_options.include_usage:
             yield chunk([], _usage(prompt_tokens, completion))

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .adapters_api import AdapterManager, AdapterRoutes
-from .errors import LoraplexError, MethodNotAllowed, NotFoundError, PayloadTooLarge, Unavailable, internal
+from .errors import LoraplexError, NotFound, PayloadTooLarge, Unavailable, internal
 
 log = logging.getLogger("loraplex.server")
 
@@ -51,8 +51,8 @@ def _error_response(err: LoraplexError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.http_status)
 
 
-DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # any body but an upload: a context's worth of text or token ids, many times over
-DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20  # POST /v1/files (the fine-tuning routes stream it to disk under the same limit)
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # any body but an upload: a context's worth of text or token ids, many times
+DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20  # POST /v1/files (the fine-tuning routes stream it to disk under this limit)
 UPLOAD_PATHS = ("/v1/files",)
 
 
@@ -65,7 +65,8 @@ class BodyLimit:
     answers). Uploads have their own, larger limit.
     """
 
-    def __init__(self, app, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+    def __init__(self, app, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
         self.app = app
         self.max_request_bytes = max_request_bytes
         self.max_upload_bytes = max_upload_bytes
@@ -99,7 +100,8 @@ class BodyLimit:
 
 
 def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, poll_interval: float = 1.0,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> Starlette:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> Starlette:
     def need(attr):
         def get():
             obj = getattr(state, attr)
@@ -234,17 +236,16 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
 
     from starlette.middleware import Middleware
 
-    async def no_route(request: HttpRequest, exc):
-        # unknown paths and methods answer in OpenAI's error shape, as every route does
-        if exc.status_code == 405:
-            err = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
-        else:
-            err = NotFoundError(f"{request.method} {request.url.path} is not an endpoint of this server")
+    async def no_route(request: HttpRequest, exc):  # Starlette's own 404 / 405, in OpenAI's error shape too
+        kind = NotFound if exc.status_code == 404 else LoraplexError
+        err = kind(f"no route for {request.method} {request.url.path}" if exc.status_code == 404 else
+                   f"{request.method} is not allowed on {request.url.path}")
         if state.telemetry is not None:
-            state.telemetry.request_rejected("http", err.http_status, err.error_type)
-        return _error_response(err)
+            state.telemetry.request_rejected("http", exc.status_code, err.error_type)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: no_route, 405: no_route}, middleware=[
         Middleware(BodyLimit, max_request_bytes=max_request_bytes, max_upload_bytes=max_upload_bytes)])
+    app.router.redirect_slashes = False  # `/v1/routes/` is an unknown route (404), not a redirect a client must follow
     app.state.loraplex = state
     return app

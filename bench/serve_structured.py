@@ -102,7 +102,8 @@ def main() -> None:
     def setup() -> None:  # start-up off the engine thread's OpenMP team, as `loraplex serve` does
         dirs = build_adapters(base_dir, tmp / "adapters", args.adapters, args.rank)
         cfg = ServeConfig(model=None, store=tmp / "store", max_loras=args.adapters,
-                          max_num_seqs=max(64, args.requests), kv_cache_tokens=65536)
+                          max_num_seqs=max(64, args.requests), kv_cache_tokens=65536,
+                          prefix_caching=False)  # the second run must not reuse the first's prompts
         cfg.adapters = {f"a{i}": str(d) for i, d in enumerate(dirs)}
         built["state"] = build_state(cfg)
 

@@ -117,6 +117,8 @@ class Telemetry:
         self.batch_size = Gauge("loraplex_batch_size", "Sequences in the last engine step", registry=r)
         self.resident = Gauge("loraplex_resident_adapters", "Adapter versions resident per tier", ["tier"], registry=r)
         self.load_time = Histogram("loraplex_adapter_load_seconds", "Adapter load time (disk to CPU tier)", lbl, buckets=LATENCY_BUCKETS, registry=r)
+        self.rejected = Counter("loraplex_rejected_requests", "Requests refused with a client error (4xx), by reason",
+                                ["protocol", "status", "reason"], registry=r)
         self.evictions = Counter("loraplex_adapter_evictions", "Adapter versions evicted from a slot", lbl, registry=r)
         # The names vLLM exports, which the Kubernetes Gateway API Inference Extension (llm-d's endpoint picker)
         # and AIBrix read to route LoRA traffic with adapter affinity: a loraplex pod is routable as a vLLM pod.
@@ -195,6 +197,10 @@ class Telemetry:
         if ttft is not None:
             span.set_attribute("loraplex.time_to_first_token_s", ttft)
         span.end(end_time=end_ns)
+
+    def request_rejected(self, protocol: str, status: int | str, reason: str) -> None:
+        """A request refused before or instead of being served (HTTP 4xx, a gRPC client-error code)."""
+        self.rejected.labels(protocol, str(status), reason).inc()
 
     def prefix_lookup(self, ref: str | None, prompt_tokens: int, cached_tokens: int) -> None:
         """Engine thread, at a request's admission: how much of its prompt the prefix cache held."""

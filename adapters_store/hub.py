@@ -88,7 +88,7 @@ def resolve_hub_adapter(value: str, base_model: str) -> tuple[Path, int, str, st
     """A hub adapter validated against `base_model` -> (directory, rank, shown id, sha256 of its files)."""
     from .base_model import fingerprint, model_id_for, resolve_base_model
     from .peft_format import BaseModelSpec, validate_adapter_dir
-    from .store import _dir_sha256
+    from .versions import _dir_sha256
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

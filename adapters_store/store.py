@@ -43,6 +43,7 @@ from pathlib import Path
 
 from .errors import AdapterConflict, AdapterNotFound, AdapterPathForbidden, InvalidAdapter, InvalidRequest
 from .peft_format import PICKLE_SUFFIXES, AdapterManifest, BaseModelSpec, validate_adapter_dir
+from .tenancy import SEP, check_tenant
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RESERVED_NAMES = ("default",)  # the server answers model="default" with the base model
@@ -309,7 +310,10 @@ class AdapterStore:
 
     # --- checks ---------------------------------------------------------------------
     def check_name(self, name) -> None:
-        """InvalidRequest unless `name` can name an adapter."""
+        """InvalidRequest unless `name` can name an adapter: a bare name, or `tenant:name` (tenancy.py)."""
+        if isinstance(name, str) and SEP in name:
+            tenant, name = name.split(SEP, 1)
+            check_tenant(tenant, allow_all=False)
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise InvalidRequest(f"invalid adapter name {name!r}: use 1-64 characters from letters, digits, '.', '_' "
                                  "and '-', starting with a letter or digit (no '@', '/' or spaces)")

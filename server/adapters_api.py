@@ -14,6 +14,7 @@ import asyncio
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 
+from . import auth
 from .errors import BadRequest, NotFound, from_store_error
 from .openai_api import parse_body
 from pydantic import BaseModel, ConfigDict, Field
@@ -110,15 +111,16 @@ class AdapterRoutes:
 
     async def register(self, request: HttpRequest):
         body = await parse_body(request, RegisterBody)
-        v = await asyncio.to_thread(self.m.register, body.name, body.path, body.lineage, self._caller(request))
+        auth.check_path_registration(self.m.store)
+        v = await asyncio.to_thread(self.m.register, auth.own(body.name), body.path, body.lineage, self._caller(request))
         return JSONResponse(version_json(v, self.m.engine), status_code=201)
 
     async def list(self, request: HttpRequest):
-        versions = self.m.store.list()
+        versions = [v for v in self.m.store.list() if auth.manages(v.name)]
         return JSONResponse({"object": "list", "data": [version_json(v, self.m.engine) for v in versions]})
 
     async def get(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         try:
             versions = self.m.store.versions(name)
         except Exception as e:
@@ -136,7 +138,7 @@ class AdapterRoutes:
         )
 
     async def delete(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         ver = request.query_params.get("version")
         if ver is not None and not ver.isdigit():
             raise BadRequest("query parameter 'version' must be an integer", param="version")
@@ -145,10 +147,11 @@ class AdapterRoutes:
 
     async def vllm_load(self, request: HttpRequest):
         body = await parse_body(request, VllmLoadBody)
-        v = await asyncio.to_thread(self.m.register, body.lora_name, body.lora_path, None, self._caller(request))
+        auth.check_path_registration(self.m.store)
+        v = await asyncio.to_thread(self.m.register, auth.own(body.lora_name), body.lora_path, None, self._caller(request))
         return JSONResponse({"message": f"Success: LoRA adapter '{body.lora_name}' added successfully.", "name": v.name, "version": v.version}, status_code=200)
 
     async def vllm_unload(self, request: HttpRequest):
         body = await parse_body(request, VllmUnloadBody)
-        await asyncio.to_thread(self.m.delete, body.lora_name, None, self._caller(request))
+        await asyncio.to_thread(self.m.delete, auth.own(body.lora_name), None, self._caller(request))
         return JSONResponse({"message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."})

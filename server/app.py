@@ -32,6 +32,7 @@ class ServerState:
     telemetry: object | None = None
     routes: object | None = None  # RouteRoutes
     jobs: object | None = None  # trainer JobManager
+    gate: object | None = None  # auth.Gate: keys, scopes, tenants, quotas, audit
     error: str | None = None
     draining: bool = False
     extra: dict = field(default_factory=dict)
@@ -43,7 +44,10 @@ class ServerState:
 
 
 def _error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.http_status)
+    from .quotas import QuotaExceeded
+
+    headers = {"Retry-After": str(err.retry_after)} if isinstance(err, QuotaExceeded) and err.retry_after else None
+    return JSONResponse(err.body(), status_code=err.http_status, headers=headers)
 
 
 def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, poll_interval: float = 1.0) -> Starlette:
@@ -141,6 +145,7 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
         Route("/v1/fine_tuning/jobs/{job_id}/cancel", wrap(lambda: ft().cancel), methods=["POST"]),
         Route("/v1/fine_tuning/jobs/{job_id}/events", wrap(lambda: ft().events), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}/checkpoints", wrap(lambda: ft().checkpoints), methods=["GET"]),
+        *_auth_routes(state, wrap, need),
     ]
     for r in extra_routes or []:
         routes.append(r)
@@ -174,4 +179,30 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
 
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.loraplex = state
+    from .auth import AuthMiddleware
+
+    app.add_middleware(AuthMiddleware, state=state, router=app.router)  # every request passes the gate first
     return app
+
+
+def _auth_routes(state: ServerState, wrap, need) -> list[Route]:
+    from .auth_api import AuthRoutes
+
+    gate = need("gate")
+
+    def au():
+        gate()
+        return AuthRoutes(state)
+
+    return [
+        Route("/v1/me", wrap(lambda: au().me), methods=["GET"]),
+        Route("/v1/keys", wrap(lambda: au().create_key), methods=["POST"]),
+        Route("/v1/keys", wrap(lambda: au().list_keys), methods=["GET"]),
+        Route("/v1/keys/{key_id}", wrap(lambda: au().get_key), methods=["GET"]),
+        Route("/v1/keys/{key_id}", wrap(lambda: au().revoke_key), methods=["DELETE"]),
+        Route("/v1/audit", wrap(lambda: au().audit), methods=["GET"]),
+        Route("/v1/tenants/{tenant}/quota", wrap(lambda: au().get_quota), methods=["GET"]),
+        Route("/v1/tenants/{tenant}/quota", wrap(lambda: au().put_quota), methods=["PUT"]),
+        Route("/v1/adapters/{name}/sharing", wrap(lambda: au().sharing), methods=["PUT"]),
+        Route("/v1/adapters/{name}/versions", wrap(lambda: au().upload_adapter), methods=["POST"]),
+    ]

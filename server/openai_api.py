@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, StreamingResponse
 
+from . import auth
 from .errors import BadRequest, pydantic_error
 from .request import SamplingParams, TokenLogprob
 from .service import Generation, GenerationService, gather_streams, merge
@@ -163,9 +164,10 @@ class OpenAIRoutes:
         s = self.service
         created = int(time.time())
         data = [{"id": s.model_id, "object": "model", "created": created, "owned_by": "loraplex", "root": str(s.base.path), "parent": None}]
-        for v in s.store.list():
+        visible = [v for v in s.store.list() if auth.sees(v.name)]  # the caller's tenant's adapters and shared ones
+        for v in visible:
             data.append({"id": v.ref, "object": "model", "created": int(v.created_at), "owned_by": "loraplex", "root": str(v.path), "parent": s.model_id})
-        names = sorted({v.name for v in s.store.list()})
+        names = sorted({v.name for v in visible})
         for name in names:
             latest = s.store.get(name)
             data.append({"id": name, "object": "model", "created": int(latest.created_at), "owned_by": "loraplex", "root": str(latest.path), "parent": s.model_id})

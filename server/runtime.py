@@ -40,6 +40,8 @@ class ServeConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=16)
     jobs_dir: Path | None = None  # fine-tuning files and jobs; default $LORAPLEX_HOME/jobs
     max_concurrent_jobs: int = Field(1, ge=1)
+    api_key: str | None = Field(None, repr=False)  # a single admin key (tenant '*'), besides those in the registry
+    insecure_no_auth: bool = False  # serve without authentication, even on a non-loopback address
 
     def store_dir(self) -> Path:
         return self.store or default_home() / "store"
@@ -48,6 +50,7 @@ class ServeConfig(BaseModel):
 def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=None) -> ServerState:
     """Loads everything; fills `state` in place (so an app built earlier sees it once ready)."""
     from loraplex.adapters_store import AdapterStore, BaseModelSpec
+    from loraplex.adapters_store.tenancy import AccessRegistry
 
     from .adapters_api import AdapterManager
     from .engine import Engine, EngineConfig
@@ -59,6 +62,7 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     from .telemetry import Telemetry
 
     state = state or ServerState()
+    gate = open_gate(cfg)  # before the model loads: a server that must not start fails fast
     base = load_base(cfg.model, dtype=cfg.dtype, device=cfg.device, model_id=cfg.served_model_name)
     spec = BaseModelSpec(model_id=base.model_id, fingerprint=base.fingerprint, module_shapes=base.module_shapes, max_rank=cfg.max_lora_rank)
     store = AdapterStore(cfg.store_dir(), base=spec, allowed_roots=cfg.allowed_adapter_roots)
@@ -93,6 +97,9 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     guards = RouteGuards(store, telemetry)
     guards.sync_all()  # guarded routes set while the server was down (CLI, trainer jobs) are watched from the start
     state.routes = RouteRoutes(store, engine, telemetry, guards)  # before the store: the poller needs both
+    gate.registry.store.close()
+    gate.registry = AccessRegistry(store)
+    state.gate = gate
     state.store, state.engine, state.manager, state.telemetry = store, engine, manager, telemetry
     state.extra["base"] = base
     state.extra["config"] = cfg
@@ -102,3 +109,19 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
                             max_concurrent=cfg.max_concurrent_jobs)
     state.service = GenerationService(engine, store, base, telemetry=telemetry)
     return state
+
+
+def open_gate(cfg: ServeConfig):
+    """The server's auth.Gate over the store's registry; ValueError when `cfg` would serve a
+    non-loopback address without keys (auth.bind_refusal says why and what to do)."""
+    from loraplex.adapters_store import AdapterStore
+    from loraplex.adapters_store.tenancy import AccessRegistry
+
+    from .auth import Gate, bind_refusal, is_loopback
+
+    registry = AccessRegistry(AdapterStore(cfg.store_dir()))
+    refusal = bind_refusal(cfg.host, has_keys=registry.has_keys(), api_key=cfg.api_key, insecure_no_auth=cfg.insecure_no_auth)
+    if refusal:
+        registry.store.close()
+        raise ValueError(refusal)
+    return Gate(registry, api_key=cfg.api_key, open_when_keyless=is_loopback(cfg.host), no_auth=cfg.insecure_no_auth)

@@ -11,6 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from . import auth
 from .engine import Engine
 from .errors import ApiError, InternalError, BadRequest, NotFound, from_store_error
 from .loading import LoadedBase
@@ -58,6 +59,7 @@ class GenerationService:
                 raise BadRequest(f"bad version in model {model!r}: expected name@<integer>", param="model")
             version = int(ver)
         try:
+            name = auth.resolve_model(name)  # the caller's tenant: its own adapter, else a shared one; 404 otherwise
             return self.store.resolve(name, version=version, sticky_key=sticky_key)
         except ApiError:
             raise
@@ -131,6 +133,7 @@ class GenerationService:
             deadline=None if deadline_s is None else time.monotonic() + deadline_s,
         )
         self.engine.submit(req)
+        auth.charge_tokens(len(prompt_ids))  # against the calling tenant's tokens per minute
         if self.telemetry is not None:
             self.telemetry.request_started(req)
         return req
@@ -140,6 +143,8 @@ class GenerationService:
         try:
             while True:
                 out: RequestOutput = await req.stream.aget()
+                if out.finished:
+                    auth.charge_tokens(out.completion_tokens)
                 yield out
                 if out.finished:
                     return

@@ -43,9 +43,9 @@ from pathlib import Path
 
 from .errors import AdapterConflict, AdapterNotFound, AdapterPathForbidden, InvalidAdapter, InvalidRequest
 from .peft_format import PICKLE_SUFFIXES, AdapterManifest, BaseModelSpec, validate_adapter_dir
-from .tenancy import SEP, check_tenant
+from .tenancy import BARE_NAME, SEP, check_tenant
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_RE = re.compile(BARE_NAME)
 RESERVED_NAMES = ("default",)  # the server answers model="default" with the base model
 STICKY_KINDS = ("user", "session")
 TMP_MAX_AGE_S = 3600.0  # leftovers of crashed registrations older than this are removed at open

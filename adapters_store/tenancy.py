@@ -43,6 +43,8 @@ ALL = "*"  # the tenant of operators: sees and administers every tenant's resour
 SCOPES = ("inference", "train", "admin")
 SEP = ":"
 TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+BARE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # an adapter name within a tenant (the store's NAME_RE)
+QUALIFIED_NAME_PATTERN = rf"^(?:{TENANT_RE.pattern}{SEP})?{BARE_NAME}$"  # what a job config may name
 KEY_PREFIX = "lpx-"
 REFRESH_S = 0.25  # how stale the key / share / quota snapshot may get: a revoked key works at most this long
 DEFAULT_QUOTA_TENANT = ALL  # the quota row that applies to every tenant without its own
@@ -313,11 +315,18 @@ class AccessRegistry:
         first, else a shared one of that name; AdapterNotFound (the message of an absent adapter) when
         the caller may not see it, so another tenant's adapter looks exactly like no adapter."""
         own = qualify(tenant, name)
+        if own != name and not self._exists(own) and self.is_shared(name):
+            return name  # a bare name the tenant has no adapter of: the shared operator adapter of that name
         if self.can_see(tenant, own):
             return own
-        if tenant != ALL and SEP not in name and self.is_shared(name):
-            return name
         raise AdapterNotFound(f"adapter {name!r} does not exist")
+
+    def _exists(self, name: str) -> bool:
+        try:
+            self.store.versions(name)
+        except AdapterNotFound:
+            return False
+        return True
 
     def own_name(self, tenant: str, name: str) -> str:
         """The stored name of an adapter the caller manages (register, delete, route); AdapterNotFound

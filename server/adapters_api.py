@@ -71,7 +71,7 @@ class AdapterManager:
 
     def register(self, name: str, path: str, lineage: dict | None, caller: str):
         try:
-            v = self.store.register(name, path, lineage=lineage, caller=caller)
+            v = self.store.register(name, path, lineage=auth.stamp_lineage(lineage), caller=auth.caller(caller))
         except Exception as e:
             if hasattr(e, "http_status"):
                 raise from_store_error(e) from e
@@ -81,7 +81,7 @@ class AdapterManager:
 
     def delete(self, name: str, version: int | None, caller: str):
         try:
-            removed = self.store.delete(name, version, caller=caller)
+            removed = self.store.delete(name, version, caller=auth.caller(caller))
         except Exception as e:
             if hasattr(e, "http_status"):
                 raise from_store_error(e) from e

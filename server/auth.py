@@ -25,6 +25,7 @@ the path or request message; handlers add what only they know with `note(...)`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hmac
 import ipaddress
@@ -209,6 +210,23 @@ def note(resource: str | None = None, **detail) -> None:
         c.detail.update(detail)
 
 
+def caller(unauthenticated: str) -> str:
+    """Who makes a change, for route history and the store's records: the authenticated key (tenant, key id,
+    name, address) as the gate established it, or `unauthenticated` in open mode."""
+    c = _current.get()
+    return c.who() if c is not None and c.identity.authenticated else unauthenticated
+
+
+def stamp_lineage(lineage: dict | None) -> dict | None:
+    """A version's lineage with who registered it, when an authenticated call does (a client cannot set it)."""
+    c = _current.get()
+    if c is None or not c.identity.authenticated:
+        return lineage
+    i = c.identity
+    return {**(lineage or {}), "registered_by": {"tenant": i.tenant, "key_id": i.key_id, "key_name": i.key_name,
+                                                 "address": c.address}}
+
+
 def charge_tokens(tokens: int) -> None:
     """Counts tokens against the current call's tenant (no-op outside a metered call)."""
     c = _current.get()
@@ -256,14 +274,49 @@ def check_path_registration(store) -> None:
                                "use; upload the adapter's files instead (POST /v1/adapters/{name}/versions)")
 
 
-def check_owner(kind: str, rid: str, message: str) -> None:
-    """NotFound(message) unless the current caller's tenant owns file / job `rid` (or is `*`)."""
+def check_owner(kind: str, rid: str, message: str, param: str | None = None) -> None:
+    """NotFound(message) unless the current caller's tenant owns file / job `rid` (or is `*`); `message`
+    is the one the resource's own lookup gives for an absent id, so the two cannot be told apart."""
     c = current()
     reg = registry_of(c)
     if reg is None or c.identity.operator:
         return
     if reg.owner(kind, rid) != c.identity.tenant:
-        raise NotFound(message)
+        raise NotFound(message, param=param)
+
+
+def claim(kind: str, rid: str) -> None:
+    """Records the current caller's tenant as the owner of a new file / job (operators own by default)."""
+    c = current()
+    reg = registry_of(c)
+    if reg is not None and not c.identity.operator:
+        reg.set_owner(kind, rid, c.identity.tenant)
+    note(resource=rid)
+
+
+def owned_filter(kind: str):
+    """A predicate on ids: those of the current caller's tenant (everything for operators)."""
+    c = current()
+    reg = registry_of(c)
+    if reg is None or c.identity.operator:
+        return lambda rid: True
+    mine = reg.owned(kind, c.identity.tenant)
+    return lambda rid: rid in mine
+
+
+@contextlib.contextmanager
+def unguarded():
+    """Runs handlers as an open call when no gate set one: for the fine-tuning routes mounted in an app of
+    the embedder's own (`fine_tuning_routes`), which brings its own access control. Inside our server the
+    gate's call is already set and stays."""
+    if _current.get() is not None:
+        yield
+        return
+    token = _current.set(Call(OPEN, "embedded", "embedded", Rule(None)))
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 def is_loopback(host: str) -> bool:

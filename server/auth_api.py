@@ -26,9 +26,9 @@ from starlette.responses import JSONResponse
 from loraplex.adapters_store.tenancy import ALL, SEP, check_tenant, parse_quota, qualify
 
 from . import auth
-from .errors import BadRequest, NotFound
+from .errors import BadRequest
 from .openai_api import parse_body
-from .quotas import PayloadTooLarge, check_upload, check_versions
+from .quotas import PayloadTooLarge, check_jobs, check_upload, check_versions
 
 UPLOAD_MAX_FILES = 16
 ADAPTER_FILE_CHUNK = 1 << 20
@@ -198,7 +198,7 @@ class AuthRoutes:
                     raise BadRequest(f"'lineage' is not valid JSON: {e}", param="lineage") from e
                 if not isinstance(lineage, dict):
                     raise BadRequest("'lineage' must be a JSON object", param="lineage")
-            lineage = {**(lineage or {}), "source": "upload", "registered_by": auth.current().who()}
+            lineage = {**(lineage or {}), "source": "upload"}
             v = await asyncio.to_thread(manager.register, name, str(tmp), lineage, auth.current().who())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -206,14 +206,75 @@ class AuthRoutes:
         return JSONResponse(version_json(v, manager.engine), status_code=201)
 
 
-def check_file_quota(state, tenant: str, size: int) -> None:
-    """Before storing an uploaded fine-tuning file of `size` bytes for `tenant`."""
-    if tenant == ALL or state.gate is None:
+def check_file_quota(jobs, size: int) -> None:
+    """Before storing an uploaded fine-tuning file of `size` bytes for the calling tenant (`jobs`: JobManager)."""
+    call = auth.current()
+    tenant = call.identity.tenant
+    if call.identity.operator or call.gate is None:
         return
-    reg = state.gate.registry
-    owned = reg.owned("file", tenant)
-    stored = sum(f["bytes"] for f in state.jobs.files() if f["id"] in owned)
-    check_upload(state.gate.quota(tenant), tenant, size, stored)
+    mine = auth.owned_filter("file")
+    stored = sum(f["bytes"] for f in jobs.files() if mine(f["id"]))
+    check_upload(call.gate.quota(tenant), tenant, size, stored)
 
 
-__all__ = ["AuthRoutes", "NotFound", "check_file_quota", "tenant_version_count"]
+def check_job_quota(jobs) -> None:
+    """Before queueing a fine-tuning job: the calling tenant's queued jobs and stored versions."""
+    call = auth.current()
+    if call.identity.operator or call.gate is None:
+        return
+    tenant, quota = call.identity.tenant, call.gate.quota(call.identity.tenant)
+    mine = auth.owned_filter("job")
+    every, _ = jobs.jobs(None, 1 << 30)
+    check_jobs(quota, tenant, sum(1 for j in every if mine(j["id"]) and j["status"] in ("queued", "validating_files")))
+    store = call.gate.registry.store
+    check_versions(quota, tenant, tenant_version_count(store, tenant))
+
+
+# What a tenant's fine-tuning job may set through the `loraplex` extension: training knobs only. Paths
+# (datasets, output_dir, base_model), devices and process layout stay the server's, and a reward given as
+# "module:function" would run code the tenant names inside the server's machine.
+TENANT_JOB_KEYS = frozenset({
+    "adapter", "sequence_len", "packing", "epochs", "max_steps", "learning_rate", "lr_scheduler", "warmup_steps",
+    "weight_decay", "max_grad_norm", "micro_batch_size", "gradient_accumulation_steps", "val_set_size", "eval_steps",
+    "save_steps", "logging_steps", "seed", "train_on_prompt", "gradient_checkpointing", "canary", "beta", "loss_type",
+    "reward", "kl_coef", "cliprange", "cliprange_value", "vf_coef", "ppo_epochs", "mini_batch_size", "num_rollouts",
+    "num_generations", "response_length", "temperature", "gamma", "lam", "quantize",
+})
+TENANT_ADAPTER_KEYS = frozenset({"r", "alpha", "dropout", "target_modules", "use_rslora", "init_from"})
+
+
+def _visible_ref(ref, param: str) -> str:
+    if not isinstance(ref, str) or not ref:
+        raise BadRequest(f"'{param}' must name an adapter (name or name@version)", param=param)
+    name, at, ver = ref.partition("@")
+    return auth.resolve_model(name) + at + ver
+
+
+def check_job_overrides(overrides: dict) -> dict:
+    """The calling tenant's job-config overrides, checked and with adapter names made the stored names:
+    `adapter.init_from` and a reward adapter must be the tenant's own or shared (404 otherwise)."""
+    call = auth.current()
+    out = dict(overrides)
+    adapter = out.get("adapter")
+    if isinstance(adapter, dict) and adapter.get("init_from"):
+        out["adapter"] = {**adapter, "init_from": _visible_ref(adapter["init_from"], "loraplex.adapter.init_from")}
+    reward = out.get("reward")
+    if isinstance(reward, dict) and "adapter" in reward:
+        out["reward"] = {**reward, "adapter": _visible_ref(reward["adapter"], "loraplex.reward.adapter")}
+    if call.identity.operator:
+        return out
+    for k in out:
+        if k not in TENANT_JOB_KEYS:
+            raise auth.PermissionDenied(f"'loraplex.{k}' is set by the server, not by tenants", param=f"loraplex.{k}")
+    if isinstance(adapter, dict):
+        for k in adapter:
+            if k not in TENANT_ADAPTER_KEYS:
+                raise auth.PermissionDenied(f"'loraplex.adapter.{k}' is set by the server, not by tenants",
+                                            param=f"loraplex.adapter.{k}")
+    if isinstance(reward, str):
+        raise auth.PermissionDenied("a reward given as 'module:function' runs code on the server; tenants use a rule "
+                                    "({regex|contains|exact: ...}) or a reward adapter ({adapter: name})", param="loraplex.reward")
+    return out
+
+
+__all__ = ["AuthRoutes", "check_file_quota", "check_job_overrides", "check_job_quota", "tenant_version_count"]

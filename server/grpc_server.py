@@ -328,7 +328,7 @@ def _store_call(fn, *a, **kw):
 
 class AdminServicer(_Base, pbg.AdminServicer):
     def _caller(self, context) -> str:
-        return _metadata(context).get("x-loraplex-caller") or context.peer() or "grpc"
+        return auth.caller(_metadata(context).get("x-loraplex-caller") or context.peer() or "grpc")
 
     def _parts(self):
         self._service()

@@ -172,7 +172,7 @@ class RouteRoutes:
         self.guards = guards
 
     def _caller(self, request: HttpRequest) -> str:
-        return request.headers.get("x-loraplex-caller") or (request.client.host if request.client else "api")
+        return auth.caller(request.headers.get("x-loraplex-caller") or (request.client.host if request.client else "api"))
 
     def _warm(self, name: str, versions) -> None:
         for v in versions:

@@ -22,6 +22,8 @@ import time
 import uuid
 from pathlib import Path
 
+from loraplex.adapters_store.tenancy import qualify
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, filename TEXT, bytes INTEGER, created_at INTEGER, purpose TEXT, path TEXT);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -154,7 +156,7 @@ class JobManager:
 
     # --- jobs ---------------------------------------------------------------------
     def create_job(self, *, model: str, training_file: str, validation_file: str | None, suffix: str | None, seed: int | None,
-                   method: dict, hyperparameters: dict, overrides: dict, metadata: dict | None) -> dict:
+                   method: dict, hyperparameters: dict, overrides: dict, metadata: dict | None, tenant: str = "*") -> dict:
         from .config import JobConfigError, parse_config
 
         if model not in (self.base_model_id, "default", self.base_model):
@@ -164,7 +166,7 @@ class JobManager:
         if suffix is not None and not suffix.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise JobError("suffix may hold letters, digits, '-', '_' and '.' only", param="suffix")
         jid = "ftjob-" + uuid.uuid4().hex[:24]
-        name = f"ft-{suffix}-{jid[6:12]}" if suffix else f"ft-{jid[6:18]}"
+        name = qualify(tenant, f"ft-{suffix}-{jid[6:12]}" if suffix else f"ft-{jid[6:18]}")  # the job's tenant owns it
         mtype = method.get("type", "supervised")
         hp = {**hyperparameters, **(method.get(mtype) or {}).get("hyperparameters", {})}
         n_epochs = 3 if hp.get("n_epochs", "auto") == "auto" else hp["n_epochs"]

@@ -24,6 +24,7 @@ EXISTS`, nothing altered, so an existing registry gains them on first open) and 
 The SQL is plain: text ids generated here instead of SQLite's AUTOINCREMENT, `ON CONFLICT ... DO
 UPDATE` upserts, so the same statements run on PostgreSQL.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,8 +60,8 @@ CREATE TABLE IF NOT EXISTS tenant_quotas (tenant TEXT PRIMARY KEY, limits TEXT N
 CREATE TABLE IF NOT EXISTS resource_owners (kind TEXT NOT NULL, id TEXT NOT NULL, tenant TEXT NOT NULL,
     PRIMARY KEY (kind, id));
 CREATE TABLE IF NOT EXISTS audit (
-    id TEXT PRIMARY KEY, at REAL NOT NULL, tenant TEXT NOT NULL, key_id TEXT, caller TEXT NOT NULL, action TEXT NOT NULL,
-    resource TEXT, status TEXT NOT NULL, detail TEXT NOT NULL);
+    id TEXT PRIMARY KEY, at REAL NOT NULL, tenant TEXT NOT NULL, key_id TEXT, caller TEXT NOT NULL,
+    action TEXT NOT NULL, resource TEXT, status TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
 CREATE TABLE IF NOT EXISTS access_meta (id INTEGER PRIMARY KEY, version INTEGER NOT NULL);
 """
@@ -75,8 +76,10 @@ def check_tenant(tenant, *, allow_all: bool = True) -> str:
     if tenant == ALL and allow_all:
         return tenant
     if not isinstance(tenant, str) or not TENANT_RE.fullmatch(tenant):
-        raise InvalidRequest(f"invalid tenant {tenant!r}: use 1-32 lowercase letters, digits, '-' and '_', starting with a "
-                             f"letter or digit{' (or * for all tenants)' if allow_all else ''}")
+        raise InvalidRequest(
+            f"invalid tenant {tenant!r}: use 1-32 lowercase letters, digits, '-' and '_', starting with a "
+            f"letter or digit{' (or * for all tenants)' if allow_all else ''}"
+        )
     return tenant
 
 
@@ -140,7 +143,9 @@ def parse_quota(raw) -> Quota:
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first.get("loc", ()))
-        raise InvalidRequest(f"invalid quota field '{loc}': {first.get('msg')}" if loc else f"invalid quota: {e}") from None
+        raise InvalidRequest(
+            f"invalid quota field '{loc}': {first.get('msg')}" if loc else f"invalid quota: {e}"
+        ) from None
 
 
 # --- records ---------------------------------------------------------------------------------------
@@ -157,9 +162,18 @@ class ApiKey:
     revoked_by: str | None = None
 
     def to_json(self) -> dict:
-        return {"id": self.id, "object": "api_key", "tenant": self.tenant, "scopes": list(self.scopes), "name": self.name,
-                "hint": self.hint, "created_at": self.created_at, "created_by": self.created_by,
-                "revoked_at": self.revoked_at, "revoked_by": self.revoked_by}
+        return {
+            "id": self.id,
+            "object": "api_key",
+            "tenant": self.tenant,
+            "scopes": list(self.scopes),
+            "name": self.name,
+            "hint": self.hint,
+            "created_at": self.created_at,
+            "created_by": self.created_by,
+            "revoked_at": self.revoked_at,
+            "revoked_by": self.revoked_by,
+        }
 
 
 @dataclass(frozen=True)
@@ -175,9 +189,18 @@ class AuditEntry:
     detail: dict
 
     def to_json(self) -> dict:
-        return {"id": self.id, "object": "audit_entry", "at": self.at, "tenant": self.tenant, "key_id": self.key_id,
-                "caller": self.caller, "action": self.action, "resource": self.resource, "status": self.status,
-                "detail": self.detail}
+        return {
+            "id": self.id,
+            "object": "audit_entry",
+            "at": self.at,
+            "tenant": self.tenant,
+            "key_id": self.key_id,
+            "caller": self.caller,
+            "action": self.action,
+            "resource": self.resource,
+            "status": self.status,
+            "detail": self.detail,
+        }
 
 
 @dataclass(frozen=True)
@@ -227,28 +250,48 @@ class AccessRegistry:
             with self.store._read() as c:
                 version = int(c.execute("SELECT version FROM access_meta WHERE id = 1").fetchone()[0])
                 if version != self._snap.version:
-                    keys = {r[0]: _key_from_row(r[1:]) for r in c.execute(
-                        f"SELECT secret_sha256, {_KEY_COLS} FROM api_keys WHERE revoked_at IS NULL")}
+                    keys = {
+                        r[0]: _key_from_row(r[1:])
+                        for r in c.execute(f"SELECT secret_sha256, {_KEY_COLS} FROM api_keys WHERE revoked_at IS NULL")
+                    }
                     shared = frozenset(r[0] for r in c.execute("SELECT name FROM shared_adapters"))
-                    quotas = {r[0]: Quota.model_validate(json.loads(r[1])) for r in
-                              c.execute("SELECT tenant, limits FROM tenant_quotas")}
+                    quotas = {
+                        r[0]: Quota.model_validate(json.loads(r[1]))
+                        for r in c.execute("SELECT tenant, limits FROM tenant_quotas")
+                    }
                     self._snap = _Snapshot(version, keys, shared, quotas)
             self._checked = time.monotonic()
             return self._snap
 
     # --- keys ------------------------------------------------------------------------------------
-    def create_key(self, tenant: str, scopes, *, name: str | None = None, created_by: str = "api") -> tuple[ApiKey, str]:
+    def create_key(
+        self, tenant: str, scopes, *, name: str | None = None, created_by: str = "api"
+    ) -> tuple[ApiKey, str]:
         """A new key; returns (its record, the secret). The secret is not stored and cannot be shown again."""
         check_tenant(tenant)
         scopes = check_scopes(scopes)
         if name is not None and (not isinstance(name, str) or not 1 <= len(name) <= 64):
             raise InvalidRequest("key name must be a string of 1 to 64 characters")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
-        key = ApiKey("key_" + secrets.token_hex(8), tenant, scopes, name, f"{KEY_PREFIX}…{secret[-4:]}", time.time(), created_by)
+        key = ApiKey(
+            "key_" + secrets.token_hex(8), tenant, scopes, name, f"{KEY_PREFIX}…{secret[-4:]}", time.time(), created_by
+        )
         with self.store._write() as c:
-            c.execute(f"INSERT INTO api_keys(secret_sha256, {_KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                      (_hash(secret), key.id, key.tenant, json.dumps(list(key.scopes)), key.name, key.hint, key.created_at,
-                       key.created_by, None, None))
+            c.execute(
+                f"INSERT INTO api_keys(secret_sha256, {_KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    _hash(secret),
+                    key.id,
+                    key.tenant,
+                    json.dumps(list(key.scopes)),
+                    key.name,
+                    key.hint,
+                    key.created_at,
+                    key.created_by,
+                    None,
+                    None,
+                ),
+            )
             self._bump(c)
         self._checked = 0.0  # this process sees its own change at once
         return key, secret
@@ -278,7 +321,10 @@ class AccessRegistry:
             if row is None or (tenant != ALL and row[1] != tenant):
                 raise KeyNotFound(f"API key {key_id!r} does not exist")
             if row[7] is None:
-                c.execute("UPDATE api_keys SET revoked_at = ?, revoked_by = ? WHERE id = ?", (time.time(), revoked_by, key_id))
+                c.execute(
+                    "UPDATE api_keys SET revoked_at = ?, revoked_by = ? WHERE id = ?",
+                    (time.time(), revoked_by, key_id),
+                )
                 self._bump(c)
         self._checked = 0.0
         return self.get_key(key_id)
@@ -295,9 +341,11 @@ class AccessRegistry:
         """Makes adapter `name` (every version) usable for inference by every tenant, or stops that."""
         with self.store._write() as c:
             if shared:
-                c.execute("INSERT INTO shared_adapters(name, shared_at, shared_by) VALUES (?,?,?) "
-                          "ON CONFLICT(name) DO UPDATE SET shared_at = excluded.shared_at, shared_by = excluded.shared_by",
-                          (name, time.time(), by))
+                c.execute(
+                    "INSERT INTO shared_adapters(name, shared_at, shared_by) VALUES (?,?,?) "
+                    "ON CONFLICT(name) DO UPDATE SET shared_at = excluded.shared_at, shared_by = excluded.shared_by",
+                    (name, time.time(), by),
+                )
             else:
                 c.execute("DELETE FROM shared_adapters WHERE name = ?", (name,))
             self._bump(c)
@@ -341,9 +389,12 @@ class AccessRegistry:
         check_tenant(tenant)
         q = quota if isinstance(quota, Quota) else parse_quota(quota)
         with self.store._write() as c:
-            c.execute("INSERT INTO tenant_quotas(tenant, limits, updated_at, updated_by) VALUES (?,?,?,?) "
-                      "ON CONFLICT(tenant) DO UPDATE SET limits = excluded.limits, updated_at = excluded.updated_at, "
-                      "updated_by = excluded.updated_by", (tenant, q.model_dump_json(exclude_none=True), time.time(), by))
+            c.execute(
+                "INSERT INTO tenant_quotas(tenant, limits, updated_at, updated_by) VALUES (?,?,?,?) "
+                "ON CONFLICT(tenant) DO UPDATE SET limits = excluded.limits, updated_at = excluded.updated_at, "
+                "updated_by = excluded.updated_by",
+                (tenant, q.model_dump_json(exclude_none=True), time.time(), by),
+            )
             self._bump(c)
         self._checked = 0.0
         return q
@@ -364,8 +415,11 @@ class AccessRegistry:
     # --- owners of files and jobs ----------------------------------------------------------------
     def set_owner(self, kind: str, rid: str, tenant: str) -> None:
         with self.store._write() as c:
-            c.execute("INSERT INTO resource_owners(kind, id, tenant) VALUES (?,?,?) "
-                      "ON CONFLICT(kind, id) DO UPDATE SET tenant = excluded.tenant", (kind, rid, tenant))
+            c.execute(
+                "INSERT INTO resource_owners(kind, id, tenant) VALUES (?,?,?) "
+                "ON CONFLICT(kind, id) DO UPDATE SET tenant = excluded.tenant",
+                (kind, rid, tenant),
+            )
 
     def owner(self, kind: str, rid: str) -> str:
         """The tenant of a file or job; `*` for those made before tenancy or by operators."""
@@ -373,20 +427,63 @@ class AccessRegistry:
         return rows[0][0] if rows else ALL
 
     def owned(self, kind: str, tenant: str) -> set[str]:
-        return {r[0] for r in self.store._query("SELECT id FROM resource_owners WHERE kind = ? AND tenant = ?", (kind, tenant))}
+        return {
+            r[0]
+            for r in self.store._query("SELECT id FROM resource_owners WHERE kind = ? AND tenant = ?", (kind, tenant))
+        }
 
     # --- audit -----------------------------------------------------------------------------------
-    def record(self, *, tenant: str, key_id: str | None, caller: str, action: str, resource: str | None, status,
-               detail: dict | None = None) -> AuditEntry:
-        e = AuditEntry(f"aud_{time.time_ns():020d}{uuid.uuid4().hex[:6]}", time.time(), tenant, key_id, caller, action,
-                       resource, str(status), detail or {})
+    def record(
+        self,
+        *,
+        tenant: str,
+        key_id: str | None,
+        caller: str,
+        action: str,
+        resource: str | None,
+        status,
+        detail: dict | None = None,
+    ) -> AuditEntry:
+        e = AuditEntry(
+            f"aud_{time.time_ns():020d}{uuid.uuid4().hex[:6]}",
+            time.time(),
+            tenant,
+            key_id,
+            caller,
+            action,
+            resource,
+            str(status),
+            detail or {},
+        )
         with self.store._write() as c:
-            c.execute("INSERT INTO audit(id, at, tenant, key_id, caller, action, resource, status, detail) VALUES (?,?,?,?,?,?,?,?,?)",
-                      (e.id, e.at, e.tenant, e.key_id, e.caller, e.action, e.resource, e.status, json.dumps(e.detail, default=str)))
+            c.execute(
+                "INSERT INTO audit(id, at, tenant, key_id, caller, action, resource, status, detail) "
+                "VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    e.id,
+                    e.at,
+                    e.tenant,
+                    e.key_id,
+                    e.caller,
+                    e.action,
+                    e.resource,
+                    e.status,
+                    json.dumps(e.detail, default=str),
+                ),
+            )
         return e
 
-    def audit(self, *, tenant: str = ALL, key_id: str | None = None, action: str | None = None, resource: str | None = None,
-              since: float | None = None, until: float | None = None, limit: int = 100) -> list[AuditEntry]:
+    def audit(
+        self,
+        *,
+        tenant: str = ALL,
+        key_id: str | None = None,
+        action: str | None = None,
+        resource: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> list[AuditEntry]:
         """Entries newest first. `tenant` other than `*` sees its own; `action` matches a substring."""
         where, args = [], []
         for col, val in (("tenant", None if tenant == ALL else tenant), ("key_id", key_id), ("resource", resource)):
@@ -409,5 +506,21 @@ class AccessRegistry:
         return [AuditEntry(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], json.loads(r[8])) for r in rows]
 
 
-__all__ = ["ALL", "SCOPES", "SEP", "AccessRegistry", "ApiKey", "AuditEntry", "KeyNotFound", "Quota", "StoreError",
-           "can_manage", "check_scopes", "check_tenant", "owner_of", "parse_quota", "qualify", "split_name"]
+__all__ = [
+    "ALL",
+    "SCOPES",
+    "SEP",
+    "AccessRegistry",
+    "ApiKey",
+    "AuditEntry",
+    "KeyNotFound",
+    "Quota",
+    "StoreError",
+    "can_manage",
+    "check_scopes",
+    "check_tenant",
+    "owner_of",
+    "parse_quota",
+    "qualify",
+    "split_name",
+]

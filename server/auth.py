@@ -22,6 +22,7 @@ Audit: a call whose rule says it changes state is recorded when it succeeds (or 
 tenant, key id, the client address as the server saw it, time, the action and the resource named in
 the path or request message; handlers add what only they know with `note(...)`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -66,8 +67,14 @@ class Identity:
         return self.tenant == ALL
 
     def to_json(self) -> dict:
-        return {"object": "identity", "tenant": self.tenant, "scopes": [s for s in SCOPES if s in self.scopes],
-                "key_id": self.key_id, "key_name": self.key_name, "auth": self.authenticated}
+        return {
+            "object": "identity",
+            "tenant": self.tenant,
+            "scopes": [s for s in SCOPES if s in self.scopes],
+            "key_id": self.key_id,
+            "key_name": self.key_name,
+            "auth": self.authenticated,
+        }
 
 
 OPEN = Identity(ALL, frozenset(SCOPES), None, None, False)
@@ -224,8 +231,10 @@ def stamp_lineage(lineage: dict | None) -> dict | None:
     if c is None or not c.identity.authenticated:
         return lineage
     i = c.identity
-    return {**(lineage or {}), "registered_by": {"tenant": i.tenant, "key_id": i.key_id, "key_name": i.key_name,
-                                                 "address": c.address}}
+    return {
+        **(lineage or {}),
+        "registered_by": {"tenant": i.tenant, "key_id": i.key_id, "key_name": i.key_name, "address": c.address},
+    }
 
 
 def charge_tokens(tokens: int) -> None:
@@ -271,8 +280,10 @@ def manages(name: str) -> bool:
 def check_path_registration(store) -> None:
     """With API keys in use, registration by server path reads only under --allowed-adapter-root (and the store)."""
     if current().identity.authenticated and store.allowed_roots is None:
-        raise PermissionDenied("registering an adapter by server path needs --allowed-adapter-root while API keys are in "
-                               "use; upload the adapter's files instead (POST /v1/adapters/{name}/versions)")
+        raise PermissionDenied(
+            "registering an adapter by server path needs --allowed-adapter-root while API keys are in "
+            "use; upload the adapter's files instead (POST /v1/adapters/{name}/versions)"
+        )
 
 
 def check_owner(kind: str, rid: str, message: str, param: str | None = None) -> None:
@@ -333,10 +344,12 @@ def bind_refusal(host: str, *, has_keys: bool, api_key: str | None, insecure_no_
     """Why the server must not start on `host` as configured, or None."""
     if has_keys or api_key or insecure_no_auth or is_loopback(host):
         return None
-    return (f"refusing to serve on {host} without API keys: anyone who can reach it could register adapters, read "
-            "files and start jobs. Create a key with `loraplex keys create --tenant '*' --scope admin` (it is stored in "
-            "the registry), or pass --api-key KEY (or set LORAPLEX_API_KEY) for a single admin key, or --insecure-no-auth "
-            "to serve without authentication anyway")
+    return (
+        f"refusing to serve on {host} without API keys: anyone who can reach it could register adapters, read "
+        "files and start jobs. Create a key with `loraplex keys create --tenant '*' --scope admin` (it is stored in "
+        "the registry), or pass --api-key KEY (or set LORAPLEX_API_KEY) for a single admin key, or --insecure-no-auth "
+        "to serve without authentication anyway"
+    )
 
 
 # --- the gate --------------------------------------------------------------------------------------
@@ -348,8 +361,14 @@ class Gate:
     `no_auth` (`--insecure-no-auth`) is open whatever the keys.
     """
 
-    def __init__(self, registry: AccessRegistry | None, *, api_key: str | None = None, open_when_keyless: bool = True,
-                 no_auth: bool = False):
+    def __init__(
+        self,
+        registry: AccessRegistry | None,
+        *,
+        api_key: str | None = None,
+        open_when_keyless: bool = True,
+        no_auth: bool = False,
+    ):
         self.registry = registry
         self.api_key = api_key or None
         self.open_when_keyless = open_when_keyless
@@ -369,14 +388,21 @@ class Gate:
         """True while calls need no key."""
         if self.no_auth:
             return True
-        return self.open_when_keyless and not self.api_key and not (self.registry is not None and self.registry.has_keys())
+        return (
+            self.open_when_keyless
+            and not self.api_key
+            and not (self.registry is not None and self.registry.has_keys())
+        )
 
     def authenticate(self, authorization: str | None) -> Identity:
         if self.open:  # clients send placeholder keys ("Bearer unused"); in open mode nothing is checked
             return OPEN
         if not authorization:
-            raise Unauthenticated("missing API key: send the header 'Authorization: Bearer <key>' (gRPC: metadata "
-                                  "'authorization: Bearer <key>')", code="missing_api_key")
+            raise Unauthenticated(
+                "missing API key: send the header 'Authorization: Bearer <key>' (gRPC: metadata "
+                "'authorization: Bearer <key>')",
+                code="missing_api_key",
+            )
         scheme, _, secret = authorization.strip().partition(" ")
         secret = secret.strip()
         if scheme.lower() != "bearer" or not secret:
@@ -394,11 +420,16 @@ class Gate:
             log.error("refused %s: no access rule is declared for it (server/auth.py HTTP_RULES / GRPC_RULES)", action)
             raise PermissionDenied(f"{action} has no access rule; it is refused to everyone")
         if rule.scope is not None and rule.scope not in ident.scopes:
-            raise PermissionDenied(f"this API key lacks the '{rule.scope}' scope that {action} needs "
-                                   f"(it has: {', '.join(s for s in SCOPES if s in ident.scopes)})", code="missing_scope")
+            raise PermissionDenied(
+                f"this API key lacks the '{rule.scope}' scope that {action} needs "
+                f"(it has: {', '.join(s for s in SCOPES if s in ident.scopes)})",
+                code="missing_scope",
+            )
         if rule.operator and not ident.operator:
-            raise PermissionDenied(f"{action} is for operators: it needs a key of tenant '*' with the '{rule.scope}' scope",
-                                   code="operator_only")
+            raise PermissionDenied(
+                f"{action} is for operators: it needs a key of tenant '*' with the '{rule.scope}' scope",
+                code="operator_only",
+            )
 
     def enter(self, rule: Rule, authorization: str | None, address: str, action: str) -> Call:
         """Authenticates and authorizes one call and admits it against its tenant's quota. Raises ApiError."""
@@ -426,8 +457,15 @@ class Gate:
         if self.registry is None:
             return
         try:
-            self.registry.record(tenant=call.identity.tenant, key_id=call.identity.key_id, caller=call.address,
-                                 action=call.action, resource=call.resource, status=status, detail=call.detail)
+            self.registry.record(
+                tenant=call.identity.tenant,
+                key_id=call.identity.key_id,
+                caller=call.address,
+                action=call.action,
+                resource=call.resource,
+                status=status,
+                detail=call.detail,
+            )
         except Exception:
             log.exception("could not record the audit entry of %s", call.action)
 
@@ -604,8 +642,11 @@ def make_interceptor(state):
                         _current.reset(token)
                         await state.gate.leave_async(call, status)
 
-                return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
-                                                           response_serializer=handler.response_serializer)
+                return grpc.unary_unary_rpc_method_handler(
+                    unary,
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
             if handler.unary_stream is not None:
                 inner_s = handler.unary_stream
 
@@ -626,8 +667,11 @@ def make_interceptor(state):
                     finally:
                         await state.gate.leave_async(call, status)
 
-                return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
-                                                            response_serializer=handler.response_serializer)
+                return grpc.unary_stream_rpc_method_handler(
+                    stream,
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
             # client-streaming kinds: none of ours; refuse rather than pass unchecked
             log.error("refused %s: the gate wraps unary and server-streaming methods only", method)
 
@@ -635,9 +679,15 @@ def make_interceptor(state):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method} has no access rule")
 
             if handler.stream_unary is not None:
-                return grpc.stream_unary_rpc_method_handler(refuse, request_deserializer=handler.request_deserializer,
-                                                            response_serializer=handler.response_serializer)
-            return grpc.stream_stream_rpc_method_handler(refuse, request_deserializer=handler.request_deserializer,
-                                                         response_serializer=handler.response_serializer)
+                return grpc.stream_unary_rpc_method_handler(
+                    refuse,
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+            return grpc.stream_stream_rpc_method_handler(
+                refuse,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
 
     return AuthInterceptor()

@@ -11,6 +11,7 @@ reads the server's file system and is for operators only. The parts are spooled 
 `tmp/` (inside the store root, so registration accepts them wherever the allowed roots point) and
 registered from there as any directory would be: validated, copied, renamed into place.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -81,8 +82,9 @@ class AuthRoutes:
     async def create_key(self, request: HttpRequest):
         body: KeyBody = await parse_body(request, KeyBody)
         tenant = _target_tenant(body.tenant)
-        key, secret = await asyncio.to_thread(self.registry.create_key, tenant, body.scopes, name=body.name,
-                                              created_by=auth.current().who())
+        key, secret = await asyncio.to_thread(
+            self.registry.create_key, tenant, body.scopes, name=body.name, created_by=auth.current().who()
+        )
         auth.note(resource=key.id, tenant=tenant, scopes=list(key.scopes))
         return JSONResponse({**key.to_json(), "key": secret}, status_code=201)
 
@@ -99,8 +101,12 @@ class AuthRoutes:
         return JSONResponse(key.to_json())
 
     async def revoke_key(self, request: HttpRequest):
-        key = await asyncio.to_thread(self.registry.revoke_key, request.path_params["key_id"], tenant=auth.identity().tenant,
-                                      revoked_by=auth.current().who())
+        key = await asyncio.to_thread(
+            self.registry.revoke_key,
+            request.path_params["key_id"],
+            tenant=auth.identity().tenant,
+            revoked_by=auth.current().who(),
+        )
         return JSONResponse({**key.to_json(), "revoked": True})
 
     # --- audit -----------------------------------------------------------------------------------
@@ -122,17 +128,35 @@ class AuthRoutes:
         if not limit.isdigit() or not 1 <= int(limit) <= 1000:
             raise BadRequest("'limit' must be an integer from 1 to 1000", param="limit")
         resource = q.get("resource")
-        if resource is not None and not me.operator and SEP not in resource and not resource.startswith(("key_", "file-", "ftjob-")):
+        if (
+            resource is not None
+            and not me.operator
+            and SEP not in resource
+            and not resource.startswith(("key_", "file-", "ftjob-"))
+        ):
             resource = qualify(me.tenant, resource)  # a tenant names its adapters without its prefix
-        entries = await asyncio.to_thread(self.registry.audit, tenant=tenant, key_id=q.get("key_id"), action=q.get("action"),
-                                          resource=resource, since=num("since"), until=num("until"), limit=int(limit))
+        entries = await asyncio.to_thread(
+            self.registry.audit,
+            tenant=tenant,
+            key_id=q.get("key_id"),
+            action=q.get("action"),
+            resource=resource,
+            since=num("since"),
+            until=num("until"),
+            limit=int(limit),
+        )
         return JSONResponse({"object": "list", "data": [e.to_json() for e in entries]})
 
     # --- quotas ----------------------------------------------------------------------------------
     async def get_quota(self, request: HttpRequest):
         tenant = _target_tenant(request.path_params["tenant"])
-        return JSONResponse({"tenant": tenant, "quota": self.state.gate.quota(tenant).model_dump(),
-                             "usage": self.state.gate.limiter.usage(tenant)})
+        return JSONResponse(
+            {
+                "tenant": tenant,
+                "quota": self.state.gate.quota(tenant).model_dump(),
+                "usage": self.state.gate.limiter.usage(tenant),
+            }
+        )
 
     async def put_quota(self, request: HttpRequest):
         tenant = check_tenant(request.path_params["tenant"])
@@ -176,8 +200,11 @@ class AuthRoutes:
             form = await request.form(max_files=UPLOAD_MAX_FILES, max_fields=8)
             files = [f for f in form.getlist("file") if hasattr(f, "read")]
             if not files:
-                raise BadRequest("multipart field 'file' is required: the adapter's files (adapter_config.json, "
-                                 "adapter_model.safetensors, ...), one part each", param="file")
+                raise BadRequest(
+                    "multipart field 'file' is required: the adapter's files (adapter_config.json, "
+                    "adapter_model.safetensors, ...), one part each",
+                    param="file",
+                )
             total = 0
             for f in files:
                 fname = Path(f.filename or "").name
@@ -187,8 +214,11 @@ class AuthRoutes:
                     while chunk := await f.read(ADAPTER_FILE_CHUNK):
                         total += len(chunk)
                         if quota.max_upload_bytes is not None and total > quota.max_upload_bytes:
-                            raise PayloadTooLarge(f"upload is over tenant {tenant!r}'s limit of {quota.max_upload_bytes} "
-                                                  "bytes per upload (max_upload_bytes)", limit="max_upload_bytes")
+                            raise PayloadTooLarge(
+                                f"upload is over tenant {tenant!r}'s limit of {quota.max_upload_bytes} "
+                                "bytes per upload (max_upload_bytes)",
+                                limit="max_upload_bytes",
+                            )
                         out.write(chunk)
             lineage = None
             if form.get("lineage"):
@@ -233,13 +263,46 @@ def check_job_quota(jobs) -> None:
 # What a tenant's fine-tuning job may set through the `loraplex` extension: training knobs only. Paths
 # (datasets, output_dir, base_model), devices and process layout stay the server's, and a reward given as
 # "module:function" would run code the tenant names inside the server's machine.
-TENANT_JOB_KEYS = frozenset({
-    "adapter", "sequence_len", "packing", "epochs", "max_steps", "learning_rate", "lr_scheduler", "warmup_steps",
-    "weight_decay", "max_grad_norm", "micro_batch_size", "gradient_accumulation_steps", "val_set_size", "eval_steps",
-    "save_steps", "logging_steps", "seed", "train_on_prompt", "gradient_checkpointing", "canary", "beta", "loss_type",
-    "reward", "kl_coef", "cliprange", "cliprange_value", "vf_coef", "ppo_epochs", "mini_batch_size", "num_rollouts",
-    "num_generations", "response_length", "temperature", "gamma", "lam", "quantize",
-})
+TENANT_JOB_KEYS = frozenset(
+    {
+        "adapter",
+        "sequence_len",
+        "packing",
+        "epochs",
+        "max_steps",
+        "learning_rate",
+        "lr_scheduler",
+        "warmup_steps",
+        "weight_decay",
+        "max_grad_norm",
+        "micro_batch_size",
+        "gradient_accumulation_steps",
+        "val_set_size",
+        "eval_steps",
+        "save_steps",
+        "logging_steps",
+        "seed",
+        "train_on_prompt",
+        "gradient_checkpointing",
+        "canary",
+        "beta",
+        "loss_type",
+        "reward",
+        "kl_coef",
+        "cliprange",
+        "cliprange_value",
+        "vf_coef",
+        "ppo_epochs",
+        "mini_batch_size",
+        "num_rollouts",
+        "num_generations",
+        "response_length",
+        "temperature",
+        "gamma",
+        "lam",
+        "quantize",
+    }
+)
 TENANT_ADAPTER_KEYS = frozenset({"r", "alpha", "dropout", "target_modules", "use_rslora", "init_from"})
 
 
@@ -269,11 +332,15 @@ def check_job_overrides(overrides: dict) -> dict:
     if isinstance(adapter, dict):
         for k in adapter:
             if k not in TENANT_ADAPTER_KEYS:
-                raise auth.PermissionDenied(f"'loraplex.adapter.{k}' is set by the server, not by tenants",
-                                            param=f"loraplex.adapter.{k}")
+                raise auth.PermissionDenied(
+                    f"'loraplex.adapter.{k}' is set by the server, not by tenants", param=f"loraplex.adapter.{k}"
+                )
     if isinstance(reward, str):
-        raise auth.PermissionDenied("a reward given as 'module:function' runs code on the server; tenants use a rule "
-                                    "({regex|contains|exact: ...}) or a reward adapter ({adapter: name})", param="loraplex.reward")
+        raise auth.PermissionDenied(
+            "a reward given as 'module:function' runs code on the server; tenants use a rule "
+            "({regex|contains|exact: ...}) or a reward adapter ({adapter: name})",
+            param="loraplex.reward",
+        )
     return out
 
 

@@ -5,6 +5,7 @@ server has ever run and on the machine that holds the store; a running server se
 a second. The new key's secret is printed once, on stdout alone, so `KEY=$(loraplex keys create ...)`
 captures it; everything else goes to stderr.
 """
+
 from __future__ import annotations
 
 import getpass
@@ -34,7 +35,9 @@ def tenants_parser(sub) -> None:
     p = sub.add_parser("tenants", help="per-tenant quotas")
     p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
     ts = p.add_subparsers(dest="action", required=True)
-    q = ts.add_parser("quota", help="set limits of TENANT ('*': the default of tenants without their own); no flags: show")
+    q = ts.add_parser(
+        "quota", help="set limits of TENANT ('*': the default of tenants without their own); no flags: show"
+    )
     q.add_argument("tenant")
     for f in Quota.model_fields:
         q.add_argument("--" + f.replace("_", "-"), type=int, dest=f, metavar="N")
@@ -61,10 +64,19 @@ def cmd_keys(args) -> int:
     try:
         if args.action == "create":
             key, secret = reg.create_key(args.tenant, args.scope, name=args.name, created_by=_who())
-            reg.record(tenant=key.tenant, key_id=None, caller=_who(), action="keys create", resource=key.id, status="OK",
-                       detail={"scopes": list(key.scopes), "name": key.name})
-            print(f"created {key.id} (tenant {key.tenant!r}, scopes {','.join(key.scopes)}); the key is shown once:",
-                  file=sys.stderr)
+            reg.record(
+                tenant=key.tenant,
+                key_id=None,
+                caller=_who(),
+                action="keys create",
+                resource=key.id,
+                status="OK",
+                detail={"scopes": list(key.scopes), "name": key.name},
+            )
+            print(
+                f"created {key.id} (tenant {key.tenant!r}, scopes {','.join(key.scopes)}); the key is shown once:",
+                file=sys.stderr,
+            )
             print(secret)
         elif args.action == "list":
             from .auth import ALL
@@ -73,7 +85,9 @@ def cmd_keys(args) -> int:
                 print(json.dumps(k.to_json()))
         else:
             key = reg.revoke_key(args.key_id, revoked_by=_who())
-            reg.record(tenant=key.tenant, key_id=None, caller=_who(), action="keys revoke", resource=key.id, status="OK")
+            reg.record(
+                tenant=key.tenant, key_id=None, caller=_who(), action="keys revoke", resource=key.id, status="OK"
+            )
             print(f"revoked {key.id} (tenant {key.tenant!r})", file=sys.stderr)
     except StoreError as e:
         print(f"loraplex keys: {e}", file=sys.stderr)
@@ -94,16 +108,30 @@ def cmd_tenants(args) -> int:
             if limits:
                 current = reg.quotas().get(args.tenant, Quota()).model_dump(exclude_none=True)
                 q = reg.set_quota(args.tenant, {**current, **limits}, by=_who())
-                reg.record(tenant=args.tenant, key_id=None, caller=_who(), action="tenants quota", resource=args.tenant,
-                           status="OK", detail=limits)
+                reg.record(
+                    tenant=args.tenant,
+                    key_id=None,
+                    caller=_who(),
+                    action="tenants quota",
+                    resource=args.tenant,
+                    status="OK",
+                    detail=limits,
+                )
             else:
                 q = reg.quota(args.tenant) if args.tenant != "*" else reg.quotas().get("*", Quota())
             print(json.dumps({"tenant": args.tenant, "quota": q.model_dump()}))
         else:
             keys = reg.keys()
             for t in sorted({k.tenant for k in keys} | set(reg.quotas())):
-                print(json.dumps({"tenant": t, "keys": sum(1 for k in keys if k.tenant == t),
-                                  "quota": reg.quota(t).model_dump(exclude_none=True)}))
+                print(
+                    json.dumps(
+                        {
+                            "tenant": t,
+                            "keys": sum(1 for k in keys if k.tenant == t),
+                            "quota": reg.quota(t).model_dump(exclude_none=True),
+                        }
+                    )
+                )
     except StoreError as e:
         print(f"loraplex tenants: {e}", file=sys.stderr)
         return 1

@@ -46,7 +46,8 @@ def serve_parser(sub) -> None:
                    help="a single admin key (tenant '*', every scope) besides those of `loraplex keys create` "
                         "(default $LORAPLEX_API_KEY)")
     p.add_argument("--insecure-no-auth", action="store_true",
-                   help="serve without authentication, even on a non-loopback --host (anyone who can connect is admin)")
+                   help="serve without authentication, even on a non-loopback --host (anyone who can connect "
+                        "is admin)")
     p.add_argument("--log-level", default="info")
 
 

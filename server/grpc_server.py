@@ -372,7 +372,8 @@ class AdminServicer(_Base, pbg.AdminServicer):
     @edge
     async def ListAdapters(self, request, context):
         m, st, _ = self._parts()
-        return pb.ListAdaptersResponse(versions=[_version_msg(version_json(v, m.engine)) for v in st.list() if auth.manages(v.name)])
+        mine = [v for v in st.list() if auth.manages(v.name)]
+        return pb.ListAdaptersResponse(versions=[_version_msg(version_json(v, m.engine)) for v in mine])
 
     @edge
     async def DeleteAdapter(self, request, context):

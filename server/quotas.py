@@ -13,6 +13,7 @@ Storage limits (versions, uploads, total file bytes, queued jobs) are checked ag
 where the change is made; they answer 413 for one upload that is too large and 429 for a tenant that
 is out of room, naming the limit.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,12 +86,20 @@ class RateLimiter:
             u = self._usage.setdefault(tenant, _Usage())
             u.expire(now)
             if q.concurrent_requests is not None and u.running >= q.concurrent_requests:
-                raise QuotaExceeded(f"tenant {tenant!r} already has {u.running} requests running, its limit "
-                                    f"(concurrent_requests={q.concurrent_requests})", limit="concurrent_requests", retry_after=1)
+                raise QuotaExceeded(
+                    f"tenant {tenant!r} already has {u.running} requests running, its limit "
+                    f"(concurrent_requests={q.concurrent_requests})",
+                    limit="concurrent_requests",
+                    retry_after=1,
+                )
             if q.requests_per_minute is not None and len(u.requests) >= q.requests_per_minute:
                 wait = u.requests[len(u.requests) - q.requests_per_minute] + WINDOW_S - now
-                raise QuotaExceeded(f"tenant {tenant!r} is over its limit of {q.requests_per_minute} requests per minute "
-                                    "(requests_per_minute)", limit="requests_per_minute", retry_after=wait)
+                raise QuotaExceeded(
+                    f"tenant {tenant!r} is over its limit of {q.requests_per_minute} requests per minute "
+                    "(requests_per_minute)",
+                    limit="requests_per_minute",
+                    retry_after=wait,
+                )
             if q.tokens_per_minute is not None and u.token_sum >= q.tokens_per_minute:
                 left, wait = u.token_sum, 1.0
                 for at, n in u.tokens:  # oldest first: when enough have left the window to be under the limit
@@ -98,8 +107,12 @@ class RateLimiter:
                     wait = at + WINDOW_S - now
                     if left < q.tokens_per_minute:
                         break
-                raise QuotaExceeded(f"tenant {tenant!r} used {u.token_sum} tokens in the last minute, over its limit of "
-                                    f"{q.tokens_per_minute} (tokens_per_minute)", limit="tokens_per_minute", retry_after=wait)
+                raise QuotaExceeded(
+                    f"tenant {tenant!r} used {u.token_sum} tokens in the last minute, over its limit of "
+                    f"{q.tokens_per_minute} (tokens_per_minute)",
+                    limit="tokens_per_minute",
+                    retry_after=wait,
+                )
             u.requests.append(now)
             u.running += 1
 
@@ -122,26 +135,42 @@ class RateLimiter:
         with self._lock:
             u = self._usage.get(tenant) or _Usage()
             u.expire(now)
-            return {"requests_last_minute": len(u.requests), "tokens_last_minute": u.token_sum, "running_requests": u.running}
+            return {
+                "requests_last_minute": len(u.requests),
+                "tokens_last_minute": u.token_sum,
+                "running_requests": u.running,
+            }
 
 
 def check_upload(quota, tenant: str, size: int, stored: int) -> None:
     """One upload of `size` bytes by `tenant`, which stores `stored` bytes already."""
     if quota.max_upload_bytes is not None and size > quota.max_upload_bytes:
-        raise PayloadTooLarge(f"upload of {size} bytes is over tenant {tenant!r}'s limit of {quota.max_upload_bytes} bytes "
-                              "per upload (max_upload_bytes)", limit="max_upload_bytes")
+        raise PayloadTooLarge(
+            f"upload of {size} bytes is over tenant {tenant!r}'s limit of {quota.max_upload_bytes} bytes "
+            "per upload (max_upload_bytes)",
+            limit="max_upload_bytes",
+        )
     if quota.file_storage_bytes is not None and stored + size > quota.file_storage_bytes:
-        raise QuotaExceeded(f"tenant {tenant!r} stores {stored} bytes of files; {size} more would exceed its limit of "
-                            f"{quota.file_storage_bytes} bytes (file_storage_bytes)", limit="file_storage_bytes")
+        raise QuotaExceeded(
+            f"tenant {tenant!r} stores {stored} bytes of files; {size} more would exceed its limit of "
+            f"{quota.file_storage_bytes} bytes (file_storage_bytes)",
+            limit="file_storage_bytes",
+        )
 
 
 def check_versions(quota, tenant: str, stored: int) -> None:
     if quota.adapter_versions is not None and stored >= quota.adapter_versions:
-        raise QuotaExceeded(f"tenant {tenant!r} stores {stored} adapter versions, its limit (adapter_versions="
-                            f"{quota.adapter_versions}); delete versions to register more", limit="adapter_versions")
+        raise QuotaExceeded(
+            f"tenant {tenant!r} stores {stored} adapter versions, its limit (adapter_versions="
+            f"{quota.adapter_versions}); delete versions to register more",
+            limit="adapter_versions",
+        )
 
 
 def check_jobs(quota, tenant: str, queued: int) -> None:
     if quota.queued_jobs is not None and queued >= quota.queued_jobs:
-        raise QuotaExceeded(f"tenant {tenant!r} has {queued} fine-tuning jobs waiting, its limit (queued_jobs="
-                            f"{quota.queued_jobs})", limit="queued_jobs", retry_after=60)
+        raise QuotaExceeded(
+            f"tenant {tenant!r} has {queued} fine-tuning jobs waiting, its limit (queued_jobs={quota.queued_jobs})",
+            limit="queued_jobs",
+            retry_after=60,
+        )

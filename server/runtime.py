@@ -120,7 +120,8 @@ def open_gate(cfg: ServeConfig):
     from .auth import Gate, bind_refusal, is_loopback
 
     registry = AccessRegistry(AdapterStore(cfg.store_dir()))
-    refusal = bind_refusal(cfg.host, has_keys=registry.has_keys(), api_key=cfg.api_key, insecure_no_auth=cfg.insecure_no_auth)
+    refusal = bind_refusal(cfg.host, has_keys=registry.has_keys(), api_key=cfg.api_key,
+                           insecure_no_auth=cfg.insecure_no_auth)
     if refusal:
         registry.store.close()
         raise ValueError(refusal)

@@ -6,6 +6,7 @@ adapters, files and jobs (another tenant's answer the 404 of an absent one), the
 quotas answer 429 with Retry-After without slowing the other tenant; a key revoked under load fails
 from its next request on while the other tenant's never do.
 """
+
 from __future__ import annotations
 
 import functools
@@ -147,7 +148,10 @@ def test_every_grpc_method_has_a_rule_and_refuses_anonymous_and_wrong_scope_call
 
     methods = _grpc_methods()
     assert {m for m, _, _ in methods} <= set(GRPC_RULES)
-    ident = lambda b: b  # noqa: E731: the empty request message is b""
+
+    def ident(b):  # the empty request message is b""
+        return b
+
     checked = 0
     for method, cstream, sstream in methods:
         rule = GRPC_RULES[method]
@@ -157,11 +161,20 @@ def test_every_grpc_method_has_a_rule_and_refuses_anonymous_and_wrong_scope_call
 
         def call(md):
             if sstream:
-                return list(env.ch.unary_stream(method, request_serializer=ident, response_deserializer=ident)(b"", metadata=md, timeout=30))
-            return env.ch.unary_unary(method, request_serializer=ident, response_deserializer=ident)(b"", metadata=md, timeout=30)
+                return list(
+                    env.ch.unary_stream(method, request_serializer=ident, response_deserializer=ident)(
+                        b"", metadata=md, timeout=30
+                    )
+                )
+            return env.ch.unary_unary(method, request_serializer=ident, response_deserializer=ident)(
+                b"", metadata=md, timeout=30
+            )
 
-        cases = [((), grpc.StatusCode.UNAUTHENTICATED), ((("authorization", "Bearer lpx-nope"),), grpc.StatusCode.UNAUTHENTICATED),
-                 (env.md(WRONG[rule.scope]), grpc.StatusCode.PERMISSION_DENIED)]
+        cases = [
+            ((), grpc.StatusCode.UNAUTHENTICATED),
+            ((("authorization", "Bearer lpx-nope"),), grpc.StatusCode.UNAUTHENTICATED),
+            (env.md(WRONG[rule.scope]), grpc.StatusCode.PERMISSION_DENIED),
+        ]
         if rule.operator:
             cases.append((env.md("acme"), grpc.StatusCode.PERMISSION_DENIED))
         for md, want in cases:
@@ -193,7 +206,9 @@ def test_tenants_see_and_use_only_their_adapters_over_http(env):
         acme.chat.completions.create(model="globex:bot", messages=MSGS, max_tokens=2)
     with pytest.raises(openai.NotFoundError) as absent:
         acme.chat.completions.create(model="globex:nope", messages=MSGS, max_tokens=2)
-    assert foreign.value.body["message"].replace("globex:bot", "X") == absent.value.body["message"].replace("globex:nope", "X")
+    assert foreign.value.body["message"].replace("globex:bot", "X") == absent.value.body["message"].replace(
+        "globex:nope", "X"
+    )
     with pytest.raises(openai.NotFoundError):
         acme.completions.create(model="globex:bot@1", prompt="hi", max_tokens=2)
 
@@ -207,12 +222,34 @@ def _same_404(env, who, method, path_foreign, path_absent, foreign, absent, **kw
 
 def test_adapter_and_route_endpoints_answer_another_tenants_adapter_as_absent(env):
     for method, suffix, body in [("GET", "", None), ("DELETE", "", None)]:
-        _same_404(env, "acme", method, f"/v1/adapters/globex:bot{suffix}", f"/v1/adapters/globex:nope{suffix}", "globex:bot",
-                  "globex:nope", json=body)
-    for method, suffix, body in [("PUT", "", {"versions": {"1": 100}}), ("GET", "", None), ("POST", "/promote", {"version": 1}),
-                                 ("POST", "/rollback", {}), ("GET", "/history", None), ("GET", "/compare", None)]:
-        _same_404(env, "acme", method, f"/v1/routes/globex:bot{suffix}", f"/v1/routes/globex:nope{suffix}", "globex:bot",
-                  "globex:nope", json=body)
+        _same_404(
+            env,
+            "acme",
+            method,
+            f"/v1/adapters/globex:bot{suffix}",
+            f"/v1/adapters/globex:nope{suffix}",
+            "globex:bot",
+            "globex:nope",
+            json=body,
+        )
+    for method, suffix, body in [
+        ("PUT", "", {"versions": {"1": 100}}),
+        ("GET", "", None),
+        ("POST", "/promote", {"version": 1}),
+        ("POST", "/rollback", {}),
+        ("GET", "/history", None),
+        ("GET", "/compare", None),
+    ]:
+        _same_404(
+            env,
+            "acme",
+            method,
+            f"/v1/routes/globex:bot{suffix}",
+            f"/v1/routes/globex:nope{suffix}",
+            "globex:bot",
+            "globex:nope",
+            json=body,
+        )
     assert env.req("POST", "/v1/unload_lora_adapter", "acme", json={"lora_name": "globex:bot"}).status_code == 404
     assert upload(env, "acme", "globex:bot", Path(env.srv.state.store.get("acme:bot").path)).status_code == 404
     assert [a["name"] for a in env.req("GET", "/v1/adapters", "acme").json()["data"]] == ["acme:bot"]
@@ -229,17 +266,35 @@ def test_tenants_see_only_their_adapters_over_grpc(env):
     assert "acme:bot" in ids and not any(i.startswith("globex:") for i in ids)
 
     def req(model):
-        return pb.GenerateRequest(model=model, chat=pb.ChatPrompt(messages=[pb.ChatMessage(role="user", content="Hi")]),
-                                  sampling=pb.SamplingParams(max_tokens=2, temperature=0))
+        return pb.GenerateRequest(
+            model=model,
+            chat=pb.ChatPrompt(messages=[pb.ChatMessage(role="user", content="Hi")]),
+            sampling=pb.SamplingParams(max_tokens=2, temperature=0),
+        )
 
     assert inf.Generate(req("bot"), metadata=env.md("globex"), timeout=60).served_by == "globex:bot@1"
-    assert inf.Generate(req(env.srv.state.service.model_id), metadata=env.md("acme"), timeout=60).usage.completion_tokens == 2
+    assert (
+        inf.Generate(req(env.srv.state.service.model_id), metadata=env.md("acme"), timeout=60).usage.completion_tokens
+        == 2
+    )
     for call, foreign, absent in [
         (lambda n: inf.Generate(req(n), metadata=env.md("acme"), timeout=60), "globex:bot", "globex:nope"),
         (lambda n: adm.GetAdapter(pb.GetAdapterRequest(name=n), metadata=env.md("acme")), "globex:bot", "globex:nope"),
-        (lambda n: adm.DeleteAdapter(pb.DeleteAdapterRequest(name=n), metadata=env.md("acme")), "globex:bot", "globex:nope"),
-        (lambda n: adm.SetRoute(pb.SetRouteRequest(name=n, weights={1: 100}), metadata=env.md("acme")), "globex:bot", "globex:nope"),
-        (lambda n: adm.PromoteRoute(pb.PromoteRouteRequest(name=n, version=1), metadata=env.md("acme")), "globex:bot", "globex:nope"),
+        (
+            lambda n: adm.DeleteAdapter(pb.DeleteAdapterRequest(name=n), metadata=env.md("acme")),
+            "globex:bot",
+            "globex:nope",
+        ),
+        (
+            lambda n: adm.SetRoute(pb.SetRouteRequest(name=n, weights={1: 100}), metadata=env.md("acme")),
+            "globex:bot",
+            "globex:nope",
+        ),
+        (
+            lambda n: adm.PromoteRoute(pb.PromoteRouteRequest(name=n, version=1), metadata=env.md("acme")),
+            "globex:bot",
+            "globex:nope",
+        ),
     ]:
         details = []
         for n in (foreign, absent):
@@ -271,8 +326,12 @@ def test_files_and_jobs_belong_to_tenants(env, tmp_path):
     base = env.srv.state.service.model_id
     f = acme.files.create(file=color_data(tmp_path / "colors.jsonl", reps=2).open("rb"), purpose="fine-tune")
     assert f.id in [x.id for x in acme.files.list().data] and f.id not in [x.id for x in globex.files.list().data]
-    for call in (lambda i: globex.files.retrieve(i), lambda i: globex.files.content(i), lambda i: globex.files.delete(i),
-                 lambda i: globex.fine_tuning.jobs.create(model=base, training_file=i)):
+    for call in (
+        lambda i: globex.files.retrieve(i),
+        lambda i: globex.files.content(i),
+        lambda i: globex.files.delete(i),
+        lambda i: globex.fine_tuning.jobs.create(model=base, training_file=i),
+    ):
         msgs = []
         for fid in (f.id, "file-doesnotexist"):
             with pytest.raises(openai.NotFoundError) as e:
@@ -280,17 +339,26 @@ def test_files_and_jobs_belong_to_tenants(env, tmp_path):
             msgs.append(e.value.body["message"].replace(fid, "X"))
         assert msgs[0] == msgs[1]
     with pytest.raises(openai.NotFoundError):  # fine-tuning from another tenant's adapter
-        acme.fine_tuning.jobs.create(model=base, training_file=f.id, extra_body={"loraplex": {"adapter": {"init_from": "globex:bot"}}})
+        acme.fine_tuning.jobs.create(
+            model=base, training_file=f.id, extra_body={"loraplex": {"adapter": {"init_from": "globex:bot"}}}
+        )
     with pytest.raises(openai.PermissionDeniedError):  # server paths stay the server's
-        acme.fine_tuning.jobs.create(model=base, training_file=f.id, extra_body={"loraplex": {"datasets": ["/etc/passwd"]}})
+        acme.fine_tuning.jobs.create(
+            model=base, training_file=f.id, extra_body={"loraplex": {"datasets": ["/etc/passwd"]}}
+        )
     with pytest.raises(openai.PermissionDeniedError):  # and so does running code the tenant names
         acme.fine_tuning.jobs.create(model=base, training_file=f.id, extra_body={"loraplex": {"reward": "os:system"}})
-    job = acme.fine_tuning.jobs.create(model=base, training_file=f.id, suffix="colors",
-                                       extra_body={"loraplex": {"max_steps": 1, "sequence_len": 64}})
+    job = acme.fine_tuning.jobs.create(
+        model=base, training_file=f.id, suffix="colors", extra_body={"loraplex": {"max_steps": 1, "sequence_len": 64}}
+    )
     assert job.id in [j.id for j in acme.fine_tuning.jobs.list().data]
     assert job.id not in [j.id for j in globex.fine_tuning.jobs.list().data]
-    for call in (lambda i: globex.fine_tuning.jobs.retrieve(i), lambda i: globex.fine_tuning.jobs.cancel(i),
-                 lambda i: globex.fine_tuning.jobs.list_events(i), lambda i: globex.fine_tuning.jobs.checkpoints.list(i)):
+    for call in (
+        lambda i: globex.fine_tuning.jobs.retrieve(i),
+        lambda i: globex.fine_tuning.jobs.cancel(i),
+        lambda i: globex.fine_tuning.jobs.list_events(i),
+        lambda i: globex.fine_tuning.jobs.checkpoints.list(i),
+    ):
         with pytest.raises(openai.NotFoundError):
             call(job.id)
     deadline = time.time() + 240
@@ -303,7 +371,10 @@ def test_files_and_jobs_belong_to_tenants(env, tmp_path):
     while j.fine_tuned_model not in {m.id for m in acme.models.list().data}:
         assert time.time() < deadline
         time.sleep(0.2)
-    assert acme.chat.completions.create(model=j.fine_tuned_model, messages=MSGS, max_tokens=2).usage.completion_tokens == 2
+    assert (
+        acme.chat.completions.create(model=j.fine_tuned_model, messages=MSGS, max_tokens=2).usage.completion_tokens
+        == 2
+    )
     with pytest.raises(openai.NotFoundError):
         globex.chat.completions.create(model=j.fine_tuned_model, messages=MSGS, max_tokens=2)
 
@@ -318,7 +389,9 @@ def test_audit_route_history_and_lineage_show_who(env):
     mine = env.req("GET", "/v1/audit", "acme").json()["data"]
     assert mine and {e["tenant"] for e in mine} == {"acme"}
     put = next(e for e in mine if e["action"] == "PUT /v1/routes/{name}")
-    assert put["key_id"] == acme_key and put["caller"] == "127.0.0.1" and put["resource"] == "acme:bot" and put["at"] > 0
+    assert (
+        put["key_id"] == acme_key and put["caller"] == "127.0.0.1" and put["resource"] == "acme:bot" and put["at"] > 0
+    )
     assert any(e["action"] == "POST /v1/adapters/{name}/versions" and e["resource"] == "acme:bot" for e in mine)
     every = env.req("GET", "/v1/audit", "op", params={"tenant": "globex"}).json()["data"]
     assert every and {e["tenant"] for e in every} == {"globex"}
@@ -366,7 +439,9 @@ def test_quota_429_with_retry_after_while_the_other_tenant_keeps_its_latency(env
         assert statuses[-1] == 429 and statuses[0] == 200, statuses
         assert 1 <= int(r.headers["retry-after"]) <= 60 and "tokens_per_minute" in r.json()["error"]["message"]
         with pytest.raises(grpc.RpcError) as e:
-            pbg.InferenceStub(env.ch).Generate(pb.GenerateRequest(model="bot", text="hi"), metadata=env.md("acme"), timeout=30)
+            pbg.InferenceStub(env.ch).Generate(
+                pb.GenerateRequest(model="bot", text="hi"), metadata=env.md("acme"), timeout=30
+            )
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert int(dict(e.value.trailing_metadata())["retry-after"]) >= 1
         stop = threading.Event()
@@ -413,7 +488,9 @@ def test_revoking_a_key_under_load_fails_its_next_request_and_nobody_elses(env):
         t.start()
     try:
         time.sleep(1.5)
-        cli = AccessRegistry(AdapterStore(env.srv.state.store.root))  # what `loraplex keys revoke` does, in another registry
+        cli = AccessRegistry(
+            AdapterStore(env.srv.state.store.root)
+        )  # what `loraplex keys revoke` does, in another registry
         cli.revoke_key(doomed.id, revoked_by="test")
         revoked_at = time.monotonic()
         time.sleep(2.0)

@@ -1,4 +1,5 @@
 """Keys, names, shares, quotas and audit in the registry, and the rate limiter: no model, no server."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -97,8 +98,22 @@ def test_quotas_merge_over_the_default(tmp_path):
 
 def test_audit_filters(tmp_path):
     reg = AccessRegistry(AdapterStore(tmp_path / "store"))
-    reg.record(tenant="acme", key_id="key_a", caller="10.0.0.1", action="PUT /v1/routes/{name}", resource="acme:bot", status=200)
-    reg.record(tenant="globex", key_id="key_g", caller="10.0.0.2", action="DELETE /v1/adapters/{name}", resource="globex:x", status=200)
+    reg.record(
+        tenant="acme",
+        key_id="key_a",
+        caller="10.0.0.1",
+        action="PUT /v1/routes/{name}",
+        resource="acme:bot",
+        status=200,
+    )
+    reg.record(
+        tenant="globex",
+        key_id="key_g",
+        caller="10.0.0.2",
+        action="DELETE /v1/adapters/{name}",
+        resource="globex:x",
+        status=200,
+    )
     assert [e.tenant for e in reg.audit()] == ["globex", "acme"]
     assert [e.key_id for e in reg.audit(tenant="acme")] == ["key_a"]
     assert [e.resource for e in reg.audit(action="routes")] == ["acme:bot"]

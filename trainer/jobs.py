@@ -156,7 +156,8 @@ class JobManager:
 
     # --- jobs ---------------------------------------------------------------------
     def create_job(self, *, model: str, training_file: str, validation_file: str | None, suffix: str | None, seed: int | None,
-                   method: dict, hyperparameters: dict, overrides: dict, metadata: dict | None, tenant: str = "*") -> dict:
+                   method: dict, hyperparameters: dict, overrides: dict, metadata: dict | None,
+                   tenant: str = "*") -> dict:
         from .config import JobConfigError, parse_config
 
         if model not in (self.base_model_id, "default", self.base_model):

@@ -260,6 +260,18 @@ def check_job_quota(jobs) -> None:
     check_versions(quota, tenant, tenant_version_count(store, tenant))
 
 
+def job_admission(registry):
+    """`JobManager.may_start`: a queued job starts only while its tenant runs fewer than its `concurrent_jobs`;
+    the jobs behind it of other tenants start meanwhile."""
+
+    def may_start(jid: str, running: list[str]) -> bool:
+        tenant = registry.owner("job", jid)
+        limit = registry.quota(tenant).concurrent_jobs
+        return limit is None or sum(1 for r in running if registry.owner("job", r) == tenant) < limit
+
+    return may_start
+
+
 # What a tenant's fine-tuning job may set through the `loraplex` extension: training knobs only. Paths
 # (datasets, output_dir, base_model), devices and process layout stay the server's, and a reward given as
 # "module:function" would run code the tenant names inside the server's machine.

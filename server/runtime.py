@@ -107,6 +107,9 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
 
     state.jobs = JobManager(cfg.jobs_dir or (cfg.store_dir().parent / "jobs"), cfg.store_dir(), str(base.path), base.model_id,
                             max_concurrent=cfg.max_concurrent_jobs)
+    from .auth_api import job_admission
+
+    state.jobs.may_start = job_admission(gate.registry)
     state.service = GenerationService(engine, store, base, telemetry=telemetry)
     return state
 

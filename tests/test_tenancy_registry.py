@@ -138,3 +138,14 @@ def test_rate_limiter_tokens_and_concurrency():
     assert e.value.limit == "tokens_per_minute" and 55 <= e.value.retry_after <= 60 and "100" in e.value.message
     for _ in range(10):
         rl.admit("globex")  # another tenant is not affected
+
+
+def test_a_tenant_at_its_concurrent_jobs_waits_and_others_start(tmp_path):
+    from loraplex.server.auth_api import job_admission
+
+    reg = AccessRegistry(AdapterStore(tmp_path / "store"))
+    reg.set_quota("acme", {"concurrent_jobs": 1})
+    for jid, tenant in (("j1", "acme"), ("j2", "acme"), ("j3", "globex")):
+        reg.set_owner("job", jid, tenant)
+    may_start = job_admission(reg)
+    assert may_start("j1", []) and not may_start("j2", ["j1"]) and may_start("j3", ["j1"])

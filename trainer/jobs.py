@@ -61,6 +61,7 @@ class JobManager:
         self.max_concurrent = max_concurrent
         self.python = python
         self.poll = poll
+        self.may_start = None  # callable(job id, running job ids) -> bool: a tenant's concurrent-jobs quota (server)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._procs: dict[str, subprocess.Popen] = {}
@@ -406,8 +407,12 @@ class JobManager:
                             self._finish(jid, rc)
                     free = self.max_concurrent - len(self._procs)
                     if free > 0:
-                        for r in self._db().execute("SELECT id FROM jobs WHERE status='queued' ORDER BY created_at, rowid LIMIT ?", (free,)).fetchall():
-                            self._start(r["id"])
+                        for r in self._db().execute("SELECT id FROM jobs WHERE status='queued' ORDER BY created_at, rowid").fetchall():
+                            if free <= 0:
+                                break
+                            if self.may_start is None or self.may_start(r["id"], list(self._procs)):
+                                self._start(r["id"])
+                                free -= 1
             except Exception:  # the watcher must survive anything a job does
                 import logging
 

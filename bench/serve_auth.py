@@ -74,6 +74,23 @@ def main() -> None:
         ).raise_for_status()
         assert httpx.get(f"{url}/v1/me", timeout=60).json()["auth"] is False
 
+    def alternate(kind: str, conc: int, per: int):
+        """Keys off, on, off, on, ...: the best run of each mode and every mode's req/s."""
+        best, seen = {}, {"off": [], "on": []}
+        for _ in range(args.rounds):
+            for mode in ("off", "on"):
+                secret, key_id = keys_on() if mode == "on" else (None, None)
+                r = run_level(kind, conc, per, args.max_tokens, url, target, model, key=secret)
+                if mode == "on":
+                    keys_off(secret, key_id)
+                print(f"  {conc:2d} clients {kind:4s} keys {mode:3s}: {r['rps']:.2f} req/s, p50 {r['p50']:.4f} s, "
+                      f"{r['errors']} errors", file=sys.stderr, flush=True)
+                seen[mode].append(r["rps"])
+                if mode not in best or r["rps"] > best[mode]["rps"]:
+                    best[mode] = r
+        return best["off"], best["on"], seen
+
+    model = None
     try:
         deadline = time.time() + 300
         while True:
@@ -92,40 +109,16 @@ def main() -> None:
         for conc in [int(x) for x in args.levels.split(",")]:
             per = max(args.requests_per_client, 16 // conc)
             for kind in ("http", "grpc"):
-                best, seen = {}, {"off": [], "on": []}
-                for _ in range(args.rounds):
-                    for mode in ("off", "on"):
-                        key = None
-                        if mode == "on":
-                            secret, key_id = keys_on()
-                            key = secret
-                        r = run_level(kind, conc, per, args.max_tokens, url, target, model, key=key)
-                        if mode == "on":
-                            keys_off(secret, key_id)
-                        print(
-                            f"  {conc:2d} clients {kind:4s} keys {mode:3s}: {r['rps']:.2f} req/s, p50 {r['p50']:.4f} s, "
-                            f"{r['errors']} errors",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                        seen[mode].append(r["rps"])
-                        if mode not in best or r["rps"] > best[mode]["rps"]:
-                            best[mode] = r
-                rows.append((conc, kind, best["off"], best["on"], seen))
-        print(
-            f"\nchat requests, {args.max_tokens} new token(s) (greedy, EOS ignored), embedded SmolLM2-135M-Instruct on CPU; "
-            f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); best of {args.rounds} alternating runs"
-        )
-        print(
-            f"{'clients':>7} {'proto':>5} | {'off req/s':>9} {'range':>11} {'p50 s':>7} | {'on req/s':>9} {'range':>11} "
-            f"{'p50 s':>7} | {'on/off req/s':>12}"
-        )
+                rows.append((conc, kind, *alternate(kind, conc, per)))
+        print(f"\nchat requests, {args.max_tokens} new token(s) (greedy, EOS ignored), embedded SmolLM2-135M-Instruct "
+              f"on CPU; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
+              f"best of {args.rounds} alternating runs")
+        print(f"{'clients':>7} {'proto':>5} | {'off req/s':>9} {'range':>11} {'p50 s':>7} | {'on req/s':>9} "
+              f"{'range':>11} {'p50 s':>7} | {'on/off req/s':>12}")
         for conc, kind, off, on, seen in rows:
             rng = {m: f"{min(v):.2f}-{max(v):.2f}" for m, v in seen.items()}
-            print(
-                f"{conc:7d} {kind:>5} | {off['rps']:9.2f} {rng['off']:>11} {off['p50']:7.4f} | {on['rps']:9.2f} {rng['on']:>11} "
-                f"{on['p50']:7.4f} | {on['rps'] / off['rps']:12.3f}"
-            )
+            print(f"{conc:7d} {kind:>5} | {off['rps']:9.2f} {rng['off']:>11} {off['p50']:7.4f} | {on['rps']:9.2f} "
+                  f"{rng['on']:>11} {on['p50']:7.4f} | {on['rps'] / off['rps']:12.3f}")
         print(f"errors: {sum(off['errors'] + on['errors'] for _, _, off, on, _ in rows)}")
     finally:
         proc.terminate()

@@ -35,23 +35,13 @@ from dataclasses import dataclass, field
 
 from loraplex.adapters_store.tenancy import ALL, SCOPES, AccessRegistry, can_manage, qualify
 
-from .errors import ApiError, Forbidden, NotFound
+from .errors import ApiError, NotFound, PermissionDenied, Unauthenticated  # noqa: F401  (re-exported for handlers)
 from .quotas import QuotaExceeded, RateLimiter
 
 log = logging.getLogger("loraplex.auth")
 
 INFERENCE, TRAIN, ADMIN = SCOPES
 FLAG_KEY_ID = "key_flag"  # the id `--api-key` / LORAPLEX_API_KEY shows in the audit log
-
-
-class Unauthenticated(ApiError):
-    http_status = 401
-    grpc_code = "UNAUTHENTICATED"
-    error_type = "authentication_error"
-
-
-class PermissionDenied(Forbidden):
-    """A valid key without the scope (or tenant) a call needs: 403 / PERMISSION_DENIED."""
 
 
 @dataclass(frozen=True)
@@ -569,15 +559,9 @@ async def _send_error(send, err: ApiError) -> None:
 
 # --- gRPC --------------------------------------------------------------------------------------------
 def _peer_address(peer: str | None) -> str:
-    """'ipv4:127.0.0.1:5432' -> '127.0.0.1'; 'ipv6:[::1]:5432' -> '::1'."""
-    if not peer:
-        return "unknown"
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rsplit(":", 1)[0]
-    if kind == "ipv6":
-        return rest.rsplit(":", 1)[0].strip("[]")
-    return peer
+    from .caller import _peer_host
+
+    return _peer_host(peer or "")
 
 
 def make_interceptor(state):

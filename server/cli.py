@@ -126,7 +126,8 @@ def cmd_serve(args) -> int:
 def routes_parser(sub) -> None:
     p = sub.add_parser("routes", help="show and change adapter routes (canary splits) in the store")
     p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
-    p.add_argument("--caller", default=None, help="who makes the change (recorded in the history; default $USER)")
+    p.add_argument("--caller", default=None, help="who makes the change (recorded in the history; default $USER); with "
+                   "--server the server records the identity it sees instead")
     p.add_argument("--server", default=os.environ.get("LORAPLEX_SERVER"), metavar="URL",
                    help="a running server (default $LORAPLEX_SERVER): change routes through its API, so it loads new versions "
                         "before they take traffic and arms guards at once, instead of writing the store directly")
@@ -171,7 +172,7 @@ def cmd_routes(args) -> int:
             return 2
         weights[int(v)] = int(pct)
     if args.server:
-        return _routes_via_server(args, weights, guard, caller)
+        return _routes_via_server(args, weights, guard)
     store = AdapterStore(args.store or default_home() / "store")
     try:
         if args.action == "set":
@@ -198,16 +199,15 @@ def cmd_routes(args) -> int:
     return 0
 
 
-def _routes_via_server(args, weights: dict, guard: dict | None, caller: str) -> int:
+def _routes_via_server(args, weights: dict, guard: dict | None) -> int:
     """`loraplex routes ... --server URL`: the same actions through the server's HTTP API."""
     import json
 
     import httpx
 
     base = f"{args.server.rstrip('/')}/v1/routes/{args.name}"
-    hdr = {"x-loraplex-caller": caller}
     try:
-        with httpx.Client(timeout=120, headers=hdr) as c:
+        with httpx.Client(timeout=120) as c:
             if args.action == "set":
                 body = {"versions": {str(v): p for v, p in weights.items()}, "sticky": args.sticky}
                 if guard:

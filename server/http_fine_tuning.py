@@ -19,13 +19,8 @@ from starlette.routing import Route
 
 from . import auth
 from .auth_api import check_file_quota, check_job_overrides, check_job_quota
-from .errors import ApiError, BadRequest, Conflict, NotFound
+from .errors import ApiError, BadRequest
 from .openai_api import parse_body
-
-
-def _err(e) -> ApiError:
-    cls = {404: NotFound, 409: Conflict}.get(getattr(e, "status", 400), BadRequest)
-    return cls(str(e), param=getattr(e, "param", None), code=getattr(e, "code", None))
 
 
 class JobBody(BaseModel):
@@ -48,12 +43,7 @@ class FineTuningRoutes:
         self.m = manager
 
     async def _call(self, fn, *a, **kw):
-        from loraplex.trainer.jobs import JobError
-
-        try:
-            return await asyncio.to_thread(fn, *a, **kw)
-        except JobError as e:
-            raise _err(e) from e
+        return await asyncio.to_thread(fn, *a, **kw)  # a JobError is a LoraplexError: the edge answers it as it is
 
     async def upload(self, request: HttpRequest):
         form = await request.form()

@@ -22,17 +22,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .errors import ApiError
+from .errors import PayloadTooLarge as _TooLarge
+from .errors import ResourceExhausted
 
 WINDOW_S = 60.0
 
 
-class QuotaExceeded(ApiError):
+class QuotaExceeded(ResourceExhausted):
     """A tenant over one of its limits (429 / RESOURCE_EXHAUSTED); `retry_after` seconds when known."""
-
-    http_status = 429
-    grpc_code = "RESOURCE_EXHAUSTED"
-    error_type = "rate_limit_error"
 
     def __init__(self, message: str, *, limit: str, retry_after: float | None = None):
         super().__init__(message, param=None, code=limit)
@@ -40,12 +37,8 @@ class QuotaExceeded(ApiError):
         self.retry_after = None if retry_after is None else max(1, math.ceil(retry_after))
 
 
-class PayloadTooLarge(ApiError):
+class PayloadTooLarge(_TooLarge):
     """One upload larger than the tenant's `max_upload_bytes` (413 / RESOURCE_EXHAUSTED)."""
-
-    http_status = 413
-    grpc_code = "RESOURCE_EXHAUSTED"
-    error_type = "invalid_request_error"
 
     def __init__(self, message: str, *, limit: str):
         super().__init__(message, code=limit)

@@ -22,6 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
+from loraplex.adapters_store.errors import LoraplexError, kind_for_status
 from loraplex.adapters_store.tenancy import qualify
 
 _SCHEMA = """
@@ -37,14 +38,14 @@ CREATE TABLE IF NOT EXISTS events (
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-class JobError(ValueError):
-    """A request the job manager refuses (bad file, unknown job...); carries an HTTP status."""
+class JobError(LoraplexError, ValueError):
+    """A request the job manager refuses (bad file, unknown job...); `status` picks its kind (404, 409...)."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
-        super().__init__(message)
+        super().__init__(message, param=param, code=code)
         self.status = status
-        self.param = param
-        self.code = code
+        kind = kind_for_status(status)
+        self.http_status, self.grpc_code, self.error_type = kind.http_status, kind.grpc_code, kind.error_type
 
 
 class JobManager:

@@ -37,8 +37,13 @@ def main(job_dir: str) -> int:
         emit({"type": "message", "message": f"registered {v.ref}"})
         return 0
     except Exception as e:  # the reason goes to the job record; the server stays up regardless
-        known = type(e).__name__ in ("DataError", "JobConfigError", "InvalidAdapter", "InvalidRequest")
-        (d / "error.json").write_text(json.dumps({"code": "invalid_training_file" if type(e).__name__ == "DataError" else
+        from loraplex.adapters_store.errors import InvalidAdapter, InvalidRequest
+
+        from .config import JobConfigError
+        from .data import DataError
+
+        known = isinstance(e, (DataError, JobConfigError, InvalidAdapter, InvalidRequest))
+        (d / "error.json").write_text(json.dumps({"code": "invalid_training_file" if isinstance(e, DataError) else
                                                   ("invalid_request" if known else "training_failed"),
                                                   "message": str(e), "traceback": None if known else traceback.format_exc()}))
         emit({"type": "message", "level": "error", "message": f"job failed: {e}"})

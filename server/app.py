@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ def _error_response(err: LoraplexError) -> JSONResponse:
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # any body but an upload: a context's worth of text or token ids, many times over
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20  # POST /v1/files (the fine-tuning routes stream it to disk under the same limit)
 UPLOAD_PATHS = ("/v1/files",)
+ADAPTER_UPLOAD_RE = re.compile(r"/v1/adapters/[^/]+/versions")  # an adapter's files, uploaded (auth_api.py)
 
 
 class BodyLimit:
@@ -81,7 +83,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        upload = scope["path"] in UPLOAD_PATHS
+        upload = scope["path"] in UPLOAD_PATHS or ADAPTER_UPLOAD_RE.fullmatch(scope["path"]) is not None
         limit = self.max_upload_bytes if upload else self.max_request_bytes
         flag = "--max-upload-bytes" if upload else "--max-request-bytes"
         declared = dict(scope["headers"]).get(b"content-length")

@@ -463,7 +463,7 @@ def test_quota_429_with_retry_after_while_the_other_tenant_keeps_its_latency(env
             stop.set()
             for t in flooders:
                 t.join()
-        assert len(refused) > 20 and set(refused) == {429}
+        assert len(refused) > 8 and set(refused) == {429}
         assert during < 1.5 * before + 0.05, (before, during)
     finally:
         assert env.req("PUT", "/v1/tenants/initech/quota", "op", json={}).status_code == 200
@@ -531,6 +531,7 @@ def test_open_mode_and_the_single_api_key():
     from loraplex.server.auth import Gate
 
     state = ServerState()
+    state.service = object()  # "loaded": /v1/me answers once the server is ready
     state.gate = Gate(None, open_when_keyless=True)
     with TestClient(build_app(state)) as c:
         me = c.get("/v1/me", headers={"Authorization": "Bearer unused"}).json()  # what OpenAI clients send

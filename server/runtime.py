@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .app import ServerState
+from .app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_UPLOAD_BYTES, ServerState
 
 log = logging.getLogger("loraplex.server")
 
@@ -40,6 +40,9 @@ class ServeConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=16)
     jobs_dir: Path | None = None  # fine-tuning files and jobs; default $LORAPLEX_HOME/jobs
     max_concurrent_jobs: int = Field(1, ge=1)
+    max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024)  # any HTTP body but an upload (413 above)
+    max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, ge=1024)  # POST /v1/files
+    drain_timeout: float = Field(30.0, ge=0.0, le=3600.0)  # seconds SIGTERM waits for in-flight requests, then aborts them
     api_key: str | None = Field(None, repr=False)  # a single admin key (tenant '*'), besides those in the registry
     insecure_no_auth: bool = False  # serve without authentication, even on a non-loopback address
 

@@ -29,6 +29,31 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serve_grpc_http import free_port, run_level  # noqa: E402
 
 
+def gate_cost(n: int = 20000) -> tuple[float, float]:
+    """Microseconds per call of the gate itself (enter + leave of a metered inference call), in this
+    process: open (no key) and with a key (hash, lookup, scope, quota admission). Machine noise that
+    swamps the end-to-end ratio does not hide this one."""
+    from loraplex.adapters_store import AdapterStore
+    from loraplex.adapters_store.tenancy import AccessRegistry
+    from loraplex.server.auth import HTTP_RULES, Gate
+
+    rule = HTTP_RULES[("POST", "/v1/chat/completions")]
+    with tempfile.TemporaryDirectory() as d:
+        reg = AccessRegistry(AdapterStore(d))
+        out = []
+        for keyed in (False, True):
+            gate = Gate(reg, open_when_keyless=True)
+            header = None
+            if keyed:
+                header = "Bearer " + reg.create_key("acme", "inference")[1]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                gate.leave(gate.enter(rule, header, "127.0.0.1", "POST /v1/chat/completions"), 200)
+            out.append((time.perf_counter() - t0) / n * 1e6)
+        reg.store.close()
+    return out[0], out[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests-per-client", type=int, default=8)
@@ -120,6 +145,8 @@ def main() -> None:
             print(f"{conc:7d} {kind:>5} | {off['rps']:9.2f} {rng['off']:>11} {off['p50']:7.4f} | {on['rps']:9.2f} "
                   f"{rng['on']:>11} {on['p50']:7.4f} | {on['rps'] / off['rps']:12.3f}")
         print(f"errors: {sum(off['errors'] + on['errors'] for _, _, off, on, _ in rows)}")
+        off_us, on_us = gate_cost()
+        print(f"the gate alone, per call: {off_us:.1f} us open, {on_us:.1f} us with a key")
     finally:
         proc.terminate()
         proc.wait(30)

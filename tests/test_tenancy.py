@@ -469,6 +469,33 @@ def test_quota_429_with_retry_after_while_the_other_tenant_keeps_its_latency(env
         assert env.req("PUT", "/v1/tenants/initech/quota", "op", json={}).status_code == 200
 
 
+def test_storage_quotas_answer_413_and_429_naming_the_limit(env, tmp_path, adapter_dirs):
+    import json
+
+    _, env.keys["umbrella"] = env.srv.state.gate.registry.create_key("umbrella", "inference,train,admin")
+    limits = {"max_upload_bytes": 200_000, "file_storage_bytes": 250_000, "adapter_versions": 1}
+    assert env.req("PUT", "/v1/tenants/umbrella/quota", "op", json=limits).status_code == 200
+
+    def jsonl(path, size):
+        line = json.dumps({"text": "x" * 990}) + "\n"
+        path.write_text(line * (size // len(line)))
+        return path.open("rb")
+
+    client = env.client("umbrella")
+    with pytest.raises(openai.APIStatusError) as e:
+        client.files.create(file=jsonl(tmp_path / "big.jsonl", 300_000), purpose="fine-tune")
+    assert e.value.status_code == 413 and "max_upload_bytes" in e.value.body["message"]
+    client.files.create(file=jsonl(tmp_path / "a.jsonl", 150_000), purpose="fine-tune")
+    with pytest.raises(openai.RateLimitError) as e:
+        client.files.create(file=jsonl(tmp_path / "b.jsonl", 150_000), purpose="fine-tune")
+    assert "file_storage_bytes" in e.value.body["message"]
+    assert len(client.files.list().data) == 1
+    assert upload(env, "umbrella", "one", adapter_dirs["alpha"]).status_code == 201
+    r = upload(env, "umbrella", "two", adapter_dirs["alpha"])
+    assert r.status_code == 429 and "adapter_versions" in r.json()["error"]["message"]
+    assert [a["name"] for a in env.req("GET", "/v1/adapters", "umbrella").json()["data"]] == ["umbrella:one"]
+
+
 def test_revoking_a_key_under_load_fails_its_next_request_and_nobody_elses(env):
     from loraplex.adapters_store import AdapterStore
     from loraplex.adapters_store.tenancy import AccessRegistry

@@ -229,7 +229,7 @@ class AuthRoutes:
                 if not isinstance(lineage, dict):
                     raise BadRequest("'lineage' must be a JSON object", param="lineage")
             lineage = {**(lineage or {}), "source": "upload"}
-            v = await asyncio.to_thread(manager.register, name, str(tmp), lineage, auth.current().who())
+            v = await manager.register_async(name, str(tmp), lineage, auth.current().who())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         auth.note(version=v.version, sha256=v.sha256)

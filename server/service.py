@@ -11,6 +11,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from loraplex.adapters_store.refs import parse_ref
+
 from . import auth
 from .engine import Engine
 from .errors import BadRequest, InternalError, NotFound
@@ -60,12 +62,7 @@ class GenerationService:
             raise BadRequest(f"the session / user key is longer than {MAX_STICKY_KEY_CHARS} characters", param="user")
         if model in (self.model_id, "default"):
             return None
-        name, _, ver = model.partition("@")
-        version = None
-        if ver:
-            if not (ver.isascii() and ver.isdigit()):
-                raise BadRequest(f"bad version in model {model!r}: expected name@<integer>", param="model")
-            version = int(ver)
+        name, version = parse_ref(model, param="model")  # the one name@version parser: ASCII digits, 400 otherwise
         try:
             name = auth.resolve_model(name)  # the caller's tenant: its own adapter, else a shared one; 404 otherwise
             return self.store.resolve(name, version=version, sticky_key=sticky_key)

@@ -524,7 +524,9 @@ def test_revoking_a_key_under_load_fails_its_next_request_and_nobody_elses(env):
         )  # what `loraplex keys revoke` does, in another registry
         cli.revoke_key(doomed.id, revoked_by="test")
         revoked_at = time.monotonic()
-        time.sleep(2.0)
+        deadline = revoked_at + 60  # a loaded machine may take seconds per request: wait for a few after the revocation
+        while time.monotonic() < deadline and sum(t0 > revoked_at + 1.0 for t0, _ in list(results["doomed"])) < 3:
+            time.sleep(0.1)
     finally:
         stop.set()
         for t in threads:
@@ -532,7 +534,7 @@ def test_revoking_a_key_under_load_fails_its_next_request_and_nobody_elses(env):
     before = [s for t0, s in results["doomed"] if t0 < revoked_at]
     after = [s for t0, s in results["doomed"] if t0 > revoked_at + 1.0]
     assert before and set(before) == {200}
-    assert after and set(after) == {401}, results["doomed"]
+    assert after and set(after) == {401}, (revoked_at, results["doomed"][-6:], len(results["globex"]))
     assert results["globex"] and {s for _, s in results["globex"]} == {200}
 
 

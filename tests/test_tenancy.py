@@ -426,7 +426,9 @@ def test_quota_429_with_retry_after_while_the_other_tenant_keeps_its_latency(env
             xs.append(time.perf_counter() - t)
         return statistics.median(xs)
 
-    _, env.keys["initech"] = env.srv.state.gate.registry.create_key("initech", "inference")  # a tenant with no usage yet
+    _, env.keys["initech"] = env.srv.state.gate.registry.create_key(
+        "initech", "inference"
+    )  # a tenant with no usage yet
     before = latency("globex")
     assert env.req("PUT", "/v1/tenants/initech/quota", "op", json={"tokens_per_minute": 60}).status_code == 200
     try:
@@ -524,7 +526,9 @@ def test_revoking_a_key_under_load_fails_its_next_request_and_nobody_elses(env):
         )  # what `loraplex keys revoke` does, in another registry
         cli.revoke_key(doomed.id, revoked_by="test")
         revoked_at = time.monotonic()
-        deadline = revoked_at + 60  # a loaded machine may take seconds per request: wait for a few after the revocation
+        deadline = (
+            revoked_at + 60
+        )  # a loaded machine may take seconds per request: wait for a few after the revocation
         while time.monotonic() < deadline and sum(t0 > revoked_at + 1.0 for t0, _ in list(results["doomed"])) < 3:
             time.sleep(0.1)
     finally:

@@ -86,13 +86,19 @@ def version_json(v, engine=None) -> dict:
 class AdapterManager:
     """Store + engine together: registration with warm-up, deletion with drain."""
 
-    def __init__(self, store, engine):
+    def __init__(self, store, engine, hub_orgs: list[str] | None = None):
         self.store = store
         self.engine = engine
+        self.hub_orgs = hub_orgs  # orgs whose hub adapters may be registered over the API (adapters_store.hub)
         self._registrations = ThreadPoolExecutor(REGISTER_WORKERS, thread_name_prefix="loraplex-register")
         self._admitted = threading.BoundedSemaphore(REGISTER_WORKERS + REGISTER_PENDING)
 
-    def register(self, name: str, path: str, lineage: dict | None, caller: str):
+    def register(self, name: str, path: str, lineage: dict | None, caller: str, *, operator: bool = False):
+        from loraplex.adapters_store.hub import adapter_source
+
+        path, source = adapter_source(path, self.hub_orgs, operator=operator)  # a hub id -> its snapshot directory
+        if source:
+            lineage = {**(lineage or {}), **source}
         v = self.store.register(name, path, lineage=auth.stamp_lineage(lineage), caller=caller)
         try:
             self.engine.pool.prefetch(v)  # warm before it takes traffic
@@ -149,7 +155,7 @@ class AdapterRoutes:
 
     async def register(self, request: HttpRequest):
         body = await parse_body(request, RegisterBody)
-        auth.check_path_registration(self.m.store)
+        auth.check_path_registration(self.m.store, body.path)
         v = await self.m.register_async(auth.own(body.name), body.path, body.lineage, self._caller(request))
         return JSONResponse(version_json(v, self.m.engine), status_code=201)
 
@@ -181,7 +187,7 @@ class AdapterRoutes:
 
     async def vllm_load(self, request: HttpRequest):
         body = await parse_body(request, VllmLoadBody)
-        auth.check_path_registration(self.m.store)
+        auth.check_path_registration(self.m.store, body.lora_path)
         v = await self.m.register_async(auth.own(body.lora_name), body.lora_path, None, self._caller(request))
         return JSONResponse({"message": f"Success: LoRA adapter '{body.lora_name}' added successfully.", "name": v.name, "version": v.version}, status_code=200)
 

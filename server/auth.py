@@ -267,8 +267,13 @@ def manages(name: str) -> bool:
     return can_manage(current().identity.tenant, name)
 
 
-def check_path_registration(store) -> None:
-    """With API keys in use, registration by server path reads only under --allowed-adapter-root (and the store)."""
+def check_path_registration(store, path) -> None:
+    """With API keys in use, registration by server path reads only under --allowed-adapter-root (and the store);
+    a hub id is no server path (adapters_store.hub checks its org)."""
+    from loraplex.adapters_store.hub import is_hub_id
+
+    if isinstance(path, str) and is_hub_id(path):
+        return
     if current().identity.authenticated and store.allowed_roots is None:
         raise PermissionDenied(
             "registering an adapter by server path needs --allowed-adapter-root while API keys are in "

@@ -102,8 +102,9 @@ class FineTuningRoutes:
     async def create_job(self, request: HttpRequest):
         body: JobBody = await parse_body(request, JobBody)
         method = body.method or {"type": "supervised", "supervised": {"hyperparameters": body.hyperparameters or {}}}
-        if method.get("type") not in ("supervised", "dpo"):
-            raise BadRequest(f"method type {method.get('type')!r} is not supported; use 'supervised' or 'dpo'", param="method.type")
+        if method.get("type") not in ("supervised", "dpo", "reinforcement"):
+            raise BadRequest(f"method type {method.get('type')!r} is not supported; use 'supervised', 'dpo' or "
+                             "'reinforcement'", param="method.type")
         overrides = dict(body.loraplex or {})
         if body.canary is not None:
             overrides["canary"] = body.canary
@@ -136,6 +137,12 @@ class FineTuningRoutes:
 
     async def cancel(self, request: HttpRequest):
         return JSONResponse(await self._call(self.m.cancel, await self._own_job(request)))
+
+    async def pause(self, request: HttpRequest):
+        return JSONResponse(await self._call(self.m.pause, request.path_params["job_id"]))
+
+    async def resume(self, request: HttpRequest):
+        return JSONResponse(await self._call(self.m.resume, request.path_params["job_id"]))
 
     async def events(self, request: HttpRequest):
         data, more = await self._call(self.m.events, await self._own_job(request), request.query_params.get("after"), _limit(request))
@@ -191,6 +198,8 @@ def fine_tuning_routes(manager) -> list[Route]:
         Route("/v1/fine_tuning/jobs", answer(r.list_jobs), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}", answer(r.get_job), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}/cancel", answer(r.cancel), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/pause", answer(r.pause), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/resume", answer(r.resume), methods=["POST"]),
         Route("/v1/fine_tuning/jobs/{job_id}/events", answer(r.events), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}/checkpoints", answer(r.checkpoints), methods=["GET"]),
     ]

@@ -227,8 +227,7 @@ class AccessRegistry:
 
     def __init__(self, store):
         self.store = store
-        with store._connection() as c:
-            c.executescript(_SCHEMA)
+        store.registry.ensure_schema(_SCHEMA)  # the registry's backend translates the DDL (registry.py)
         with store._write() as c:
             c.execute("INSERT INTO access_meta(id, version) VALUES (1, 0) ON CONFLICT(id) DO NOTHING")
         self._snap = _Snapshot(-1)

@@ -58,7 +58,7 @@ def _error_response(err: LoraplexError) -> JSONResponse:
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # any body but an upload: a context's worth of text or token ids, many times
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20  # POST /v1/files (the fine-tuning routes stream it to disk under this limit)
-UPLOAD_PATHS = ("/v1/files",)
+UPLOAD_PATHS = ("/v1/files", "/v1/console/datasets/preview")  # the console checks a dataset before uploading it
 ADAPTER_UPLOAD_RE = re.compile(r"/v1/adapters/[^/]+/versions")  # an adapter's files, uploaded (auth_api.py)
 
 
@@ -106,8 +106,8 @@ class BodyLimit:
 
 
 def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, poll_interval: float = 1.0,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-              max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> Starlette:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+              console: bool = True) -> Starlette:
     def need(attr):
         def get():
             obj = getattr(state, attr)
@@ -126,6 +126,8 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
             try:
                 return await fn_getter()(request)
             except LoraplexError as e:
+                if state.telemetry is not None and 400 <= e.http_status < 500:
+                    state.telemetry.request_rejected("http", e.http_status, e.error_type)
                 return _error_response(e)
             except Exception:
                 log.exception("internal error on %s %s", request.method, request.url.path)
@@ -137,6 +139,11 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
 
     def oa():
         return OpenAIRoutes(service())
+
+    def tk():
+        from .tokenizer_api import TokenizerRoutes
+
+        return TokenizerRoutes(service())
 
     def ad():
         return AdapterRoutes(manager())
@@ -170,6 +177,10 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", wrap(lambda: oa().models), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", wrap(lambda: oa().model), methods=["GET"]),
+        Route("/tokenize", wrap(lambda: tk().tokenize), methods=["POST"]),
+        Route("/detokenize", wrap(lambda: tk().detokenize), methods=["POST"]),
+        Route("/tokenizer_info", wrap(lambda: tk().tokenizer_info), methods=["GET"]),
         Route("/v1/chat/completions", wrap(lambda: oa().chat), methods=["POST"]),
         Route("/v1/completions", wrap(lambda: oa().completions), methods=["POST"]),
         Route("/v1/rewards", wrap(lambda: oa().rewards), methods=["POST"]),
@@ -202,16 +213,21 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
     ]
     for r in extra_routes or []:
         routes.append(r)
+    if console:  # the web console at /console and its JSON endpoints (server/console/), after the API's own routes
+        from .console import console_routes
+
+        routes += console_routes(state)
 
     async def poll_store():
         # Registrations made by other processes (the trainer) reach us through the store's event log.
+        # Other replicas' changes too: `wait_events` returns as soon as the log moves (PostgreSQL NOTIFY wakes it).
         while True:
-            await asyncio.sleep(poll_interval)
             st, m = state.store, state.manager
             if st is None or m is None:
+                await asyncio.sleep(poll_interval)
                 continue
             try:
-                events = await asyncio.to_thread(st.events_since, state._seq)
+                events = await asyncio.to_thread(st.wait_events, state._seq, poll_interval)
                 for ev in events:
                     state._seq = max(state._seq, ev.seq)
                     await asyncio.to_thread(m.on_store_event, ev)
@@ -219,6 +235,7 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
                         await asyncio.to_thread(state.routes.on_store_event, ev)
             except Exception:
                 log.exception("store polling failed")
+                await asyncio.sleep(poll_interval)
 
     from contextlib import asynccontextmanager
 
@@ -236,6 +253,8 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
         kind = NotFound if exc.status_code == 404 else LoraplexError
         err = kind(f"no route for {request.method} {request.url.path}" if exc.status_code == 404 else
                    f"{request.method} is not allowed on {request.url.path}")
+        if state.telemetry is not None:
+            state.telemetry.request_rejected("http", exc.status_code, err.error_type)
         return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: no_route, 405: no_route}, middleware=[

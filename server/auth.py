@@ -131,6 +131,11 @@ HTTP_RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/audit"): _r(ADMIN),
     ("GET", "/v1/tenants/{tenant}/quota"): _r(ADMIN),
     ("PUT", "/v1/tenants/{tenant}/quota"): _r(ADMIN, operator=True, mutates=True),
+    # the web console (server/console/): static page public, its JSON endpoints scoped like the API they mirror
+    ("GET", "/console"): PUBLIC,  # the redirect and the static files mounted there
+    ("GET", "/v1/console/metrics"): _r(ADMIN),
+    ("POST", "/v1/console/datasets/preview"): _r(TRAIN),
+    ("POST", "/v1/console/jobs/{job_id}/canary"): _r(ADMIN, mutates=True),
 }
 
 _INF, _ADM = "/loraplex.v1.Inference/", "/loraplex.v1.Admin/"
@@ -506,7 +511,7 @@ class AuthMiddleware:
         from starlette.requests import Request
 
         route, params = self._route(scope)
-        method = scope["method"]
+        method = "GET" if scope["method"] == "HEAD" else scope["method"]  # HEAD is GET without the body
         path = getattr(route, "path", None)
         rule = HTTP_RULES.get((method, path), NO_RULE) if route is not None else None
         if rule is not None and rule.public:

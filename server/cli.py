@@ -23,6 +23,8 @@ def serve_parser(sub) -> None:
     p.add_argument("--served-model-name", help="the id clients use for the base model")
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR", help="register a PEFT adapter at start (repeatable)")
     p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
+    p.add_argument("--registry", help="registry database: a postgresql:// URL shared by replicas (default "
+                   "$LORAPLEX_REGISTRY, else registry.sqlite3 in the store)")
     p.add_argument("--allow-hub-org", action="append", dest="hub_orgs", metavar="ORG",
                    help="let POST /v1/adapters register Hugging Face hub adapters (org/repo[@rev]) of this org; '*' = any "
                         "(repeatable; default: none, remote ids refused)")
@@ -54,6 +56,7 @@ def serve_parser(sub) -> None:
                    help="largest file upload, POST /v1/files (default 512 MiB; 413 above)")
     p.add_argument("--drain-timeout", type=float,
                    help="seconds SIGTERM lets in-flight requests finish before aborting them (default 30)")
+    p.add_argument("--no-console", dest="console", action="store_false", help="do not serve the web console at /console")
     p.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY") or None, metavar="KEY",
                    help="a single admin key (tenant '*', every scope) besides those of `loraplex keys create` "
                         "(default $LORAPLEX_API_KEY)")
@@ -84,7 +87,8 @@ def cmd_serve(args) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = ServerState()
-    app = build_app(state, max_request_bytes=cfg.max_request_bytes, max_upload_bytes=cfg.max_upload_bytes)
+    app = build_app(state, max_request_bytes=cfg.max_request_bytes, max_upload_bytes=cfg.max_upload_bytes,
+                    console=cfg.console)
     failed = threading.Event()
     log = logging.getLogger("loraplex")
     # Bounded shutdown: after `drain_timeout` uvicorn cancels the handlers still running (their engine requests

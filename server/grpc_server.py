@@ -39,6 +39,7 @@ from .errors import BadRequest, DeadlineExceeded, LoraplexError, NotFound, Unava
 from .generation_params import (
     CHAT_ROLES, COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, GenerationParams,
 )
+from .structured_fields import grpc_answer
 from .service import Generation, gather_streams, merge
 
 log = logging.getLogger("loraplex.grpc")
@@ -109,6 +110,21 @@ def add_service(server, servicer, service_name: str) -> None:
     server.add_registered_method_handlers(desc.full_name, handlers)
 
 
+class _Health(HealthServicer):
+    """grpcio-health-checking's servicer plus `List` (every service's status), which it leaves UNIMPLEMENTED."""
+
+    async def List(self, request, context) -> health_pb2.HealthListResponse:
+        # _server_status is the base class's only record of the statuses `set` stored
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=st) for name, st in self._server_status.items()})
+
+
+def _count_rejected(servicer, e: Exception) -> None:
+    tel = getattr(servicer.state, "telemetry", None)
+    if tel is not None and isinstance(e, LoraplexError) and 400 <= e.http_status < 500:
+        tel.request_rejected("grpc", e.grpc_code, e.error_type)
+
+
 def edge(fn):
     """Maps every failure of a unary handler to a status code, once."""
 
@@ -118,6 +134,7 @@ def edge(fn):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:
+            _count_rejected(self, e)
             await _abort(context, e, fn.__name__)
 
     wrapper.__name__ = fn.__name__
@@ -134,6 +151,7 @@ def edge_stream(fn):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:
+            _count_rejected(self, e)
             await _abort(context, e, fn.__name__)
 
     wrapper.__name__ = fn.__name__
@@ -214,10 +232,11 @@ class InferenceServicer(_Base, pbg.InferenceServicer):
             max_tokens = gp.max_tokens
         else:
             max_tokens = s.default_max_tokens(len(prompt)) if chat else COMPLETION_DEFAULT_MAX_TOKENS
+        constraint, logit_bias = await asyncio.to_thread(grpc_answer, s.grammars, request, s.vocab_size)
         rid = request.request_id or uuid.uuid4().hex
         deadline = context.time_remaining()  # None without a client deadline
         reqs = s.submit_choices([prompt], gp, max_tokens, adapter, loop=asyncio.get_running_loop(),
-                                deadline_s=deadline, request_id=rid)
+                                deadline_s=deadline, request_id=rid, constraint=constraint, logit_bias=logit_bias)
         served = s.model_id if adapter is None else adapter.ref
         ident = dict(request_id=rid, adapter="" if adapter is None else adapter.name,
                      adapter_version=0 if adapter is None else adapter.version, served_by=served)
@@ -403,7 +422,7 @@ class GrpcServer:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[auth.make_interceptor(self.state)])
         add_service(self.server, InferenceServicer(self.state), "Inference")
         add_service(self.server, AdminServicer(self.state), "Admin")
-        self.health = HealthServicer()
+        self.health = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES, self.server)
         try:

@@ -24,6 +24,7 @@ class ServeConfig(BaseModel):
     served_model_name: str | None = None
     adapters: dict[str, str] = Field(default_factory=dict)  # name -> PEFT dir, registered at start
     store: Path | None = None  # default $LORAPLEX_HOME/store
+    registry: str | None = None  # postgresql:// URL; default $LORAPLEX_REGISTRY, else registry.sqlite3 in the store
     allowed_adapter_roots: list[Path] | None = None  # None = any readable path
     hub_orgs: list[str] | None = None  # hub orgs whose adapters the API may register ("*": any); None = no remote ids
     host: str = "127.0.0.1"
@@ -46,6 +47,7 @@ class ServeConfig(BaseModel):
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024)  # any HTTP body but an upload (413 above)
     max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, ge=1024)  # POST /v1/files
     drain_timeout: float = Field(30.0, ge=0.0, le=3600.0)  # seconds SIGTERM waits for in-flight requests, then aborts
+    console: bool = True  # serve the web console at /console
     api_key: str | None = Field(None, repr=False)  # a single admin key (tenant '*'), besides those in the registry
     insecure_no_auth: bool = False  # serve without authentication, even on a non-loopback address
 
@@ -56,6 +58,7 @@ class ServeConfig(BaseModel):
 def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=None) -> ServerState:
     """Loads everything; fills `state` in place (so an app built earlier sees it once ready)."""
     from loraplex.adapters_store import AdapterStore, BaseModelSpec
+    from loraplex.adapters_store.registry import REGISTRY_ENV
     from loraplex.adapters_store.tenancy import AccessRegistry
 
     from .adapters_api import AdapterManager
@@ -77,8 +80,10 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     roots = cfg.allowed_adapter_roots
     if roots is not None and (cfg.hub_orgs or any(is_hub_id(p) for p in cfg.adapters.values())):
         roots = [*roots, hub_cache_root()]  # hub snapshots are symlinks into the hub cache's blobs
+    if cfg.registry:  # job processes and other handles on this store open the same registry
+        os.environ[REGISTRY_ENV] = cfg.registry
     store = AdapterStore(cfg.store_dir(), base=spec, allowed_roots=roots,
-                         max_adapter_bytes=cfg.max_adapter_bytes)
+                         max_adapter_bytes=cfg.max_adapter_bytes, registry=cfg.registry)
     runner = ModelRunner(base.model, max_loras=cfg.max_loras, kv_budget_tokens=cfg.kv_cache_tokens, max_model_len=cfg.max_model_len,
                          owns_weights=True)
     ecfg = EngineConfig(

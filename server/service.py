@@ -18,6 +18,7 @@ from .engine import Engine
 from .errors import BadRequest, InternalError, NotFound
 from .generation_params import MAX_NAME_CHARS, MAX_STICKY_KEY_CHARS, GenerationParams
 from .loading import LoadedBase
+from .structured import GrammarCompiler
 from .request import OutputStream, Request, RequestOutput, SamplingParams, TokenLogprob
 
 
@@ -46,6 +47,8 @@ class GenerationService:
         self.telemetry = telemetry
         self.ready = False
         self._heads: dict = {}
+        self.vocab_size = base.model.config.vocab_size  # width of the logits; token ids below it are valid
+        self.grammars = GrammarCompiler(self.tokenizer, engine.eos_ids, self.vocab_size)
 
     @property
     def model_id(self) -> str:
@@ -73,9 +76,9 @@ class GenerationService:
     # --- prompts ------------------------------------------------------------------
     # These tokenize: front ends call them off their event loop (asyncio.to_thread), so a long prompt never
     # holds up /health or another request's stream.
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         except Exception as e:
             raise BadRequest(f"messages cannot be rendered with the model's chat template: {e}", param="messages") from e
         return self._encode(text, add_special_tokens=False, param="messages")
@@ -151,14 +154,19 @@ class GenerationService:
         return self._submit_all([self._request(prompt_ids, params, adapter, loop, deadline_s, request_id)])[0]
 
     def submit_choices(self, prompts: list[list[int]], gp: GenerationParams, max_tokens: int, adapter, *, loop=None,
-                       deadline_s: float | None = None, request_id: str | None = None, **extra) -> list[Request]:
-        """The `gp.n` choices of every prompt (choice i seeded seed + i), queued all or none: a 429 holds no slot."""
+                       deadline_s: float | None = None, request_id: str | None = None, constraint=None,
+                       **extra) -> list[Request]:
+        """The `gp.n` choices of every prompt (choice i seeded seed + i), queued all or none: a 429 holds no slot.
+
+        `constraint` (structured.TokenConstraint): the answer's grammar; every choice gets its own state of it."""
         reqs = []
         for ids in prompts:
             for i in range(gp.n):
                 one = gp.n * len(prompts) == 1
                 rid = None if request_id is None else (request_id if one else f"{request_id}-{len(reqs)}")
-                reqs.append(self._request(ids, gp.sampling(max_tokens, i, **extra), adapter, loop, deadline_s, rid))
+                c = None if constraint is None else constraint.copy()
+                params = gp.sampling(max_tokens, i, constraint=c, **extra)
+                reqs.append(self._request(ids, params, adapter, loop, deadline_s, rid))
         return self._submit_all(reqs)
 
     @staticmethod

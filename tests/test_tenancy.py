@@ -92,13 +92,16 @@ WRONG = {"inference": "no_inference", "train": "no_train", "admin": "no_admin"}
 
 
 def _http_endpoints(state):
-    from starlette.routing import Route
+    from starlette.routing import Mount, Route
 
     from loraplex.server.app import build_app
 
     out = []
     for r in build_app(state).routes:
-        assert isinstance(r, Route), f"{r!r}: the gate's rules know Route paths; teach the test about this kind"
+        if isinstance(r, Mount):  # static files: every GET under its path
+            out.append(("GET", r.path))
+            continue
+        assert isinstance(r, Route), f"{r!r}: the gate's rules know Route and Mount paths; teach the test this kind"
         for m in sorted(r.methods - {"HEAD"}):
             out.append((m, r.path))
     return out

@@ -19,10 +19,11 @@ counter moves with every change of those tables (in the same transaction), and t
 reloaded when it moved, looked at no more often than every `REFRESH_S`. A key revoked by the CLI in
 another process therefore stops working on a running server within that time.
 
-The tables live in the adapter store's registry database beside the versions (`CREATE TABLE IF NOT
-EXISTS`, nothing altered, so an existing registry gains them on first open) and use its transactions.
-The SQL is plain: text ids generated here instead of SQLite's AUTOINCREMENT, `ON CONFLICT ... DO
-UPDATE` upserts, so the same statements run on PostgreSQL.
+The tables live in the adapter store's registry beside the versions, created through the registry's
+`ensure_schema` (`CREATE TABLE IF NOT EXISTS`, nothing altered, so an existing registry gains them on
+first open) and written in its transactions. The SQL is plain: text ids generated here instead of
+AUTOINCREMENT, `ON CONFLICT ... DO UPDATE` upserts, so the same statements run on SQLite and PostgreSQL
+(tests/test_tenancy_registry.py runs them on both).
 """
 
 from __future__ import annotations

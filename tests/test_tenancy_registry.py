@@ -149,3 +149,27 @@ def test_a_tenant_at_its_concurrent_jobs_waits_and_others_start(tmp_path):
         reg.set_owner("job", jid, tenant)
     may_start = job_admission(reg)
     assert may_start("j1", []) and not may_start("j2", ["j1"]) and may_start("j3", ["j1"])
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request):
+    return None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+
+
+def test_access_tables_work_on_every_registry_backend_across_replicas(tmp_path, registry_url):
+    a = AccessRegistry(AdapterStore(tmp_path / "store", registry=registry_url))
+    b = AccessRegistry(AdapterStore(tmp_path / "store", registry=registry_url))  # another replica
+    key, secret = a.create_key("acme", "inference", name="ci")
+    assert b.lookup(secret).id == key.id
+    a.share("shared-bot")
+    a.set_quota("acme", {"tokens_per_minute": 10})
+    a.set_quota("acme", {"tokens_per_minute": 20})  # an upsert
+    a.set_owner("file", "file-1", "acme")
+    a.record(tenant="acme", key_id=key.id, caller="10.0.0.1", action="POST /v1/files", resource="file-1", status=200)
+    a.revoke_key(key.id)
+    time.sleep(REFRESH_S + 0.05)
+    assert b.lookup(secret) is None and b.is_shared("shared-bot") and b.quota("acme").tokens_per_minute == 20
+    assert b.owner("file", "file-1") == "acme" and b.owned("file", "acme") == {"file-1"}
+    assert [e.resource for e in b.audit(tenant="acme", action="files")] == ["file-1"]
+    a.store.close()
+    b.store.close()

@@ -518,9 +518,9 @@ class AuthMiddleware:
         method = "GET" if scope["method"] == "HEAD" else scope["method"]  # HEAD is GET without the body
         path = getattr(route, "path", None)
         rule = HTTP_RULES.get((method, path), NO_RULE) if route is not None else None
-        if rule is not None and rule.public:
-            return await self.app(scope, receive, send)
         gate: Gate | None = self.state.gate
+        if (rule is not None and rule.public) or (rule is None and gate is None):
+            return await self.app(scope, receive, send)  # public, or no such route before the gate exists: 404 / 405
         action = f"{method} {path or scope['path']}"
         try:
             if gate is None:

@@ -1,4 +1,4 @@
-"""The `loraplex` command: `serve`, `train`, `routes`."""
+"""The `loraplex` command: `serve`, `train`, `routes`, `keys`, `tenants`."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +57,12 @@ def serve_parser(sub) -> None:
     p.add_argument("--drain-timeout", type=float,
                    help="seconds SIGTERM lets in-flight requests finish before aborting them (default 30)")
     p.add_argument("--no-console", dest="console", action="store_false", help="do not serve the web console at /console")
+    p.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY") or None, metavar="KEY",
+                   help="a single admin key (tenant '*', every scope) besides those of `loraplex keys create` "
+                        "(default $LORAPLEX_API_KEY)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve without authentication, even on a non-loopback --host (anyone who can connect "
+                        "is admin)")
     p.add_argument("--log-level", default="info")
 
 
@@ -64,7 +70,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from .app import ServerState, build_app
-    from .runtime import ServeConfig, build_state
+    from .runtime import ServeConfig, build_state, open_gate
 
     fields = set(ServeConfig.model_fields)
     raw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -72,6 +78,11 @@ def cmd_serve(args) -> int:
     try:
         cfg = ServeConfig(**raw)
     except Exception as e:
+        print(f"loraplex serve: {e}", file=sys.stderr)
+        return 2
+    try:
+        open_gate(cfg).registry.store.close()  # refuses a non-loopback address without keys, before loading anything
+    except ValueError as e:
         print(f"loraplex serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -291,11 +302,19 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser(sub)
     sub.add_parser("train", help="run a training job from a YAML file (see `loraplex train --help`)")
     routes_parser(sub)
+    from .auth_cli import cmd_keys, cmd_tenants, keys_parser, tenants_parser
+
+    keys_parser(sub)
+    tenants_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         return cmd_serve(args)
     if args.cmd == "routes":
         return cmd_routes(args)
+    if args.cmd == "keys":
+        return cmd_keys(args)
+    if args.cmd == "tenants":
+        return cmd_tenants(args)
     return 2
 
 

@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 from loraplex.adapters_store.errors import LoraplexError, kind_for_status
+from loraplex.adapters_store.tenancy import qualify
 
 from .core import STOP_FILE_ENV, few_steps_warning
 from .hyperparams import resolve as resolve_hyperparameters
@@ -68,6 +69,7 @@ class JobManager:
         self.max_concurrent = max_concurrent
         self.python = python
         self.poll = poll
+        self.may_start = None  # callable(job id, running job ids) -> bool: a tenant's concurrent-jobs quota (server)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._procs: dict[str, subprocess.Popen] = {}
@@ -164,7 +166,8 @@ class JobManager:
 
     # --- jobs ---------------------------------------------------------------------
     def create_job(self, *, model: str, training_file: str, validation_file: str | None, suffix: str | None, seed: int | None,
-                   method: dict, hyperparameters: dict, overrides: dict, metadata: dict | None) -> dict:
+                   method: dict, hyperparameters: dict, overrides: dict, metadata: dict | None,
+                   tenant: str = "*") -> dict:
         from .config import JobConfigError, parse_config
 
         if model not in (self.base_model_id, "default", self.base_model):
@@ -174,7 +177,7 @@ class JobManager:
         if suffix is not None and not suffix.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise JobError("suffix may hold letters, digits, '-', '_' and '.' only", param="suffix")
         jid = "ftjob-" + uuid.uuid4().hex[:24]
-        name = f"ft-{suffix}-{jid[6:12]}" if suffix else f"ft-{jid[6:18]}"
+        name = qualify(tenant, f"ft-{suffix}-{jid[6:12]}" if suffix else f"ft-{jid[6:18]}")  # the job's tenant owns it
         mtype = method.get("type", "supervised")
         hp = {**hyperparameters, **(method.get(mtype) or {}).get("hyperparameters", {})}
         # OpenAI's meaning: batch_size examples per optimizer step, n_epochs passes; "auto" resolved from the data
@@ -480,8 +483,12 @@ class JobManager:
                             self._finish(jid, rc)
                     free = self.max_concurrent - len(self._procs)
                     if free > 0:
-                        for r in self._db().execute("SELECT id FROM jobs WHERE status='queued' ORDER BY created_at, rowid LIMIT ?", (free,)).fetchall():
-                            self._start(r["id"])
+                        for r in self._db().execute("SELECT id FROM jobs WHERE status='queued' ORDER BY created_at, rowid").fetchall():
+                            if free <= 0:
+                                break
+                            if self.may_start is None or self.may_start(r["id"], list(self._procs)):
+                                self._start(r["id"])
+                                free -= 1
             except Exception:  # the watcher must survive anything a job does
                 import logging
 

@@ -186,8 +186,8 @@ class JobConfig(_Strict):
                     setattr(self, key, default)
             elif getattr(self, key) is not None:
                 hint = " (its examples per step are num_rollouts)" if key == "examples_per_step" else ""
-                raise ValueError(f"'{key}' is a setting of method {'/'.join(methods)}; method: {self.method} does not use "
-                                 f"it{hint}: remove it")
+                raise ValueError(f"'{key}' is a setting of method {'/'.join(methods)}; method: {self.method} does "
+                                 f"not use it{hint}: remove it")
         if self.quantize == "4bit":
             if self.method in ("ppo", "grpo"):
                 raise ValueError(f"quantize: 4bit is not supported for method: {self.method} (its rollout engine reads the base "

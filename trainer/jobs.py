@@ -81,7 +81,6 @@ class JobManager:
         if "plan" not in {r["name"] for r in self._db().execute("PRAGMA table_info(jobs)")}:
             with self._db() as c:  # databases from before training plans were recorded
                 c.execute("ALTER TABLE jobs ADD COLUMN plan TEXT")
-        now = int(time.time())
         with self._db() as c:  # a restart interrupted whatever was running: queue it again, to resume from its checkpoint
             for (jid,) in c.execute("SELECT id FROM jobs WHERE status IN ('running', 'validating_files')").fetchall():
                 c.execute("UPDATE jobs SET status='queued' WHERE id=?", (jid,))
@@ -196,6 +195,8 @@ class JobManager:
         if mtype == "reinforcement":  # a step samples batch_size prompts (x num_generations) and grades them
             from .graders import GraderError, check_grader
 
+            if validation_file:  # refused rather than ignored: the GRPO loop has no held-out evaluation yet
+                raise JobError("validation_file is not supported with the reinforcement method", param="validation_file")
             grader = (method.get(mtype) or {}).get("grader")
             try:
                 check_grader(grader, "method.reinforcement.grader")

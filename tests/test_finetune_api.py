@@ -190,7 +190,7 @@ def test_routes_mounted_alone_answer_the_openai_client(tmp_path, tiny_base):
         first = client.fine_tuning.jobs.list(limit=1)
         assert [x.id for x in first.data] == [jobs[1].id] and first.has_more
         assert [x.id for x in client.fine_tuning.jobs.list(limit=1, after=jobs[1].id).data] == [jobs[0].id]
-        assert client.fine_tuning.jobs.list_events(jobs[0].id).data[0].message == "job created and queued"
+        assert client.fine_tuning.jobs.list_events(jobs[0].id).data[0].message.startswith("job created and queued")
         assert client.fine_tuning.jobs.checkpoints.list(jobs[0].id).data == []
         assert client.fine_tuning.jobs.cancel(jobs[0].id).status == "cancelled"
         with pytest.raises(openai.ConflictError):

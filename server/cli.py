@@ -17,6 +17,13 @@ def _adapter_arg(s: str) -> tuple[str, str]:
     return name, path
 
 
+def _reward_arg(s: str) -> tuple[str, str]:
+    name, sep, spec = s.partition("=")
+    if not sep or not name or ":" not in spec:
+        raise argparse.ArgumentTypeError(f"--reward-function expects NAME=module:function, got {s!r}")
+    return name, spec
+
+
 def serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the base model and its adapters over HTTP (OpenAI-compatible) and gRPC")
     p.add_argument("--model", help="local Hugging Face checkpoint dir (default: embedded SmolLM2-135M-Instruct)")
@@ -42,6 +49,16 @@ def serve_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--jobs-dir", type=Path, help="fine-tuning files and jobs (default $LORAPLEX_HOME/jobs)")
     p.add_argument("--max-concurrent-jobs", type=int, default=1, help="training jobs run at once")
+    from loraplex.trainer import jobs
+
+    p.add_argument("--max-queued-jobs", type=int,
+                   help=f"fine-tuning jobs waiting before new ones get 429 (default {jobs.DEFAULT_MAX_QUEUED_JOBS})")
+    p.add_argument("--max-job-seconds", type=float,
+                   help=f"wall-clock limit of one training job; past it the job fails (default {jobs.DEFAULT_MAX_JOB_SECONDS})")
+    p.add_argument("--max-upload-bytes", type=int,
+                   help=f"largest file POST /v1/files accepts, 413 past it (default {jobs.DEFAULT_MAX_UPLOAD_BYTES})")
+    p.add_argument("--reward-function", action="append", type=_reward_arg, default=[], metavar="NAME=module:function",
+                   help="a Python reward function jobs may name by NAME (repeatable); requests never name code")
     p.add_argument("--log-level", default="info")
 
 
@@ -54,6 +71,7 @@ def cmd_serve(args) -> int:
     fields = set(ServeConfig.model_fields)
     raw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     raw["adapters"] = dict(args.adapter)
+    raw["reward_functions"] = dict(args.reward_function)
     try:
         cfg = ServeConfig(**raw)
     except Exception as e:

@@ -5,7 +5,9 @@ import logging
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from loraplex.trainer.jobs import DEFAULT_MAX_JOB_SECONDS, DEFAULT_MAX_QUEUED_JOBS, DEFAULT_MAX_UPLOAD_BYTES
 
 from .app import ServerState
 
@@ -40,6 +42,17 @@ class ServeConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=16)
     jobs_dir: Path | None = None  # fine-tuning files and jobs; default $LORAPLEX_HOME/jobs
     max_concurrent_jobs: int = Field(1, ge=1)
+    max_queued_jobs: int = Field(DEFAULT_MAX_QUEUED_JOBS, ge=1)
+    max_job_seconds: float = Field(DEFAULT_MAX_JOB_SECONDS, gt=0)
+    max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, ge=1)
+    reward_functions: dict[str, str] = Field(default_factory=dict)  # NAME -> "module:function", named by jobs
+
+    @field_validator("reward_functions")
+    @classmethod
+    def _rewards(cls, v):
+        from loraplex.trainer.jobs import check_reward_functions
+
+        return check_reward_functions(v)
 
     def store_dir(self) -> Path:
         return self.store or default_home() / "store"
@@ -99,6 +112,7 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     from loraplex.trainer.jobs import JobManager
 
     state.jobs = JobManager(cfg.jobs_dir or (cfg.store_dir().parent / "jobs"), cfg.store_dir(), str(base.path), base.model_id,
-                            max_concurrent=cfg.max_concurrent_jobs)
+                            max_concurrent=cfg.max_concurrent_jobs, max_queued=cfg.max_queued_jobs, max_job_seconds=cfg.max_job_seconds,
+                            max_upload_bytes=cfg.max_upload_bytes, reward_functions=cfg.reward_functions)
     state.service = GenerationService(engine, store, base, telemetry=telemetry)
     return state

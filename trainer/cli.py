@@ -12,8 +12,9 @@ def default_home() -> Path:
     return Path(os.environ.get("LORAPLEX_HOME") or "./var")
 
 
-def run_job(cfg, out_dir: Path, store_dir: Path, *, resume: bool, caller: str, on_event=None, progress=False):
-    """Trains with the method the config names and registers the result; returns (version, route)."""
+def run_job(cfg, out_dir: Path, store_dir: Path, *, resume: bool, caller: str, on_event=None, progress=False, **register):
+    """Trains with the method the config names and registers the result (`register`: register_result's options);
+    returns (version, route)."""
     from .register import register_result
 
     if cfg.num_processes > 1:
@@ -29,7 +30,7 @@ def run_job(cfg, out_dir: Path, store_dir: Path, *, resume: bool, caller: str, o
 
         result = train_method(cfg, out_dir, resume=resume, on_event=on_event, progress=progress, store_dir=store_dir)
     return register_result(cfg, result.adapter_dir, result.metrics, store_dir, caller=caller,
-                           extra_lineage=getattr(result, "lineage", None) or None)
+                           extra_lineage=getattr(result, "lineage", None) or None, **register)
 
 
 def train_main(argv: list[str] | None = None) -> int:

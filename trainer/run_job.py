@@ -28,17 +28,29 @@ def main(job_dir: str) -> int:
         from .config import parse_config
 
         cfg = parse_config(spec["config"])
+        if spec.get("new_name"):  # before any work: a name taken since the job was queued fails it now, not after training
+            from loraplex.adapters_store import AdapterStore
+
+            from .register import check_new_name
+
+            check_new_name(AdapterStore(spec["store_dir"]), cfg.adapter.name)
         emit({"type": "message", "message": f"training {cfg.adapter.name} ({cfg.method}) started"})
         v, route = run_job(cfg, Path(spec["output_dir"]), Path(spec["store_dir"]), resume=spec.get("resume", False),
-                           caller=spec.get("caller", "fine_tuning"), on_event=emit)
+                           caller=spec.get("caller", "fine_tuning"), on_event=emit, new_name=spec.get("new_name", False),
+                           public_names=spec.get("public_names"))
         result = {"adapter": v.name, "version": v.version, "ref": v.ref, "route": None if route is None else route.to_json(),
                   "trained_tokens": v.lineage.get("metrics", {}).get("tokens_seen_this_run")}
         (d / "result.json").write_text(json.dumps(result))
         emit({"type": "message", "message": f"registered {v.ref}"})
         return 0
     except Exception as e:  # the reason goes to the job record; the server stays up regardless
-        known = type(e).__name__ in ("DataError", "JobConfigError", "InvalidAdapter", "InvalidRequest")
-        (d / "error.json").write_text(json.dumps({"code": "invalid_training_file" if type(e).__name__ == "DataError" else
+        from loraplex.adapters_store.errors import StoreError
+
+        from .config import JobConfigError
+        from .data import DataError
+
+        known = isinstance(e, (DataError, JobConfigError, StoreError))
+        (d / "error.json").write_text(json.dumps({"code": "invalid_training_file" if isinstance(e, DataError) else
                                                   ("invalid_request" if known else "training_failed"),
                                                   "message": str(e), "traceback": None if known else traceback.format_exc()}))
         emit({"type": "message", "level": "error", "message": f"job failed: {e}"})

@@ -38,7 +38,7 @@ def wait(client, jid, timeout=300):
     raise AssertionError(f"job {jid} did not finish: {j.status}")
 
 
-def test_openai_client_fine_tunes_and_chats_with_the_result(srv, client, tmp_path):
+def test_openai_client_fine_tunes_and_chats_with_the_result(srv, client, tmp_path, tmp_path_factory):
     base = srv.state.service.model_id
     f = client.files.create(file=color_data(tmp_path / "colors.jsonl").open("rb"), purpose="fine-tune")
     assert f.purpose == "fine-tune" and f.bytes > 0
@@ -86,6 +86,14 @@ def test_openai_client_fine_tunes_and_chats_with_the_result(srv, client, tmp_pat
     assert right >= 5
     lin = srv.state.store.get(name).lineage
     assert lin["seed"] == 1 and lin["base_fingerprint"] == srv.state.extra["base"].fingerprint
+    # what a client reads back names uploads and checkpoints, never a server path
+    assert lin["config"]["datasets"] == [{"path": f"{f.id} (colors.jsonl)", "format": "auto"}] and list(lin["dataset_sha256"]) == [f"{f.id} (colors.jsonl)"]
+    assert all(c.fine_tuned_model_checkpoint == name or c.fine_tuned_model_checkpoint.startswith(f"{name}:ckpt-step-") for c in cks)
+    shown = json.dumps([httpx.get(f"{srv.url}/v1/fine_tuning/jobs/{job.id}").json(),
+                        httpx.get(f"{srv.url}/v1/fine_tuning/jobs/{job.id}/events", params={"limit": 100}).json(),
+                        httpx.get(f"{srv.url}/v1/fine_tuning/jobs/{job.id}/checkpoints").json(),
+                        httpx.get(f"{srv.url}/v1/adapters/{name}").json()["versions"][0]["lineage"]])
+    assert str(tmp_path_factory.getbasetemp()) not in shown and "/tmp/" not in shown, shown
 
 
 def test_bad_data_fails_the_job_before_training_and_the_server_stays_up(srv, client, tmp_path):

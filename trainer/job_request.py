@@ -170,20 +170,24 @@ def _loc(parts) -> str:
     return ".".join(str(p) for p in parts if isinstance(p, int) or p in known)[:200]
 
 
-def _strings_utf8(obj, path: str = "") -> None:
-    """Every string (keys too) of a decoded JSON value encodes as UTF-8 (no lone surrogates), or RequestRefused."""
-    if isinstance(obj, str):
-        try:
-            obj.encode("utf-8")
-        except UnicodeEncodeError:
-            raise RequestRefused(f"field '{path}' holds a lone surrogate (not valid Unicode)", path or None) from None
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _strings_utf8(k, path)
-            _strings_utf8(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            _strings_utf8(v, f"{path}.{i}")
+def lone_surrogate(obj) -> str | None:
+    """The dotted path of the first string (or key) in decoded JSON `obj` that is not valid Unicode (a lone surrogate,
+    which `json.loads` accepts from `"\\ud800"` but nothing can write back as UTF-8), else None. Iterative: any depth."""
+    todo = [("", obj)]
+    while todo:
+        path, x = todo.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                todo.append((path, k))
+                todo.append((f"{path}.{k}" if path else str(k), v))
+        elif isinstance(x, list):
+            todo.extend((f"{path}.{i}", v) for i, v in enumerate(x))
+    return None
 
 
 def _precheck(body: dict) -> None:
@@ -219,7 +223,9 @@ def parse_job_request(body) -> JobRequest:
     """The request body as a JobRequest, or RequestRefused naming the first offending field."""
     if not isinstance(body, dict):
         raise RequestRefused("the request body must be a JSON object", None)
-    _strings_utf8(body)
+    bad = lone_surrogate(body)
+    if bad is not None:
+        raise RequestRefused(f"field '{bad[:200]}' holds a lone surrogate (not valid Unicode)", bad[:200] or None)
     _precheck(body)
     try:
         return JobRequest.model_validate(body)

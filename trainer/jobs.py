@@ -390,6 +390,7 @@ class JobManager:
         return self.job(jid)
 
     def _kill(self, jid: str) -> None:
+        self._started.pop(jid, None)
         p = self._procs.pop(jid, None)
         if p is not None and p.poll() is None:
             try:
@@ -599,13 +600,13 @@ class Upload:
 
     def _check_line(self, line: bytes) -> None:
         if line.strip():
+            from .job_request import lone_surrogate
+
             try:
                 rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError("not an object")
-                if b"\\u" in line:
-                    _strings_encodable(rec)
-            except ValueError:  # UnicodeDecodeError and JSONDecodeError too
+                if not isinstance(rec, dict) or (b"\\u" in line and lone_surrogate(rec) is not None):
+                    raise ValueError("not an object of valid Unicode")
+            except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError too; nesting past json's limit
                 self._refuse(f"{self.filename}:{self._line}: not a JSON object per line (fine-tune files are JSONL, UTF-8)")
                 return
             self._records += 1
@@ -653,19 +654,6 @@ def clean_filename(name: str) -> str:
     except UnicodeEncodeError:
         raise JobError("the file name is not valid Unicode", param="file") from None
     return name if name not in ("", ".", "..") else "upload.jsonl"
-
-
-def _strings_encodable(obj) -> None:
-    """ValueError for a string holding a lone surrogate (`"\\ud800"` parses, but cannot be written back as UTF-8)."""
-    if isinstance(obj, str):
-        obj.encode("utf-8")  # UnicodeEncodeError is a ValueError
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _strings_encodable(k)
-            _strings_encodable(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            _strings_encodable(v)
 
 
 def check_reward_functions(functions: dict[str, str]) -> dict[str, str]:

@@ -19,12 +19,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import UnprocessableError
+
 DEFAULT_MODEL_ALIASES = ("default", "smollm2-135m-instruct", "SmolLM2-135M-Instruct")
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class BaseModelError(ValueError):
+class BaseModelError(UnprocessableError, ValueError):
     """The base model named cannot be used (missing directory, no embedded model...)."""
 
 

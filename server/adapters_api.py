@@ -14,7 +14,8 @@ import asyncio
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 
-from .errors import BadRequest, NotFound, from_store_error
+from .caller import caller_of
+from .errors import BadRequest, NotFound
 from .openai_api import parse_body
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,28 +64,17 @@ def version_json(v, engine=None) -> dict:
 class AdapterManager:
     """Store + engine together: registration with warm-up, deletion with drain."""
 
-    def __init__(self, store, engine, caller_header: str = "x-loraplex-caller"):
+    def __init__(self, store, engine):
         self.store = store
         self.engine = engine
-        self.caller_header = caller_header
 
     def register(self, name: str, path: str, lineage: dict | None, caller: str):
-        try:
-            v = self.store.register(name, path, lineage=lineage, caller=caller)
-        except Exception as e:
-            if hasattr(e, "http_status"):
-                raise from_store_error(e) from e
-            raise
+        v = self.store.register(name, path, lineage=lineage, caller=caller)
         self.engine.pool.prefetch(v)  # warm before it takes traffic
         return v
 
     def delete(self, name: str, version: int | None, caller: str):
-        try:
-            removed = self.store.delete(name, version, caller=caller)
-        except Exception as e:
-            if hasattr(e, "http_status"):
-                raise from_store_error(e) from e
-            raise
+        removed = self.store.delete(name, version, caller=caller)
         for v in removed:
             self.engine.call(lambda ref=v.ref: self.engine.pool.mark_deleted(ref))
         return removed
@@ -106,7 +96,7 @@ class AdapterRoutes:
         self.m = manager
 
     def _caller(self, request: HttpRequest) -> str:
-        return request.headers.get(self.m.caller_header) or (request.client.host if request.client else "api")
+        return caller_of(request)
 
     async def register(self, request: HttpRequest):
         body = await parse_body(request, RegisterBody)
@@ -119,10 +109,7 @@ class AdapterRoutes:
 
     async def get(self, request: HttpRequest):
         name = request.path_params["name"]
-        try:
-            versions = self.m.store.versions(name)
-        except Exception as e:
-            raise from_store_error(e) from e
+        versions = self.m.store.versions(name)
         if not versions:
             raise NotFound(f"adapter {name!r} does not exist", param="name")
         route = self.m.store.get_route(name)

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .adapters_api import AdapterManager, AdapterRoutes
-from .errors import ApiError, Unavailable, from_store_error
+from .errors import LoraplexError, PayloadTooLarge, Unavailable, internal
 
 log = logging.getLogger("loraplex.server")
 
@@ -39,19 +39,73 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.service is not None and not self.draining
+        return self.service is not None and not self.draining and self.failure is None
+
+    @property
+    def failure(self) -> str | None:
+        """Why this server cannot serve any more (its engine thread ended), None while it can."""
+        return None if self.engine is None else self.engine.failure
 
 
-def _error_response(err: ApiError) -> JSONResponse:
+def _error_response(err: LoraplexError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.http_status)
 
 
-def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, poll_interval: float = 1.0) -> Starlette:
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # any body but an upload: a context's worth of text or token ids, many times over
+DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20  # POST /v1/files (the fine-tuning routes stream it to disk under the same limit)
+UPLOAD_PATHS = ("/v1/files",)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than the limit is refused with 413 naming the limit.
+
+    A declared Content-Length over the limit is answered before the body is
+    read; a chunked or lying body is counted as it arrives and cut off at the
+    limit (the handler reading it gets `PayloadTooLarge`, which the edge
+    answers). Uploads have their own, larger limit.
+    """
+
+    def __init__(self, app, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+        self.app = app
+        self.max_request_bytes = max_request_bytes
+        self.max_upload_bytes = max_upload_bytes
+
+    def _error(self, limit: int, flag: str) -> PayloadTooLarge:
+        return PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes (server flag {flag})",
+                               code="request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        upload = scope["path"] in UPLOAD_PATHS
+        limit = self.max_upload_bytes if upload else self.max_request_bytes
+        flag = "--max-upload-bytes" if upload else "--max-request-bytes"
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            err = self._error(limit, flag) if declared.isdigit() else LoraplexError("malformed Content-Length header")
+            return await _error_response(err)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise self._error(limit, flag)
+            return msg
+
+        await self.app(scope, counted, send)
+
+
+def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, poll_interval: float = 1.0,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> Starlette:
     def need(attr):
         def get():
             obj = getattr(state, attr)
-            if obj is None or state.draining:
-                raise Unavailable(state.error or "the model is still loading")
+            if obj is None or not state.ready:
+                raise Unavailable(state.failure or state.error or
+                                  ("the server is shutting down" if state.draining else "the model is still loading"))
             return obj
 
         return get
@@ -63,20 +117,13 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
         async def endpoint(request: HttpRequest):
             try:
                 return await fn_getter()(request)
-            except ApiError as e:
+            except LoraplexError as e:
                 return _error_response(e)
-            except Exception as e:
-                if hasattr(e, "http_status"):
-                    return _error_response(from_store_error(e))
+            except Exception:
                 log.exception("internal error on %s %s", request.method, request.url.path)
-                return _error_response(_internal())
+                return _error_response(internal())
 
         return endpoint
-
-    def _internal() -> ApiError:
-        e = ApiError("internal server error")
-        e.http_status, e.grpc_code, e.error_type = 500, "INTERNAL", "server_error"
-        return e
 
     from .openai_api import OpenAIRoutes
 
@@ -108,7 +155,9 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
     async def health(request: HttpRequest):
         if state.ready:
             return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "error" if state.error else "loading", "detail": state.error}, status_code=503)
+        failure = state.failure or state.error
+        status = "error" if failure else ("draining" if state.draining else "loading")
+        return JSONResponse({"status": status, "detail": failure}, status_code=503)
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -172,6 +221,9 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
         finally:
             task.cancel()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    from starlette.middleware import Middleware
+
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[
+        Middleware(BodyLimit, max_request_bytes=max_request_bytes, max_upload_bytes=max_upload_bytes)])
     app.state.loraplex = state
     return app

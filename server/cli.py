@@ -79,7 +79,10 @@ def cmd_serve(args) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = ServerState()
-    app = build_app(state)
+    from .http_fine_tuning import MULTIPART_SLACK
+
+    # the body limit of uploads follows --max-upload-bytes (the file itself; the upload route counts it exactly)
+    app = build_app(state, max_upload_bytes=cfg.max_upload_bytes + MULTIPART_SLACK)
     failed = threading.Event()
 
     def load():
@@ -133,7 +136,8 @@ def cmd_serve(args) -> int:
 def routes_parser(sub) -> None:
     p = sub.add_parser("routes", help="show and change adapter routes (canary splits) in the store")
     p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
-    p.add_argument("--caller", default=None, help="who makes the change (recorded in the history; default $USER)")
+    p.add_argument("--caller", default=None, help="who makes the change (recorded in the history; default $USER); with "
+                   "--server the server records the identity it sees instead")
     p.add_argument("--server", default=os.environ.get("LORAPLEX_SERVER"), metavar="URL",
                    help="a running server (default $LORAPLEX_SERVER): change routes through its API, so it loads new versions "
                         "before they take traffic and arms guards at once, instead of writing the store directly")
@@ -178,7 +182,7 @@ def cmd_routes(args) -> int:
             return 2
         weights[int(v)] = int(pct)
     if args.server:
-        return _routes_via_server(args, weights, guard, caller)
+        return _routes_via_server(args, weights, guard)
     store = AdapterStore(args.store or default_home() / "store")
     try:
         if args.action == "set":
@@ -205,16 +209,15 @@ def cmd_routes(args) -> int:
     return 0
 
 
-def _routes_via_server(args, weights: dict, guard: dict | None, caller: str) -> int:
+def _routes_via_server(args, weights: dict, guard: dict | None) -> int:
     """`loraplex routes ... --server URL`: the same actions through the server's HTTP API."""
     import json
 
     import httpx
 
     base = f"{args.server.rstrip('/')}/v1/routes/{args.name}"
-    hdr = {"x-loraplex-caller": caller}
     try:
-        with httpx.Client(timeout=120, headers=hdr) as c:
+        with httpx.Client(timeout=120) as c:
             if args.action == "set":
                 body = {"versions": {str(v): p for v, p in weights.items()}, "sticky": args.sticky}
                 if guard:

@@ -4,6 +4,13 @@ Front ends call `submit` (any thread) and read the request's `OutputStream`;
 they never touch tensors. Everything that mutates engine state (adapter
 slots, KV caches, the queue) happens on the engine thread; other threads
 hand work over through `call`.
+
+The loop outlives any request: what fails while admitting a request fails
+that request alone, a failed step fails the requests of that step, and an
+error escaping even that aborts what is queued and carries on. Should the
+thread end anyway, `failure` says why and `failed` is set at once: every
+queued request gets an error, `submit` answers 503, the server's health turns
+bad and `loraplex serve` exits non-zero so a supervisor restarts it.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from loraplex.kernels import LoraSegments
 
 from .adapter_pool import AdapterPool
 from .detokenizer import IncrementalDetokenizer
-from .errors import BadRequest, QueueFull
+from .errors import BadRequest, QueueFull, Unavailable
 from .model_runner import ModelRunner, SeqChunk, StepBatch
 from .request import Request, RequestOutput
 from .sampler import make_generator, sample_rows, token_logprob
@@ -57,6 +64,8 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self.failure: str | None = None  # why the loop thread ended when it was not asked to
+        self.failed = threading.Event()
         self.steps = 0
         self.last_batch_size = 0
         self.tokens_generated = 0
@@ -78,22 +87,33 @@ class Engine:
 
     def submit(self, req: Request) -> Request:
         """Queues a request; raises BadRequest (too long) or QueueFull. The adapter is pinned until it finishes."""
-        n = len(req.prompt_ids)
-        if n == 0:
-            raise BadRequest("the prompt is empty", param="prompt")
-        if n + req.params.max_tokens > self.max_model_len:
-            raise BadRequest(
-                f"prompt ({n} tokens) plus max_tokens ({req.params.max_tokens}) exceeds the model's context of {self.max_model_len} tokens",
-                param="max_tokens",
-            )
+        return self.submit_many([req])[0]
+
+    def submit_many(self, reqs: list[Request]) -> list[Request]:
+        """Queues all of `reqs` (the choices of one API request) or none of them."""
+        for req in reqs:
+            n = len(req.prompt_ids)
+            if n == 0:
+                raise BadRequest("the prompt is empty", param="prompt")
+            if n + req.params.max_tokens > self.max_model_len:
+                raise BadRequest(
+                    f"prompt ({n} tokens) plus max_tokens ({req.params.max_tokens}) exceeds the model's context of "
+                    f"{self.max_model_len} tokens",
+                    param="max_tokens",
+                )
+        if len(reqs) > self.config.max_queue:
+            raise BadRequest(f"{len(reqs)} choices in one request exceed the queue's capacity ({self.config.max_queue})", param="n")
         with self._cv:
-            if len(self._inbox) + len(self.scheduler.waiting) >= self.config.max_queue:
+            if self.failure is not None:
+                raise Unavailable("the engine has stopped; the server is restarting")
+            if len(self._inbox) + len(self.scheduler.waiting) + len(reqs) > self.config.max_queue:
                 raise QueueFull(f"the request queue is full ({self.config.max_queue} waiting); retry later")
-            if req.adapter is not None:
-                self.pool.pin(req.adapter)
-            self._inbox.append(req)
+            for req in reqs:
+                if req.adapter is not None:
+                    self.pool.pin(req.adapter)
+            self._inbox.extend(reqs)
             self._cv.notify_all()
-        return req
+        return reqs
 
     def call(self, fn, timeout: float | None = 30.0):
         """Runs `fn()` on the engine thread between steps and returns its result (re-raising its error)."""
@@ -142,15 +162,64 @@ class Engine:
             self.telemetry.adapter_event(kind, ref, **kw)
 
     def _loop(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._cv:
+                    while not (self._stop or self._inbox or self._calls or self.scheduler.running or self.scheduler.waiting):
+                        self._cv.wait()
+                    if self._stop:
+                        break
+                try:
+                    self._iterate()
+                except Exception:  # outside any request's own handling: fail what is queued, keep serving
+                    log.exception("engine iteration failed; aborting every queued and running request")
+                    self._fail_all("internal engine error")
+        except BaseException as e:
+            self.failure = f"the engine loop stopped: {type(e).__name__}"
+            log.critical("%s", self.failure, exc_info=e)
+            raise
+        finally:
             with self._cv:
-                while not (self._stop or self._inbox or self._calls or self.scheduler.running or self.scheduler.waiting):
-                    self._cv.wait()
-                if self._stop:
-                    break
-            self._iterate()
+                if self.failure is None and not self._stop:
+                    self.failure = "the engine loop stopped"
+                stopped_by_failure = self.failure is not None
+            if stopped_by_failure:
+                self.failed.set()
+                self._fail_all("the engine stopped")
+            else:
+                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self._finish(seq, "abort")
+
+    def _fail_all(self, error: str) -> None:
+        """Ends every request the engine holds with an error, each on its own so one failure cannot stop the rest."""
+        with self._cv:
+            inbox = list(self._inbox)
+            self._inbox.clear()
+        for req in inbox:
+            self._reject(req, error)
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self._finish(seq, "abort")
+            try:
+                self._finish(seq, "error", error=error)
+            except Exception:
+                log.exception("could not finish request %s", seq.req.request_id)
+                try:
+                    self.scheduler.running.remove(seq) if seq in self.scheduler.running else self.scheduler.waiting.remove(seq)
+                except ValueError:
+                    pass
+
+    def _reject(self, req: Request, error: str) -> None:
+        """Fails a request that never became a sequence: its client gets the error, its adapter pin is released."""
+        try:
+            if req.adapter is not None:
+                self.pool.unpin(req.adapter.ref)
+            req.finished_at = time.monotonic()
+            if req.stream is not None:
+                req.stream.put(RequestOutput(req.request_id, finished=True, finish_reason="error", error=error,
+                                             prompt_tokens=len(req.prompt_ids)))
+            if self.telemetry is not None:
+                self.telemetry.request_finished(req, "error", 0, len(req.prompt_ids))
+        except Exception:
+            log.exception("could not fail request %s cleanly", req.request_id)
 
     def run_until_idle(self) -> None:
         """Drives the loop on the caller's thread until every submitted request has finished.
@@ -173,7 +242,11 @@ class Engine:
         for fn in calls:
             fn()
         for req in new:
-            self._enqueue(req)
+            try:
+                self._enqueue(req)
+            except Exception:  # this request's own parameters: it fails, the others go on
+                log.exception("could not admit request %s", req.request_id)
+                self._reject(req, "the request could not be started")
         try:
             self._step()
         except Exception:

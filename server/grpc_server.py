@@ -17,10 +17,8 @@ logged with its stack trace and answered INTERNAL with a generic message.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -34,8 +32,9 @@ from loraplex.protos.loraplex.v1 import loraplex_pb2 as pb
 from loraplex.protos.loraplex.v1 import loraplex_pb2_grpc as pbg
 
 from .adapters_api import version_json
-from .errors import ApiError, BadRequest, NotFound, Unavailable, from_store_error
-from .request import SamplingParams
+from .caller import caller_of
+from .errors import BadRequest, DeadlineExceeded, LoraplexError, NotFound, Unavailable, internal
+from .generation_params import CHAT_ROLES, COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, GenerationParams
 from .service import Generation, gather_streams, merge
 
 log = logging.getLogger("loraplex.grpc")
@@ -44,44 +43,20 @@ INFERENCE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 SERVICE_NAMES = (INFERENCE, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
 
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # /v1/completions' default, kept for text and token-id prompts
-MAX_N, MAX_STOP, MAX_LOGPROBS = 64, 16, 20
-
-
-class DeadlineExceeded(ApiError):
-    http_status = 504
-    grpc_code = "DEADLINE_EXCEEDED"
-    error_type = "timeout_error"
-
-
-class Internal(ApiError):
-    http_status = 500
-    grpc_code = "INTERNAL"
-    error_type = "server_error"
-
-
 # The shared service names fields as the HTTP bodies do; these are their names in GenerateRequest.
 _GRPC_FIELD = {"messages": "chat.messages", "max_tokens": "sampling.max_tokens", "prompt": "prompt"}
 
 
-def _api_error(e: Exception) -> ApiError | None:
-    if isinstance(e, ApiError):
-        return e
-    if hasattr(e, "http_status") and hasattr(e, "grpc_code"):  # store errors
-        return from_store_error(e)
-    return None
-
-
 async def _abort(context, e: Exception, method: str):
-    err = _api_error(e)
-    if err is None:
+    if isinstance(e, LoraplexError):
+        err = e
+    else:
         log.error("internal error in gRPC %s", method, exc_info=e)
-        err = Internal("internal server error")
+        err = internal()
     code = getattr(grpc.StatusCode, str(err.grpc_code), None)
     if not isinstance(code, grpc.StatusCode) or code in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN):
         log.error("error without a usable status code in gRPC %s: %r", method, err)
-        code, err = grpc.StatusCode.INTERNAL, Internal("internal server error")
+        code, err = grpc.StatusCode.INTERNAL, internal()
     details = err.message
     field = _GRPC_FIELD.get(err.param, err.param) if err.param else None
     if field:  # the offending field, in the details and machine-readable in trailing metadata
@@ -130,52 +105,11 @@ def _check_finished(out, req) -> None:
     """An engine request that ended without finishing normally, as the status the client should see."""
     if out.finish_reason == "error":
         log.error("engine error on request %s: %s", req.request_id, out.error)
-        raise Internal("internal server error")
+        raise internal()
     if out.finish_reason == "abort":
         if req.deadline is not None and time.monotonic() >= req.deadline:
             raise DeadlineExceeded("deadline exceeded")
         raise Unavailable("the request was aborted: the server is shutting down")
-
-
-def _sampling(sp: pb.SamplingParams, default_max_tokens: int) -> tuple[SamplingParams, int]:
-    """Validates the request's sampling fields as the HTTP API does; returns (params without seed, n)."""
-
-    def bad(field: str, rule: str):
-        raise BadRequest(f"'sampling.{field}' {rule}", param=f"sampling.{field}")
-
-    has = sp.HasField
-    n = sp.n if has("n") else 1
-    if not 1 <= n <= MAX_N:
-        bad("n", f"must be within [1, {MAX_N}]")
-    if has("max_tokens") and sp.max_tokens < 1:
-        bad("max_tokens", "must be at least 1")
-    if has("temperature") and not 0.0 <= sp.temperature <= 2.0:
-        bad("temperature", "must be within [0, 2]")
-    if has("top_p") and not 0.0 < sp.top_p <= 1.0:
-        bad("top_p", "must be within (0, 1]")
-    if has("top_k") and sp.top_k < -1:
-        bad("top_k", "must be -1, 0 (off) or positive")
-    if len(sp.stop) > MAX_STOP:
-        bad("stop", f"has more than {MAX_STOP} sequences")
-    if has("logprobs") and sp.logprobs > MAX_LOGPROBS:
-        bad("logprobs", f"must be at most {MAX_LOGPROBS}")
-    for f in ("presence_penalty", "frequency_penalty"):
-        v = getattr(sp, f)
-        if math.isnan(v) or not -2.0 <= v <= 2.0:
-            bad(f, "must be within [-2, 2]")
-    params = SamplingParams(
-        max_tokens=sp.max_tokens if has("max_tokens") else default_max_tokens,
-        temperature=sp.temperature if has("temperature") else 1.0,
-        top_p=sp.top_p if has("top_p") else 1.0,
-        top_k=sp.top_k if has("top_k") and sp.top_k > 0 else 0,
-        seed=None,
-        stop=list(sp.stop),
-        logprobs=sp.logprobs if has("logprobs") else None,
-        presence_penalty=sp.presence_penalty,
-        frequency_penalty=sp.frequency_penalty,
-        ignore_eos=sp.ignore_eos,
-    )
-    return params, n
 
 
 def _logprob_msgs(service, entries) -> list:
@@ -202,11 +136,13 @@ class _Base:
 
 class InferenceServicer(_Base, pbg.InferenceServicer):
     def _prompt(self, s, request) -> tuple[list[int], bool]:
-        """(prompt token ids, is chat)."""
+        """(prompt token ids, is chat); tokenizes, so it runs off the loop."""
         which = request.WhichOneof("prompt")
         if which == "chat":
             if not request.chat.messages:
                 raise BadRequest("'chat.messages' is empty", param="chat.messages")
+            if len(request.chat.messages) > MAX_MESSAGES:
+                raise BadRequest(f"'chat.messages' holds more than {MAX_MESSAGES} messages", param="chat.messages")
             msgs = []
             for i, m in enumerate(request.chat.messages):
                 if m.role not in CHAT_ROLES:
@@ -214,34 +150,30 @@ class InferenceServicer(_Base, pbg.InferenceServicer):
                 msgs.append({"role": "system" if m.role == "developer" else m.role, "content": m.content})
             return s.chat_prompt_ids(msgs), True
         if which == "text":
-            return s.text_prompt_ids(request.text), False
+            return s.text_prompt_ids(request.text, "text"), False
         if which == "token_ids":
             return s.check_token_ids(list(request.token_ids.ids), "token_ids"), False
         raise BadRequest("one of 'text', 'chat' or 'token_ids' is required", param="prompt")
 
-    def _submit(self, request, context):
+    async def _submit(self, request, context):
         """Validates, routes and queues the request's n engine requests; returns (service, requests, identity)."""
         s = self._service()
         if not request.model:
             raise BadRequest("'model' is required", param="model")
+        if len(request.request_id) > MAX_NAME_CHARS:
+            raise BadRequest(f"'request_id' is longer than {MAX_NAME_CHARS} characters", param="request_id")
+        gp = GenerationParams.from_proto(request.sampling)
         session = request.session or _metadata(context).get("x-loraplex-session") or None
         adapter = s.resolve(request.model, session)
-        prompt, chat = self._prompt(s, request)
-        default_max = s.default_max_tokens(len(prompt)) if chat else COMPLETION_DEFAULT_MAX_TOKENS
-        params, n = _sampling(request.sampling, default_max)
-        seed = request.sampling.seed if request.sampling.HasField("seed") else None
+        prompt, chat = await asyncio.to_thread(self._prompt, s, request)
+        if gp.max_tokens is not None:
+            max_tokens = gp.max_tokens
+        else:
+            max_tokens = s.default_max_tokens(len(prompt)) if chat else COMPLETION_DEFAULT_MAX_TOKENS
         rid = request.request_id or uuid.uuid4().hex
         deadline = context.time_remaining()  # None without a client deadline
-        loop = asyncio.get_running_loop()
-        reqs = []
-        try:
-            for i in range(n):
-                p = dataclasses.replace(params, seed=None if seed is None else seed + i, stop=list(params.stop))
-                reqs.append(s.submit(prompt, p, adapter, loop=loop, deadline_s=deadline, request_id=rid if n == 1 else f"{rid}-{i}"))
-        except BaseException:
-            for r in reqs:
-                r.cancel()
-            raise
+        reqs = s.submit_choices([prompt], gp, max_tokens, adapter, loop=asyncio.get_running_loop(), deadline_s=deadline,
+                                request_id=rid)
         served = s.model_id if adapter is None else adapter.ref
         ident = dict(request_id=rid, adapter="" if adapter is None else adapter.name,
                      adapter_version=0 if adapter is None else adapter.version, served_by=served)
@@ -250,7 +182,7 @@ class InferenceServicer(_Base, pbg.InferenceServicer):
 
     @edge
     async def Generate(self, request, context):
-        s, reqs, ident = self._submit(request, context)
+        s, reqs, ident = await self._submit(request, context)
         gens = [Generation() for _ in reqs]
         outputs = ((0, o) async for o in s.stream(reqs[0])) if len(reqs) == 1 else gather_streams(reqs, s)
         async for i, out in outputs:
@@ -273,7 +205,7 @@ class InferenceServicer(_Base, pbg.InferenceServicer):
 
     @edge_stream
     async def GenerateStream(self, request, context):
-        s, reqs, ident = self._submit(request, context)
+        s, reqs, ident = await self._submit(request, context)
         outputs = ((0, o) async for o in s.stream(reqs[0])) if len(reqs) == 1 else gather_streams(reqs, s)
         left, completion = len(reqs), 0
         async for i, out in outputs:
@@ -314,20 +246,9 @@ def _route_msg(r) -> pb.Route:
     return msg
 
 
-def _store_call(fn, *a, **kw):
-    try:
-        return fn(*a, **kw)
-    except ApiError:
-        raise
-    except Exception as e:
-        if hasattr(e, "http_status"):
-            raise from_store_error(e) from e
-        raise
-
-
 class AdminServicer(_Base, pbg.AdminServicer):
     def _caller(self, context) -> str:
-        return _metadata(context).get("x-loraplex-caller") or context.peer() or "grpc"
+        return caller_of(context)
 
     def _parts(self):
         self._service()
@@ -358,7 +279,7 @@ class AdminServicer(_Base, pbg.AdminServicer):
     async def GetAdapter(self, request, context):
         m, st, _ = self._parts()
         name = self._name(request.name)
-        versions = _store_call(st.versions, name)
+        versions = st.versions(name)
         if not versions:
             raise NotFound(f"adapter {name!r} does not exist", param="name")
         msg = pb.Adapter(name=name, latest=versions[-1].version, versions=[_version_msg(version_json(v, m.engine)) for v in versions])
@@ -400,7 +321,7 @@ class AdminServicer(_Base, pbg.AdminServicer):
         name = self._name(request.name)
         r = st.get_route(name)
         if r is None:
-            _store_call(st.versions, name)  # NOT_FOUND for an unknown adapter
+            st.versions(name)  # NOT_FOUND for an unknown adapter
             raise NotFound(f"adapter {name!r} has no route: bare-name requests go to its latest version", param="name")
         return _route_msg(r)
 

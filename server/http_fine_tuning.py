@@ -26,23 +26,11 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
-from .errors import ApiError, BadRequest, Conflict, NotFound, QueueFull
+from .errors import ApiError, BadRequest, PayloadTooLarge
 from .openai_api import parse_body
 
-
-class PayloadTooLarge(ApiError):
-    http_status = 413
-    grpc_code = "RESOURCE_EXHAUSTED"
-    error_type = "invalid_request_error"
-
-
-_BY_STATUS = {404: NotFound, 409: Conflict, 413: PayloadTooLarge, 429: QueueFull}
 MULTIPART_SLACK = 64 << 10  # bytes of a multipart body beyond the file itself: boundaries, part headers, `purpose`
 CHUNK = 1 << 20  # bytes handed to the parser thread at a time
-
-
-def _err(e) -> ApiError:
-    return _BY_STATUS.get(e.status, BadRequest)(str(e), param=e.param, code=e.code)
 
 
 class _MultipartUpload:
@@ -132,12 +120,7 @@ class FineTuningRoutes:
         self.m = manager
 
     async def _call(self, fn, *a, **kw):
-        from loraplex.trainer.jobs import JobError
-
-        try:
-            return await asyncio.to_thread(fn, *a, **kw)
-        except JobError as e:
-            raise _err(e) from e
+        return await asyncio.to_thread(fn, *a, **kw)  # a JobError is a LoraplexError: the edge answers it as it is
 
     async def upload(self, request: HttpRequest):
         ctype, opts = parse_options_header(request.headers.get("content-type", ""))

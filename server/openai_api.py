@@ -8,20 +8,25 @@ what served it: header `X-Loraplex-Adapter` and the body's
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import BadRequest, pydantic_error
-from .request import SamplingParams, TokenLogprob
+from .generation_params import (
+    COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPTS, MAX_TOKENS, GenerationParams, TopLogprobs,
+    valid_text,
+)
+from .request import TokenLogprob
 from .service import Generation, GenerationService, gather_streams, merge
 
-MAX_TOP_LOGPROBS = 20
+Text = Annotated[str, AfterValidator(valid_text)]
 
 
 class _Body(BaseModel):
@@ -30,63 +35,68 @@ class _Body(BaseModel):
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[dict], None] = None
-    name: str | None = None
+    content: Union[Text, list[dict], None] = None
+    name: str | None = Field(None, max_length=MAX_NAME_CHARS)
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
-    model: str
-    n: int = Field(1, ge=1, le=64)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    seed: int | None = None
-    stop: Union[str, list[str], None] = None
+class _Sampling(GenerationParams):
+    """An OpenAI body: the shared generation parameters plus the fields only the wire has."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(max_length=MAX_NAME_CHARS)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    user: str | None = None
-    ignore_eos: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        if isinstance(v, list) and len(v) > 16:
-            raise ValueError("at most 16 stop sequences")
-        return v
-
-    def stop_list(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    logprobs: bool = False  # chat spells "k alternatives" as logprobs: true + top_logprobs: k
+    top_logprobs: TopLogprobs | None = None
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[Text, Annotated[list[Text], Field(max_length=MAX_PROMPTS)], list[int],
+                  Annotated[list[list[int]], Field(max_length=MAX_PROMPTS)]]
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
+
+
+MAX_JSON_DEPTH = 128  # nesting levels of a JSON body; deeper is refused before validation (and recursion) sees it
+
+
+def _depth_exceeds(data, limit: int) -> bool:
+    stack = [(data, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            if d > limit:
+                return True
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return False
 
 
 async def parse_body(request: HttpRequest, model: type[BaseModel]):
     raw = await request.body()
     try:
-        data = json.loads(raw or b"null")
+        data = json.loads(raw.decode("utf-8") if raw else "null")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"the request body is not valid UTF-8 (byte {e.start})") from e
     except json.JSONDecodeError as e:
         raise BadRequest(f"malformed JSON body: {e.msg} at position {e.pos}") from e
+    except RecursionError as e:
+        raise BadRequest(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep") from e
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
+    if _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise BadRequest(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -99,21 +109,6 @@ def _served_by(adapter, service: GenerationService) -> str:
 
 def _sticky_key(body: _Sampling, request: HttpRequest) -> str | None:
     return request.headers.get("x-loraplex-session") or body.user
-
-
-def _params(body: _Sampling, max_tokens: int, seed: int | None, **kw) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k if body.top_k and body.top_k > 0 else 0,
-        seed=seed,
-        stop=body.stop_list(),
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        ignore_eos=body.ignore_eos,
-        **kw,
-    )
 
 
 def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -151,8 +146,8 @@ def _chat_logprob_entry(service: GenerationService, e: TokenLogprob) -> dict:
 
 
 class RewardRequest(_Body):
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
+    model: str = Field(max_length=MAX_NAME_CHARS)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
 
 
 class OpenAIRoutes:
@@ -175,18 +170,9 @@ class OpenAIRoutes:
         s = self.service
         body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
         adapter = s.resolve(body.model, _sticky_key(body, request))
-        prompt = s.chat_prompt_ids(_message_dicts(body.messages))
+        prompt = await asyncio.to_thread(s.chat_prompt_ids, _message_dicts(body.messages))
         max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens(len(prompt))
-        lp = (body.top_logprobs or 0) if body.logprobs else None
-        reqs = []
-        try:
-            for i in range(body.n):
-                seed = None if body.seed is None else body.seed + i
-                reqs.append(s.submit(prompt, _params(body, max_tokens, seed, logprobs=lp), adapter, loop=_loop()))
-        except Exception:
-            for r in reqs:
-                r.cancel()
-            raise
+        reqs = s.submit_choices([prompt], body, max_tokens, adapter, loop=_loop())
         served = _served_by(adapter, s)
         rid = "chatcmpl-" + uuid.uuid4().hex
         created = int(time.time())
@@ -196,9 +182,9 @@ class OpenAIRoutes:
                 media_type="text/event-stream",
                 headers=_headers(served),
             )
-        gens = [Generation() for _ in reqs]
-        async for i, out in gather_streams(reqs, s):
-            merge(gens[i], out)
+        gens = await _collect_unless_disconnected(request, reqs, s)
+        if gens is None:
+            return Response(status_code=499)  # nobody reads it: the client is gone and its requests are cancelled
         choices = []
         for i, g in enumerate(gens):
             logprobs = None
@@ -252,7 +238,7 @@ class OpenAIRoutes:
         s = self.service
         body: RewardRequest = await parse_body(request, RewardRequest)
         adapter = s.resolve(body.model, request.headers.get("x-loraplex-session"))
-        ids = s.conversation_ids(_message_dicts(body.messages))
+        ids = await asyncio.to_thread(s.conversation_ids, _message_dicts(body.messages))
         score = await s.score(adapter, ids, _loop())
         served = _served_by(adapter, s)
         return JSONResponse({"object": "reward", "model": body.model, "system_fingerprint": served, "score": score,
@@ -264,28 +250,18 @@ class OpenAIRoutes:
         if body.suffix:
             raise BadRequest("'suffix' is not supported", param="suffix")
         adapter = s.resolve(body.model, _sticky_key(body, request))
-        prompts = _prompt_list(body.prompt, s)
-        reqs, prompt_texts = [], []
-        try:
-            for pi, ids in enumerate(prompts):
-                max_tokens = body.max_tokens if body.max_tokens is not None else 16
-                prompt_texts.append(s.tokenizer.decode(ids))
-                for i in range(body.n):
-                    seed = None if body.seed is None else body.seed + i
-                    p = _params(body, max_tokens, seed, logprobs=body.logprobs, prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
-                    reqs.append(s.submit(ids, p, adapter, loop=_loop()))
-        except Exception:
-            for r in reqs:
-                r.cancel()
-            raise
+        prompts, prompt_texts = await asyncio.to_thread(_prompt_list, body.prompt, s)
+        max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
+        echo_lp = body.logprobs if body.echo and body.logprobs is not None else None
+        reqs = s.submit_choices(prompts, body, max_tokens, adapter, loop=_loop(), prompt_logprobs=echo_lp)
         served = _served_by(adapter, s)
         rid = "cmpl-" + uuid.uuid4().hex
         created = int(time.time())
         if body.stream:
             return StreamingResponse(self._completion_stream(body, reqs, prompts, prompt_texts, rid, created, served), media_type="text/event-stream", headers=_headers(served))
-        gens = [Generation() for _ in reqs]
-        async for i, out in gather_streams(reqs, s):
-            merge(gens[i], out)
+        gens = await _collect_unless_disconnected(request, reqs, s)
+        if gens is None:
+            return Response(status_code=499)
         choices = []
         for i, g in enumerate(gens):
             pi = i // body.n
@@ -352,7 +328,13 @@ class OpenAIRoutes:
         yield "data: [DONE]\n\n"
 
 
-def _prompt_list(prompt, service: GenerationService) -> list[list[int]]:
+def _prompt_list(prompt, service: GenerationService) -> tuple[list[list[int]], list[str]]:
+    """(token ids, text) of every prompt; tokenizes and decodes, so it runs off the event loop."""
+    ids = _prompt_ids(prompt, service)
+    return ids, [service.tokenizer.decode(p) for p in ids]
+
+
+def _prompt_ids(prompt, service: GenerationService) -> list[list[int]]:
     if isinstance(prompt, str):
         return [service.text_prompt_ids(prompt)]
     if not prompt:
@@ -360,13 +342,38 @@ def _prompt_list(prompt, service: GenerationService) -> list[list[int]]:
     if all(isinstance(p, int) for p in prompt):
         return [service.check_token_ids(list(prompt), "prompt")]
     if all(isinstance(p, str) for p in prompt):
-        return [service.text_prompt_ids(p) for p in prompt]
+        return [service.text_prompt_ids(p, f"prompt.{i}") for i, p in enumerate(prompt)]
     if all(isinstance(p, list) for p in prompt):
         return [service.check_token_ids(list(p), f"prompt.{i}") for i, p in enumerate(prompt)]
     raise BadRequest("'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists", param="prompt")
 
 
-def _loop():
-    import asyncio
+async def _disconnected(request: HttpRequest) -> None:
+    """Returns when the client hangs up (the body has been read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
+
+async def _collect_unless_disconnected(request: HttpRequest, reqs, service: GenerationService) -> list[Generation] | None:
+    """Every request's whole result, or None once the client has gone (its requests are cancelled then)."""
+    gens = [Generation() for _ in reqs]
+
+    async def collect():
+        async for i, out in gather_streams(reqs, service):
+            merge(gens[i], out)
+        return gens
+
+    work, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()  # gather_streams cancels the engine requests on its way out
+            for r in reqs:
+                r.cancel()
+    return work.result() if work.done() and not work.cancelled() else None
+
+
+def _loop():
     return asyncio.get_running_loop()

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 
-from .errors import BadRequest, NotFound, from_store_error
+from .caller import caller_of
+from .errors import BadRequest, NotFound
 from .openai_api import parse_body
 
 log = logging.getLogger("loraplex.routes")
@@ -73,12 +74,7 @@ def change_json(c) -> dict:
 
 
 def _store_call(fn, *a, **kw):
-    try:
-        return fn(*a, **kw)
-    except Exception as e:
-        if hasattr(e, "http_status"):
-            raise from_store_error(e) from e
-        raise
+    return fn(*a, **kw)  # the store's errors are LoraplexErrors: the edge answers them as they are
 
 
 class RouteGuards:
@@ -171,7 +167,7 @@ class RouteRoutes:
         self.guards = guards
 
     def _caller(self, request: HttpRequest) -> str:
-        return request.headers.get("x-loraplex-caller") or (request.client.host if request.client else "api")
+        return caller_of(request)
 
     def _warm(self, name: str, versions) -> None:
         for v in versions:

@@ -12,9 +12,13 @@ import uuid
 from dataclasses import dataclass, field
 
 from .engine import Engine
-from .errors import ApiError, InternalError, BadRequest, NotFound, from_store_error
+from .errors import BadRequest, InternalError, NotFound
+from .generation_params import MAX_NAME_CHARS, MAX_STICKY_KEY_CHARS, GenerationParams
 from .loading import LoadedBase
 from .request import OutputStream, Request, RequestOutput, SamplingParams, TokenLogprob
+
+
+_CUT_SLACK = 16
 
 
 @dataclass
@@ -49,36 +53,56 @@ class GenerationService:
         """Model name -> AdapterVersion, or None for the base model. `name@N` pins version N."""
         if not model or not isinstance(model, str):
             raise BadRequest("'model' is required", param="model")
+        if len(model) > MAX_NAME_CHARS:
+            raise BadRequest(f"'model' is longer than {MAX_NAME_CHARS} characters", param="model")
+        if sticky_key is not None and len(sticky_key) > MAX_STICKY_KEY_CHARS:
+            raise BadRequest(f"the session / user key is longer than {MAX_STICKY_KEY_CHARS} characters", param="user")
         if model in (self.model_id, "default"):
             return None
         name, _, ver = model.partition("@")
         version = None
         if ver:
-            if not ver.isdigit():
+            if not (ver.isascii() and ver.isdigit()):
                 raise BadRequest(f"bad version in model {model!r}: expected name@<integer>", param="model")
             version = int(ver)
         try:
             return self.store.resolve(name, version=version, sticky_key=sticky_key)
-        except ApiError:
-            raise
-        except Exception as e:  # store errors carry their own mapping
-            if hasattr(e, "http_status"):
-                err = from_store_error(e)
-                if err.http_status == 404:
-                    raise NotFound(f"model {model!r} does not exist: it is neither the base model {self.model_id!r} nor a registered adapter", param="model") from e
-                raise err from e
-            raise
+        except NotFound as e:
+            raise NotFound(f"model {model!r} does not exist: it is neither the base model {self.model_id!r} nor a registered adapter",
+                           param="model") from e
 
     # --- prompts ------------------------------------------------------------------
+    # These tokenize: front ends call them off their event loop (asyncio.to_thread), so a long prompt never
+    # holds up /health or another request's stream.
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:
             raise BadRequest(f"messages cannot be rendered with the model's chat template: {e}", param="messages") from e
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self._encode(text, add_special_tokens=False, param="messages")
 
-    def text_prompt_ids(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=True)
+    def text_prompt_ids(self, text: str, param: str = "prompt") -> list[int]:
+        return self._encode(text, add_special_tokens=True, param=param)
+
+    def _encode(self, text: str, *, add_special_tokens: bool, param: str) -> list[int]:
+        """Token ids of `text`, giving up as soon as a prefix of it is already longer than the context.
+
+        Tokenizing costs time in the length of the text, and nothing longer than the context can be served, so
+        prefixes of growing length (cut at whitespace, where pre-tokenizers split anyway) are tried first: a
+        21 MB prompt is refused after tokenizing a few times the context's worth of characters, not 21 MB.
+        """
+        limit = self.engine.max_model_len
+        try:
+            size = 4 * limit
+            while size < len(text):
+                cut = text.rfind(" ", size // 2, size)
+                prefix = self.tokenizer.encode(text[: cut if cut > 0 else size], add_special_tokens=add_special_tokens)
+                if len(prefix) > limit + _CUT_SLACK:  # a cut word may take a few tokens more than in the whole text
+                    raise BadRequest(f"the prompt is longer than the model's context of {limit} tokens", param=param)
+                size *= 4
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except UnicodeEncodeError as e:
+            raise BadRequest("the prompt is not valid Unicode (it holds a lone surrogate)", param=param) from e
 
     def check_token_ids(self, ids: list[int], param: str) -> list[int]:
         v = len(self.tokenizer)
@@ -99,7 +123,7 @@ class GenerationService:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
         except Exception as e:
             raise BadRequest(f"messages cannot be rendered with the model's chat template: {e}", param="messages") from e
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self._encode(text, add_special_tokens=False, param="messages")
 
     async def score(self, adapter, prompt_ids: list[int], loop) -> float:
         """Reward of a sequence under a reward adapter: its score head on the last token's final hidden state."""
@@ -110,7 +134,8 @@ class GenerationService:
         head = self._heads.get(adapter.ref)
         if head is None:
             head = self._heads[adapter.ref] = load_score_head(adapter.path)
-        req = self.submit(prompt_ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, return_hidden=True), adapter, loop=loop)
+        req = self.submit(prompt_ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, return_hidden=True), adapter,
+                          loop=loop)
         g_hidden = None
         async for out in self.stream(req):
             if out.hidden and g_hidden is None:
@@ -121,8 +146,23 @@ class GenerationService:
         return float(g_hidden @ w[0] + (b.float()[0] if b is not None else 0.0))
 
     # --- running ------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter, *, loop=None, deadline_s: float | None = None, request_id: str | None = None) -> Request:
-        req = Request(
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter, *, loop=None, deadline_s: float | None = None,
+               request_id: str | None = None) -> Request:
+        return self._submit_all([self._request(prompt_ids, params, adapter, loop, deadline_s, request_id)])[0]
+
+    def submit_choices(self, prompts: list[list[int]], gp: GenerationParams, max_tokens: int, adapter, *, loop=None,
+                       deadline_s: float | None = None, request_id: str | None = None, **extra) -> list[Request]:
+        """The `gp.n` choices of every prompt (choice i seeded seed + i), queued all or none: a 429 holds no slot."""
+        reqs = []
+        for ids in prompts:
+            for i in range(gp.n):
+                rid = None if request_id is None else (request_id if gp.n * len(prompts) == 1 else f"{request_id}-{len(reqs)}")
+                reqs.append(self._request(ids, gp.sampling(max_tokens, i, **extra), adapter, loop, deadline_s, rid))
+        return self._submit_all(reqs)
+
+    @staticmethod
+    def _request(prompt_ids, params, adapter, loop, deadline_s, request_id) -> Request:
+        return Request(
             request_id=request_id or uuid.uuid4().hex,
             prompt_ids=prompt_ids,
             params=params,
@@ -130,10 +170,13 @@ class GenerationService:
             stream=OutputStream(loop),
             deadline=None if deadline_s is None else time.monotonic() + deadline_s,
         )
-        self.engine.submit(req)
+
+    def _submit_all(self, reqs: list[Request]) -> list[Request]:
+        self.engine.submit_many(reqs)
         if self.telemetry is not None:
-            self.telemetry.request_started(req)
-        return req
+            for req in reqs:
+                self.telemetry.request_started(req)
+        return reqs
 
     async def stream(self, req: Request):
         """Async iterator over a request's outputs; cancels the request if the consumer goes away."""

@@ -309,7 +309,7 @@ def test_queue_full_is_resource_exhausted(tiny_base, tmp_path):
 def test_admin_rpcs_share_the_store_with_http(g, adapter_dirs):
     srv, ch, _ = g
     admin, stub = pbg.AdminStub(ch), pbg.InferenceStub(ch)
-    md = (("x-loraplex-caller", "ci-bot"),)
+    md = (("x-loraplex-caller", "guard"),)  # a forged identity: the server records the caller's address instead
     v1 = admin.RegisterAdapter(pb.RegisterAdapterRequest(name="grpc-bot", path=str(adapter_dirs["gamma"]), lineage_json='{"from": "test"}'), metadata=md)
     v2 = admin.RegisterAdapter(pb.RegisterAdapterRequest(name="grpc-bot", path=str(adapter_dirs["delta"])))
     assert (v1.version, v2.version) == (1, 2) and (v1.r, v2.r) == (16, 2) and v1.use_rslora and v1.id == "grpc-bot@1"
@@ -319,7 +319,7 @@ def test_admin_rpcs_share_the_store_with_http(g, adapter_dirs):
     assert a.latest == 2 and [v.version for v in a.versions] == [1, 2] and not a.HasField("route")
     r = admin.SetRoute(pb.SetRouteRequest(name="grpc-bot", weights={1: 50, 2: 50}, sticky="session",
                                           guard=pb.RouteGuard(max_error_rate=0.5)), metadata=md)
-    assert dict(r.weights) == {1: 50, 2: 50} and r.sticky == "session" and r.updated_by == "ci-bot"
+    assert dict(r.weights) == {1: 50, 2: 50} and r.sticky == "session" and r.updated_by == "127.0.0.1"
     assert r.guard.max_error_rate == 0.5 and r.guard.min_requests == 20
     assert _get(f"{srv.url}/v1/routes/grpc-bot").json()["versions"] == {"1": 50, "2": 50}
     assert admin.GetRoute(pb.GetRouteRequest(name="grpc-bot")) == r

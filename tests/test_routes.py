@@ -36,7 +36,7 @@ def test_canary_split_over_http_and_sticky_users(srv):
     u = srv.url
     r = httpx.put(f"{u}/v1/routes/bot", json={"versions": {"1": 50, "2": 50}, "sticky": "user"}, headers={"x-loraplex-caller": "alice"})
     assert r.status_code == 200, r.text
-    assert r.json()["updated_by"] == "alice"
+    assert r.json()["updated_by"] == "127.0.0.1"  # who the server saw, not what the client claims
     seen: dict[str, set] = {}
     with httpx.Client() as c:
         for i in range(60):
@@ -260,7 +260,7 @@ def test_cli_with_server_warms_the_version_before_it_takes_traffic(srv, adapter_
     assert main(["routes", "--server", srv.url, "--caller", "ops", "set", "bot", f"{v}=100"]) == 0
     assert f"bot@{v}" in pool._cpu  # loaded when the CLI returned, before any request asked for it
     r = httpx.get(f"{srv.url}/v1/routes/bot").json()
-    assert r["versions"] == {str(v): 100} and r["updated_by"] == "ops"
+    assert r["versions"] == {str(v): 100} and r["updated_by"] == "127.0.0.1"  # the server records who it saw
     assert main(["routes", "--server", srv.url, "set", "bot", f"{v}=60", "1=30"]) == 1  # the server's 400, nothing changed
     assert httpx.get(f"{srv.url}/v1/routes/bot").json()["versions"] == {str(v): 100}
     assert main(["routes", "--server", srv.url, "rollback", "bot", "--reason", "cli test"]) == 0

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal, Union
 
 import yaml
+from loraplex.adapters_store.errors import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -23,7 +24,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 BNB_MIN_VERSION = "0.46.1"  # transformers' minimum; 4-bit training on CPU tested with 0.46.1, 0.48.2 and 0.50.2
 
 
-class JobConfigError(ValueError):
+class JobConfigError(InvalidArgument, ValueError):
     pass
 
 

@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
+from loraplex.adapters_store.errors import InvalidArgument
+
 IGNORE = -100
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
             "bot": "assistant", "system": "system", "developer": "system", "tool": "tool"}
 
 
-class DataError(ValueError):
+class DataError(InvalidArgument, ValueError):
     pass
 
 

@@ -30,8 +30,10 @@ from pathlib import Path
 
 import torch
 
+from loraplex.adapters_store.errors import InternalError
 
-class DistributedJobError(RuntimeError):
+
+class DistributedJobError(InternalError, RuntimeError):
     pass
 
 

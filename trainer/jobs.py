@@ -31,6 +31,8 @@ import time
 import uuid
 from pathlib import Path
 
+from loraplex.adapters_store.errors import LoraplexError, kind_for_status
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, filename TEXT, bytes INTEGER, created_at INTEGER, purpose TEXT, path TEXT);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -52,14 +54,15 @@ MAX_LINE_BYTES = 8 << 20  # one JSONL record; held in memory while it is checked
 MAX_FILENAME = 255  # characters, as most filesystems allow for one name
 
 
-class JobError(ValueError):
-    """A request the job manager refuses (bad file, unknown job, full queue...); carries an HTTP status."""
+class JobError(LoraplexError, ValueError):
+    """A request the job manager refuses (bad file, unknown job, full queue, an upload too large...); `status` picks
+    its kind (404, 409, 413, 429...)."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
-        super().__init__(message)
+        super().__init__(message, param=param, code=code)
         self.status = status
-        self.param = param
-        self.code = code
+        kind = kind_for_status(status)
+        self.http_status, self.grpc_code, self.error_type = kind.http_status, kind.grpc_code, kind.error_type
 
 
 class JobManager:

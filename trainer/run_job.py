@@ -44,12 +44,12 @@ def main(job_dir: str) -> int:
         emit({"type": "message", "message": f"registered {v.ref}"})
         return 0
     except Exception as e:  # the reason goes to the job record; the server stays up regardless
-        from loraplex.adapters_store.errors import StoreError
+        from loraplex.adapters_store.errors import AdapterConflict, InvalidAdapter, InvalidRequest
 
         from .config import JobConfigError
         from .data import DataError
 
-        known = isinstance(e, (DataError, JobConfigError, StoreError))
+        known = isinstance(e, (DataError, JobConfigError, InvalidAdapter, InvalidRequest, AdapterConflict))
         (d / "error.json").write_text(json.dumps({"code": "invalid_training_file" if isinstance(e, DataError) else
                                                   ("invalid_request" if known else "training_failed"),
                                                   "message": str(e), "traceback": None if known else traceback.format_exc()}))

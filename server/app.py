@@ -17,6 +17,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from loraplex.trainer.jobs import DEFAULT_MAX_UPLOAD_BYTES as JOBS_MAX_UPLOAD_BYTES
+
 from .adapters_api import AdapterManager, AdapterRoutes
 from .errors import LoraplexError, PayloadTooLarge, Unavailable, internal
 
@@ -52,7 +54,7 @@ def _error_response(err: LoraplexError) -> JSONResponse:
 
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # any body but an upload: a context's worth of text or token ids, many times over
-DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20  # POST /v1/files (the fine-tuning routes stream it to disk under the same limit)
+DEFAULT_MAX_UPLOAD_BYTES = JOBS_MAX_UPLOAD_BYTES  # POST /v1/files: the fine-tuning routes' own limit, stated there
 UPLOAD_PATHS = ("/v1/files",)
 
 

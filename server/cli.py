@@ -55,10 +55,12 @@ def serve_parser(sub) -> None:
                    help=f"fine-tuning jobs waiting before new ones get 429 (default {jobs.DEFAULT_MAX_QUEUED_JOBS})")
     p.add_argument("--max-job-seconds", type=float,
                    help=f"wall-clock limit of one training job; past it the job fails (default {jobs.DEFAULT_MAX_JOB_SECONDS})")
-    p.add_argument("--max-upload-bytes", type=int,
-                   help=f"largest file POST /v1/files accepts, 413 past it (default {jobs.DEFAULT_MAX_UPLOAD_BYTES})")
     p.add_argument("--reward-function", action="append", type=_reward_arg, default=[], metavar="NAME=module:function",
                    help="a Python reward function jobs may name by NAME (repeatable); requests never name code")
+    p.add_argument("--max-request-bytes", type=int, help="largest HTTP request body, uploads aside (default 8 MiB; 413 above)")
+    p.add_argument("--max-upload-bytes", type=int, help="largest file upload, POST /v1/files (default 512 MiB; 413 above)")
+    p.add_argument("--drain-timeout", type=float, help="seconds SIGTERM lets in-flight requests finish before aborting them "
+                   "(default 30)")
     p.add_argument("--log-level", default="info")
 
 
@@ -81,18 +83,34 @@ def cmd_serve(args) -> int:
     state = ServerState()
     from .http_fine_tuning import MULTIPART_SLACK
 
-    # the body limit of uploads follows --max-upload-bytes (the file itself; the upload route counts it exactly)
-    app = build_app(state, max_upload_bytes=cfg.max_upload_bytes + MULTIPART_SLACK)
+    # --max-upload-bytes bounds the file, which the upload route counts exactly (413 naming the flag's value); the
+    # body limit stays above the file's limit plus the multipart framing the route allows, as a backstop
+    app = build_app(state, max_request_bytes=cfg.max_request_bytes, max_upload_bytes=cfg.max_upload_bytes + 2 * MULTIPART_SLACK)
     failed = threading.Event()
+    log = logging.getLogger("loraplex")
+    # Bounded shutdown: after `drain_timeout` uvicorn cancels the handlers still running (their engine requests
+    # are cancelled with them), so SIGTERM ends the process whatever is in flight.
+    http = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=args.log_level.lower(),
+                                         timeout_graceful_shutdown=cfg.drain_timeout))
+
+    def fail(reason: str) -> None:
+        """Ends the process with a non-zero status: a server that cannot serve must be restarted, not kept up."""
+        state.error = reason
+        failed.set()
+        http.should_exit = True
 
     def load():
         try:
             build_state(cfg, state)
-            logging.getLogger("loraplex").info("ready: %s on http://%s:%d", state.service.model_id, cfg.host, cfg.port)
+            log.info("ready: %s on http://%s:%d", state.service.model_id, cfg.host, cfg.port)
         except Exception as e:
-            logging.getLogger("loraplex").exception("startup failed")
-            state.error = f"startup failed: {e}"
-            failed.set()
+            log.exception("startup failed")
+            fail(f"startup failed: {e}")
+            return
+        state.engine.failed.wait()  # only returns if the engine thread died
+        if not state.draining:
+            log.critical("%s; exiting so that a supervisor restarts the server", state.engine.failure)
+            fail(state.engine.failure)
 
     threading.Thread(target=load, name="loraplex-load", daemon=True).start()
     # gRPC runs on its own asyncio loop in its own thread (see grpc_server.py); uvicorn keeps the main thread.
@@ -107,8 +125,6 @@ def cmd_serve(args) -> int:
             print(f"loraplex serve: {e}", file=sys.stderr)
             return 1
         logging.getLogger("loraplex").info("gRPC on %s:%d", cfg.host, grpc_server.port)
-    http = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=args.log_level.lower()))
-
     def handle_exit(sig, frame):
         # uvicorn's own handler would re-raise the signal once HTTP is down, killing the process
         # before the gRPC drain and engine shutdown below; this one only asks it to stop.
@@ -125,12 +141,15 @@ def cmd_serve(args) -> int:
     finally:
         state.draining = True  # health turns NOT_SERVING while in-flight RPCs finish
         if grpc_server is not None:
-            grpc_server.stop(grace=5.0)
+            grpc_server.stop(grace=cfg.drain_timeout)
         if state.jobs is not None:
             state.jobs.close()
         if state.engine is not None:
             state.engine.shutdown()
-    return 1 if failed.is_set() else 0
+    if failed.is_set():
+        print(f"loraplex serve: {state.error or 'could not start'}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def routes_parser(sub) -> None:

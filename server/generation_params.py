@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import pydantic_error
 from .request import SamplingParams
@@ -96,11 +96,12 @@ class GenerationParams(BaseModel):
             valid_text(v)
         return v
 
-    @model_validator(mode="after")
-    def _seeds_in_range(self):
-        if self.seed is not None and self.seed + self.n - 1 > SEED_MAX:
+    @field_validator("seed")
+    @classmethod
+    def _seeds_in_range(cls, v, info: ValidationInfo):  # `n` is declared, so validated, before `seed`
+        if v is not None and v + info.data.get("n", 1) - 1 > SEED_MAX:
             raise ValueError(f"seed + n - 1 must be at most {SEED_MAX} (choice i of n uses seed + i)")
-        return self
+        return v
 
     def logprob_count(self) -> int | None:
         """Alternatives per token to report, None for no logprobs (the chat body spells this differently)."""

@@ -66,12 +66,50 @@ async def _abort(context, e: Exception, method: str):
     await context.abort(code, details)
 
 
+class Undecodable:
+    """What a request message that does not parse becomes: the handler answers INVALID_ARGUMENT for it.
+
+    gRPC's own deserialization failure would answer INTERNAL, which for a client's
+    bytes is the wrong code (INTERNAL says the server is broken)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _lenient(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except Exception as e:  # protobuf's DecodeError, invalid UTF-8 in a string field...
+            return Undecodable(f"the request is not a valid {message_cls.DESCRIPTOR.full_name} message: {e}")
+
+    return parse
+
+
+def _decoded(request):
+    if isinstance(request, Undecodable):
+        raise BadRequest(request.reason)
+    return request
+
+
+def add_service(server, servicer, service_name: str) -> None:
+    """Registers `servicer`'s methods for `service_name` of our protos, with lenient request parsing."""
+    desc = pb.DESCRIPTOR.services_by_name[service_name]
+    handlers = {}
+    for m in desc.methods:
+        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=_lenient(getattr(pb, m.input_type.name)),
+                                response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name, handlers),))
+    server.add_registered_method_handlers(desc.full_name, handlers)
+
+
 def edge(fn):
     """Maps every failure of a unary handler to a status code, once."""
 
     async def wrapper(self, request, context):
         try:
-            return await fn(self, request, context)
+            return await fn(self, _decoded(request), context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:
@@ -86,7 +124,7 @@ def edge_stream(fn):
 
     async def wrapper(self, request, context):
         try:
-            async for item in fn(self, request, context):
+            async for item in fn(self, _decoded(request), context):
                 yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -130,7 +168,8 @@ class _Base:
 
     def _service(self):
         if not self.state.ready:
-            raise Unavailable(self.state.error or ("the server is shutting down" if self.state.draining else "the model is still loading"))
+            raise Unavailable(self.state.failure or self.state.error or
+                              ("the server is shutting down" if self.state.draining else "the model is still loading"))
         return self.state.service
 
 
@@ -357,8 +396,8 @@ class GrpcServer:
     async def _start(self) -> int:
         # so_reuseport off: a second server on a taken port fails instead of sharing it
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pbg.add_InferenceServicer_to_server(InferenceServicer(self.state), self.server)
-        pbg.add_AdminServicer_to_server(AdminServicer(self.state), self.server)
+        add_service(self.server, InferenceServicer(self.state), "Inference")
+        add_service(self.server, AdminServicer(self.state), "Admin")
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES, self.server)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from loraplex.trainer.jobs import DEFAULT_MAX_JOB_SECONDS, DEFAULT_MAX_QUEUED_JOBS, DEFAULT_MAX_UPLOAD_BYTES
+from loraplex.trainer.jobs import DEFAULT_MAX_JOB_SECONDS, DEFAULT_MAX_QUEUED_JOBS
 
-from .app import ServerState
+from .app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_UPLOAD_BYTES, ServerState
 
 log = logging.getLogger("loraplex.server")
 
@@ -44,8 +44,11 @@ class ServeConfig(BaseModel):
     max_concurrent_jobs: int = Field(1, ge=1)
     max_queued_jobs: int = Field(DEFAULT_MAX_QUEUED_JOBS, ge=1)
     max_job_seconds: float = Field(DEFAULT_MAX_JOB_SECONDS, gt=0)
-    max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, ge=1)
     reward_functions: dict[str, str] = Field(default_factory=dict)  # NAME -> "module:function", named by jobs
+
+    max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024)  # any HTTP body but an upload (413 above)
+    max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, ge=1024)  # POST /v1/files
+    drain_timeout: float = Field(30.0, ge=0.0, le=3600.0)  # seconds SIGTERM waits for in-flight requests, then aborts them
 
     @field_validator("reward_functions")
     @classmethod

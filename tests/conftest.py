@@ -73,7 +73,8 @@ def start_server(tmp: Path, model_dir: Path, *, extra_routes=None, **cfg) -> Run
 
     conf = ServeConfig(model=str(model_dir), store=tmp / "store", port=free_port(), grpc_port=0, **cfg)
     state = build_state(conf, ServerState())
-    app = build_app(state, extra_routes=extra_routes, poll_interval=0.2)
+    app = build_app(state, extra_routes=extra_routes, poll_interval=0.2, max_request_bytes=conf.max_request_bytes,
+                    max_upload_bytes=conf.max_upload_bytes)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=conf.port, log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()

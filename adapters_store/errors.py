@@ -139,3 +139,7 @@ class AdapterConflict(StoreError, ConflictError):
 
 class InvalidRequest(StoreError, InvalidArgument):
     pass
+
+
+class StoreBusy(StoreError, ResourceExhausted):
+    """Too many adapter registrations are copying files already; retry later."""

@@ -17,7 +17,14 @@ weights (PiSSA, OLoRA, CorDA, LoRA-GA, MiCA) unless PEFT converted the adapter b
 
 Scaling is PEFT's: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`, per module after
 `rank_pattern` / `alpha_pattern` (PEFT's matching: a key matches a module whose dotted path ends
-with it, the key being a regular expression).
+with it, the key being a regular expression; matched without backtracking, see `patterns.py`).
+
+Numbers are checked before anything is kept: adapter_config.json is strict JSON (no NaN /
+Infinity, no number that overflows a float), `r` and the ranks of `rank_pattern` are positive
+integers (4.9 is refused, not truncated), `lora_alpha` and `alpha_pattern` values are finite, and
+every module's scale and every weight must stay finite once converted to the serving dtype
+(`BaseModelSpec.dtype`): a scale of 1e308 or an F64 weight of 1e39 would turn into inf in the
+engine's fp32 / bf16 tensors.
 
 Reward adapters (the trainer's `method: reward`): a LoRA adapter as above plus
     score_head.safetensors       `weight` [1, hidden] and optionally `bias` [1]: the scalar score is
@@ -45,11 +52,14 @@ import torch
 from safetensors import safe_open
 
 from .errors import InvalidAdapter
+from .patterns import PatternTable, alpha_value, compile_patterns, finite_number, rank_value
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 SCORE_HEAD_FILE = "score_head.safetensors"
 REWARD_KIND = "reward"
+MAX_CONFIG_BYTES = 1 << 20  # adapter_config.json; PEFT writes a few KB
+MAX_SHOWN_PATH = 200  # characters of a client's path echoed in an error
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[A-Za-z0-9_-]+))?\.weight$")
@@ -64,6 +74,7 @@ class BaseModelSpec:
     module_shapes: dict[str, tuple[int, int]]  # module path -> (in_features, out_features)
     max_rank: int = 256
     hidden_size: int | None = None  # for reward heads; derived from the q_proj shapes when None
+    dtype: str = "float32"  # the serving dtype (torch name): scales and weights must be finite in it
 
     @classmethod
     def from_model(cls, model, model_id: str, fingerprint: str, max_rank: int = 256) -> "BaseModelSpec":
@@ -73,7 +84,14 @@ class BaseModelSpec:
             if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
         }
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-        return cls(model_id, fingerprint, shapes, max_rank, hidden if isinstance(hidden, int) else None)
+        first = next(iter(model.parameters()), None)
+        dtype = "float32" if first is None else str(first.dtype).removeprefix("torch.")
+        return cls(model_id, fingerprint, shapes, max_rank, hidden if isinstance(hidden, int) else None, dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dt = getattr(torch, self.dtype, None)
+        return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
 
     def model_hidden_size(self) -> int | None:
         if self.hidden_size:
@@ -102,20 +120,81 @@ class AdapterManifest:
 
     @classmethod
     def from_json(cls, d: dict) -> "AdapterManifest":
-        return cls(d["r"], d["lora_alpha"], d["use_rslora"], dict(d["module_ranks"]), dict(d["module_scales"]),
-                   d.get("base_model_name_or_path"), d.get("kind", "lora"), d.get("extra", {}))
+        """A stored manifest; ValueError when it holds what registration never accepts (a non-finite number)."""
+        m = cls(d["r"], d["lora_alpha"], d["use_rslora"], dict(d["module_ranks"]), dict(d["module_scales"]),
+                d.get("base_model_name_or_path"), d.get("kind", "lora"), d.get("extra", {}))
+        if finite_number(m.lora_alpha) is None or any(finite_number(x) is None for x in m.module_scales.values()):
+            raise ValueError("manifest holds a non-finite lora_alpha or scale")
+        if any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in [m.r, *m.module_ranks.values()]):
+            raise ValueError("manifest holds a rank that is not a positive integer")
+        return m
 
     @property
     def max_rank(self) -> int:
         return max(self.module_ranks.values())
 
 
-def pattern_value(pattern: dict | None, module: str, default):
-    """PEFT's `rank_pattern` / `alpha_pattern` lookup: the first key that matches the module path's tail."""
-    for key, val in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return val
-    return default
+def shown_path(path) -> str:
+    """A client's path as echoed in an error: as given (never resolved), cut to a readable length."""
+    s = str(path)
+    return s if len(s) <= MAX_SHOWN_PATH else s[: MAX_SHOWN_PATH - 3] + "..."
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows (non-finite values are refused)")
+
+
+def _finite_float(text: str) -> float:
+    f = float(text)
+    if not math.isfinite(f):
+        raise ValueError(f"{text[:40]} overflows a float")
+    return f
+
+
+def read_config(cfg_path: Path, where: str) -> dict:
+    """adapter_config.json as strict, finite JSON (an object), bounded in size; InvalidAdapter otherwise."""
+    try:
+        size = cfg_path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise InvalidAdapter(f"{where}: {CONFIG_FILE} is {size} bytes; at most {MAX_CONFIG_BYTES} are accepted")
+        with open(cfg_path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise InvalidAdapter(f"{where}: {CONFIG_FILE} grew past {MAX_CONFIG_BYTES} bytes while being read")
+        cfg = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+    except InvalidAdapter:
+        raise
+    except OSError as e:
+        raise InvalidAdapter(f"{where}: {CONFIG_FILE} cannot be read ({e.strerror or type(e).__name__})") from None
+    except RecursionError:
+        raise InvalidAdapter(f"{where}: {CONFIG_FILE} nests too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, non-finite numbers, huge integers
+        raise InvalidAdapter(f"{where}: {CONFIG_FILE} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise InvalidAdapter(f"{where}: {CONFIG_FILE} must hold a JSON object")
+    return cfg
+
+
+def _positive_int(value, what: str, where: str) -> int:
+    if isinstance(value, float) and value.is_integer() and 1 <= value <= 1 << 20:
+        value = int(value)  # 8.0 is 8; 4.9 is refused below, never truncated
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidAdapter(f"{where}: {CONFIG_FILE} {what} must be a positive integer, got {str(value)[:40]}",
+                             param=what)
+    return value
+
+
+def _scale_limit(spec: BaseModelSpec | None) -> float:
+    """The largest |scale| the engine's scale table (fp32) and its serving dtype both hold as a finite number."""
+    dt = spec.torch_dtype if spec is not None else torch.float32
+    return min(torch.finfo(torch.float32).max, torch.finfo(dt).max)
+
+
+def pattern_value(pattern: dict | PatternTable | None, module: str, default):
+    """PEFT's `rank_pattern` / `alpha_pattern` lookup: the value of the first key matching the module path's tail."""
+    if not isinstance(pattern, PatternTable):
+        pattern = compile_patterns(pattern or None, "pattern", lambda f, k, v: v)
+    return pattern.lookup(module, default)
 
 
 def _looks_pickled(path: Path) -> bool:
@@ -162,12 +241,16 @@ def one_intra_op_thread():
         torch.set_num_threads(n)
 
 
-def _check_finite(path: Path, where: str) -> None:
+def _check_finite(path: Path, where: str, dtype: torch.dtype = torch.float32) -> None:
+    """Every tensor finite, and still finite once converted to `dtype` (what the engine will hold)."""
     with safe_open(str(path), framework="pt") as f, one_intra_op_thread():
         for k in f.keys():
             t = f.get_tensor(k)
             if not torch.isfinite(t).all():
                 raise InvalidAdapter(f"{where}: tensor {k!r} in {path.name} holds NaN or infinite values")
+            if t.dtype != dtype and not torch.isfinite(t.to(dtype)).all():
+                raise InvalidAdapter(f"{where}: tensor {k!r} in {path.name} holds values too large for the serving "
+                                     f"dtype {str(dtype).removeprefix('torch.')} (they would become infinite)")
 
 
 def _unsupported_features(cfg: dict) -> list[str]:
@@ -230,7 +313,7 @@ def local_base_fingerprint(name_or_path: str | None) -> str | None:
             return None
         stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.glob("*.safetensors")))
         return _fingerprint_cached(str(p.resolve()), ((p / "config.json").stat().st_mtime_ns, stamp))
-    except OSError:
+    except (OSError, ValueError):
         return None
 
 
@@ -238,13 +321,16 @@ def _comparable(fp: str | None) -> bool:
     return isinstance(fp, str) and fp.startswith("sha256:")
 
 
-def validate_adapter_dir(path, spec: BaseModelSpec | None, *, check_values: bool = True) -> AdapterManifest:
+def validate_adapter_dir(path, spec: BaseModelSpec | None, *, check_values: bool = True,
+                         shown: str | None = None) -> AdapterManifest:
     """Checks a PEFT LoRA directory (against `spec` when given); returns what it learned, or InvalidAdapter.
 
-    `check_values` also reads every tensor to refuse NaN / infinite weights.
+    `check_values` also reads every tensor to refuse NaN / infinite weights (in the serving dtype).
+    Errors name the directory as `shown` (default: `path`): the store passes the path its client
+    gave, never the copy it validates under its own root.
     """
     p = Path(path)
-    where = f"adapter directory {str(path)!r}"
+    where = f"adapter directory {shown_path(path if shown is None else shown)!r}"
     if not p.is_dir():
         raise InvalidAdapter(f"{where} does not exist or is not a directory")
     files = sorted(f for f in p.iterdir() if f.is_file())
@@ -256,23 +342,29 @@ def validate_adapter_dir(path, spec: BaseModelSpec | None, *, check_values: bool
     for need in (cfg_path, w_path):
         if not need.is_file():
             raise InvalidAdapter(f"{where} is missing {need.name} (a PEFT adapter needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidAdapter(f"{where}: {CONFIG_FILE} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise InvalidAdapter(f"{where}: {CONFIG_FILE} must hold a JSON object")
+    cfg = read_config(cfg_path, where)
     bad = _unsupported_features(cfg)
     if bad:
         raise InvalidAdapter(f"{where}: unsupported PEFT feature(s): {'; '.join(bad)}")
+    r = _positive_int(cfg.get("r", 8), "r", where)
+    alpha = finite_number(cfg.get("lora_alpha", 8))
+    if alpha is None:
+        raise InvalidAdapter(f"{where}: {CONFIG_FILE} lora_alpha must be a finite number, got "
+                             f"{str(cfg.get('lora_alpha'))[:40]}", param="lora_alpha")
     try:
-        r = int(cfg.get("r", 8))
-        alpha = float(cfg.get("lora_alpha", 8))
-        rank_pattern = dict(cfg.get("rank_pattern") or {})
-        alpha_pattern = dict(cfg.get("alpha_pattern") or {})
-    except (TypeError, ValueError) as e:
-        raise InvalidAdapter(f"{where}: {CONFIG_FILE} has a bad r / lora_alpha / rank_pattern / alpha_pattern: {e}") from e
-    rslora = bool(cfg.get("use_rslora", False))
+        rank_pattern = compile_patterns(cfg.get("rank_pattern"), "rank_pattern", rank_value)
+        alpha_pattern = compile_patterns(cfg.get("alpha_pattern"), "alpha_pattern", alpha_value)
+    except InvalidAdapter as e:
+        raise InvalidAdapter(f"{where}: {e}", param=getattr(e, "param", None)) from None
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise InvalidAdapter(f"{where}: {CONFIG_FILE} use_rslora must be true or false, got {str(rslora)[:40]}",
+                             param="use_rslora")
+    base_name = cfg.get("base_model_name_or_path")
+    if base_name is not None and (not isinstance(base_name, str) or len(base_name) > 4096 or "\0" in base_name):
+        raise InvalidAdapter(f"{where}: {CONFIG_FILE} base_model_name_or_path must be a string of at most 4096 "
+                             "characters", param="base_model_name_or_path")
+    max_scale = _scale_limit(spec)
 
     meta = _tensor_meta(w_path, where)
     pairs: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -320,15 +412,20 @@ def validate_adapter_dir(path, spec: BaseModelSpec | None, *, check_values: bool
             if rank > spec.max_rank:
                 raise InvalidAdapter(f"{where}: module {module} has rank {rank}, above the maximum LoRA rank {spec.max_rank}")
         m_alpha = float(pattern_value(alpha_pattern, module, alpha))
+        scale = m_alpha / (math.sqrt(rank) if rslora else rank)
+        if not math.isfinite(scale) or abs(scale) > max_scale:
+            how = "sqrt(r)" if rslora else "r"
+            raise InvalidAdapter(f"{where}: module {module}: scale lora_alpha / {how} = {scale:g} is not finite in "
+                                 f"the serving dtype (|scale| must be at most {max_scale:g})", param="lora_alpha")
         ranks[module] = rank
-        scales[module] = m_alpha / (math.sqrt(rank) if rslora else rank)
+        scales[module] = scale
         in_out[module] = [a[1], b[0]]
 
     extra: dict = {"module_in_out": in_out}
     kind = cfg.get("loraplex_kind", "lora")
     head = p / SCORE_HEAD_FILE
-    if kind not in ("lora", REWARD_KIND):
-        raise InvalidAdapter(f"{where}: unknown loraplex_kind {kind!r}; expected 'lora' or 'reward'")
+    if not isinstance(kind, str) or kind not in ("lora", REWARD_KIND):
+        raise InvalidAdapter(f"{where}: unknown loraplex_kind {str(kind)[:40]!r}; expected 'lora' or 'reward'")
     if kind == REWARD_KIND and not head.is_file():
         raise InvalidAdapter(f"{where}: loraplex_kind is 'reward' but {SCORE_HEAD_FILE} is missing")
     if head.is_file():
@@ -346,10 +443,11 @@ def validate_adapter_dir(path, spec: BaseModelSpec | None, *, check_values: bool
                                  f"but the base model {spec.model_id!r} has fingerprint {spec.fingerprint}")
 
     if check_values:
-        _check_finite(w_path, where)
+        dt = spec.torch_dtype if spec is not None else torch.float32
+        _check_finite(w_path, where, dt)
         if head.is_file():
-            _check_finite(head, where)
-    return AdapterManifest(r, alpha, rslora, ranks, scales, cfg.get("base_model_name_or_path"), kind, extra)
+            _check_finite(head, where, dt)
+    return AdapterManifest(r, alpha, rslora, ranks, scales, base_name, kind, extra)
 
 
 def _check_score_head(head: Path, spec: BaseModelSpec | None, where: str) -> int:

@@ -2,14 +2,19 @@
 
 Layout under `root`:
     registry.sqlite3              versions, per-name version counters, routes, route history, event log
-    adapters/<name>/<version>/    a copy of the PEFT directory's top-level files, never modified
-    tmp/                          registrations in progress (renamed into place when complete)
+    adapters/<name>/<version>/    a copy of the adapter's own files (`ADAPTER_FILES`), never modified
+    tmp/<entry>/, <entry>.lock    registrations in progress (renamed into place when complete), each
+                                  guarded by an flock on its .lock file while its process lives
 
-Registration checks the name, the source path (allowed roots, symlinks and '..' resolved), validates
-the adapter, copies its top-level files into `tmp/` (sub-directories such as `checkpoint-*` are not
-copied), validates the copy (values too: no NaN/inf), fsyncs, and then, holding the registry's write
-lock, allocates the version, renames the copy into place and records it; a failure at any step
-removes what it wrote, so the store never holds a partial adapter or a row without files. Version
+Registration checks the name, the source path (allowed roots, symlinks and '..' resolved), plans the
+copy (only the files PEFT writes for an adapter, `ADAPTER_FILES`; regular files within the size cap
+`max_adapter_bytes`: never every top-level file of a directory), validates the adapter, copies it
+into `tmp/`, validates the copy (values too: finite in the serving dtype), fsyncs, and then, holding
+the registry's write lock, allocates the version, renames the copy into place and records it; a
+failure at any step removes what it wrote, so the store never holds a partial adapter or a row
+without files. Leftovers of a crashed registration are removed when a store is opened: an entry
+whose .lock nobody holds has no live owner (a registration in progress in another process holds
+its lock, so it is never swept from under it). Version
 numbers come from a per-name counter that survives deletes, so `name@3` always means the same
 weights. Every change appends to an event log in the same transaction; other processes (the
 server, when the trainer registers) poll it with `events_since`.
@@ -28,13 +33,17 @@ log's head moves (one indexed query per read), so `resolve` stays cheap on the r
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import logging
+import math
 import os
 import random
 import re
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -42,12 +51,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AdapterConflict, AdapterNotFound, AdapterPathForbidden, InvalidAdapter, InvalidRequest
-from .peft_format import PICKLE_SUFFIXES, AdapterManifest, BaseModelSpec, validate_adapter_dir
+from .peft_format import (
+    CONFIG_FILE, SCORE_HEAD_FILE, WEIGHTS_FILE, AdapterManifest, BaseModelSpec, shown_path, validate_adapter_dir,
+)
+from .refs import MAX_VERSION, parse_version
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+log = logging.getLogger("loraplex.store")
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 RESERVED_NAMES = ("default",)  # the server answers model="default" with the base model
 STICKY_KINDS = ("user", "session")
-TMP_MAX_AGE_S = 3600.0  # leftovers of crashed registrations older than this are removed at open
+# What a registration copies: the adapter (config, weights, a reward head) and the small files PEFT / TRL
+# save beside it (model card, tokenizer). Anything else in the directory (checkpoints, logs, junk) stays behind.
+WEIGHT_FILES = (WEIGHTS_FILE, SCORE_HEAD_FILE)
+SIDE_FILES = ("README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+ADAPTER_FILES = (CONFIG_FILE, *WEIGHT_FILES, *SIDE_FILES)
+DEFAULT_MAX_ADAPTER_BYTES = 4 << 30  # all of a version's files together (`loraplex serve --max-adapter-bytes`)
+MAX_SIDE_FILE_BYTES = 64 << 20  # one tokenizer / README file
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+MAX_LINEAGE_BYTES = 256 << 10  # a version's lineage as JSON
+GUARD_MAX_MIN_REQUESTS = 1_000_000  # fits gRPC's uint32 RouteGuard.min_requests
+GUARD_DEFAULT_MIN_REQUESTS = 20
+_VERSION_DIR = re.compile(r"[0-9]{1,10}", re.ASCII)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, next_version INTEGER NOT NULL);
@@ -145,12 +171,83 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_guard(guard) -> dict | None:
+    """A route guard as the store keeps it, `{"max_error_rate": float in [0, 1], "min_requests": int}`, from a
+    client's object (min_requests defaults to 20); InvalidRequest naming the field otherwise. The bounds are
+    what both front ends can carry (gRPC's RouteGuard is a double and a uint32)."""
+    if guard is None:
+        return None
+    if not isinstance(guard, dict):
+        raise InvalidRequest(f"route guard must be a JSON object or null, got {type(guard).__name__}", param="guard")
+    unknown = sorted(str(k)[:40] for k in guard if k not in ("max_error_rate", "min_requests"))
+    if unknown:
+        raise InvalidRequest(f"route guard has unknown field(s) {unknown}; expected max_error_rate and min_requests",
+                             param="guard")
+    rate = guard.get("max_error_rate")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 <= rate <= 1.0):  # NaN fails both
+        raise InvalidRequest(f"route guard max_error_rate must be a number from 0 to 1, got {str(rate)[:40]}",
+                             param="guard.max_error_rate")
+    n = guard.get("min_requests", GUARD_DEFAULT_MIN_REQUESTS)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= GUARD_MAX_MIN_REQUESTS:
+        raise InvalidRequest(f"route guard min_requests must be an integer from 1 to {GUARD_MAX_MIN_REQUESTS}, "
+                             f"got {str(n)[:40]}", param="guard.min_requests")
+    return {"max_error_rate": float(rate), "min_requests": n}
+
+
+def _stored_guard(name: str, text: str | None) -> dict | None:
+    """A guard read back from the registry; one written before guards were checked and not valid now is
+    dropped (logged): reads never fail on stored data."""
+    if not text:
+        return None
+    try:
+        return check_guard(json.loads(text))
+    except (ValueError, InvalidRequest) as e:
+        log.warning("ignoring the invalid stored guard of route %s: %s", name, e)
+        return None
+
+
 def _route_from_row(name: str, row) -> Route | None:
     if row is None:
         return None
     versions, sticky, guard, at, by = row
     return Route(name, {int(k): int(v) for k, v in json.loads(versions).items()}, sticky,
-                 json.loads(guard) if guard else None, at, by)
+                 _stored_guard(name, guard), at, by)
+
+
+def lineage_json(lineage) -> str:
+    """A version's lineage as stored: a JSON object of finite numbers, bounded in size; InvalidRequest otherwise."""
+    if lineage is None:
+        return "{}"
+    if not isinstance(lineage, dict):
+        raise InvalidRequest(f"lineage must be a JSON object, got {type(lineage).__name__}", param="lineage")
+    try:
+        text = json.dumps(lineage, default=str, sort_keys=True, allow_nan=False)
+    except ValueError:
+        raise InvalidRequest("lineage holds a non-finite number (NaN or Infinity)", param="lineage") from None
+    except RecursionError:
+        raise InvalidRequest("lineage nests too deeply", param="lineage") from None
+    except TypeError:
+        raise InvalidRequest("lineage keys must be strings", param="lineage") from None
+    if len(text) > MAX_LINEAGE_BYTES:
+        raise InvalidRequest(f"lineage is {len(text)} bytes as JSON; at most {MAX_LINEAGE_BYTES} are accepted",
+                             param="lineage")
+    return text
+
+
+# An absolute path inside a string: at its start or after a space, quote, '=', ',', '(' or '[' (so URLs stay).
+_ABS_PATH = re.compile(r"""(?:(?<=^)|(?<=[\s'"=,(\[]))~?/[^\s'",)\]]*""")
+
+
+def client_lineage(value):
+    """Lineage as shown to clients: every absolute filesystem path (a dataset, the base checkpoint, an
+    output directory) reduced to its last component, so no client learns the server's layout."""
+    if isinstance(value, dict):
+        return {client_lineage(k) if isinstance(k, str) else k: client_lineage(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [client_lineage(v) for v in value]
+    if isinstance(value, str) and "/" in value:
+        return _ABS_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], value)
+    return value
 
 
 def _is_within(path: Path, root: Path) -> bool:
@@ -158,9 +255,11 @@ def _is_within(path: Path, root: Path) -> bool:
 
 
 class AdapterStore:
-    def __init__(self, root, *, base: BaseModelSpec | None = None, allowed_roots: list | None = None):
+    def __init__(self, root, *, base: BaseModelSpec | None = None, allowed_roots: list | None = None,
+                 max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES):
         self.root = Path(root).expanduser().resolve()
         self.base = base
+        self.max_adapter_bytes = int(max_adapter_bytes)
         self.allowed_roots = None if allowed_roots is None else [Path(r).expanduser().resolve() for r in allowed_roots]
         (self.root / "adapters").mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
@@ -247,12 +346,69 @@ class AdapterStore:
             finally:
                 c.execute("COMMIT")
 
+    # --- registrations in progress (tmp/) ------------------------------------------
+    @staticmethod
+    @contextlib.contextmanager
+    def _try_lock(lock: Path):
+        """Yields None (no lock file), False (a live registration holds it) or True (held by us now)."""
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
     def _clean_tmp(self) -> None:
-        now = time.time()
-        for d in (self.root / "tmp").iterdir():
-            with contextlib.suppress(OSError):
-                if now - d.stat().st_mtime > TMP_MAX_AGE_S:
-                    shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink()
+        """Removes what crashed registrations left in tmp/, whatever its age; never an entry whose owner lives."""
+        tmp = self.root / "tmp"
+        for entry in sorted(tmp.iterdir()):
+            if entry.name.endswith(".lock"):
+                continue
+            lock = entry.with_name(entry.name + ".lock")
+            with self._try_lock(lock) as held:
+                if held is False:
+                    continue  # a registration in progress (another process): its files are its own
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                if held:
+                    with contextlib.suppress(OSError):
+                        lock.unlink()
+        for lock in tmp.glob("*.lock"):
+            if not lock.with_name(lock.name[: -len(".lock")]).exists():
+                with self._try_lock(lock) as held:
+                    if held:
+                        with contextlib.suppress(OSError):
+                            lock.unlink()
+
+    def _claim_tmp(self, name: str) -> tuple[Path, int]:
+        """A fresh tmp/ entry (not created yet) and the fd of its held lock; the entry is ours while the fd is open."""
+        tmp = self.root / "tmp"
+        while True:
+            entry = tmp / f"{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+            lock = entry.with_name(entry.name + ".lock")
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # a cleaner may have swept the lock file between its creation and our flock: then try again
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    return entry, fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    @staticmethod
+    def _release_tmp(entry: Path, fd: int) -> None:
+        shutil.rmtree(entry, ignore_errors=True)  # gone already after a successful rename
+        with contextlib.suppress(OSError):
+            os.unlink(entry.with_name(entry.name + ".lock"))
+        os.close(fd)
 
     def _event(self, c, kind, name, version, caller, detail=None) -> None:
         c.execute("INSERT INTO events(kind, name, version, at, caller, detail) VALUES (?,?,?,?,?,?)",
@@ -271,6 +427,19 @@ class AdapterStore:
         return AdapterVersion(name, version, self.root / "adapters" / name / str(version), r[2],
                               AdapterManifest.from_json(json.loads(r[3])), json.loads(r[4]), r[5], r[6])
 
+    def _servable_rows(self, rows) -> dict[int, AdapterVersion]:
+        """The versions of `rows` a reader may see. A row that registration would refuse today (written by an
+        older release: a NaN scale, say) is left out of every read, logged, never served; `delete` removes it."""
+        out = {}
+        for r in rows:
+            try:
+                v = self._version_from_row(r)
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("not serving %s@%s: its stored record is invalid (%s); delete it", r[0], r[1], e)
+                continue
+            out[v.version] = v
+        return out
+
     _VERSION_COLS = "name, version, created_at, manifest, lineage, base_fingerprint, sha256"
 
     def _snapshot(self) -> _View:
@@ -282,16 +451,17 @@ class AdapterStore:
         with self._read() as c:
             seq = int(c.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
             if view.seq < 0 or seq - view.seq > 500:
-                versions: dict[str, dict[int, AdapterVersion]] = {}
+                by_name: dict[str, list] = {}
                 for r in c.execute(f"SELECT {self._VERSION_COLS} FROM versions ORDER BY name, version"):
-                    versions.setdefault(r[0], {})[r[1]] = self._version_from_row(r)
+                    by_name.setdefault(r[0], []).append(r)
+                versions = {n: vs for n, rows in by_name.items() if (vs := self._servable_rows(rows))}
                 routes = {r[0]: _route_from_row(r[0], r[1:]) for r in
                           c.execute("SELECT name, versions, sticky, guard, updated_at, updated_by FROM routes")}
             else:
                 versions, routes = dict(view.versions), dict(view.routes)
                 for (name,) in c.execute("SELECT DISTINCT name FROM events WHERE seq > ?", (view.seq,)).fetchall():
-                    vs = {r[1]: self._version_from_row(r) for r in
-                          c.execute(f"SELECT {self._VERSION_COLS} FROM versions WHERE name = ? ORDER BY version", (name,))}
+                    vs = self._servable_rows(c.execute(
+                        f"SELECT {self._VERSION_COLS} FROM versions WHERE name = ? ORDER BY version", (name,)))
                     if vs:
                         versions[name] = vs
                     else:
@@ -324,24 +494,57 @@ class AdapterStore:
 
     def _check_source(self, source_dir) -> Path:
         """The real source directory; AdapterPathForbidden when it (or a file in it, through a symlink)
-        lies outside the allowed roots, symlinks and '..' resolved."""
+        lies outside the allowed roots, symlinks and '..' resolved. Errors name the path as the client
+        wrote it, never what it resolves to nor the allowed roots themselves (server layout)."""
         if not isinstance(source_dir, (str, os.PathLike)) or not str(source_dir):
-            raise InvalidRequest(f"adapter path must be a non-empty path, got {source_dir!r}")
-        raw = Path(source_dir).expanduser()
-        real = raw.resolve()
-        if not self._allowed(real):
-            how = "" if str(real) == os.path.abspath(raw) else f" (it resolves to {str(real)!r})"
-            raise AdapterPathForbidden(f"adapter path {str(source_dir)!r}{how} is outside the allowed adapter roots "
-                                       f"{[str(r) for r in self.allowed_roots or []]}")
-        if not real.is_dir():
-            raise InvalidAdapter(f"adapter path {str(source_dir)!r} does not exist or is not a directory")
-        self._check_files_allowed(real, str(source_dir))
+            raise InvalidRequest("adapter path must be a non-empty string", param="path")
+        text = str(source_dir)
+        if "\0" in text or not text.isprintable():
+            raise InvalidRequest("adapter path contains NUL or control characters", param="path")
+        if len(text) > MAX_PATH_CHARS or any(len(part) > 255 for part in text.split("/")):
+            raise InvalidRequest(f"adapter path is longer than {MAX_PATH_CHARS} characters or has a component longer "
+                                 "than 255", param="path")
+        shown = shown_path(text)
+        try:
+            real = Path(text).expanduser().resolve()
+            allowed = self._allowed(real)
+            is_dir = allowed and real.is_dir()
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, a path the OS refuses
+            raise InvalidAdapter(f"adapter path {shown!r} cannot be resolved", param="path") from None
+        if not allowed:
+            log.info("refused adapter path %r: it resolves to %s, outside the allowed roots %s", text, real,
+                     self.allowed_roots)
+            raise AdapterPathForbidden(f"adapter path {shown!r} is outside the allowed adapter roots", param="path")
+        if not is_dir:
+            raise InvalidAdapter(f"adapter path {shown!r} does not exist or is not a directory", param="path")
         return real
 
-    def _check_files_allowed(self, real_dir: Path, shown: str) -> None:
-        for f in real_dir.iterdir():
-            if f.is_symlink() and not self._allowed(f.resolve()):
-                raise AdapterPathForbidden(f"{f.name} in adapter path {shown!r} is a symlink to a file outside the allowed adapter roots")
+    def _plan_copy(self, real_dir: Path, shown: str) -> list[tuple[str, Path, int]]:
+        """(file name, real file, size) of what registering `real_dir` copies: the `ADAPTER_FILES` present,
+        each a regular file inside the allowed roots, within the size caps."""
+        plan, total = [], 0
+        for fname in ADAPTER_FILES:
+            f = real_dir / fname
+            if not f.is_symlink() and not f.exists():
+                continue
+            try:
+                real = f.resolve()
+                if not self._allowed(real):
+                    raise AdapterPathForbidden(f"{fname} in adapter path {shown!r} is a symlink to a file outside the "
+                                               "allowed adapter roots", param="path")
+                st = os.stat(real)
+            except (OSError, RuntimeError):
+                raise InvalidAdapter(f"{fname} in adapter path {shown!r} cannot be read", param="path") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidAdapter(f"{fname} in adapter path {shown!r} is not a regular file", param="path")
+            cap = self.max_adapter_bytes if fname in WEIGHT_FILES or fname == CONFIG_FILE else MAX_SIDE_FILE_BYTES
+            total += st.st_size
+            if st.st_size > cap or total > self.max_adapter_bytes:
+                raise InvalidAdapter(f"adapter path {shown!r}: {fname} ({st.st_size} bytes) takes the adapter past "
+                                     f"the size limit ({min(cap, self.max_adapter_bytes)} bytes; see "
+                                     "--max-adapter-bytes)", param="path")
+            plan.append((fname, real, st.st_size))
+        return plan
 
     def _check_lineage_base(self, lineage: dict | None) -> None:
         fp = (lineage or {}).get("base_fingerprint")
@@ -361,19 +564,19 @@ class AdapterStore:
     def register(self, name: str, source_dir, *, lineage: dict | None = None, caller: str = "api") -> AdapterVersion:
         """Validates the PEFT directory `source_dir` and adds it as the next version of `name`."""
         self.check_name(name)
-        if lineage is not None and not isinstance(lineage, dict):
-            raise InvalidRequest(f"lineage must be a JSON object, got {type(lineage).__name__}")
-        lineage_json = json.dumps(lineage or {}, default=str, sort_keys=True)
+        lineage_text = lineage_json(lineage)
         src = self._check_source(source_dir)
+        shown = shown_path(source_dir)
+        plan = self._plan_copy(src, shown)
         self._check_lineage_base(lineage)
-        validate_adapter_dir(src, self.base, check_values=False)  # fail fast, before copying anything
-        tmp = self.root / "tmp" / f"{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+        validate_adapter_dir(src, self.base, check_values=False, shown=shown)  # fail fast, before copying anything
+        tmp, lock_fd = self._claim_tmp(name)
         final: Path | None = None
         committed = False
         try:
-            self._copy_files(src, tmp, str(source_dir))
+            self._copy_files(plan, tmp, shown)
             # the copy is what we keep (the source may change under us): validate it, values too
-            manifest = validate_adapter_dir(tmp, self.base)
+            manifest = validate_adapter_dir(tmp, self.base, shown=shown)
             sha = _dir_sha256(tmp)
             _fsync_dir(tmp)
             with self._write() as c:
@@ -386,33 +589,43 @@ class AdapterStore:
                 c.execute(
                     "INSERT INTO versions(name, version, path, created_at, manifest, lineage, base_fingerprint, sha256, caller) "
                     "VALUES (?,?,?,?,?,?,?,?,?)",
-                    (name, version, f"adapters/{name}/{version}", time.time(), json.dumps(manifest.to_json()), lineage_json,
+                    (name, version, f"adapters/{name}/{version}", time.time(),
+                     json.dumps(manifest.to_json(), allow_nan=False), lineage_text,
                      self.base.fingerprint if self.base else None, sha, caller),
                 )
                 self._event(c, "registered", name, version, caller, {"sha256": sha, "kind": manifest.kind})
             committed = True
         finally:
+            if not committed and final is not None:
+                shutil.rmtree(final, ignore_errors=True)
+            self._release_tmp(tmp, lock_fd)
             if not committed:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if final is not None:
-                    shutil.rmtree(final, ignore_errors=True)
                 self._remove_empty_parent(name)
         return self.get(name, version)
 
-    def _copy_files(self, src: Path, dst: Path, shown: str) -> None:
-        """Copies the top-level regular files of `src` (following symlinks that stay inside the allowed
-        roots) into a new directory `dst`, fsyncing each."""
+    @staticmethod
+    def _copy_files(plan: list[tuple[str, Path, int]], dst: Path, shown: str) -> None:
+        """Copies the planned files into a new directory `dst`, fsyncing each; a file that grew since it was
+        planned (or is no longer a regular file) fails the registration rather than blowing the size cap."""
         dst.mkdir()
-        for f in sorted(src.iterdir()):
-            if not f.is_file():  # directories (checkpoints, runs/) and special files are not part of an adapter
-                continue
-            if f.suffix.lower() in PICKLE_SUFFIXES:
-                raise InvalidAdapter(f"adapter directory {shown!r} contains pickle file {f.name!r}; only safetensors weights are accepted")
-            real = f.resolve()
-            if not self._allowed(real):
-                raise AdapterPathForbidden(f"{f.name} in adapter path {shown!r} is a symlink to a file outside the allowed adapter roots")
-            with open(real, "rb") as fi, open(dst / f.name, "wb") as fo:
-                shutil.copyfileobj(fi, fo, 1 << 20)
+        for fname, real, size in plan:
+            try:
+                fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in must not block us
+            except OSError:
+                raise InvalidAdapter(f"{fname} in adapter path {shown!r} cannot be read", param="path") from None
+            with open(fd, "rb") as fi, open(dst / fname, "wb") as fo:
+                if not stat.S_ISREG(os.fstat(fi.fileno()).st_mode):
+                    raise InvalidAdapter(f"{fname} in adapter path {shown!r} is not a regular file", param="path")
+                left = size
+                while left > 0:
+                    block = fi.read(min(1 << 20, left))
+                    if not block:
+                        break
+                    fo.write(block)
+                    left -= len(block)
+                if left or fi.read(1):
+                    raise InvalidAdapter(f"{fname} in adapter path {shown!r} changed while it was copied",
+                                         param="path")
                 fo.flush()
                 os.fsync(fo.fileno())
 
@@ -423,11 +636,18 @@ class AdapterStore:
         version = row[0] if row else 1
         parent = self.root / "adapters" / name
         if parent.is_dir():
-            on_disk = [int(d.name) for d in parent.iterdir() if d.name.isdigit()]
+            on_disk = [int(d.name) for d in parent.iterdir() if _VERSION_DIR.fullmatch(d.name)]
             version = max([version] + [v + 1 for v in on_disk])
         c.execute("INSERT INTO counters(name, next_version) VALUES (?, ?) "
                   "ON CONFLICT(name) DO UPDATE SET next_version = excluded.next_version", (name, version + 1))
         return version
+
+    def _deletable(self, r) -> AdapterVersion:
+        """A row as a version to delete, even one `_servable_rows` hides (its manifest is not read back)."""
+        try:
+            return self._version_from_row(r)
+        except (ValueError, KeyError, TypeError):
+            return AdapterVersion(r[0], r[1], self.root / "adapters" / r[0] / str(r[1]), r[2], None, {}, r[5], r[6])
 
     def _remove_empty_parent(self, name: str) -> None:
         # under the write lock: a concurrent register makes the parent and renames into it under the same lock
@@ -470,7 +690,7 @@ class AdapterStore:
             rows = c.execute(f"SELECT {self._VERSION_COLS} FROM versions WHERE name = ? ORDER BY version", (name,)).fetchall()
             if not rows:
                 raise AdapterNotFound(f"adapter {name!r} does not exist")
-            existing = [self._version_from_row(r) for r in rows]
+            existing = [self._deletable(r) for r in rows]
             if version is not None and version not in {v.version for v in existing}:
                 raise AdapterNotFound(f"adapter {name!r} has no version {version!r} (versions: {[v.version for v in existing]})")
             removed = existing if version is None else [v for v in existing if v.version == version]
@@ -526,14 +746,7 @@ class AdapterStore:
             raise InvalidRequest(f"route 'versions' must be a non-empty mapping of version numbers to percentages, got {versions!r}")
         out: dict[int, int] = {}
         for k, w in versions.items():
-            if isinstance(k, bool):
-                raise InvalidRequest(f"route version {k!r} is not an integer")
-            try:
-                v = int(k)
-            except (TypeError, ValueError):
-                raise InvalidRequest(f"route version {k!r} is not an integer") from None
-            if str(v) != str(k).strip() or v < 1:
-                raise InvalidRequest(f"route version {k!r} is not a positive integer")
+            v = parse_version(k, param="versions", what="route version")
             if v in out:
                 raise InvalidRequest(f"route names version {v} twice")
             if not isinstance(w, int) or isinstance(w, bool) or not 0 <= w <= 100:
@@ -572,8 +785,7 @@ class AdapterStore:
         """Sends `versions` percent of `name`'s traffic to each version (a canary split); atomic, recorded."""
         weights = self.parse_weights(versions)
         self._check_sticky(sticky)
-        if guard is not None and not isinstance(guard, dict):
-            raise InvalidRequest(f"route guard must be a JSON object or null, got {guard!r}")
+        guard = check_guard(guard)
         with self._write() as c:
             self._check_known(name, weights, self._known(c, name))  # inside the lock: no delete can slip in
             return self._put_route(c, name, weights, sticky, guard, caller, "set", self._route_row(c, name))
@@ -605,7 +817,8 @@ class AdapterStore:
             if gone:
                 raise InvalidRequest(f"cannot roll back {name!r}: the earlier route {prev['versions']} sends traffic to "
                                      f"deleted version(s) {gone}")
-            return self._put_route(c, name, weights, prev.get("sticky"), prev.get("guard"), caller, "rollback",
+            guard = _stored_guard(name, json.dumps(prev["guard"]) if prev.get("guard") else None)
+            return self._put_route(c, name, weights, prev.get("sticky"), guard, caller, "rollback",
                                    self._route_row(c, name), reason)
 
     def route_history(self, name: str) -> list[RouteChange]:

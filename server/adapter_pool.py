@@ -13,6 +13,13 @@
 
 All methods run on the engine thread except `prefetch`/`pin`/`unpin`, which
 the front ends call; those touch only the CPU tier, under a lock.
+
+Filling a slot is all or nothing: every module's weights are converted to
+the slot dtype and checked (finite values, finite scale, fitting shapes)
+before the first one is written, so a refused adapter (`SlotFillFailed`)
+leaves the slot serving what it served before. The same check runs when a
+version enters the CPU tier, so a bad adapter fails the request that pins it
+(422), on the request's own thread, before it ever reaches the engine.
 """
 from __future__ import annotations
 
@@ -23,11 +30,18 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.adapters_store import InvalidAdapter
+
 from .lora_layer import LoraLinear
 
 
 class NoFreeSlot(Exception):
     """Every slot holds an adapter used by a running request."""
+
+
+class SlotFillFailed(InvalidAdapter):
+    """An adapter's weights cannot be put in a slot (not finite in the serving dtype, shapes that do not fit);
+    the slot is unchanged. 422 for the request that asked for the adapter."""
 
 
 @dataclass
@@ -66,8 +80,9 @@ class AdapterPool:
         w = load_adapter_weights(version.path, version.manifest, dtype=torch.float32, device="cpu")
         unknown = [m for m in w if m not in self.modules]
         if unknown:
-            raise ValueError(f"adapter {version.ref} targets modules the engine did not wrap: {unknown[:3]}")
+            raise SlotFillFailed(f"adapter {version.ref} targets modules the engine did not wrap: {unknown[:3]}")
         la = LoadedAdapter(version.ref, w, dict(version.manifest.module_scales), time.perf_counter() - t0)
+        self._prepare(la)  # refuse it here, on the caller's thread, rather than when a slot is filled
         self.loads += 1
         self.on_event("load", version.ref, seconds=la.load_seconds)
         return la
@@ -125,8 +140,10 @@ class AdapterPool:
 
     def put(self, ref: str, weights: dict, scales: dict) -> None:
         """Engine thread: installs (or replaces) weights for `ref` that come from memory, not the store
-        (a trainer pushing its in-training adapter); a slot already holding `ref` is refreshed in place."""
+        (a trainer pushing its in-training adapter); a slot already holding `ref` is refreshed in place.
+        SlotFillFailed (nothing changed) when they cannot be served."""
         la = LoadedAdapter(ref, weights, scales, 0.0)
+        self._prepare(la)
         with self._lock:
             self._cpu[ref] = la
             self._cpu.move_to_end(ref)
@@ -165,10 +182,11 @@ class AdapterPool:
                 raise NoFreeSlot(ref)
             empty = [j for j in free if self.slots[j].ref is None]
             i = empty[0] if empty else min(free, key=lambda j: self.slots[j].last_used)
-            if self.slots[i].ref is not None:
+            evicted = self.slots[i].ref
+            self._fill_slot(i, la)  # SlotFillFailed: the slot still holds `evicted`, untouched
+            if evicted is not None:
                 self.evictions += 1
-                self.on_event("evict", self.slots[i].ref)
-            self._fill_slot(i, la)
+                self.on_event("evict", evicted)
         s = self.slots[i]
         s.running += 1
         s.last_used = time.monotonic()
@@ -182,13 +200,28 @@ class AdapterPool:
         s.running = max(0, s.running - 1)
         s.last_used = time.monotonic()
 
-    def _fill_slot(self, i: int, la: LoadedAdapter) -> None:
+    def _prepare(self, la: LoadedAdapter) -> dict:
+        """module -> LoraLinear.prepare_slot(...) of every module, or SlotFillFailed naming the first that fails."""
+        out = {}
         for name, mod in self.modules.items():
             ab = la.weights.get(name)
-            if ab is None:
-                mod.set_slot(i, None, None, 0.0)
-            else:
-                mod.set_slot(i, ab[0], ab[1], la.scales[name])
+            try:
+                out[name] = None if ab is None else mod.prepare_slot(ab[0], ab[1], la.scales[name])
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise SlotFillFailed(f"adapter {la.ref} cannot be served: module {name}: {e}") from None
+        return out
+
+    def _fill_slot(self, i: int, la: LoadedAdapter) -> None:
+        """All or nothing: everything is converted and checked before slot `i` is written."""
+        prepared = self._prepare(la)  # SlotFillFailed here: nothing written
+        for name, p in prepared.items():
+            self.modules[name].reserve(p)  # may allocate (and fail); slot contents unchanged
+        try:
+            for name, p in prepared.items():
+                self.modules[name].commit_slot(i, p)
+        except BaseException:
+            self._clear_slot(i)  # never serve a half-written slot under any name
+            raise
         self.slots[i].ref = la.ref
 
     def _clear_slot(self, i: int) -> None:

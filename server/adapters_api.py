@@ -6,18 +6,39 @@ before answering, so the first request to it does not pay the load.
 Deleting drains: new requests get 404 at once, requests already admitted
 finish on the version they were pinned to, and its memory is released
 after the last one.
+
+Registrations copy and hash files, which can take long on a slow disk: they
+run on their own small executor (`REGISTER_WORKERS` threads, at most
+`REGISTER_PENDING` waiting, then 429), never on the event loop's shared
+thread pool, so route changes, health checks and completions never queue
+behind a copy.
+
+What clients see of a version names no server path: no `path` field, and
+lineage strings with absolute paths reduced to their last component.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 
+from loraplex.adapters_store import StoreError
+from loraplex.adapters_store.errors import StoreBusy
+from loraplex.adapters_store.refs import parse_version
+from loraplex.adapters_store.store import client_lineage
+
 from .caller import caller_of
-from .errors import BadRequest, NotFound
+from .errors import NotFound
 from .openai_api import parse_body
-from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger("loraplex.adapters")
+REGISTER_WORKERS = 2  # registrations copying files at once
+REGISTER_PENDING = 8  # registrations waiting for a worker before new ones get 429
 
 
 class RegisterBody(BaseModel):
@@ -45,7 +66,6 @@ def version_json(v, engine=None) -> dict:
         "version": v.version,
         "id": v.ref,
         "created_at": v.created_at,
-        "path": str(v.path),
         "sha256": v.sha256,
         "kind": getattr(m, "kind", "lora"),
         "r": m.r,
@@ -53,7 +73,7 @@ def version_json(v, engine=None) -> dict:
         "use_rslora": m.use_rslora,
         "target_modules": sorted({k.rsplit(".", 1)[-1] for k in m.module_ranks}),
         "base_fingerprint": v.base_fingerprint,
-        "lineage": v.lineage,
+        "lineage": client_lineage(v.lineage),
     }
     if engine is not None:
         d["in_flight"] = engine.pool.pinned(v.ref)
@@ -67,11 +87,37 @@ class AdapterManager:
     def __init__(self, store, engine):
         self.store = store
         self.engine = engine
+        self._registrations = ThreadPoolExecutor(REGISTER_WORKERS, thread_name_prefix="loraplex-register")
+        self._admitted = threading.BoundedSemaphore(REGISTER_WORKERS + REGISTER_PENDING)
 
     def register(self, name: str, path: str, lineage: dict | None, caller: str):
         v = self.store.register(name, path, lineage=lineage, caller=caller)
-        self.engine.pool.prefetch(v)  # warm before it takes traffic
+        try:
+            self.engine.pool.prefetch(v)  # warm before it takes traffic
+        except StoreError:
+            # the store's checks and the engine's disagree (they should not): never keep a version the
+            # engine refuses to serve
+            self.store.delete(v.name, v.version, caller=caller)
+            raise
         return v
+
+    async def register_async(self, name: str, path: str, lineage: dict | None, caller: str):
+        """`register` on the registration executor; StoreBusy (429) when too many are running or waiting."""
+        if not self._admitted.acquire(blocking=False):
+            raise StoreBusy(f"{REGISTER_WORKERS + REGISTER_PENDING} adapter registrations are in progress or "
+                            "waiting; retry later")
+        # released when the work ends, not when the caller stops waiting: a client that disconnects does not
+        # free a place while its copy still runs
+        try:
+            work = self._registrations.submit(self.register, name, path, lineage, caller)
+        except RuntimeError:  # shut down
+            self._admitted.release()
+            raise
+        work.add_done_callback(lambda _: self._admitted.release())
+        return await asyncio.wrap_future(work)
+
+    def close(self) -> None:
+        self._registrations.shutdown(wait=False, cancel_futures=True)
 
     def delete(self, name: str, version: int | None, caller: str):
         removed = self.store.delete(name, version, caller=caller)
@@ -84,8 +130,8 @@ class AdapterManager:
         if ev.kind == "registered":
             try:
                 self.engine.pool.prefetch(self.store.get(ev.name, ev.version))
-            except Exception:
-                pass
+            except Exception as e:  # served from disk on first use instead; a bad one fails its requests (422)
+                log.warning("could not preload %s@%s: %s", ev.name, ev.version, e)
         elif ev.kind == "deleted":
             ref = f"{ev.name}@{ev.version}"
             self.engine.call(lambda: self.engine.pool.mark_deleted(ref))
@@ -100,7 +146,7 @@ class AdapterRoutes:
 
     async def register(self, request: HttpRequest):
         body = await parse_body(request, RegisterBody)
-        v = await asyncio.to_thread(self.m.register, body.name, body.path, body.lineage, self._caller(request))
+        v = await self.m.register_async(body.name, body.path, body.lineage, self._caller(request))
         return JSONResponse(version_json(v, self.m.engine), status_code=201)
 
     async def list(self, request: HttpRequest):
@@ -125,14 +171,13 @@ class AdapterRoutes:
     async def delete(self, request: HttpRequest):
         name = request.path_params["name"]
         ver = request.query_params.get("version")
-        if ver is not None and not ver.isdigit():
-            raise BadRequest("query parameter 'version' must be an integer", param="version")
-        removed = await asyncio.to_thread(self.m.delete, name, int(ver) if ver else None, self._caller(request))
+        version = None if ver is None else parse_version(ver, param="version", what="query parameter 'version'")
+        removed = await asyncio.to_thread(self.m.delete, name, version, self._caller(request))
         return JSONResponse({"deleted": [v.ref for v in removed], "draining": [v.ref for v in removed if self.m.engine.in_use(v.ref)]})
 
     async def vllm_load(self, request: HttpRequest):
         body = await parse_body(request, VllmLoadBody)
-        v = await asyncio.to_thread(self.m.register, body.lora_name, body.lora_path, None, self._caller(request))
+        v = await self.m.register_async(body.lora_name, body.lora_path, None, self._caller(request))
         return JSONResponse({"message": f"Success: LoRA adapter '{body.lora_name}' added successfully.", "name": v.name, "version": v.version}, status_code=200)
 
     async def vllm_unload(self, request: HttpRequest):

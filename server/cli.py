@@ -40,6 +40,7 @@ def serve_parser(sub) -> None:
         ("--max-loras", 8, "adapter slots usable in one batch"),
         ("--max-cpu-loras", 64, "adapter versions kept loaded in host memory"),
         ("--max-lora-rank", 256, "largest rank accepted"),
+        ("--max-adapter-bytes", 4 << 30, "size cap of one adapter version's files (only its own are copied)"),
         ("--max-num-seqs", 64, "sequences in one batch"),
         ("--max-num-batched-tokens", 2048, "token budget of one step (prefill chunks + decodes)"),
         ("--max-queue", 512, "waiting requests before 429"),
@@ -275,18 +276,17 @@ def _guard_arg(args) -> tuple[dict | None, str | None]:
         if args.guard_min_requests is not None:
             return None, "--guard-min-requests needs --guard-max-error-rate"
         return None, None
-    from pydantic import ValidationError
-
-    from .routes_api import Guard
+    from loraplex.adapters_store import StoreError
+    from loraplex.adapters_store.store import check_guard
 
     raw = {"max_error_rate": args.guard_max_error_rate}
     if args.guard_min_requests is not None:
         raw["min_requests"] = args.guard_min_requests
     try:
-        return Guard(**raw).model_dump(), None
-    except ValidationError as e:
-        x = e.errors()[0]
-        return None, f"--guard-{str(x['loc'][0]).replace('_', '-')}: {x['msg']}"
+        return check_guard(raw), None
+    except StoreError as e:
+        flag = (e.param or "guard.max_error_rate").rsplit(".", 1)[-1].replace("_", "-")
+        return None, f"--guard-{flag}: {e}"
 
 
 def main(argv: list[str] | None = None) -> int:

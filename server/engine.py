@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.adapters_store import StoreError
 from loraplex.kernels import LoraSegments
 
 from .adapter_pool import AdapterPool
@@ -276,6 +277,9 @@ class Engine:
     def _step(self) -> None:
         self._reap()
         plan = self.scheduler.schedule()
+        for seq, err in plan.failed:  # an adapter that cannot fill a slot fails its own request, nothing else
+            log.warning("request %s: %s", seq.req.request_id, err)
+            self._finish(seq, "error", error=str(err) if isinstance(err, StoreError) else "internal engine error")
         if not plan.items:
             if self.scheduler.waiting and not self.scheduler.running:
                 time.sleep(0.001)  # waiting on capacity that only a finishing request frees: none running

@@ -270,7 +270,7 @@ class InferenceServicer(_Base, pbg.InferenceServicer):
 
 def _version_msg(d: dict) -> pb.AdapterVersion:
     return pb.AdapterVersion(
-        name=d["name"], version=d["version"], id=d["id"], created_at=d["created_at"], path=d["path"], sha256=d["sha256"],
+        name=d["name"], version=d["version"], id=d["id"], created_at=d["created_at"], path=d.get("path"), sha256=d["sha256"],
         r=d["r"], lora_alpha=d["lora_alpha"], target_modules=d["target_modules"], lineage_json=json.dumps(d["lineage"]),
         in_flight=d.get("in_flight", 0), kind=d["kind"], use_rslora=bool(d.get("use_rslora")),
         base_fingerprint=d.get("base_fingerprint") or "", resident_slot=d.get("resident_slot"),
@@ -311,7 +311,7 @@ class AdminServicer(_Base, pbg.AdminServicer):
             raise BadRequest(f"'lineage_json' is not valid JSON: {e}", param="lineage_json") from e
         if lineage is not None and not isinstance(lineage, dict):
             raise BadRequest("'lineage_json' must be a JSON object", param="lineage_json")
-        v = await asyncio.to_thread(m.register, request.name, request.path, lineage, self._caller(context))
+        v = await m.register_async(request.name, request.path, lineage, self._caller(context))
         return _version_msg(version_json(v, m.engine))
 
     @edge

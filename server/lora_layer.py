@@ -14,6 +14,8 @@ tokens pass through the base layer only.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -66,22 +68,54 @@ class LoraLinear(nn.Module):
         Bt[:, : self.width] = self.Bt
         self.A, self.Bt, self.width = A, Bt, width
 
-    def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
-        """Loads one adapter's (A [r, in], B [out, r]) into `slot`; None clears the slot for this module."""
+    def prepare_slot(self, A: torch.Tensor | None, B: torch.Tensor | None, scale: float):
+        """One adapter's weights for this module, converted to the stacks' dtype and checked, nothing written:
+        (A [r, in], Bt [r, out], scale), or None for "not targeted". ValueError when a shape does not fit or
+        a value is not finite in this layer's dtype (a 1e308 scale, an F64 weight past fp16's range), so a
+        slot is never left half-written by a conversion that fails or overflows."""
         if A is None:
+            return None
+        r = A.shape[0]
+        fits = A.dim() == 2 and B.dim() == 2 and r >= 1 and A.shape[1] == self.in_features
+        if not fits or tuple(B.shape) != (self.out_features, r):
+            raise ValueError(f"LoRA weights A {list(A.shape)} / B {list(B.shape)} do not fit a "
+                             f"{self.in_features}->{self.out_features} layer")
+        scale = float(scale)
+        if not math.isfinite(scale) or abs(scale) > min(torch.finfo(torch.float32).max, torch.finfo(self.A.dtype).max):
+            raise ValueError(f"LoRA scale {scale:g} is not finite in {self.A.dtype}")
+        a = A.to(self.A.dtype)  # on the weights' own device (the CPU tier): the stacks are written in commit_slot
+        bt = B.t().to(self.Bt.dtype)
+        if not (torch.isfinite(a).all() and torch.isfinite(bt).all()):
+            raise ValueError(f"LoRA weights are not finite in {self.A.dtype}")
+        return a, bt, scale
+
+    def reserve(self, prepared) -> None:
+        """Widens the stacks for `prepared` ahead of commit_slot (padding only: what the slots hold is unchanged)."""
+        if prepared is not None:
+            self._grow(prepared[0].shape[0])
+
+    def commit_slot(self, slot: int, prepared) -> None:
+        """Writes what prepare_slot returned into `slot` (None clears the slot for this module)."""
+        if prepared is None:
             self.ranks_host[slot] = 0
             self.ranks[0, slot] = 0
             self.scales[slot] = 0.0
             return
-        r = A.shape[0]
+        a, bt, scale = prepared
+        r = a.shape[0]
         self._grow(r)
         self.A[slot].zero_()
         self.Bt[slot].zero_()
-        self.A[slot, :r] = A.to(self.A.dtype)
-        self.Bt[slot, :r] = B.t().to(self.Bt.dtype)
-        self.scales[slot] = float(scale)
+        self.A[slot, :r] = a
+        self.Bt[slot, :r] = bt
+        self.scales[slot] = scale
         self.ranks[0, slot] = r
         self.ranks_host[slot] = r
+
+    def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
+        """Loads one adapter's (A [r, in], B [out, r]) into `slot`; None clears the slot for this module.
+        All or nothing: a refused adapter (ValueError) leaves the slot as it was."""
+        self.commit_slot(slot, self.prepare_slot(A, B, scale))
 
     def pack_base(self, release: bool = False) -> None:
         """Runs the base product through `cpu_gemm` from now on; `release` drops the unpacked weight.

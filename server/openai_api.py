@@ -157,13 +157,13 @@ class OpenAIRoutes:
     async def models(self, request: HttpRequest) -> JSONResponse:
         s = self.service
         created = int(time.time())
-        data = [{"id": s.model_id, "object": "model", "created": created, "owned_by": "loraplex", "root": str(s.base.path), "parent": None}]
+        data = [{"id": s.model_id, "object": "model", "created": created, "owned_by": "loraplex", "root": s.model_id, "parent": None}]
         for v in s.store.list():
-            data.append({"id": v.ref, "object": "model", "created": int(v.created_at), "owned_by": "loraplex", "root": str(v.path), "parent": s.model_id})
+            data.append({"id": v.ref, "object": "model", "created": int(v.created_at), "owned_by": "loraplex", "root": v.ref, "parent": s.model_id})
         names = sorted({v.name for v in s.store.list()})
         for name in names:
             latest = s.store.get(name)
-            data.append({"id": name, "object": "model", "created": int(latest.created_at), "owned_by": "loraplex", "root": str(latest.path), "parent": s.model_id})
+            data.append({"id": name, "object": "model", "created": int(latest.created_at), "owned_by": "loraplex", "root": latest.ref, "parent": s.model_id})
         return JSONResponse({"object": "list", "data": data})
 
     async def chat(self, request: HttpRequest):

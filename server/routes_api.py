@@ -15,31 +15,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
+
+from loraplex.adapters_store.store import check_guard
 
 from .caller import caller_of
 from .errors import BadRequest, NotFound
 from .openai_api import parse_body
 
 log = logging.getLogger("loraplex.routes")
-
-
-class Guard(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    max_error_rate: float = Field(ge=0.0, le=1.0)
-    min_requests: int = Field(20, ge=1)
+MAX_COMPARE_WINDOW_S = 30 * 86400.0  # `compare?window=`; outcomes older than the telemetry window are gone anyway
 
 
 class RouteBody(BaseModel):
+    """Versions, percents and guard are checked by the store (`parse_weights`, `check_guard`): one rule for
+    HTTP, gRPC, the CLI and trainer canaries."""
     model_config = ConfigDict(extra="forbid")
-    versions: dict[int, int]
+    versions: dict[str, Any]
     sticky: str | None = Field(None, pattern="^(user|session)$")
-    guard: Guard | None = None
+    guard: dict[str, Any] | None = None
 
 
 class PromoteBody(BaseModel):
@@ -176,13 +177,14 @@ class RouteRoutes:
     async def put(self, request: HttpRequest):
         name = request.path_params["name"]
         body: RouteBody = await parse_body(request, RouteBody)
-        guard = body.guard.model_dump() if body.guard else None
-        r = await asyncio.to_thread(self.apply_set, name, body.versions, body.sticky, guard, self._caller(request))
+        caller = self._caller(request)
+        r = await asyncio.to_thread(self.apply_set, name, body.versions, body.sticky, body.guard, caller)
         return JSONResponse(route_json(r))
 
     # The changes themselves (blocking: they load adapter versions); the gRPC Admin service calls them too.
     def apply_set(self, name: str, versions, sticky: str | None, guard: dict | None, caller: str):
         weights = _store_call(self.store.validate_route, name, versions, sticky)
+        guard = _store_call(check_guard, guard)  # before warming: a bad guard changes nothing
         self._warm(name, [v for v, w in weights.items() if w > 0])
         prev = self.store.get_route(name)
         r = _store_call(self.store.set_route, name, versions, sticky=sticky, guard=guard, caller=caller)
@@ -247,11 +249,12 @@ class RouteRoutes:
         name = request.path_params["name"]
         w = request.query_params.get("window", "300")
         try:
-            window = float(w)
-            if window <= 0:
-                raise ValueError
+            window = float(w) if len(w) <= 32 else math.nan
         except ValueError:
-            raise BadRequest("query parameter 'window' must be a positive number of seconds", param="window")
+            window = math.nan
+        if not 0 < window <= MAX_COMPARE_WINDOW_S:  # NaN fails too
+            raise BadRequest(f"query parameter 'window' must be a number of seconds in (0, {MAX_COMPARE_WINDOW_S:g}]",
+                             param="window")
         r = self.store.get_route(name)
         versions = sorted(r.versions) if r is not None else [v.version for v in _store_call(self.store.versions, name)]
         since = time.time() - window

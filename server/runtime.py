@@ -35,6 +35,7 @@ class ServeConfig(BaseModel):
     max_loras: int = Field(8, ge=1)
     max_cpu_loras: int = Field(64, ge=1)
     max_lora_rank: int = Field(256, ge=1)
+    max_adapter_bytes: int = Field(4 << 30, ge=1 << 20)  # all of one adapter version's files; see AdapterStore
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
     max_queue: int = Field(512, ge=1)
@@ -76,8 +77,10 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
 
     state = state or ServerState()
     base = load_base(cfg.model, dtype=cfg.dtype, device=cfg.device, model_id=cfg.served_model_name)
-    spec = BaseModelSpec(model_id=base.model_id, fingerprint=base.fingerprint, module_shapes=base.module_shapes, max_rank=cfg.max_lora_rank)
-    store = AdapterStore(cfg.store_dir(), base=spec, allowed_roots=cfg.allowed_adapter_roots)
+    spec = BaseModelSpec(model_id=base.model_id, fingerprint=base.fingerprint, module_shapes=base.module_shapes,
+                         max_rank=cfg.max_lora_rank, dtype=str(base.model.dtype).removeprefix("torch."))
+    store = AdapterStore(cfg.store_dir(), base=spec, allowed_roots=cfg.allowed_adapter_roots,
+                         max_adapter_bytes=cfg.max_adapter_bytes)
     runner = ModelRunner(base.model, max_loras=cfg.max_loras, kv_budget_tokens=cfg.kv_cache_tokens, max_model_len=cfg.max_model_len,
                          owns_weights=True)
     ecfg = EngineConfig(

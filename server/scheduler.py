@@ -48,6 +48,7 @@ class Sequence:
 class Plan:
     items: list[tuple[Sequence, int]]  # (sequence, tokens to compute), ordered by slot
     preempted: list[Sequence]
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)  # admissions refused: fail these alone
 
 
 class Scheduler:
@@ -110,6 +111,7 @@ class Scheduler:
             i += 1
         # 2. admit waiting requests in arrival order.
         skipped: list[Sequence] = []
+        failed: list[tuple[Sequence, Exception]] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
             if seq in preempted:  # never re-admit in the step that preempted it
@@ -130,6 +132,9 @@ class Scheduler:
                 except NoFreeSlot:
                     skipped.append(seq)
                     continue
+                except Exception as e:  # the adapter cannot fill a slot (the slot is unchanged): this request fails
+                    failed.append((seq, e))
+                    continue
             cache.reserve(n)
             seq.cache = cache
             self.running.append(seq)
@@ -139,4 +144,4 @@ class Scheduler:
         for seq in reversed(skipped):
             self.waiting.appendleft(seq)
         items.sort(key=lambda it: it[0].slot)
-        return Plan(items, preempted)
+        return Plan(items, preempted, failed)

@@ -11,6 +11,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from loraplex.adapters_store.refs import parse_ref
+
 from .engine import Engine
 from .errors import BadRequest, InternalError, NotFound
 from .generation_params import MAX_NAME_CHARS, MAX_STICKY_KEY_CHARS, GenerationParams
@@ -59,12 +61,7 @@ class GenerationService:
             raise BadRequest(f"the session / user key is longer than {MAX_STICKY_KEY_CHARS} characters", param="user")
         if model in (self.model_id, "default"):
             return None
-        name, _, ver = model.partition("@")
-        version = None
-        if ver:
-            if not (ver.isascii() and ver.isdigit()):
-                raise BadRequest(f"bad version in model {model!r}: expected name@<integer>", param="model")
-            version = int(ver)
+        name, version = parse_ref(model, param="model")  # the one name@version parser: ASCII digits, 400 otherwise
         try:
             return self.store.resolve(name, version=version, sticky_key=sticky_key)
         except NotFound as e:

@@ -333,7 +333,10 @@ def test_paths_outside_allowed_roots_are_forbidden(tmp_path, spec, adapter_dirs)
             st.register("sneaky", path)
         assert e.value.http_status == 403 and e.value.grpc_code == "PERMISSION_DENIED"
         assert "outside the allowed adapter roots" in str(e.value), str(e.value)
-    assert "resolves to" in str(pytest.raises(AdapterPathForbidden, st.register, "s", allowed / "link").value)
+    # the error names the path as given, never where it leads nor the allowed roots (server layout)
+    msg = str(pytest.raises(AdapterPathForbidden, st.register, "s", allowed / "link").value)
+    assert str(outside) not in msg and "resolves to" not in msg
+    assert f"'{allowed}'" not in msg.replace(f"'{allowed}/link'", "")
     assert "adapter_model.safetensors" in str(pytest.raises(AdapterPathForbidden, st.register, "s", files_link).value)
     assert snapshot(st) == before
     v = st.register("fine", good)
@@ -536,14 +539,15 @@ def test_route_refusals_for_unknown_adapters_sticky_and_rollback(three):
 def test_promote_rollback_and_history(three):
     t0 = time.time()
     r = three.set_route("bot", {"1": 90, "2": 10}, sticky="user", guard={"max_error_rate": 0.2}, caller="alice")
-    assert (r.versions, r.sticky, r.guard, r.updated_by) == ({1: 90, 2: 10}, "user", {"max_error_rate": 0.2}, "alice")
+    guard = {"max_error_rate": 0.2, "min_requests": 20}  # stored typed, with its default filled in
+    assert (r.versions, r.sticky, r.guard, r.updated_by) == ({1: 90, 2: 10}, "user", guard, "alice")
     assert three.get_route("bot") == r
     p = three.promote("bot", 2, caller="bob")
     assert (p.versions, p.sticky, p.guard) == ({2: 100}, "user", None)
     with pytest.raises(AdapterConflict, match="100%"):
         three.delete("bot", 2)
     back = three.rollback("bot", caller="guard", reason="error rate 40% > 20%")
-    assert (back.versions, back.sticky, back.guard, back.updated_by) == ({1: 90, 2: 10}, "user", {"max_error_rate": 0.2}, "guard")
+    assert (back.versions, back.sticky, back.guard, back.updated_by) == ({1: 90, 2: 10}, "user", guard, "guard")
     assert three.rollback("bot", caller="carol").versions == {2: 100}  # rolling back a rollback swaps back
     h = three.route_history("bot")
     assert [(c.action, c.caller) for c in h] == [("set", "alice"), ("promote", "bob"), ("rollback", "guard"), ("rollback", "carol")]
@@ -608,7 +612,7 @@ def test_sticky_keys_keep_their_version(three):
 
 
 def test_readers_see_the_old_or_the_new_route_never_a_mix(three):
-    a = ({1: 70, 2: 30}, "user", {"g": 1})
+    a = ({1: 70, 2: 30}, "user", {"max_error_rate": 0.5, "min_requests": 7})
     b = ({2: 10, 3: 90}, None, None)
     three.set_route("bot", a[0], sticky=a[1], guard=a[2])
     other = AdapterStore(three.root)
@@ -684,3 +688,44 @@ def test_connections_of_finished_threads_are_closed(store, adapter_dirs):
     assert open_fds() <= before + 3  # one connection's db/wal handles at most, not 30 threads' worth
     store.close()
     assert open_fds() == 0
+
+
+def test_crash_leftovers_are_swept_at_open_but_never_a_live_registration(tmp_path, spec):
+    AdapterStore(tmp_path / "s", base=spec).close()
+    tmp = tmp_path / "s" / "tmp"
+    (tmp / "bot.99999.crashed").mkdir()  # fresh, no lock file: a registration that died
+    (tmp / "bot.99999.crashed" / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    (tmp / "bot.1.unlocked").mkdir()
+    (tmp / "bot.1.unlocked.lock").touch()  # a lock file nobody holds: its owner died
+    (tmp / "bot.3.orphan.lock").touch()
+    live = tmp / "bot.2.live"
+    live.mkdir()
+    holder = subprocess.Popen(  # another process mid-registration holds its entry's lock
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
+         str(tmp / "bot.2.live.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        AdapterStore(tmp_path / "s", base=spec).close()
+        assert sorted(p.name for p in tmp.iterdir()) == ["bot.2.live", "bot.2.live.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    AdapterStore(tmp_path / "s", base=spec).close()  # its owner is gone now
+    assert list(tmp.iterdir()) == []
+
+
+def test_a_registration_holds_its_tmp_entry_against_a_sweeping_open(store, adapter_dirs, monkeypatch):
+    """A store opened (and sweeping tmp/) while another registration copies never removes that copy."""
+    real_copy = store._copy_files
+    swept = []
+
+    def copy_then_sweep(plan, dst, shown):
+        real_copy(plan, dst, shown)
+        other = AdapterStore(store.root)  # opens and sweeps, as a second process starting would
+        swept.append(dst.exists())
+        other.close()
+
+    monkeypatch.setattr(store, "_copy_files", copy_then_sweep)
+    v = store.register("bot", adapter_dirs["alpha"])
+    assert swept == [True] and v.version == 1 and list((store.root / "tmp").iterdir()) == []

@@ -7,7 +7,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: venv serve test test-all test-gpu bench protos clean
+.PHONY: venv serve test test-all test-gpu gpu-check bench protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m '' $(PYTEST_ARGS)
+
+# On a CUDA machine: every GPU test, bench/kernels.py and the serving benchmarks, figures in bench/results/.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
 
 protos: $(STAMP)
 	$(BIN)/python -m loraplex.protos.generate

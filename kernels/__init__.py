@@ -1,13 +1,22 @@
-"""LoRA ops for the engine: one entry point, a reference and a Triton implementation behind it.
+"""LoRA ops for the engine: one backend chosen once, a plan per step, a product per module.
 
-`apply_lora` is what the model code calls. The dispatch picks the Triton
-kernels for CUDA tensors and the PyTorch reference everywhere else;
-`LORAPLEX_KERNELS=torch` forces the reference and `LORAPLEX_KERNELS=triton`
-the kernels (on CPU tensors that needs Triton's interpreter,
-`TRITON_INTERPRET=1`, which is how the tests run them without a GPU). Within
-the Triton backend the kernel variant (segmented SGMV for prefill-shaped
-batches, gathered BGMV for decode-shaped ones) is chosen per batch by
-`triton_lora.batch_plan`.
+`select_backend(device)` is called once, when the model runner is built, and
+returns the backend every LoRA module of that runner uses:
+
+- `TorchBackend` (CPU tensors): the fast paths of `cpu_lora.py` for fp32
+  single-slice modules (what the engine's `LoraLinear` passes), the
+  reference of `reference.py` for the rest;
+- `TritonBackend` (CUDA tensors): the kernels of `triton_lora.py`, whose
+  variant (segmented SGMV for prefill-shaped batches, gathered BGMV for
+  decode-shaped ones) follows from the step's segments.
+
+`LORAPLEX_KERNELS=torch|triton|auto` (read at selection, never per call)
+forces a backend; `triton` on CPU tensors needs Triton's interpreter
+(`TRITON_INTERPRET=1`), which is how the tests run the kernels without a GPU.
+
+Per step the runner calls `backend.plan(seg)` once; every module then calls
+`backend.apply(plan, ...)`, so nothing that depends only on the token ->
+slot mapping is recomputed per module.
 """
 from __future__ import annotations
 
@@ -15,60 +24,64 @@ import os
 
 import torch
 
-from . import cpu_gemm
-from .dense import apply_lora_dense, dense_ok
-from .reference import apply_lora_batched, apply_lora_segmented, lora_expand_ref, lora_shrink_ref
+from . import cpu_gemm, cpu_lora
+from .reference import lora_expand_ref, lora_shrink_ref
 from .segments import LoraSegments
 
-DENSE_MIN_SEGMENTS = 10  # measured break-even against the fused segmented loop (T=32, 8 slots of r=16)
-# fp32, one output slice (every LoraLinear): from this many segments (no-adapter ones included) the
-# batched form wins; 8 adapters x 4 decode tokens, 576->1536: 241 us looped, 68 us batched (2 cores)
-BATCHED_MIN_SEGMENTS = 4
-
-__all__ = ["LoraSegments", "apply_lora", "cpu_gemm", "lora_shrink", "lora_expand", "backend_for"]
-
+__all__ = ["LoraSegments", "TorchBackend", "TritonBackend", "cpu_gemm", "select_backend", "BACKENDS"]
 
 BACKENDS = ("torch", "triton")
 
 
-def backend_for(t: torch.Tensor) -> str:
-    forced = os.environ.get("LORAPLEX_KERNELS", "").strip().lower()
-    if forced in BACKENDS:
-        return forced
-    if forced and forced != "auto":
+class TorchBackend:
+    """CPU: fast paths for fp32 single-slice products, the reference otherwise."""
+
+    name = "torch"
+
+    def plan(self, seg: LoraSegments) -> tuple[LoraSegments, cpu_lora.CpuLoraPlan]:
+        return seg, cpu_lora.CpuLoraPlan(seg, seg.seg_starts.device)
+
+    @staticmethod
+    def touches(plan, ranks_host: list[int]) -> bool:
+        return plan[1].touches(ranks_host)
+
+    def apply(self, plan, y, x, A: list, B: list, scales, ranks, offsets) -> torch.Tensor:
+        """y += LoRA(x) per adapter segment, in place; shapes as in `reference.py` (B[i]: [S, N_i, R])."""
+        seg, cplan = plan
+        if len(A) == 1 and offsets[0] == 0 and B[0].shape[1] == y.shape[1] and y.is_contiguous() and (
+                y.dtype == x.dtype == A[0].dtype == B[0].dtype == torch.float32):
+            # B[0] is the [S, N, R] view of a [S, R, N] stack: its transpose is that stack, read row by row
+            return cpu_lora.apply(cplan, y, x, A[0], B[0].transpose(1, 2), scales)
+        return lora_expand_ref(y, lora_shrink_ref(x, A, seg, scales, ranks), B, seg, ranks, offsets)
+
+
+class TritonBackend:
+    """CUDA (or Triton's interpreter): shrink and expand kernels, every slice in one launch."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from . import triton_lora
+
+        self._tl = triton_lora
+
+    def plan(self, seg: LoraSegments):
+        self._tl.batch_plan(seg, seg.seg_starts.device)  # the work lists, cached on `seg` for every module
+        return seg
+
+    @staticmethod
+    def touches(seg: LoraSegments, ranks_host: list[int]) -> bool:
+        return any(ranks_host[s] for s in seg.seg_slots_host if s >= 0)
+
+    def apply(self, seg, y, x, A: list, B: list, scales, ranks, offsets) -> torch.Tensor:
+        buf = self._tl.lora_shrink_triton(x, A, seg, scales, ranks)
+        return self._tl.lora_expand_triton(y, buf, B, seg, ranks, offsets)
+
+
+def select_backend(device: torch.device | str, choice: str | None = None):
+    """The LoRA backend for tensors on `device`: `choice`, else `LORAPLEX_KERNELS`, else by device type."""
+    forced = (choice if choice is not None else os.environ.get("LORAPLEX_KERNELS", "")).strip().lower()
+    if forced and forced != "auto" and forced not in BACKENDS:
         raise ValueError(f"LORAPLEX_KERNELS={forced!r}: expected one of {', '.join(BACKENDS)} or auto")
-    return "triton" if t.is_cuda else "torch"
-
-
-def lora_shrink(x, A, seg, scales, ranks):
-    if backend_for(x) == "triton":
-        from .triton_lora import lora_shrink_triton
-
-        return lora_shrink_triton(x, A, seg, scales, ranks)
-    return lora_shrink_ref(x, A, seg, scales, ranks)
-
-
-def lora_expand(y, buf, B, seg, ranks, offsets):
-    if backend_for(y) == "triton":
-        from .triton_lora import lora_expand_triton
-
-        return lora_expand_triton(y, buf, B, seg, ranks, offsets)
-    return lora_expand_ref(y, buf, B, seg, ranks, offsets)
-
-
-def apply_lora(y, x, A, B, seg: LoraSegments, scales, ranks, offsets):
-    """y += LoRA(x) for every token with an adapter slot; y is updated in place and returned."""
-    if not seg.has_lora:
-        return y
-    backend = backend_for(y)
-    fp32 = y.dtype == x.dtype == torch.float32 and all(t.dtype == torch.float32 for t in (*A, *B))
-    if backend == "torch" and fp32 and len(A) == 1 and seg.num_segments >= BATCHED_MIN_SEGMENTS:
-        # several adapters in the batch: two batched matmuls over all segments beat two BLAS calls per segment
-        return apply_lora_batched(y, x, A, B, seg, scales, ranks, offsets)
-    if backend == "torch" and seg.num_segments >= DENSE_MIN_SEGMENTS and dense_ok(A, B):
-        # many short segments over narrow stacks: one matmul over all slots beats a loop of tiny ones
-        return apply_lora_dense(y, x, A, B, seg, scales, ranks, offsets)
-    if backend == "torch" and fp32:
-        return apply_lora_segmented(y, x, A, B, seg, scales, ranks, offsets)
-    buf = lora_shrink(x, A, seg, scales, ranks)
-    return lora_expand(y, buf, B, seg, ranks, offsets)
+    name = forced if forced in BACKENDS else ("triton" if torch.device(device).type == "cuda" else "torch")
+    return TritonBackend() if name == "triton" else TorchBackend()

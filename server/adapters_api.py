@@ -84,13 +84,19 @@ def version_json(v, engine=None) -> dict:
 class AdapterManager:
     """Store + engine together: registration with warm-up, deletion with drain."""
 
-    def __init__(self, store, engine):
+    def __init__(self, store, engine, hub_orgs: list[str] | None = None):
         self.store = store
         self.engine = engine
+        self.hub_orgs = hub_orgs  # orgs whose hub adapters may be registered over the API (adapters_store.hub)
         self._registrations = ThreadPoolExecutor(REGISTER_WORKERS, thread_name_prefix="loraplex-register")
         self._admitted = threading.BoundedSemaphore(REGISTER_WORKERS + REGISTER_PENDING)
 
-    def register(self, name: str, path: str, lineage: dict | None, caller: str):
+    def register(self, name: str, path: str, lineage: dict | None, caller: str, *, operator: bool = False):
+        from loraplex.adapters_store.hub import adapter_source
+
+        path, source = adapter_source(path, self.hub_orgs, operator=operator)  # a hub id -> its snapshot directory
+        if source:
+            lineage = {**(lineage or {}), **source}
         v = self.store.register(name, path, lineage=lineage, caller=caller)
         try:
             self.engine.pool.prefetch(v)  # warm before it takes traffic

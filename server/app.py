@@ -20,7 +20,7 @@ from starlette.routing import Route
 from loraplex.trainer.jobs import DEFAULT_MAX_UPLOAD_BYTES as JOBS_MAX_UPLOAD_BYTES
 
 from .adapters_api import AdapterManager, AdapterRoutes
-from .errors import LoraplexError, PayloadTooLarge, Unavailable, internal
+from .errors import LoraplexError, NotFound, PayloadTooLarge, Unavailable, internal
 
 log = logging.getLogger("loraplex.server")
 
@@ -53,7 +53,7 @@ def _error_response(err: LoraplexError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.http_status)
 
 
-DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # any body but an upload: a context's worth of text or token ids, many times over
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # any body but an upload: a context's worth of text or token ids, many times
 DEFAULT_MAX_UPLOAD_BYTES = JOBS_MAX_UPLOAD_BYTES  # POST /v1/files: the fine-tuning routes' own limit, stated there
 UPLOAD_PATHS = ("/v1/files",)
 
@@ -67,7 +67,8 @@ class BodyLimit:
     answers). Uploads have their own, larger limit.
     """
 
-    def __init__(self, app, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+    def __init__(self, app, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
         self.app = app
         self.max_request_bytes = max_request_bytes
         self.max_upload_bytes = max_upload_bytes
@@ -101,7 +102,8 @@ class BodyLimit:
 
 
 def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, poll_interval: float = 1.0,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> Starlette:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> Starlette:
     def need(attr):
         def get():
             obj = getattr(state, attr)
@@ -190,6 +192,8 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
         Route("/v1/fine_tuning/jobs", wrap(lambda: ft().list_jobs), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}", wrap(lambda: ft().get_job), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}/cancel", wrap(lambda: ft().cancel), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/pause", wrap(lambda: ft().pause), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/resume", wrap(lambda: ft().resume), methods=["POST"]),
         Route("/v1/fine_tuning/jobs/{job_id}/events", wrap(lambda: ft().events), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}/checkpoints", wrap(lambda: ft().checkpoints), methods=["GET"]),
     ]
@@ -225,7 +229,14 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
 
     from starlette.middleware import Middleware
 
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[
+    async def no_route(request: HttpRequest, exc):  # Starlette's own 404 / 405, in OpenAI's error shape too
+        kind = NotFound if exc.status_code == 404 else LoraplexError
+        err = kind(f"no route for {request.method} {request.url.path}" if exc.status_code == 404 else
+                   f"{request.method} is not allowed on {request.url.path}")
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: no_route, 405: no_route}, middleware=[
         Middleware(BodyLimit, max_request_bytes=max_request_bytes, max_upload_bytes=max_upload_bytes)])
+    app.router.redirect_slashes = False  # `/v1/routes/` is an unknown route (404), not a redirect a client must follow
     app.state.loraplex = state
     return app

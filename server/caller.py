@@ -6,6 +6,7 @@ the transport reports it. Authentication adds the key id and tenant in front
 of it (`caller_of` is the one place to do so), so every change records the
 identity the server verified.
 """
+
 from __future__ import annotations
 
 from urllib.parse import unquote

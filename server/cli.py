@@ -30,6 +30,9 @@ def serve_parser(sub) -> None:
     p.add_argument("--served-model-name", help="the id clients use for the base model")
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR", help="register a PEFT adapter at start (repeatable)")
     p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
+    p.add_argument("--allow-hub-org", action="append", dest="hub_orgs", metavar="ORG",
+                   help="let POST /v1/adapters register Hugging Face hub adapters (org/repo[@rev]) of this org; '*' = any "
+                        "(repeatable; default: none, remote ids refused)")
     p.add_argument("--allowed-adapter-root", action="append", type=Path, dest="allowed_adapter_roots", help="only register adapters from under these dirs (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -48,6 +51,8 @@ def serve_parser(sub) -> None:
     ]:
         p.add_argument(flag, type=int, default=default, help=help_)
     p.add_argument("--max-model-len", type=int)
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+                   help="do not reuse the KV of prompt prefixes already computed (per adapter version)")
     p.add_argument("--jobs-dir", type=Path, help="fine-tuning files and jobs (default $LORAPLEX_HOME/jobs)")
     p.add_argument("--max-concurrent-jobs", type=int, default=1, help="training jobs run at once")
     from loraplex.trainer import jobs
@@ -58,10 +63,12 @@ def serve_parser(sub) -> None:
                    help=f"wall-clock limit of one training job; past it the job fails (default {jobs.DEFAULT_MAX_JOB_SECONDS})")
     p.add_argument("--reward-function", action="append", type=_reward_arg, default=[], metavar="NAME=module:function",
                    help="a Python reward function jobs may name by NAME (repeatable); requests never name code")
-    p.add_argument("--max-request-bytes", type=int, help="largest HTTP request body, uploads aside (default 8 MiB; 413 above)")
-    p.add_argument("--max-upload-bytes", type=int, help="largest file upload, POST /v1/files (default 512 MiB; 413 above)")
-    p.add_argument("--drain-timeout", type=float, help="seconds SIGTERM lets in-flight requests finish before aborting them "
-                   "(default 30)")
+    p.add_argument("--max-request-bytes", type=int,
+                   help="largest HTTP request body, uploads aside (default 8 MiB; 413 above)")
+    p.add_argument("--max-upload-bytes", type=int,
+                   help="largest file upload, POST /v1/files (default 512 MiB; 413 above)")
+    p.add_argument("--drain-timeout", type=float,
+                   help="seconds SIGTERM lets in-flight requests finish before aborting them (default 30)")
     p.add_argument("--log-level", default="info")
 
 
@@ -156,8 +163,8 @@ def cmd_serve(args) -> int:
 def routes_parser(sub) -> None:
     p = sub.add_parser("routes", help="show and change adapter routes (canary splits) in the store")
     p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
-    p.add_argument("--caller", default=None, help="who makes the change (recorded in the history; default $USER); with "
-                   "--server the server records the identity it sees instead")
+    p.add_argument("--caller", default=None, help="who makes the change (recorded in the history; default $USER); "
+                   "with --server the server records the identity it sees instead")
     p.add_argument("--server", default=os.environ.get("LORAPLEX_SERVER"), metavar="URL",
                    help="a running server (default $LORAPLEX_SERVER): change routes through its API, so it loads new versions "
                         "before they take traffic and arms guards at once, instead of writing the store directly")

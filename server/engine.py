@@ -24,12 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.adapters_store import StoreError
-from loraplex.kernels import LoraSegments
 
 from .adapter_pool import AdapterPool
 from .detokenizer import IncrementalDetokenizer
 from .errors import BadRequest, QueueFull, Unavailable
-from .model_runner import ModelRunner, SeqChunk, StepBatch
+from .model_runner import ModelRunner, StepBatch
 from .request import Request, RequestOutput
 from .sampler import make_generator, sample_rows, token_logprob
 from .scheduler import Scheduler, Sequence
@@ -46,6 +45,10 @@ class EngineConfig:
     max_queue: int = 512
     kv_cache_tokens: int = 65536
     max_model_len: int | None = None
+    # Reuse computed prefixes per adapter version (server/prefix_cache.py). Off by default here: an engine
+    # whose weights change in place under one name (the trainer's rollouts, `AdapterPool.put`) must not
+    # reuse keys its old weights computed; the server turns it on (`--no-prefix-caching` turns it off).
+    prefix_caching: bool = False
 
 
 class Engine:
@@ -56,8 +59,11 @@ class Engine:
         self.eos_ids = set(eos_token_ids)
         self.telemetry = telemetry
         self.pool = AdapterPool(runner.lora_modules, config.max_loras, cpu_capacity=config.max_cpu_loras, on_event=self._pool_event)
+        if config.prefix_caching:
+            runner.kv.enable_prefix_caching()
         self.scheduler = Scheduler(
-            self.pool, runner.kv, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
+            self.pool, runner.kv, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens, on_prefix_lookup=self._prefix_lookup,
         )
         self.max_model_len = runner.max_model_len
         self._inbox: deque[Request] = deque()
@@ -70,6 +76,8 @@ class Engine:
         self.steps = 0
         self.last_batch_size = 0
         self.tokens_generated = 0
+        self.prefix_queried = 0  # prompt tokens looked up in the prefix cache at admission
+        self.prefix_hits = 0  # of which were found there
 
     # --- any thread -------------------------------------------------------------
     def start(self) -> None:
@@ -103,7 +111,8 @@ class Engine:
                     param="max_tokens",
                 )
         if len(reqs) > self.config.max_queue:
-            raise BadRequest(f"{len(reqs)} choices in one request exceed the queue's capacity ({self.config.max_queue})", param="n")
+            raise BadRequest(f"{len(reqs)} choices in one request exceed the queue's capacity "
+                             f"({self.config.max_queue})", param="n")
         with self._cv:
             if self.failure is not None:
                 raise Unavailable("the engine has stopped; the server is restarting")
@@ -151,6 +160,9 @@ class Engine:
             "steps": self.steps,
             "last_batch_size": self.last_batch_size,
             "preemptions": s.preemptions,
+            "prefix_cache_tokens": self.runner.kv.cached_tokens,
+            "prefix_cache_hit_tokens": self.prefix_hits,
+            "prefix_cache_query_tokens": self.prefix_queried,
             **self.pool.stats(),
         }
 
@@ -158,6 +170,12 @@ class Engine:
         return self.pool.pinned(ref) > 0
 
     # --- engine thread ----------------------------------------------------------
+    def _prefix_lookup(self, req: Request, prompt_tokens: int, cached_tokens: int) -> None:
+        self.prefix_queried += prompt_tokens
+        self.prefix_hits += cached_tokens
+        if self.telemetry is not None:
+            self.telemetry.prefix_lookup(req.adapter_ref, prompt_tokens, cached_tokens)
+
     def _pool_event(self, kind: str, ref: str, **kw) -> None:
         if self.telemetry is not None:
             self.telemetry.adapter_event(kind, ref, **kw)
@@ -166,7 +184,8 @@ class Engine:
         try:
             while True:
                 with self._cv:
-                    while not (self._stop or self._inbox or self._calls or self.scheduler.running or self.scheduler.waiting):
+                    s = self.scheduler
+                    while not (self._stop or self._inbox or self._calls or s.running or s.waiting):
                         self._cv.wait()
                     if self._stop:
                         break
@@ -203,10 +222,9 @@ class Engine:
                 self._finish(seq, "error", error=error)
             except Exception:
                 log.exception("could not finish request %s", seq.req.request_id)
-                try:
-                    self.scheduler.running.remove(seq) if seq in self.scheduler.running else self.scheduler.waiting.remove(seq)
-                except ValueError:
-                    pass
+                for queue in (self.scheduler.running, self.scheduler.waiting):
+                    if seq in queue:
+                        queue.remove(seq)
 
     def _reject(self, req: Request, error: str) -> None:
         """Fails a request that never became a sequence: its client gets the error, its adapter pin is released."""
@@ -275,6 +293,7 @@ class Engine:
                 self._finish(seq, "abort")
 
     def _step(self) -> None:
+        """One engine step: schedule -> prepare -> forward -> sample -> advance."""
         self._reap()
         plan = self.scheduler.schedule()
         for seq, err in plan.failed:  # an adapter that cannot fill a slot fails its own request, nothing else
@@ -284,51 +303,24 @@ class Engine:
             if self.scheduler.waiting and not self.scheduler.running:
                 time.sleep(0.001)  # waiting on capacity that only a finishing request frees: none running
             return
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        chunks: list[SeqChunk] = []
-        logits_idx: list[int] = []
-        samplers: list[tuple[Sequence, int]] = []  # (seq, row in logits)
-        prompt_rows: list[tuple[Sequence, int, int]] = []  # (seq, first row, first position)
-        for seq, n in plan.items:
-            start = len(ids)
-            a = seq.num_computed
-            ids.extend(seq.all_ids[a : a + n])
-            positions.extend(range(a, a + n))
-            slots.extend([seq.slot] * n)
-            chunks.append(SeqChunk(seq.cache, start, n, a))
-            if seq.prompt_logprobs is not None and a < seq.num_prompt - 1:
-                # rows whose next token is still a prompt token
-                last = min(a + n, seq.num_prompt - 1)
-                prompt_rows.append((seq, len(logits_idx), a))
-                logits_idx.extend(range(start, start + (last - a)))
-            if a + n == len(seq.all_ids):
-                samplers.append((seq, len(logits_idx)))
-                logits_idx.append(start + n - 1)
-        dev = self.runner.device
-        batch = StepBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            chunks=chunks,
-            seg=LoraSegments.from_token_slots(slots, dev) if any(s >= 0 for s in slots) else None,
-            logits_indices=torch.tensor(logits_idx, dtype=torch.long, device=dev),
-        )
+        batch = self.runner.prepare(plan.items)
         logits, hidden = self.runner.forward(batch)
         logits = logits.cpu()
         self.steps += 1
         self.last_batch_size = len(plan.items)
-        for seq, n in plan.items:
-            seq.num_computed += n
-        for seq, row, pos in prompt_rows:
+        self.scheduler.computed(plan.items)
+        self._prompt_logprobs(batch, logits)
+        drawn = sample_rows(logits, [(row, seq.req.params, seq.gen, seq.output_ids) for seq, row in batch.sample_rows])
+        for (seq, row), (token, entry) in zip(batch.sample_rows, drawn):
+            self._advance(seq, token, entry, logits[row], hidden[row] if seq.req.params.return_hidden else None)
+
+    def _prompt_logprobs(self, batch: StepBatch, logits: torch.Tensor) -> None:
+        for seq, row, pos in batch.prompt_rows:
             k = seq.req.params.prompt_logprobs
             end = min(seq.num_computed, seq.num_prompt - 1)
             lps = torch.log_softmax(logits[row : row + (end - pos)], dim=-1)
             for j in range(end - pos):
                 seq.prompt_logprobs.append(token_logprob(lps[j], seq.all_ids[pos + j + 1], k))
-        drawn = sample_rows(logits, [(row, seq.req.params, seq.gen, seq.output_ids) for seq, row in samplers])
-        for (seq, row), (token, entry) in zip(samplers, drawn):
-            self._advance(seq, token, entry, logits[row], hidden[row] if seq.req.params.return_hidden else None)
 
     def _advance(self, seq: Sequence, token: int, entry, logits: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         req, p = seq.req, seq.req.params

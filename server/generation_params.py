@@ -13,6 +13,7 @@ Nothing an engine step consumes is left unbounded: the engine thread must never
 meet a value it cannot use (a seed `torch.Generator.manual_seed` rejects, a NaN
 temperature), because such a value would fail the whole step, not one request.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
@@ -77,8 +78,11 @@ class GenerationParams(BaseModel):
     def _nulls_are_defaults(cls, data: Any) -> Any:
         # OpenAI clients send `"temperature": null` for "not set": the default stated above, not a type error
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields
-                                                           and cls.model_fields[k].default is not None)}
+            return {
+                k: v
+                for k, v in data.items()
+                if not (v is None and k in cls.model_fields and cls.model_fields[k].default is not None)
+            }
         return data
 
     @field_validator("stop", mode="before")
@@ -125,7 +129,7 @@ class GenerationParams(BaseModel):
 
     @classmethod
     def from_proto(cls, sp) -> "GenerationParams":
-        """The set fields of a gRPC `SamplingParams` message, checked as an HTTP body is (errors name `sampling.<field>`)."""
+        """The set fields of a gRPC `SamplingParams` message, checked as an HTTP body is (errors: sampling.<field>)."""
         data = {f.name: (list(v) if f.name == "stop" else v) for f, v in sp.ListFields()}
         try:
             return cls.model_validate(data)

@@ -32,9 +32,12 @@ from loraplex.protos.loraplex.v1 import loraplex_pb2 as pb
 from loraplex.protos.loraplex.v1 import loraplex_pb2_grpc as pbg
 
 from .adapters_api import version_json
+from .openai_api import load_json
 from .caller import caller_of
 from .errors import BadRequest, DeadlineExceeded, LoraplexError, NotFound, Unavailable, internal
-from .generation_params import CHAT_ROLES, COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, GenerationParams
+from .generation_params import (
+    CHAT_ROLES, COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, GenerationParams,
+)
 from .service import Generation, gather_streams, merge
 
 log = logging.getLogger("loraplex.grpc")
@@ -98,7 +101,8 @@ def add_service(server, servicer, service_name: str) -> None:
     handlers = {}
     for m in desc.methods:
         make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=_lenient(getattr(pb, m.input_type.name)),
+        handlers[m.name] = make(getattr(servicer, m.name),
+                                request_deserializer=_lenient(getattr(pb, m.input_type.name)),
                                 response_serializer=getattr(pb, m.output_type.name).SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name, handlers),))
     server.add_registered_method_handlers(desc.full_name, handlers)
@@ -211,8 +215,8 @@ class InferenceServicer(_Base, pbg.InferenceServicer):
             max_tokens = s.default_max_tokens(len(prompt)) if chat else COMPLETION_DEFAULT_MAX_TOKENS
         rid = request.request_id or uuid.uuid4().hex
         deadline = context.time_remaining()  # None without a client deadline
-        reqs = s.submit_choices([prompt], gp, max_tokens, adapter, loop=asyncio.get_running_loop(), deadline_s=deadline,
-                                request_id=rid)
+        reqs = s.submit_choices([prompt], gp, max_tokens, adapter, loop=asyncio.get_running_loop(),
+                                deadline_s=deadline, request_id=rid)
         served = s.model_id if adapter is None else adapter.ref
         ident = dict(request_id=rid, adapter="" if adapter is None else adapter.name,
                      adapter_version=0 if adapter is None else adapter.version, served_by=served)
@@ -305,10 +309,7 @@ class AdminServicer(_Base, pbg.AdminServicer):
         self._name(request.name)
         if not request.path:
             raise BadRequest("'path' is required", param="path")
-        try:
-            lineage = json.loads(request.lineage_json) if request.lineage_json else None
-        except json.JSONDecodeError as e:
-            raise BadRequest(f"'lineage_json' is not valid JSON: {e}", param="lineage_json") from e
+        lineage = load_json(request.lineage_json, "'lineage_json'", "lineage_json") if request.lineage_json else None
         if lineage is not None and not isinstance(lineage, dict):
             raise BadRequest("'lineage_json' must be a JSON object", param="lineage_json")
         v = await m.register_async(request.name, request.path, lineage, self._caller(context))

@@ -192,6 +192,12 @@ class FineTuningRoutes:
     async def cancel(self, request: HttpRequest):
         return JSONResponse(await self._call(self.m.cancel, request.path_params["job_id"]))
 
+    async def pause(self, request: HttpRequest):
+        return JSONResponse(await self._call(self.m.pause, request.path_params["job_id"]))
+
+    async def resume(self, request: HttpRequest):
+        return JSONResponse(await self._call(self.m.resume, request.path_params["job_id"]))
+
     async def events(self, request: HttpRequest):
         data, more = await self._call(self.m.events, request.path_params["job_id"], request.query_params.get("after"), _limit(request))
         return JSONResponse({"object": "list", "data": data, "has_more": more})
@@ -245,6 +251,8 @@ def fine_tuning_routes(manager) -> list[Route]:
         Route("/v1/fine_tuning/jobs", answer(r.list_jobs), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}", answer(r.get_job), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}/cancel", answer(r.cancel), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/pause", answer(r.pause), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/resume", answer(r.resume), methods=["POST"]),
         Route("/v1/fine_tuning/jobs/{job_id}/events", answer(r.events), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}/checkpoints", answer(r.checkpoints), methods=["GET"]),
     ]

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .prefix_cache import DEFAULT_BLOCK, PrefixCache
+
 _MIN_CLASS = 32
 _MAX_GROW_TOKENS = 4096  # the most one arena grows by at once (rows x C)
 
@@ -83,6 +85,7 @@ class _Arena:
         return self.kv.shape[2]
 
     def _resize(self, rows: int) -> None:
+        self.m.make_room((rows - self.cap_rows) * self.C)
         kv = self._alloc(rows)
         n = len(self.rows)
         if n:
@@ -122,8 +125,32 @@ class KVCacheManager:
         self.device = device
         self.budget_tokens = budget_tokens
         self.max_seq_len = max_seq_len
-        self.used_tokens = 0
+        self.used_tokens = 0  # held by arena rows
         self.arenas: dict[int, _Arena] = {}
+        self.prefix: PrefixCache | None = None
+
+    def enable_prefix_caching(self, block: int = DEFAULT_BLOCK) -> None:
+        self.prefix = PrefixCache(block=block, room=self._room_for_cache)
+
+    @property
+    def cached_tokens(self) -> int:
+        return 0 if self.prefix is None else self.prefix.tokens
+
+    def make_room(self, tokens: int) -> None:
+        """Before rows take `tokens` more: evicts cached prefix blocks (LRU) until rows and cache fit the budget."""
+        if self.prefix is None:
+            return
+        while self.used_tokens + self.prefix.tokens + tokens > self.budget_tokens and self.prefix.evict_one():
+            pass
+
+    def _room_for_cache(self, tokens: int) -> bool:
+        """The cache may grow by `tokens` into memory no row holds, evicting its own older blocks for it."""
+        if tokens > self.budget_tokens - self.used_tokens:
+            self._release_spare_rows()  # rows held in reserve matter less than prefixes already computed
+            if tokens > self.budget_tokens - self.used_tokens:
+                return False
+        self.make_room(tokens)
+        return self.used_tokens + self.prefix.tokens + tokens <= self.budget_tokens
 
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.tensor([], dtype=self.dtype).element_size()
@@ -148,9 +175,10 @@ class KVCacheManager:
         del self.arenas[arena.C]
 
     def rows_to_add(self, arena: _Arena) -> int:
-        """Geometric row growth, at most _MAX_GROW_TOKENS at once and within the free budget (at least one row)."""
+        """Geometric row growth, at most _MAX_GROW_TOKENS at once and within the free budget (at least one row).
+        Spare rows only take memory nothing holds: the one row needed now may evict cached prefixes, spares do not."""
         want = max(1, min(max(arena.cap_rows, 4), _MAX_GROW_TOKENS // arena.C))
-        return max(1, min(want, self.free_tokens // arena.C))
+        return max(1, min(want, (self.free_tokens - self.cached_tokens) // arena.C))
 
     def growth_needed(self, cache: SeqKVCache, total_len: int) -> int:
         """Extra budget tokens `cache.reserve(total_len)` takes at least (one row of the class it moves to)."""
@@ -161,11 +189,15 @@ class KVCacheManager:
         if a is not None and len(a.rows) < a.cap_rows:
             return 0
         if C > self.free_tokens:  # short of memory: first give back the rows arenas hold in reserve
-            for other in list(self.arenas.values()):
-                if other.cap_rows > len(other.rows):
-                    other._resize(len(other.rows))
+            self._release_spare_rows()
         return C
+
+    def _release_spare_rows(self) -> None:
+        for arena in list(self.arenas.values()):
+            if arena.cap_rows > len(arena.rows):
+                arena._resize(len(arena.rows))
 
     @property
     def free_tokens(self) -> int:
+        """Budget no row holds (cached prefixes in it are given up on demand)."""
         return self.budget_tokens - self.used_tokens

@@ -2,9 +2,10 @@
 
 `LoraLinear` keeps the frozen base `nn.Linear` and, per adapter slot, the
 adapter's A and B stacked along a slot dimension. A forward pass reads the
-token -> slot mapping of the current batch from the shared `LoraContext` and
-adds `scale * (x A^T) B^T` to the tokens of each slot through
-`loraplex.kernels.apply_lora` (reference ops on CPU, Triton on CUDA).
+step's LoRA plan (made once per step from the token -> slot mapping) and the
+backend (chosen once when the runner was built, `loraplex.kernels.select_backend`)
+from the shared `LoraContext`, and adds `scale * (x A^T) B^T` to the tokens
+of each slot.
 
 Mixed ranks: the stacks are as wide as the largest rank loaded so far
 (rounded up to 16) and grow when a wider adapter arrives; each slot's true
@@ -19,16 +20,20 @@ import math
 import torch
 from torch import nn
 
-from loraplex.kernels import LoraSegments, apply_lora, cpu_gemm
+from loraplex.kernels import LoraSegments, cpu_gemm, select_backend
 
 RANK_ALIGN = 16
 
 
 class LoraContext:
-    """Per-step state shared by every LoraLinear of one model: the current segments (None = no LoRA)."""
+    """Shared by every LoraLinear of one model: the backend (fixed) and the current step's plan (None = no LoRA)."""
 
-    def __init__(self) -> None:
-        self.seg: LoraSegments | None = None
+    def __init__(self, backend=None) -> None:
+        self.backend = backend if backend is not None else select_backend("cpu")
+        self.plan = None
+
+    def begin_step(self, seg: LoraSegments | None) -> None:
+        self.plan = None if seg is None or not seg.has_lora else self.backend.plan(seg)
 
 
 class LoraLinear(nn.Module):
@@ -42,7 +47,7 @@ class LoraLinear(nn.Module):
         dev, dt = base.weight.device, base.weight.dtype
         self.width = 0  # current stacked rank capacity
         # A: [S, R, in]; B is kept as Bt: [S, R, out] and handed to the kernels as its
-        # transposed view [S, out, R], which makes the dense CPU path a free reshape.
+        # transposed view [S, out, R]: the CPU expand then reads each slot's rows contiguously.
         self.A = torch.zeros((num_slots, 0, self.in_features), device=dev, dtype=dt)
         self.Bt = torch.zeros((num_slots, 0, self.out_features), device=dev, dtype=dt)
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=dev)
@@ -131,11 +136,11 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x) if self.packed is None else cpu_gemm.packed_linear(x, self.packed, self.base.bias)
-        seg = self.ctx.seg
-        if seg is None or not any(self.ranks_host[s] for s in seg.seg_slots_host if s >= 0):
+        ctx = self.ctx
+        if ctx.plan is None or not ctx.backend.touches(ctx.plan, self.ranks_host):
             return y
         # x: [T, in] (the runner always passes a flattened batch), y: [T, out]
-        return apply_lora(y, x, [self.A], [self.Bt.transpose(1, 2)], seg, self.scales, self.ranks, [0])
+        return ctx.backend.apply(ctx.plan, y, x, [self.A], [self.Bt.transpose(1, 2)], self.scales, self.ranks, [0])
 
 
 def wrap_lora_modules(model: nn.Module, ctx: LoraContext, num_slots: int, layers: nn.ModuleList) -> dict[str, LoraLinear]:

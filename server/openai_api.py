@@ -20,8 +20,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import BadRequest, pydantic_error
 from .generation_params import (
-    COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPTS, MAX_TOKENS, GenerationParams, TopLogprobs,
-    valid_text,
+    COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPTS, MAX_TOKENS, GenerationParams,
+    TopLogprobs, valid_text,
 )
 from .request import TokenLogprob
 from .service import Generation, GenerationService, gather_streams, merge
@@ -83,20 +83,26 @@ def _depth_exceeds(data, limit: int) -> bool:
     return False
 
 
+def load_json(raw: bytes | str, what: str = "the JSON body", param: str | None = None):
+    """JSON from a client: not UTF-8, malformed or nested too deep is a 400 naming `what`, never a 500."""
+    try:
+        data = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"{what} is not valid UTF-8 (byte {e.start})", param=param) from e
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"{what} is malformed JSON: {e.msg} at position {e.pos}", param=param) from e
+    except RecursionError as e:
+        raise BadRequest(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep", param=param) from e
+    if _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise BadRequest(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep", param=param)
+    return data
+
+
 async def parse_body(request: HttpRequest, model: type[BaseModel]):
     raw = await request.body()
-    try:
-        data = json.loads(raw.decode("utf-8") if raw else "null")
-    except UnicodeDecodeError as e:
-        raise BadRequest(f"the request body is not valid UTF-8 (byte {e.start})") from e
-    except json.JSONDecodeError as e:
-        raise BadRequest(f"malformed JSON body: {e.msg} at position {e.pos}") from e
-    except RecursionError as e:
-        raise BadRequest(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep") from e
+    data = load_json(raw or b"null", "the request body")
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
-    if _depth_exceeds(data, MAX_JSON_DEPTH):
-        raise BadRequest(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -120,6 +126,10 @@ def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
             for p in content:
                 if p.get("type") != "text" or not isinstance(p.get("text"), str):
                     raise BadRequest(f"messages[{i}].content: only text parts are supported", param=f"messages.{i}.content")
+                try:
+                    valid_text(p["text"])
+                except ValueError as e:
+                    raise BadRequest(f"messages[{i}].content: {e}", param=f"messages.{i}.content") from None
                 parts.append(p["text"])
             content = "".join(parts)
         role = "system" if m.role == "developer" else m.role
@@ -354,7 +364,8 @@ async def _disconnected(request: HttpRequest) -> None:
         pass
 
 
-async def _collect_unless_disconnected(request: HttpRequest, reqs, service: GenerationService) -> list[Generation] | None:
+async def _collect_unless_disconnected(request: HttpRequest, reqs,
+                                      service: GenerationService) -> list[Generation] | None:
     """Every request's whole result, or None once the client has gone (its requests are cancelled then)."""
     gens = [Generation() for _ in reqs]
 

@@ -27,6 +27,7 @@ class ServeConfig(BaseModel):
     adapters: dict[str, str] = Field(default_factory=dict)  # name -> PEFT dir, registered at start
     store: Path | None = None  # default $LORAPLEX_HOME/store
     allowed_adapter_roots: list[Path] | None = None  # None = any readable path
+    hub_orgs: list[str] | None = None  # hub orgs whose adapters the API may register ("*": any); None = no remote ids
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 50051
@@ -41,6 +42,7 @@ class ServeConfig(BaseModel):
     max_queue: int = Field(512, ge=1)
     kv_cache_tokens: int = Field(65536, ge=64)
     max_model_len: int | None = Field(None, ge=16)
+    prefix_caching: bool = True  # reuse computed prompt prefixes per adapter version (server/prefix_cache.py)
     jobs_dir: Path | None = None  # fine-tuning files and jobs; default $LORAPLEX_HOME/jobs
     max_concurrent_jobs: int = Field(1, ge=1)
     max_queued_jobs: int = Field(DEFAULT_MAX_QUEUED_JOBS, ge=1)
@@ -49,7 +51,7 @@ class ServeConfig(BaseModel):
 
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024)  # any HTTP body but an upload (413 above)
     max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, ge=1024)  # POST /v1/files
-    drain_timeout: float = Field(30.0, ge=0.0, le=3600.0)  # seconds SIGTERM waits for in-flight requests, then aborts them
+    drain_timeout: float = Field(30.0, ge=0.0, le=3600.0)  # seconds SIGTERM waits for in-flight requests, then aborts
 
     @field_validator("reward_functions")
     @classmethod
@@ -79,7 +81,12 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     base = load_base(cfg.model, dtype=cfg.dtype, device=cfg.device, model_id=cfg.served_model_name)
     spec = BaseModelSpec(model_id=base.model_id, fingerprint=base.fingerprint, module_shapes=base.module_shapes,
                          max_rank=cfg.max_lora_rank, dtype=str(base.model.dtype).removeprefix("torch."))
-    store = AdapterStore(cfg.store_dir(), base=spec, allowed_roots=cfg.allowed_adapter_roots,
+    from loraplex.adapters_store.hub import hub_cache_root, is_hub_id
+
+    roots = cfg.allowed_adapter_roots
+    if roots is not None and (cfg.hub_orgs or any(is_hub_id(p) for p in cfg.adapters.values())):
+        roots = [*roots, hub_cache_root()]  # hub snapshots are symlinks into the hub cache's blobs
+    store = AdapterStore(cfg.store_dir(), base=spec, allowed_roots=roots,
                          max_adapter_bytes=cfg.max_adapter_bytes)
     runner = ModelRunner(base.model, max_loras=cfg.max_loras, kv_budget_tokens=cfg.kv_cache_tokens, max_model_len=cfg.max_model_len,
                          owns_weights=True)
@@ -91,14 +98,15 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
         max_queue=cfg.max_queue,
         kv_cache_tokens=cfg.kv_cache_tokens,
         max_model_len=cfg.max_model_len,
+        prefix_caching=cfg.prefix_caching,
     )
     telemetry = telemetry or Telemetry(base.model_id)
     engine = Engine(runner, base.tokenizer, ecfg, eos_token_ids=base.eos_token_ids, telemetry=telemetry)
     telemetry.engine, telemetry.store = engine, store
     engine.start()
-    manager = AdapterManager(store, engine)
+    manager = AdapterManager(store, engine, hub_orgs=cfg.hub_orgs)
     for name, path in cfg.adapters.items():
-        v = manager.register(name, path, {"source": str(path), "registered_by": "cli"}, "cli")
+        v = manager.register(name, path, {"source": str(path), "registered_by": "cli"}, "cli", operator=True)
         log.info("registered %s from %s", v.ref, path)
     for v in sorted(store.list(), key=lambda v: -v.created_at):  # warm what the store holds, newest first, up to the CPU tier
         if engine.pool.stats()["cpu_resident"] >= cfg.max_cpu_loras:

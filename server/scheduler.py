@@ -8,6 +8,15 @@ adapter cannot get a slot right now is passed over, not allowed to block the
 requests behind it. When KV memory runs out, the most recently admitted
 sequence is preempted: its cache is freed and it goes back to the head of
 the queue, keeping the tokens it already produced (they are recomputed).
+
+With a prefix cache (server/prefix_cache.py), an admitted sequence first
+copies the longest cached prefix of its tokens under its adapter version and
+computes only the rest (the step's token budget counts computed tokens);
+after each step, `computed` adds the blocks the step completed to the cache.
+A waiting request that starts like one admitted in the same step (same
+adapter version, same first block) and whose prompt that step computes in
+full waits one step, then reuses it instead of computing it a second time
+(requests that arrive together for one system prompt).
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     sent_prompt_logprobs: bool = False
     finished: bool = False
+    prefix_chain: list | None = None  # the prefix-cache blocks this sequence's tokens match (None: adds none)
 
     @property
     def output_ids(self) -> list[int]:
@@ -52,9 +62,12 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, pool: AdapterPool, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, pool: AdapterPool, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 on_prefix_lookup=None):
+        """`on_prefix_lookup(request, prompt_tokens, cached_tokens)`: called at a request's first admission."""
         self.pool = pool
         self.kv = kv
+        self.on_prefix_lookup = on_prefix_lookup
         self.max_num_seqs = max_num_seqs
         self.max_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -65,6 +78,7 @@ class Scheduler:
         self.running.remove(seq)
         self._release(seq)
         seq.num_computed = 0
+        seq.prefix_chain = None
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
@@ -112,6 +126,7 @@ class Scheduler:
         # 2. admit waiting requests in arrival order.
         skipped: list[Sequence] = []
         failed: list[tuple[Sequence, Exception]] = []
+        leaders: set = set()  # first blocks whose whole prompt this step computes (and caches)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
             if seq in preempted:  # never re-admit in the step that preempted it
@@ -121,9 +136,15 @@ class Scheduler:
             if ref is not None and not self.pool.can_acquire(ref):
                 skipped.append(seq)
                 continue
-            n = min(seq.pending, budget)
+            lead = self._first_block(seq)
+            if lead is not None and lead in leaders:
+                skipped.append(seq)  # a request admitted in this step computes the same start: reuse it next step
+                continue
+            hit = self._cached_prefix(seq)
+            cached = len(hit) * self.kv.prefix.block if hit else 0
+            n = min(len(seq.all_ids) - cached, budget)
             cache = self.kv.new_cache()
-            if self.kv.growth_needed(cache, n) > self.kv.free_tokens:
+            if self.kv.growth_needed(cache, cached + n) > self.kv.free_tokens:
                 skipped.append(seq)
                 break  # memory, not the adapter, is short: keep arrival order
             if ref is not None:
@@ -135,13 +156,54 @@ class Scheduler:
                 except Exception as e:  # the adapter cannot fill a slot (the slot is unchanged): this request fails
                     failed.append((seq, e))
                     continue
-            cache.reserve(n)
-            seq.cache = cache
-            self.running.append(seq)
-            seq.req.admitted_at = seq.req.admitted_at or time.monotonic()
+            self._admit(seq, cache, hit, cached + n)
+            B = self.kv.prefix.block if lead is not None else 1
+            if lead is not None and cached + n == len(seq.all_ids) and cached // B < (len(seq.all_ids) - 1) // B:
+                leaders.add(lead)  # it computes (and will cache) blocks the cache does not have yet
             items.append((seq, n))
             budget -= n
         for seq in reversed(skipped):
             self.waiting.appendleft(seq)
         items.sort(key=lambda it: it[0].slot)
         return Plan(items, preempted, failed)
+
+    def _first_block(self, seq: Sequence):
+        """(adapter version, first block of tokens) of a sequence the prefix cache can serve, else None."""
+        prefix = self.kv.prefix
+        if prefix is None or seq.req.params.prompt_logprobs is not None or len(seq.all_ids) <= prefix.block:
+            return None
+        return seq.req.adapter_ref, tuple(seq.all_ids[: prefix.block])
+
+    def _cached_prefix(self, seq: Sequence) -> list:
+        """The prefix-cache blocks `seq` can start from (whole blocks, leaving at least its last token)."""
+        prefix = self.kv.prefix
+        if prefix is None or seq.req.params.prompt_logprobs is not None:
+            return []
+        return prefix.match(seq.req.adapter_ref, seq.all_ids, len(seq.all_ids) - 1)
+
+    def _admit(self, seq: Sequence, cache, hit: list, total: int) -> None:
+        prefix = self.kv.prefix
+        if prefix is not None:
+            prefix.protected = set(hit)  # reserving may evict cached blocks: never the ones about to be copied
+        try:
+            cache.reserve(total)
+        finally:
+            if prefix is not None:
+                prefix.protected = set()
+        seq.cache = cache
+        seq.num_computed = prefix.load(hit, cache) if hit else 0
+        seq.prefix_chain = hit if prefix is not None else None
+        self.running.append(seq)
+        if seq.req.admitted_at is None:
+            seq.req.admitted_at = time.monotonic()
+            if prefix is not None and self.on_prefix_lookup is not None:
+                self.on_prefix_lookup(seq.req, len(seq.all_ids), seq.num_computed)
+
+    def computed(self, items: list[tuple[Sequence, int]]) -> None:
+        """After a step: the sequences' tokens are computed; their newly completed blocks join the prefix cache."""
+        prefix = self.kv.prefix
+        for seq, n in items:
+            seq.num_computed += n
+            if prefix is not None and seq.prefix_chain is not None:
+                seq.prefix_chain = prefix.extend(seq.req.adapter_ref, seq.all_ids, seq.num_computed, seq.cache,
+                                                 seq.prefix_chain)

@@ -65,8 +65,8 @@ class GenerationService:
         try:
             return self.store.resolve(name, version=version, sticky_key=sticky_key)
         except NotFound as e:
-            raise NotFound(f"model {model!r} does not exist: it is neither the base model {self.model_id!r} nor a registered adapter",
-                           param="model") from e
+            raise NotFound(f"model {model!r} does not exist: it is neither the base model {self.model_id!r} nor a "
+                           "registered adapter", param="model") from e
 
     # --- prompts ------------------------------------------------------------------
     # These tokenize: front ends call them off their event loop (asyncio.to_thread), so a long prompt never
@@ -90,6 +90,7 @@ class GenerationService:
         """
         limit = self.engine.max_model_len
         try:
+            text.encode("utf-8")  # tokenizers refuse lone surrogates with a TypeError: say what is wrong instead
             size = 4 * limit
             while size < len(text):
                 cut = text.rfind(" ", size // 2, size)
@@ -131,8 +132,8 @@ class GenerationService:
         head = self._heads.get(adapter.ref)
         if head is None:
             head = self._heads[adapter.ref] = load_score_head(adapter.path)
-        req = self.submit(prompt_ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, return_hidden=True), adapter,
-                          loop=loop)
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, return_hidden=True)
+        req = self.submit(prompt_ids, params, adapter, loop=loop)
         g_hidden = None
         async for out in self.stream(req):
             if out.hidden and g_hidden is None:
@@ -143,8 +144,8 @@ class GenerationService:
         return float(g_hidden @ w[0] + (b.float()[0] if b is not None else 0.0))
 
     # --- running ------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter, *, loop=None, deadline_s: float | None = None,
-               request_id: str | None = None) -> Request:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter, *, loop=None,
+               deadline_s: float | None = None, request_id: str | None = None) -> Request:
         return self._submit_all([self._request(prompt_ids, params, adapter, loop, deadline_s, request_id)])[0]
 
     def submit_choices(self, prompts: list[list[int]], gp: GenerationParams, max_tokens: int, adapter, *, loop=None,
@@ -153,7 +154,8 @@ class GenerationService:
         reqs = []
         for ids in prompts:
             for i in range(gp.n):
-                rid = None if request_id is None else (request_id if gp.n * len(prompts) == 1 else f"{request_id}-{len(reqs)}")
+                one = gp.n * len(prompts) == 1
+                rid = None if request_id is None else (request_id if one else f"{request_id}-{len(reqs)}")
                 reqs.append(self._request(ids, gp.sampling(max_tokens, i, **extra), adapter, loop, deadline_s, rid))
         return self._submit_all(reqs)
 

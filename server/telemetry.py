@@ -118,6 +118,13 @@ class Telemetry:
         self.resident = Gauge("loraplex_resident_adapters", "Adapter versions resident per tier", ["tier"], registry=r)
         self.load_time = Histogram("loraplex_adapter_load_seconds", "Adapter load time (disk to CPU tier)", lbl, buckets=LATENCY_BUCKETS, registry=r)
         self.evictions = Counter("loraplex_adapter_evictions", "Adapter versions evicted from a slot", lbl, registry=r)
+        self.prefix_queries = Counter("loraplex_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
+                                      lbl, registry=r)
+        self.prefix_hits = Counter("loraplex_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", lbl,
+                                   registry=r)
+        self.prefix_hit_rate = Gauge("loraplex_prefix_cache_hit_rate", "Cached share of prompt tokens since start", lbl,
+                                     registry=r)
+        self._prefix_totals: dict[tuple[str, str], list[int]] = {}
         self.window = VersionWindow()
         self.provider, self.tracer = make_tracer(exporter)
         self.listeners: list = []  # callables(ref, outcome): route guards
@@ -175,6 +182,16 @@ class Telemetry:
         if ttft is not None:
             span.set_attribute("loraplex.time_to_first_token_s", ttft)
         span.end(end_time=end_ns)
+
+    def prefix_lookup(self, ref: str | None, prompt_tokens: int, cached_tokens: int) -> None:
+        """Engine thread, at a request's admission: how much of its prompt the prefix cache held."""
+        a, v = self._labels(ref, self.base_id)
+        self.prefix_queries.labels(a, v).inc(prompt_tokens)
+        self.prefix_hits.labels(a, v).inc(cached_tokens)
+        tot = self._prefix_totals.setdefault((a, v), [0, 0])
+        tot[0] += prompt_tokens
+        tot[1] += cached_tokens
+        self.prefix_hit_rate.labels(a, v).set(tot[1] / tot[0] if tot[0] else 0.0)
 
     def adapter_event(self, kind: str, ref: str, **kw) -> None:
         a, v = self._labels(ref, self.base_id)

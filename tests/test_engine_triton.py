@@ -16,23 +16,26 @@ from test_engine_parity import PROMPTS, run_batch  # noqa: E402
 from loraplex.server.request import SamplingParams  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def state(tiny_base, adapter_dirs, tmp_path_factory):
+def build(tiny_base, adapter_dirs, tmp_path, backend, monkeypatch):
     from loraplex.server.runtime import ServeConfig, build_state
 
-    cfg = ServeConfig(model=str(tiny_base), store=tmp_path_factory.mktemp("store"), max_loras=4, kv_cache_tokens=4096)
+    monkeypatch.setenv("LORAPLEX_KERNELS", backend)  # read once, when the runner is built
+    cfg = ServeConfig(model=str(tiny_base), store=tmp_path / backend, max_loras=4, kv_cache_tokens=4096)
     cfg.adapters = {n: str(p) for n, p in adapter_dirs.items()}
     st = build_state(cfg)
-    yield st
-    st.engine.shutdown()
+    assert st.engine.runner.lora_ctx.backend.name == backend
+    return st
 
 
-def test_same_tokens_with_torch_and_triton_kernels(state, monkeypatch):
+def test_same_tokens_with_torch_and_triton_kernels(tiny_base, adapter_dirs, tmp_path, monkeypatch):
     items = list(PROMPTS.items())
     params = lambda i: SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, return_logits=True)
-    monkeypatch.setenv("LORAPLEX_KERNELS", "torch")
-    ref = run_batch(state, items, params_for=params)
-    monkeypatch.setenv("LORAPLEX_KERNELS", "triton")
+    state = build(tiny_base, adapter_dirs, tmp_path, "torch", monkeypatch)
+    try:
+        ref = run_batch(state, items, params_for=params)
+    finally:
+        state.engine.shutdown()
+    state = build(tiny_base, adapter_dirs, tmp_path, "triton", monkeypatch)
     from loraplex.kernels import triton_lora
 
     variants = []  # per shrink call: gathered (BGMV) or segmented (SGMV)
@@ -43,7 +46,10 @@ def test_same_tokens_with_torch_and_triton_kernels(state, monkeypatch):
         return real(x, A, seg, *rest)
 
     monkeypatch.setattr(triton_lora, "lora_shrink_triton", spy)
-    got = run_batch(state, items, params_for=params)
+    try:
+        got = run_batch(state, items, params_for=params)
+    finally:
+        state.engine.shutdown()
     # the prompts are prefilled with the segmented kernels, then one token per request is decoded with the gathered ones
     assert set(variants) == {"sgmv", "bgmv"}, set(variants)
     for (name, _), (t_ref, l_ref), (t_got, l_got) in zip(items, ref, got):

@@ -88,7 +88,9 @@ JOB_BODIES = [
     ("device", base(loraplex={"device": "cuda:7"}), 400, "loraplex.device"),
     ("seed-override", base(loraplex={"seed": 1}), 400, "loraplex.seed"),
     ("epochs-override", base(loraplex={"epochs": 1e9}), 400, "loraplex.epochs"),
-    ("rl-knob", base(loraplex={"kl_coef": 0.1}), 400, "loraplex.kl_coef"),
+    ("rl-knob-on-sft", base(loraplex={"kl_coef": 0.1}), 400, "loraplex.kl_coef"),
+    ("ppo-knob", base(loraplex={"vf_coef": 0.1}), 400, "loraplex.vf_coef"),
+    ("rl-knob-huge", base(loraplex={"response_length": 10**9}), 400, "loraplex.response_length"),
     ("canary-override", base(loraplex={"canary": 50}), 400, "loraplex.canary"),
     ("canary", base(canary=50), 400, "canary"),
     ("hijack-existing-name", base(loraplex={"adapter": {"name": "prod"}}), 400, "loraplex.adapter.name"),
@@ -96,8 +98,17 @@ JOB_BODIES = [
     ("unknown-adapter-key", base(loraplex={"adapter": {"bias": "all"}}), 400, "loraplex.adapter.bias"),
     ("loraplex-not-object", base(loraplex="rm -rf /"), 400, "loraplex"),
     ("method-grpo", base(method={"type": "grpo"}), 400, "method.type"),
-    ("method-reinforcement-python", base(method={"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "source": "import os"}}}),
-     400, "method.type"),
+    ("grader-python-source", base(method={"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "source": "import os"}}}),
+     400, "method.reinforcement.grader"),
+    ("grader-python-unregistered", base(method={"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "function": "os:system"}}}),
+     400, "method.reinforcement.grader"),
+    ("grader-python-in-multi", base(method={"type": "reinforcement", "reinforcement": {"grader": {
+        "type": "multi", "graders": {"a": {"type": "python", "function": "pty:spawn"}}, "calculate_output": "a"}}}),
+     400, "method.reinforcement.grader"),
+    ("reinforcement-no-grader", base(method={"type": "reinforcement"}), 400, "method.reinforcement"),
+    ("reinforcement-unknown-hp", base(method={"type": "reinforcement", "reinforcement": {
+        "grader": {"type": "string_check", "input": "a", "reference": "b"}, "hyperparameters": {"compute_multiplier": 1e9}}}),
+     400, "method.reinforcement.hyperparameters.compute_multiplier"),
     ("method-not-object", base(method="supervised"), 400, "method"),
     ("method-mismatch", base(method={"type": "supervised", "dpo": {}}), 400, "method.dpo"),
     ("supervised-not-object", base(method={"type": "supervised", "supervised": "fast"}), 400, "method.supervised"),
@@ -208,7 +219,7 @@ def test_allowed_knobs_reach_the_job_config_and_the_record_states_the_method(srv
     try:
         assert job["method"]["type"] == "supervised" and job["seed"] == 7 and job["metadata"] == {"team": "search"}
         cfg = json.loads(srv.state.jobs._db().execute("SELECT config FROM jobs WHERE id=?", (job["id"],)).fetchone()["config"])
-        assert cfg["method"] == "sft" and cfg["epochs"] == 2 and cfg["micro_batch_size"] == 2
+        assert cfg["method"] == "sft" and cfg["epochs"] == 2 and cfg["examples_per_step"] == 2
         assert cfg["learning_rate"] == pytest.approx(4e-4) and cfg["sequence_len"] == 128 and cfg["packing"] is False
         assert (cfg["lr_scheduler"], cfg["warmup_steps"], cfg["save_steps"], cfg["max_steps"]) == ("cosine", 2, 7, 3)
         a = cfg["adapter"]
@@ -460,9 +471,24 @@ def test_reward_functions_are_the_operators_and_named_by_name(tmp_path, tiny_bas
         main(["serve", "--reward-function", "pty:spawn"])
     m = JobManager(tmp_path / "jobs", tmp_path / "store", str(tiny_base), "tiny", reward_functions={"length": "json:dumps"}, poll=3600)
     try:
+        fid = m.add_file("p.jsonl", b'{"messages": [{"role": "user", "content": "hi"}]}\n', "fine-tune")["id"]
+        body = {"model": "tiny", "training_file": fid, "method": {"type": "reinforcement", "reinforcement": {
+            "grader": {"type": "python", "function": "length"}}}}
+        job = m.create_job(body)
+        assert job["method"]["type"] == "reinforcement"
+        cfg = json.loads(m._db().execute("SELECT config FROM jobs WHERE id=?", (job["id"],)).fetchone()["config"])
+        assert cfg["method"] == "grpo" and cfg["reward"] == {"grader": {"type": "python", "function": "length"},
+                                                              "functions": {"length": "json:dumps"}}
+        with pytest.raises(JobError, match="no reward function 'json:dumps'"):
+            m.create_job({**body, "method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "function": "json:dumps"}}}})
         assert m.reward_function("length", "grader") == "json:dumps"
         with pytest.raises(JobError, match="registered: length") as e:
             m.reward_function("pty:spawn", "grader")
         assert e.value.status == 400 and e.value.param == "grader"
     finally:
         m.close()
+    # in the job's process the grader calls the function the operator registered under that name
+    from loraplex.trainer.rl import make_reward
+
+    score = make_reward({"grader": {"type": "python", "function": "f"}, "functions": {"f": "operator:is_not"}}, None, None, None)
+    assert score(["p"], ["completion"], [[1]], [{}]) == [1.0]

@@ -22,9 +22,10 @@ if not HAS_CUDA:
 triton = pytest.importorskip("triton")
 
 import loraplex.kernels as K  # noqa: E402
-from loraplex.kernels import LoraSegments, apply_lora  # noqa: E402
+from loraplex.kernels import LoraSegments  # noqa: E402
 from loraplex.kernels import triton_lora as TL  # noqa: E402
 from loraplex.kernels.reference import lora_expand_ref, lora_shrink_ref  # noqa: E402
+from lora_batches import PATTERNS, pattern_batch  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 VARIANTS = ["sgmv", "bgmv"]
@@ -163,30 +164,36 @@ def test_no_programs_for_tokens_without_adapter():
     assert [tuple(r) for r in plan.rows().cpu().tolist()] == [(m, 3) for m in range(50, 90)] + [(97, 1), (98, 2)]
 
 
-def test_dispatch_runs_triton_when_forced(monkeypatch):
-    """apply_lora (the engine's entry point) reaches the kernels under LORAPLEX_KERNELS=triton and agrees with torch."""
+def test_backend_chosen_once_runs_triton_when_forced(monkeypatch):
+    """select_backend (once per runner) reaches the kernels under LORAPLEX_KERNELS=triton and agrees with torch."""
     slots, S, outs = [0] * 6 + [-1] * 2 + [1, 2, 1], 3, [16, 8, 8]
     ranks = torch.tensor(random_ranks(3, S, 16, seed=5), dtype=torch.int32)
     A, B = stacks(S, 16, 24, outs, ranks, torch.float32, 5)
     x = torch.randn(len(slots), 24).to(DEV)
     y0 = torch.randn(len(slots), sum(outs)).to(DEV)
     scales = torch.full((S,), 0.75, device=DEV)
-    args = (A, B, LoraSegments.from_token_slots(slots, DEV), scales, ranks.to(DEV), [0, 16, 24])
+    seg = LoraSegments.from_token_slots(slots, DEV)
+
+    def run(backend):
+        return backend.apply(backend.plan(seg), y0.clone(), x, A, B, scales, ranks.to(DEV), [0, 16, 24])
 
     monkeypatch.setenv("LORAPLEX_KERNELS", "torch")
-    assert K.backend_for(y0) == "torch"
-    ref = apply_lora(y0.clone(), x, *args)
+    torch_backend = K.select_backend(DEV)
+    assert torch_backend.name == "torch"
+    ref = run(torch_backend)
     calls = []
     for name in ("lora_shrink_triton", "lora_expand_triton"):
         real = getattr(TL, name)
         monkeypatch.setattr(TL, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
     monkeypatch.setenv("LORAPLEX_KERNELS", "triton")
-    got = apply_lora(y0.clone(), x, *args)
+    triton_backend = K.select_backend(DEV)
+    monkeypatch.setenv("LORAPLEX_KERNELS", "torch")  # read once, at selection: a later change does not matter
+    got = run(triton_backend)
     assert calls == ["lora_shrink_triton", "lora_expand_triton"]
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     monkeypatch.setenv("LORAPLEX_KERNELS", "tritton")
     with pytest.raises(ValueError, match="LORAPLEX_KERNELS"):
-        apply_lora(y0.clone(), x, *args)
+        K.select_backend(DEV)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU the other tests compile and run the kernels for real")
@@ -202,3 +209,35 @@ def test_kernels_compile_for_the_gpu():
     for kernel in ("_sgmv_shrink", "_bgmv_shrink", "_sgmv_expand", "_bgmv_expand"):
         assert kernel in run.stdout
     assert "0 over the shared-memory limit" in run.stdout
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("shape", ["decode", "prefill"])
+def test_popularity_patterns_match_reference(pattern, shape):
+    lengths = [1] if shape == "decode" else [5, 2, 7, 3]
+    slots = pattern_batch(pattern, 12, 6, lengths)
+    check(slots, 6, 16, 40, [24], random_ranks(1, 6, 16, seed=3), torch.float32)
+
+
+def test_rank_256_the_servers_default_maximum():
+    # two slots at rank 256 and a smaller one: 16 rank tiles, all but the first skipped for the small slot
+    check([0] * 3 + [1] * 2 + [2] * 4, 3, 256, 24, [20], [[256, 256, 40]], torch.float32)
+
+
+# (name, hidden, [q, k, v] widths, [gate, up] width) of models people serve
+REAL_WIDTHS = [("llama-3-8b", 4096, [4096, 1024, 1024], 14336), ("qwen2.5-7b", 3584, [3584, 512, 512], 18944)]
+
+
+@pytest.mark.parametrize("model,H,qkv,ffn", REAL_WIDTHS, ids=[w[0] for w in REAL_WIDTHS])
+@pytest.mark.parametrize("pattern", ["distinct", "zipf", "skewed"])
+@pytest.mark.parametrize("rank", [16, 64])
+@pytest.mark.parametrize("shape", ["decode", "prefill"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_real_model_widths_on_the_gpu(model, H, qkv, ffn, pattern, rank, shape):
+    S = 8
+    slots = pattern_batch(pattern, 32, S, [1] if shape == "decode" else [37, 120, 5, 64])
+    ranks = random_ranks(3, S, rank, seed=rank)
+    check(slots, S, rank, H, qkv, ranks, torch.bfloat16)  # fused q/k/v
+    check(slots, S, rank, H, [ffn, ffn], ranks[:2], torch.bfloat16)  # fused gate/up
+    check(slots, S, rank, ffn, [H], ranks[:1], torch.bfloat16)  # down_proj

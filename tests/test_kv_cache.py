@@ -1,4 +1,4 @@
-"""KV arenas (server/kv_cache.py) and the batched decode attention that reads them (server/model_runner.py)."""
+"""KV arenas (server/kv_cache.py) and the batched decode attention that reads them (server/attention.py)."""
 from __future__ import annotations
 
 import random
@@ -83,19 +83,21 @@ def _tiny(arch: str):
 
 def _run(arch: str, batched: bool, monkeypatch) -> tuple[list[torch.Tensor], int]:
     """Four sequences of one arena: prefills, then decode steps while a fifth sequence prefills beside them."""
+    from loraplex.server.attention import AttentionPlan
     from loraplex.server.model_runner import ModelRunner, SeqChunk, StepBatch
 
     runner = ModelRunner(_tiny(arch), max_loras=1, kv_budget_tokens=4096)
+    runner.batched_decode = batched
     grouped = 0
-    real = runner._decode_groups
+    real = AttentionPlan._decode_groups
 
-    def spy(chunks):
+    def spy(self, chunks):
         nonlocal grouped
-        groups, single = real(chunks) if batched else ([], list(chunks))
+        groups, single = real(self, chunks)
         grouped += sum(len(g.out_rows) for g in groups)
         return groups, single
 
-    monkeypatch.setattr(runner, "_decode_groups", spy)
+    monkeypatch.setattr(AttentionPlan, "_decode_groups", spy)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (3, 9, 14, 5, 12)]
     seqs = [{"ids": p, "cache": runner.kv.new_cache(), "done": 0} for p in prompts]

@@ -1,13 +1,18 @@
-"""The CPU LoRA paths (segmented reference, fused segmented, batched over segments and dense-over-slots) agree, and `apply_lora` equals a plain per-token loop."""
+"""The CPU LoRA paths (the reference, and the looped and batched fast paths of kernels/cpu_lora.py, through the
+backend the runner selects) equal a plain per-token loop."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loraplex.kernels import LoraSegments, apply_lora
-from loraplex.kernels.dense import apply_lora_dense, dense_ok
-from loraplex.kernels.reference import apply_lora_batched, apply_lora_segmented
+from loraplex.kernels import LoraSegments, TorchBackend, cpu_lora, select_backend
 from loraplex.kernels.reference import lora_expand_ref, lora_shrink_ref
+from lora_batches import PATTERNS, pattern_batch
+
+
+def fast_path(y, x, A, Bt, seg, scales, mode):
+    plan = cpu_lora.CpuLoraPlan(seg, mode=mode)  # the path under test, whatever the number of segments
+    return cpu_lora.apply(plan, y, x, A, Bt, scales)
 
 
 def make(S, R, IN, OUT, ranks, seed=0):
@@ -40,7 +45,7 @@ def naive(y, x, A, Bt, scales, ranks, token_slots):
     [1, 1, 3, 3, 3, -1, 0],                   # unequal segments, slots not a range (the gathered path)
 ])
 @pytest.mark.parametrize("ranks", [[4, 16, 1, 8], [16, 16, 16, 16], [8, 0, 3, 5]])  # 0 = slot inactive in this module
-def test_reference_and_dense_match_naive(slots, ranks):
+def test_reference_and_fast_paths_match_naive(slots, ranks):
     S, R, IN, OUT = 4, 16, 37, 29
     A, Bt, scales, rk = make(S, R, IN, OUT, ranks)
     x = torch.randn(len(slots), IN)
@@ -49,15 +54,13 @@ def test_reference_and_dense_match_naive(slots, ranks):
     want = naive(y0, x, A, Bt, scales, rk, slots)
     ref = lora_expand_ref(y0.clone(), lora_shrink_ref(x, [A], seg, scales, rk), [Bt.transpose(1, 2)], seg, rk, [0])
     assert torch.allclose(ref, want, atol=1e-4, rtol=1e-4)
-    assert dense_ok([A], [Bt.transpose(1, 2)])
-    dense = apply_lora_dense(y0.clone(), x, [A], [Bt.transpose(1, 2)], seg, scales, rk, [0])
-    assert torch.allclose(dense, want, atol=1e-4, rtol=1e-4)
-    fused = apply_lora_segmented(y0.clone(), x, [A], [Bt.transpose(1, 2)], seg, scales, rk, [0])
-    assert torch.allclose(fused, want, atol=1e-4, rtol=1e-4)
-    batched = apply_lora_batched(y0.clone(), x, [A], [Bt.transpose(1, 2)], seg, scales, rk, [0])
-    assert torch.allclose(batched, want, atol=1e-4, rtol=1e-4)
-    via_dispatch = apply_lora(y0.clone(), x, [A], [Bt.transpose(1, 2)], seg, scales, rk, [0])
-    assert torch.allclose(via_dispatch, want, atol=1e-4, rtol=1e-4)
+    for mode in ("looped", "batched"):
+        got = fast_path(y0.clone(), x, A, Bt, seg, scales, mode)
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), mode
+    backend = select_backend("cpu")
+    assert isinstance(backend, TorchBackend)
+    via_backend = backend.apply(backend.plan(seg), y0.clone(), x, [A], [Bt.transpose(1, 2)], scales, rk, [0])
+    assert torch.allclose(via_backend, want, atol=1e-4, rtol=1e-4)
 
 
 def test_multi_slice_offsets():
@@ -83,7 +86,21 @@ def test_multi_slice_offsets():
         off += n
     B = [b.transpose(1, 2) for b in Bt]
     ref = lora_expand_ref(y0.clone(), lora_shrink_ref(x, A, seg, scales, ranks), B, seg, ranks, [0, 12, 18])
-    dense = apply_lora_dense(y0.clone(), x, A, B, seg, scales, ranks, [0, 12, 18])
-    fused = apply_lora_segmented(y0.clone(), x, A, B, seg, scales, ranks, [0, 12, 18])
-    assert torch.allclose(ref, want, atol=1e-4) and torch.allclose(dense, want, atol=1e-4)
-    assert torch.allclose(fused, want, atol=1e-4)
+    backend = select_backend("cpu")  # several slices: the backend runs the reference
+    got = backend.apply(backend.plan(seg), y0.clone(), x, A, B, scales, ranks, [0, 12, 18])
+    assert torch.allclose(ref, want, atol=1e-4) and torch.allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("lengths", [[1], [5, 2, 7, 3]], ids=["decode", "prefill"])
+@pytest.mark.parametrize("R", [16, 256])  # 256: the server's default maximum rank
+def test_fast_paths_under_popularity_patterns(pattern, lengths, R):
+    S, IN, OUT = 6, 40, 24
+    slots = pattern_batch(pattern, 12, S, lengths)
+    A, Bt, scales, rk = make(S, R, IN, OUT, [R, R // 2, 3, R, 1, R // 4])
+    x = torch.randn(len(slots), IN)
+    y0 = torch.randn(len(slots), OUT)
+    seg = LoraSegments.from_token_slots(slots)
+    want = naive(y0, x, A, Bt, scales, rk, slots)
+    for mode in ("looped", "batched"):
+        torch.testing.assert_close(fast_path(y0.clone(), x, A, Bt, seg, scales, mode), want, atol=1e-3, rtol=1e-4)

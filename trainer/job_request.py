@@ -54,7 +54,15 @@ API_KNOBS: dict[str, float | None] = {
     "train_on_prompt": None,
     "gradient_checkpointing": None,
     "quantize": None,
-    "loss_type": None,
+    "loss_type": None,  # dpo
+    # the reinforcement method (our GRPO); JobConfig refuses each on a method that does not use it, naming it
+    "kl_coef": 100.0,
+    "cliprange": 10.0,
+    "ppo_epochs": 16,
+    "mini_batch_size": 1024,
+    "num_generations": 64,
+    "response_length": 4096,
+    "temperature": 10.0,
 }
 ADAPTER_KNOBS: dict[str, float | None] = {"r": 256, "alpha": 4096.0, "dropout": None, "use_rslora": None}
 # JobConfig keys a client may not set, and what to use instead: named in the refusal so it is not read as a typo
@@ -113,13 +121,19 @@ class Dpo(_Api):
     hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
 
 
-METHODS = {"supervised": "sft", "dpo": "dpo"}  # OpenAI method type -> the JobConfig method it runs
+class Reinforcement(_Api):
+    grader: dict  # checked by graders.check_grader (a python grader names an operator-registered function only)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+METHODS = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}  # OpenAI method type -> the method it runs
 
 
 class Method(_Api):
     type: Literal[tuple(METHODS)]
     supervised: Supervised | None = None
     dpo: Dpo | None = None
+    reinforcement: Reinforcement | None = None
 
     def hyperparameters(self) -> dict:
         block = getattr(self, self.type)
@@ -165,7 +179,7 @@ class RequestRefused(ValueError):
 
 def _loc(parts) -> str:
     """A pydantic error location as the body's dotted path, without the union-member tags pydantic adds."""
-    names = (JobRequest, Method, Supervised, Dpo, DpoHyperparameters, LoraplexKnobs, AdapterKnobs)
+    names = (JobRequest, Method, Supervised, Dpo, DpoHyperparameters, Reinforcement, LoraplexKnobs, AdapterKnobs)
     known = {f for m in names for f in m.model_fields}
     return ".".join(str(p) for p in parts if isinstance(p, int) or p in known)[:200]
 

@@ -14,6 +14,7 @@ forwards chunks) and the file part goes straight into the JobManager's
 line; the request ends with 413 or 400 at the first byte or line that is too
 much, without reading the rest.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,7 +35,7 @@ CHUNK = 1 << 20  # bytes handed to the parser thread at a time
 
 
 class _MultipartUpload:
-    """The push-parser state of one `POST /v1/files` body: fields `purpose` (small) and `file` (streamed to an Upload)."""
+    """The push-parser state of one `POST /v1/files` body: `purpose` (small) and `file` (streamed to an Upload)."""
 
     def __init__(self, manager, boundary: bytes):
         self.m = manager
@@ -45,10 +46,18 @@ class _MultipartUpload:
         self._part: str | None = None  # "file", "purpose" or None (ignored)
         self._purpose_bytes = bytearray()
         self.ended = False
-        self.parser = MultipartParser(boundary, {
-            "on_part_begin": self._begin, "on_header_field": self._hfield, "on_header_value": self._hvalue,
-            "on_header_end": self._hend, "on_headers_finished": self._headers_done, "on_part_data": self._data,
-            "on_end": self._end})
+        self.parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._begin,
+                "on_header_field": self._hfield,
+                "on_header_value": self._hvalue,
+                "on_header_end": self._hend,
+                "on_headers_finished": self._headers_done,
+                "on_part_data": self._data,
+                "on_end": self._end,
+            },
+        )
 
     def _begin(self):
         self._headers, self._part = {}, None
@@ -132,16 +141,22 @@ class FineTuningRoutes:
         limit = self.m.max_upload_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:  # refused before a byte of it is read
-            raise PayloadTooLarge(f"the upload is {int(declared)} bytes; this server's limit is {limit} bytes (--max-upload-bytes)",
-                                  param="file", code="file_too_large")
+            raise PayloadTooLarge(
+                f"the upload is {int(declared)} bytes; this server's limit is {limit} bytes (--max-upload-bytes)",
+                param="file",
+                code="file_too_large",
+            )
         body = _MultipartUpload(self.m, boundary)
         received, buf = 0, bytearray()
         try:
             async for chunk in request.stream():
                 received += len(chunk)
                 if received > limit + MULTIPART_SLACK:  # a body without (or lying in) its Content-Length
-                    raise PayloadTooLarge(f"the upload is larger than this server's limit of {limit} bytes (--max-upload-bytes)",
-                                          param="file", code="file_too_large")
+                    raise PayloadTooLarge(
+                        f"the upload is larger than this server's limit of {limit} bytes (--max-upload-bytes)",
+                        param="file",
+                        code="file_too_large",
+                    )
                 buf += chunk
                 if len(buf) >= CHUNK:
                     await self._call(body.feed, bytes(buf))
@@ -162,9 +177,18 @@ class FineTuningRoutes:
         if order not in ("asc", "desc"):
             raise BadRequest("'order' must be 'asc' or 'desc'", param="order")
         limit = _limit(request, default=10000, most=10000)
-        data, more = await self._call(self.m.list_files, purpose=q.get("purpose"), after=q.get("after"), limit=limit, order=order)
-        return JSONResponse({"object": "list", "data": data, "has_more": more,
-                             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+        data, more = await self._call(
+            self.m.list_files, purpose=q.get("purpose"), after=q.get("after"), limit=limit, order=order
+        )
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "has_more": more,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+            }
+        )
 
     async def get_file(self, request: HttpRequest):
         return JSONResponse(await self._call(self.m.file, request.path_params["file_id"]))
@@ -199,14 +223,23 @@ class FineTuningRoutes:
         return JSONResponse(await self._call(self.m.resume, request.path_params["job_id"]))
 
     async def events(self, request: HttpRequest):
-        data, more = await self._call(self.m.events, request.path_params["job_id"], request.query_params.get("after"), _limit(request))
+        # a job logs one metrics event per step: a page may hold a long run's worth
+        limit = _limit(request, most=1000)
+        data, more = await self._call(self.m.events, request.path_params["job_id"], request.query_params.get("after"), limit)
         return JSONResponse({"object": "list", "data": data, "has_more": more})
 
     async def checkpoints(self, request: HttpRequest):
         data = await self._call(self.m.checkpoints, request.path_params["job_id"])
         limit = _limit(request)
-        return JSONResponse({"object": "list", "data": data[:limit], "has_more": len(data) > limit,
-                             "first_id": data[0]["id"] if data else None, "last_id": data[min(limit, len(data)) - 1]["id"] if data else None})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data[:limit],
+                "has_more": len(data) > limit,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[min(limit, len(data)) - 1]["id"] if data else None,
+            }
+        )
 
 
 def _limit(request: HttpRequest, default: int = 20, most: int = 100) -> int:
@@ -236,8 +269,17 @@ def fine_tuning_routes(manager) -> list[Route]:
                 return JSONResponse(e.body(), status_code=e.http_status)
             except Exception:
                 log.exception("internal error on %s %s", request.method, request.url.path)
-                return JSONResponse({"error": {"message": "internal server error", "type": "server_error", "param": None, "code": None}},
-                                    status_code=500)
+                return JSONResponse(
+                    {
+                        "error": {
+                            "message": "internal server error",
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    },
+                    status_code=500,
+                )
 
         return endpoint
 

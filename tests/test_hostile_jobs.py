@@ -7,6 +7,7 @@ code, paths, devices and names with the operator; uploads stream to disk under a
 growing the server's memory; the queue and a job's run time are bounded; a killed job says which signal
 killed it; nothing a client reads back names a server path.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,14 +36,18 @@ def srv(tiny_base, tmp_path_factory, adapter_dirs):
 @pytest.fixture(scope="module")
 def good_file(srv, tmp_path_factory):
     p = color_data(tmp_path_factory.mktemp("data") / "colors.jsonl", 1)
-    r = httpx.post(f"{srv.url}/v1/files", files={"file": ("colors.jsonl", p.read_bytes())}, data={"purpose": "fine-tune"})
+    r = httpx.post(
+        f"{srv.url}/v1/files", files={"file": ("colors.jsonl", p.read_bytes())}, data={"purpose": "fine-tune"}
+    )
     assert r.status_code == 200, r.text
     return r.json()["id"]
 
 
 @pytest.fixture(scope="module")
 def batch_file(srv):
-    r = httpx.post(f"{srv.url}/v1/files", files={"file": ("b.jsonl", b'{"custom_id": "1"}\n')}, data={"purpose": "batch"})
+    r = httpx.post(
+        f"{srv.url}/v1/files", files={"file": ("b.jsonl", b'{"custom_id": "1"}\n')}, data={"purpose": "batch"}
+    )
     assert r.status_code == 200, r.text
     return r.json()["id"]
 
@@ -50,7 +55,11 @@ def batch_file(srv):
 def listing(srv) -> tuple[list, list, list]:
     jobs = httpx.get(f"{srv.url}/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]
     files = httpx.get(f"{srv.url}/v1/files").json()["data"]
-    return [j["id"] for j in jobs], [f["id"] for f in files], sorted(p.name for p in srv.state.jobs.files_dir.iterdir())
+    return (
+        [j["id"] for j in jobs],
+        [f["id"] for f in files],
+        sorted(p.name for p in srv.state.jobs.files_dir.iterdir()),
+    )
 
 
 def assert_refused(r: httpx.Response, status: int | tuple, names: str | None = None):
@@ -58,13 +67,18 @@ def assert_refused(r: httpx.Response, status: int | tuple, names: str | None = N
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str) and err["type"]
     if names is not None:
-        assert names in err["message"] and (err["param"] is None or names.startswith(err["param"]) or err["param"] in names), err
+        assert names in err["message"] and (
+            err["param"] is None or names.startswith(err["param"]) or err["param"] in names
+        ), err
     return err
 
 
 def assert_serves(srv):
-    r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=60,
-                   json={"model": srv.state.service.model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    r = httpx.post(
+        f"{srv.url}/v1/chat/completions",
+        timeout=60,
+        json={"model": srv.state.service.model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
     assert r.status_code == 200, r.text
     assert httpx.get(f"{srv.url}/health").json()["status"] == "ok"
 
@@ -80,7 +94,12 @@ JOB_BODIES = [
     ("reward-adapter", base(loraplex={"reward": {"adapter": "prod"}}), 400, "loraplex.reward"),
     ("dataset-server-path", base(loraplex={"datasets": [{"path": "/etc/passwd"}]}), 400, "loraplex.datasets"),
     ("dataset-string", base(loraplex={"datasets": ["/etc/hostname"]}), 400, "loraplex.datasets"),
-    ("validation-dataset", base(loraplex={"validation_datasets": ["/etc/passwd"]}), 400, "loraplex.validation_datasets"),
+    (
+        "validation-dataset",
+        base(loraplex={"validation_datasets": ["/etc/passwd"]}),
+        400,
+        "loraplex.validation_datasets",
+    ),
     ("base-model-path", base(loraplex={"base_model": "/"}), 400, "loraplex.base_model"),
     ("num-processes", base(loraplex={"num_processes": 64}), 400, "loraplex.num_processes"),
     ("distributed", base(loraplex={"distributed": "fsdp"}), 400, "loraplex.distributed"),
@@ -98,47 +117,126 @@ JOB_BODIES = [
     ("unknown-adapter-key", base(loraplex={"adapter": {"bias": "all"}}), 400, "loraplex.adapter.bias"),
     ("loraplex-not-object", base(loraplex="rm -rf /"), 400, "loraplex"),
     ("method-grpo", base(method={"type": "grpo"}), 400, "method.type"),
-    ("grader-python-source", base(method={"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "source": "import os"}}}),
-     400, "method.reinforcement.grader"),
-    ("grader-python-unregistered", base(method={"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "function": "os:system"}}}),
-     400, "method.reinforcement.grader"),
-    ("grader-python-in-multi", base(method={"type": "reinforcement", "reinforcement": {"grader": {
-        "type": "multi", "graders": {"a": {"type": "python", "function": "pty:spawn"}}, "calculate_output": "a"}}}),
-     400, "method.reinforcement.grader"),
+    (
+        "grader-python-source",
+        base(method={"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "source": "import os"}}}),
+        400,
+        "method.reinforcement.grader",
+    ),
+    (
+        "grader-python-unregistered",
+        base(
+            method={"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "function": "os:system"}}}
+        ),
+        400,
+        "method.reinforcement.grader",
+    ),
+    (
+        "grader-python-in-multi",
+        base(
+            method={
+                "type": "reinforcement",
+                "reinforcement": {
+                    "grader": {
+                        "type": "multi",
+                        "graders": {"a": {"type": "python", "function": "pty:spawn"}},
+                        "calculate_output": "a",
+                    }
+                },
+            }
+        ),
+        400,
+        "method.reinforcement.grader",
+    ),
     ("reinforcement-no-grader", base(method={"type": "reinforcement"}), 400, "method.reinforcement"),
-    ("reinforcement-unknown-hp", base(method={"type": "reinforcement", "reinforcement": {
-        "grader": {"type": "string_check", "input": "a", "reference": "b"}, "hyperparameters": {"compute_multiplier": 1e9}}}),
-     400, "method.reinforcement.hyperparameters.compute_multiplier"),
+    (
+        "reinforcement-unknown-hp",
+        base(
+            method={
+                "type": "reinforcement",
+                "reinforcement": {
+                    "grader": {"type": "string_check", "input": "a", "reference": "b"},
+                    "hyperparameters": {"compute_multiplier": 1e9},
+                },
+            }
+        ),
+        400,
+        "method.reinforcement.hyperparameters.compute_multiplier",
+    ),
     ("method-not-object", base(method="supervised"), 400, "method"),
     ("method-mismatch", base(method={"type": "supervised", "dpo": {}}), 400, "method.dpo"),
     ("supervised-not-object", base(method={"type": "supervised", "supervised": "fast"}), 400, "method.supervised"),
-    ("hp-not-object", base(method={"type": "supervised", "supervised": {"hyperparameters": [1]}}), 400, "method.supervised.hyperparameters"),
-    ("lr-multiplier-abc", base(hyperparameters={"learning_rate_multiplier": "abc"}), 400, "hyperparameters.learning_rate_multiplier"),
-    ("lr-multiplier-negative", base(hyperparameters={"learning_rate_multiplier": -1}), 400, "hyperparameters.learning_rate_multiplier"),
-    ("lr-multiplier-huge", base(method={"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": 1e300}}}),
-     400, "method.supervised.hyperparameters.learning_rate_multiplier"),
+    (
+        "hp-not-object",
+        base(method={"type": "supervised", "supervised": {"hyperparameters": [1]}}),
+        400,
+        "method.supervised.hyperparameters",
+    ),
+    (
+        "lr-multiplier-abc",
+        base(hyperparameters={"learning_rate_multiplier": "abc"}),
+        400,
+        "hyperparameters.learning_rate_multiplier",
+    ),
+    (
+        "lr-multiplier-negative",
+        base(hyperparameters={"learning_rate_multiplier": -1}),
+        400,
+        "hyperparameters.learning_rate_multiplier",
+    ),
+    (
+        "lr-multiplier-huge",
+        base(method={"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": 1e300}}}),
+        400,
+        "method.supervised.hyperparameters.learning_rate_multiplier",
+    ),
     ("n-epochs-1e308", base(hyperparameters={"n_epochs": 1e308}), 400, "hyperparameters.n_epochs"),
     ("n-epochs-float", base(hyperparameters={"n_epochs": 2.5}), 400, "hyperparameters.n_epochs"),
     ("n-epochs-zero", base(hyperparameters={"n_epochs": 0}), 400, "hyperparameters.n_epochs"),
     ("n-epochs-bool", base(hyperparameters={"n_epochs": True}), 400, "hyperparameters.n_epochs"),
     ("batch-size-huge", base(hyperparameters={"batch_size": 10**9}), 400, "hyperparameters.batch_size"),
     ("beta-on-supervised", base(hyperparameters={"beta": 0.1}), 400, "hyperparameters.beta"),
-    ("dpo-beta-huge", base(method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 1e9}}}), 400, "method.dpo.hyperparameters.beta"),
+    (
+        "dpo-beta-huge",
+        base(method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 1e9}}}),
+        400,
+        "method.dpo.hyperparameters.beta",
+    ),
     ("seed-1e23", base(seed=1e23), 400, "seed"),
     ("seed-2**64-1", base(seed=2**64 - 1), 400, "seed"),
     ("seed-negative", base(seed=-1), 400, "seed"),
     ("seed-string", base(seed="42"), 400, "seed"),
     ("sequence-len-huge", base(loraplex={"sequence_len": 10**9}), 400, "loraplex.sequence_len"),
     ("max-steps-bool", base(loraplex={"max_steps": True}), 400, "loraplex.max_steps"),
-    ("grad-accum-huge", base(loraplex={"gradient_accumulation_steps": 10**12}), 400, "loraplex.gradient_accumulation_steps"),
+    (
+        "grad-accum-huge",
+        base(loraplex={"gradient_accumulation_steps": 10**12}),
+        400,
+        "loraplex.gradient_accumulation_steps",
+    ),
     ("rank-huge", base(loraplex={"adapter": {"r": 100000}}), 400, "loraplex.adapter.r"),
     ("rank-float", base(loraplex={"adapter": {"r": 4.9}}), 400, "loraplex.adapter.r"),
     ("dropout-one", base(loraplex={"adapter": {"dropout": 1.0}}), 400, "loraplex.adapter.dropout"),
-    ("target-lm-head", base(loraplex={"adapter": {"target_modules": ["lm_head"]}}), 400, "loraplex.adapter.target_modules"),
-    ("target-regex", base(loraplex={"adapter": {"target_modules": "(.*.*)*Z"}}), 400, "loraplex.adapter.target_modules"),
+    (
+        "target-lm-head",
+        base(loraplex={"adapter": {"target_modules": ["lm_head"]}}),
+        400,
+        "loraplex.adapter.target_modules",
+    ),
+    (
+        "target-regex",
+        base(loraplex={"adapter": {"target_modules": "(.*.*)*Z"}}),
+        400,
+        "loraplex.adapter.target_modules",
+    ),
     ("quantize-8bit", base(loraplex={"quantize": "8bit"}), 400, "loraplex.quantize"),
     ("init-from-missing", base(loraplex={"adapter": {"init_from": "nope"}}), 404, "loraplex.adapter.init_from"),
-    ("init-from-missing-version", base(loraplex={"adapter": {"init_from": "prod@9"}}), 404, "loraplex.adapter.init_from"),
+    (
+        "init-from-missing-version",
+        base(loraplex={"adapter": {"init_from": "prod@9"}}),
+        404,
+        "loraplex.adapter.init_from",
+    ),
     ("init-from-path", base(loraplex={"adapter": {"init_from": "../../etc"}}), 400, "loraplex.adapter.init_from"),
     ("init-from-arabic-digit", base(loraplex={"adapter": {"init_from": "prod@١"}}), 400, "loraplex.adapter.init_from"),
     ("suffix-path", base(suffix="../../x"), 400, "suffix"),
@@ -165,20 +263,31 @@ def fill(body, srv, good_file, batch_file):
 
 
 @pytest.mark.parametrize("body,status,field", [c[1:] for c in JOB_BODIES], ids=[c[0] for c in JOB_BODIES])
-def test_hostile_job_body_is_refused_naming_the_field_and_changes_nothing(srv, good_file, batch_file, body, status, field):
+def test_hostile_job_body_is_refused_naming_the_field_and_changes_nothing(
+    srv, good_file, batch_file, body, status, field
+):
     before = listing(srv)
-    r = httpx.post(f"{srv.url}/v1/fine_tuning/jobs", content=fill(body, srv, good_file, batch_file),
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{srv.url}/v1/fine_tuning/jobs",
+        content=fill(body, srv, good_file, batch_file),
+        headers={"content-type": "application/json"},
+    )
     err = assert_refused(r, status, field)
     assert err["param"] == field, err
-    assert str(srv.state.jobs.root) not in r.text and (str(srv.state.jobs.base_model) not in r.text or "__path__" in json.dumps(body))
+    assert str(srv.state.jobs.root) not in r.text and (
+        str(srv.state.jobs.base_model) not in r.text or "__path__" in json.dumps(body)
+    )
     assert listing(srv) == before
     assert_serves(srv)
 
 
 RAW_JOB_BODIES = [  # bodies JSON libraries write but json.dumps would not: non-finite numbers, lone surrogates
     ("n-epochs-nan", '"hyperparameters": {"n_epochs": NaN}', "hyperparameters.n_epochs"),
-    ("lr-multiplier-infinity", '"hyperparameters": {"learning_rate_multiplier": Infinity}', "hyperparameters.learning_rate_multiplier"),
+    (
+        "lr-multiplier-infinity",
+        '"hyperparameters": {"learning_rate_multiplier": Infinity}',
+        "hyperparameters.learning_rate_multiplier",
+    ),
     ("alpha-infinity", '"loraplex": {"adapter": {"alpha": Infinity}}', "loraplex.adapter.alpha"),
     ("weight-decay-nan", '"loraplex": {"weight_decay": NaN}', "loraplex.weight_decay"),
     ("metadata-lone-surrogate", '"metadata": {"k": "\\ud800"}', "metadata.k"),
@@ -199,39 +308,80 @@ def test_non_finite_numbers_and_lone_surrogates_are_refused(srv, good_file, extr
 
 def test_a_dataset_override_cannot_probe_which_server_files_exist(srv, good_file):
     def ask(path):
-        r = httpx.post(f"{srv.url}/v1/fine_tuning/jobs", json={"model": srv.state.service.model_id, "training_file": good_file,
-                                                               "loraplex": {"datasets": [{"path": path}]}})
+        r = httpx.post(
+            f"{srv.url}/v1/fine_tuning/jobs",
+            json={
+                "model": srv.state.service.model_id,
+                "training_file": good_file,
+                "loraplex": {"datasets": [{"path": path}]},
+            },
+        )
         return r.status_code, r.json()
 
     assert ask("/etc/passwd") == ask("/no/such/file") == ask(str(srv.state.jobs.files_dir))
 
 
 def test_allowed_knobs_reach_the_job_config_and_the_record_states_the_method(srv, good_file):
-    body = {"model": srv.state.service.model_id, "training_file": good_file, "suffix": "knobs", "seed": 7,
-            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 2}}},
-            "metadata": {"team": "search"},
-            "loraplex": {"sequence_len": 128, "packing": False, "lr_scheduler": "cosine", "warmup_steps": 2, "weight_decay": 0.01,
-                         "max_grad_norm": 0.5, "save_steps": 7, "logging_steps": 2, "max_steps": 3,
-                         "adapter": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], "init_from": "prod@1"}}}
+    body = {
+        "model": srv.state.service.model_id,
+        "training_file": good_file,
+        "suffix": "knobs",
+        "seed": 7,
+        "method": {
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 2}},
+        },
+        "metadata": {"team": "search"},
+        "loraplex": {
+            "sequence_len": 128,
+            "packing": False,
+            "lr_scheduler": "cosine",
+            "warmup_steps": 2,
+            "weight_decay": 0.01,
+            "max_grad_norm": 0.5,
+            "save_steps": 7,
+            "logging_steps": 2,
+            "max_steps": 3,
+            "adapter": {
+                "r": 4,
+                "alpha": 8,
+                "dropout": 0.1,
+                "target_modules": ["q_proj", "v_proj"],
+                "init_from": "prod@1",
+            },
+        },
+    }
     r = httpx.post(f"{srv.url}/v1/fine_tuning/jobs", json=body)
     assert r.status_code == 200, r.text
     job = r.json()
     try:
         assert job["method"]["type"] == "supervised" and job["seed"] == 7 and job["metadata"] == {"team": "search"}
-        cfg = json.loads(srv.state.jobs._db().execute("SELECT config FROM jobs WHERE id=?", (job["id"],)).fetchone()["config"])
+        cfg = json.loads(
+            srv.state.jobs._db().execute("SELECT config FROM jobs WHERE id=?", (job["id"],)).fetchone()["config"]
+        )
         assert cfg["method"] == "sft" and cfg["epochs"] == 2 and cfg["examples_per_step"] == 2
         assert cfg["learning_rate"] == pytest.approx(4e-4) and cfg["sequence_len"] == 128 and cfg["packing"] is False
         assert (cfg["lr_scheduler"], cfg["warmup_steps"], cfg["save_steps"], cfg["max_steps"]) == ("cosine", 2, 7, 3)
         a = cfg["adapter"]
-        assert (a["r"], a["alpha"], a["dropout"], a["target_modules"], a["init_from"]) == (4, 8, 0.1, ["q_proj", "v_proj"], "prod@1")
+        assert (a["r"], a["alpha"], a["dropout"], a["target_modules"], a["init_from"]) == (
+            4,
+            8,
+            0.1,
+            ["q_proj", "v_proj"],
+            "prod@1",
+        )
         assert a["name"].startswith("ft-knobs-") and a["name"] != "prod"
-        assert cfg["reward"] is None and cfg["num_processes"] == 1 and cfg["output_dir"] is None and cfg["device"] is None
+        assert (
+            cfg["reward"] is None and cfg["num_processes"] == 1 and cfg["output_dir"] is None and cfg["device"] is None
+        )
     finally:
         httpx.post(f"{srv.url}/v1/fine_tuning/jobs/{job['id']}/cancel")
 
 
 # --- uploads -------------------------------------------------------------------------------------------
-def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "loraplexboundary", close: bool = True) -> bytes:
+def multipart(
+    parts: list[tuple[str, str | None, bytes]], boundary: str = "loraplexboundary", close: bool = True
+) -> bytes:
     out = b""
     for name, filename, data in parts:
         disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
@@ -240,32 +390,121 @@ def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "lorap
 
 
 MP = "multipart/form-data; boundary=loraplexboundary"
-GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}).encode() + b"\n"
+GOOD_LINE = (
+    json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}).encode()
+    + b"\n"
+)
 
 UPLOADS = [  # (id, content type, body, status, what the message names)
-    ("no-boundary", "multipart/form-data", multipart([("purpose", None, b"fine-tune"), ("file", "x.jsonl", GOOD_LINE)]), 400, "boundary"),
+    (
+        "no-boundary",
+        "multipart/form-data",
+        multipart([("purpose", None, b"fine-tune"), ("file", "x.jsonl", GOOD_LINE)]),
+        400,
+        "boundary",
+    ),
     ("not-multipart", "application/json", b'{"file": "x"}', 400, "multipart"),
     ("no-content-type", "", GOOD_LINE, 400, "multipart"),
-    ("filename-300", MP, multipart([("purpose", None, b"fine-tune"), ("file", "a" * 296 + ".jsonl", GOOD_LINE)]), 400, "255"),
-    ("bad-json-line-3", MP, multipart([("purpose", None, b"fine-tune"), ("file", "bad.jsonl", GOOD_LINE * 2 + b"{oops\n" + GOOD_LINE)]),
-     400, "bad.jsonl:3"),
-    ("bad-line-purpose-after-file", MP, multipart([("file", "late.jsonl", GOOD_LINE + b"[1, 2]\n"), ("purpose", None, b"fine-tune")]),
-     400, "late.jsonl:2"),
-    ("invalid-utf8-line", MP, multipart([("purpose", None, b"fine-tune"), ("file", "u.jsonl", GOOD_LINE + b'{"text": "\xff\xfe"}\n')]),
-     400, "u.jsonl:2"),
-    ("lone-surrogate-line", MP, multipart([("purpose", None, b"fine-tune"), ("file", "s.jsonl", b'{"text": "\\ud800"}\n')]), 400, "s.jsonl:1"),
-    ("nested-100k-deep", MP, multipart([("purpose", None, b"fine-tune"), ("file", "d.jsonl", b'{"a": ' * 100000 + b"1" + b"}" * 100000)]),
-     400, "d.jsonl:1"),
-    ("line-over-8-mib", MP, multipart([("purpose", None, b"fine-tune"), ("file", "l.jsonl", b'{"text": "' + b"x" * (9 << 20))]), 400, "l.jsonl:1"),
-    ("not-an-object", MP, multipart([("purpose", None, b"fine-tune"), ("file", "n.jsonl", b"42\n")]), 400, "n.jsonl:1"),
-    ("empty-fine-tune-file", MP, multipart([("purpose", None, b"fine-tune"), ("file", "e.jsonl", b"\n\n")]), 400, "e.jsonl"),
-    ("last-line-bad-no-newline", MP, multipart([("purpose", None, b"fine-tune"), ("file", "t.jsonl", GOOD_LINE + b'{"a": ')]), 400, "t.jsonl:2"),
+    (
+        "filename-300",
+        MP,
+        multipart([("purpose", None, b"fine-tune"), ("file", "a" * 296 + ".jsonl", GOOD_LINE)]),
+        400,
+        "255",
+    ),
+    (
+        "bad-json-line-3",
+        MP,
+        multipart([("purpose", None, b"fine-tune"), ("file", "bad.jsonl", GOOD_LINE * 2 + b"{oops\n" + GOOD_LINE)]),
+        400,
+        "bad.jsonl:3",
+    ),
+    (
+        "bad-line-purpose-after-file",
+        MP,
+        multipart([("file", "late.jsonl", GOOD_LINE + b"[1, 2]\n"), ("purpose", None, b"fine-tune")]),
+        400,
+        "late.jsonl:2",
+    ),
+    (
+        "invalid-utf8-line",
+        MP,
+        multipart([("purpose", None, b"fine-tune"), ("file", "u.jsonl", GOOD_LINE + b'{"text": "\xff\xfe"}\n')]),
+        400,
+        "u.jsonl:2",
+    ),
+    (
+        "lone-surrogate-line",
+        MP,
+        multipart([("purpose", None, b"fine-tune"), ("file", "s.jsonl", b'{"text": "\\ud800"}\n')]),
+        400,
+        "s.jsonl:1",
+    ),
+    (
+        "nested-100k-deep",
+        MP,
+        multipart([("purpose", None, b"fine-tune"), ("file", "d.jsonl", b'{"a": ' * 100000 + b"1" + b"}" * 100000)]),
+        400,
+        "d.jsonl:1",
+    ),
+    (
+        "line-over-8-mib",
+        MP,
+        multipart([("purpose", None, b"fine-tune"), ("file", "l.jsonl", b'{"text": "' + b"x" * (9 << 20))]),
+        400,
+        "l.jsonl:1",
+    ),
+    (
+        "not-an-object",
+        MP,
+        multipart([("purpose", None, b"fine-tune"), ("file", "n.jsonl", b"42\n")]),
+        400,
+        "n.jsonl:1",
+    ),
+    (
+        "empty-fine-tune-file",
+        MP,
+        multipart([("purpose", None, b"fine-tune"), ("file", "e.jsonl", b"\n\n")]),
+        400,
+        "e.jsonl",
+    ),
+    (
+        "last-line-bad-no-newline",
+        MP,
+        multipart([("purpose", None, b"fine-tune"), ("file", "t.jsonl", GOOD_LINE + b'{"a": ')]),
+        400,
+        "t.jsonl:2",
+    ),
     ("no-purpose", MP, multipart([("file", "x.jsonl", GOOD_LINE)]), 400, "purpose"),
-    ("unknown-purpose", MP, multipart([("purpose", None, b"../../etc"), ("file", "x.jsonl", GOOD_LINE)]), 400, "purpose"),
+    (
+        "unknown-purpose",
+        MP,
+        multipart([("purpose", None, b"../../etc"), ("file", "x.jsonl", GOOD_LINE)]),
+        400,
+        "purpose",
+    ),
     ("no-file", MP, multipart([("purpose", None, b"fine-tune")]), 400, "file"),
-    ("file-without-filename", MP, multipart([("purpose", None, b"fine-tune"), ("file", None, GOOD_LINE)]), 400, "file"),
-    ("two-files", MP, multipart([("purpose", None, b"fine-tune"), ("file", "a.jsonl", GOOD_LINE), ("file", "b.jsonl", GOOD_LINE)]), 400, "twice"),
-    ("truncated", MP, multipart([("purpose", None, b"fine-tune"), ("file", "x.jsonl", GOOD_LINE)], close=False), 400, "multipart"),
+    (
+        "file-without-filename",
+        MP,
+        multipart([("purpose", None, b"fine-tune"), ("file", None, GOOD_LINE)]),
+        400,
+        "file",
+    ),
+    (
+        "two-files",
+        MP,
+        multipart([("purpose", None, b"fine-tune"), ("file", "a.jsonl", GOOD_LINE), ("file", "b.jsonl", GOOD_LINE)]),
+        400,
+        "twice",
+    ),
+    (
+        "truncated",
+        MP,
+        multipart([("purpose", None, b"fine-tune"), ("file", "x.jsonl", GOOD_LINE)], close=False),
+        400,
+        "multipart",
+    ),
     ("garbage", MP, b"\x00" * 5000, 400, "multipart"),
 ]
 
@@ -300,9 +539,13 @@ def test_upload_over_the_limit_is_413_naming_it_as_soon_as_it_is_passed(srv, mon
     # a chunked body (no Content-Length) that goes on: the answer comes after 2 MiB, while the client is still sending
     host, port = srv.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(f"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: {MP}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
-        head = multipart([("purpose", None, b"fine-tune")], close=False) + \
-            b'--loraplexboundary\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+        sock.sendall(
+            f"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: {MP}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        head = (
+            multipart([("purpose", None, b"fine-tune")], close=False)
+            + b'--loraplexboundary\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+        )
         block = GOOD_LINE * (65536 // len(GOOD_LINE))
         sent = []
 
@@ -324,10 +567,12 @@ def test_upload_over_the_limit_is_413_naming_it_as_soon_as_it_is_passed(srv, mon
             answer += got
         assert sum(sent) < 16 << 20  # answered long before the body's end
     status = int(answer.split(b" ", 2)[1])
-    err = json.loads(answer[answer.index(b"{"):])["error"]
+    err = json.loads(answer[answer.index(b"{") :])["error"]
     assert status == 413 and "1048576 bytes" in err["message"] and "--max-upload-bytes" in err["message"], answer
     # a Content-Length over the limit is refused before the body is read
-    data = multipart([("purpose", None, b"fine-tune"), ("file", "big.jsonl", GOOD_LINE * ((2 << 20) // len(GOOD_LINE)))])
+    data = multipart(
+        [("purpose", None, b"fine-tune"), ("file", "big.jsonl", GOOD_LINE * ((2 << 20) // len(GOOD_LINE)))]
+    )
     r = httpx.post(f"{srv.url}/v1/files", content=data, headers={"content-type": MP})
     assert "--max-upload-bytes" in assert_refused(r, 413)["message"]
     assert listing(srv) == before
@@ -344,10 +589,17 @@ def _rss_kib() -> int:
 
 def test_a_large_upload_streams_to_disk_without_growing_the_servers_memory(srv):
     """96 MiB of JSONL through the in-process server: its peak resident memory grows by far less than the file."""
-    line = json.dumps({"messages": [{"role": "user", "content": "x" * 400}, {"role": "assistant", "content": "y" * 400}]}).encode() + b"\n"
+    line = (
+        json.dumps(
+            {"messages": [{"role": "user", "content": "x" * 400}, {"role": "assistant", "content": "y" * 400}]}
+        ).encode()
+        + b"\n"
+    )
     n = (96 << 20) // len(line)
-    head = b'--loraplexboundary\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n' \
-           b'--loraplexboundary\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+    head = (
+        b'--loraplexboundary\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        b'--loraplexboundary\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+    )
     block = line * 1024
 
     def body():
@@ -388,11 +640,15 @@ def test_the_queue_has_a_limit(tmp_path, tiny_base):
     from loraplex.server.http_fine_tuning import fine_tuning_routes
     from loraplex.trainer.jobs import JobManager
 
-    m = JobManager(tmp_path / "jobs", tmp_path / "store", str(tiny_base), "tiny", max_queued=2, poll=3600)  # jobs stay queued
+    m = JobManager(
+        tmp_path / "jobs", tmp_path / "store", str(tiny_base), "tiny", max_queued=2, poll=3600
+    )  # jobs stay queued
     try:
         http = TestClient(Starlette(routes=fine_tuning_routes(m)))
         client = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
-        fid = client.files.create(file=("c.jsonl", color_data(tmp_path / "c.jsonl", 1).read_bytes()), purpose="fine-tune").id
+        fid = client.files.create(
+            file=("c.jsonl", color_data(tmp_path / "c.jsonl", 1).read_bytes()), purpose="fine-tune"
+        ).id
         for _ in range(2):
             client.fine_tuning.jobs.create(model="tiny", training_file=fid)
         before = [j.id for j in client.fine_tuning.jobs.list().data]
@@ -422,19 +678,26 @@ def test_a_job_past_the_wall_clock_limit_fails_and_frees_the_slot(tmp_path, tiny
     m = JobManager(tmp_path / "jobs", tmp_path / "store", str(tiny_base), "tiny", max_job_seconds=3, poll=0.2)
     try:
         fid = m.add_file("c.jsonl", color_data(tmp_path / "c.jsonl", 30).read_bytes(), "fine-tune")["id"]
-        long = m.create_job({"model": "tiny", "training_file": fid, "hyperparameters": {"n_epochs": 50, "batch_size": 1}})
-        nxt = m.create_job({"model": "tiny", "training_file": fid, "hyperparameters": {"n_epochs": 50, "batch_size": 1}})
+        long = m.create_job(
+            {"model": "tiny", "training_file": fid, "hyperparameters": {"n_epochs": 50, "batch_size": 1}}
+        )
+        nxt = m.create_job(
+            {"model": "tiny", "training_file": fid, "hyperparameters": {"n_epochs": 50, "batch_size": 1}}
+        )
         done = wait_status(m, long["id"], ("failed", "succeeded"), timeout=60)
         assert done["status"] == "failed" and done["error"]["code"] == "job_time_limit"
         assert "limit of 3 s" in done["error"]["message"] and "--max-job-seconds" in done["error"]["message"]
-        assert wait_status(m, nxt["id"], ("running", "failed"), timeout=30)["status"] in ("running", "failed")  # the slot was freed
+        assert wait_status(m, nxt["id"], ("running", "failed"), timeout=30)["status"] in (
+            "running",
+            "failed",
+        )  # the slot was freed
         assert m.job(long["id"])["status"] == "failed"
     finally:
         m.close()
 
 
 def test_a_job_never_publishes_under_a_name_taken_meanwhile(tmp_path, tiny_base, adapter_dirs):
-    """The name a job was given is checked again in the job's process: registered by someone else since, the job fails."""
+    """A job's name is checked again in the job's process: registered by someone else since, the job fails."""
     from helpers import make_peft_adapter
 
     from loraplex.adapters_store import AdapterStore
@@ -446,9 +709,17 @@ def test_a_job_never_publishes_under_a_name_taken_meanwhile(tmp_path, tiny_base,
     data = color_data(tmp_path / "c.jsonl", 1)
     job = tmp_path / "job"
     job.mkdir()
-    cfg = {"base_model": str(tiny_base), "adapter": {"name": "ft-taken-abc123"}, "datasets": [str(data)], "max_steps": 1}
-    (job / "job.json").write_text(json.dumps({"config": cfg, "output_dir": str(job / "output"), "store_dir": str(tmp_path / "store"),
-                                              "new_name": True}))
+    cfg = {
+        "base_model": str(tiny_base),
+        "adapter": {"name": "ft-taken-abc123"},
+        "datasets": [str(data)],
+        "max_steps": 1,
+    }
+    (job / "job.json").write_text(
+        json.dumps(
+            {"config": cfg, "output_dir": str(job / "output"), "store_dir": str(tmp_path / "store"), "new_name": True}
+        )
+    )
     assert run_job.main(str(job)) == 1
     assert "taken" in json.loads((job / "error.json").read_text())["message"]
     assert [v.version for v in store.versions("ft-taken-abc123")] == [1]
@@ -469,18 +740,38 @@ def test_reward_functions_are_the_operators_and_named_by_name(tmp_path, tiny_bas
         ServeConfig(reward_functions={"x": "json"})
     with pytest.raises(SystemExit):
         main(["serve", "--reward-function", "pty:spawn"])
-    m = JobManager(tmp_path / "jobs", tmp_path / "store", str(tiny_base), "tiny", reward_functions={"length": "json:dumps"}, poll=3600)
+    m = JobManager(
+        tmp_path / "jobs",
+        tmp_path / "store",
+        str(tiny_base),
+        "tiny",
+        reward_functions={"length": "json:dumps"},
+        poll=3600,
+    )
     try:
         fid = m.add_file("p.jsonl", b'{"messages": [{"role": "user", "content": "hi"}]}\n', "fine-tune")["id"]
-        body = {"model": "tiny", "training_file": fid, "method": {"type": "reinforcement", "reinforcement": {
-            "grader": {"type": "python", "function": "length"}}}}
+        body = {
+            "model": "tiny",
+            "training_file": fid,
+            "method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "function": "length"}}},
+        }
         job = m.create_job(body)
         assert job["method"]["type"] == "reinforcement"
         cfg = json.loads(m._db().execute("SELECT config FROM jobs WHERE id=?", (job["id"],)).fetchone()["config"])
-        assert cfg["method"] == "grpo" and cfg["reward"] == {"grader": {"type": "python", "function": "length"},
-                                                              "functions": {"length": "json:dumps"}}
+        assert cfg["method"] == "grpo" and cfg["reward"] == {
+            "grader": {"type": "python", "function": "length"},
+            "functions": {"length": "json:dumps"},
+        }
         with pytest.raises(JobError, match="no reward function 'json:dumps'"):
-            m.create_job({**body, "method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "function": "json:dumps"}}}})
+            m.create_job(
+                {
+                    **body,
+                    "method": {
+                        "type": "reinforcement",
+                        "reinforcement": {"grader": {"type": "python", "function": "json:dumps"}},
+                    },
+                }
+            )
         assert m.reward_function("length", "grader") == "json:dumps"
         with pytest.raises(JobError, match="registered: length") as e:
             m.reward_function("pty:spawn", "grader")
@@ -490,5 +781,7 @@ def test_reward_functions_are_the_operators_and_named_by_name(tmp_path, tiny_bas
     # in the job's process the grader calls the function the operator registered under that name
     from loraplex.trainer.rl import make_reward
 
-    score = make_reward({"grader": {"type": "python", "function": "f"}, "functions": {"f": "operator:is_not"}}, None, None, None)
+    score = make_reward(
+        {"grader": {"type": "python", "function": "f"}, "functions": {"f": "operator:is_not"}}, None, None, None
+    )
     assert score(["p"], ["completion"], [[1]], [{}]) == [1.0]

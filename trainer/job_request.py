@@ -19,6 +19,7 @@ an override cannot probe which server paths exist because no override is a path.
 (no `1e23` for an integer, no NaN) and every string must be encodable as UTF-8, so nothing stored can
 later fail to be written back to a client.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Literal, Union
@@ -77,7 +78,8 @@ INSTEAD = {
     "micro_batch_size": "use 'hyperparameters.batch_size'",
     "beta": "use the dpo method's 'hyperparameters.beta'",
     "canary": "a job registers a new adapter name; split traffic with PUT /v1/routes/{name}",
-    "reward": "Python reward functions are registered by the operator (`loraplex serve --reward-function NAME=module:function`)",
+    "reward": "Python reward functions are registered by the operator "
+    "(`loraplex serve --reward-function NAME=module:function`)",
 }
 
 
@@ -97,9 +99,17 @@ def _knob_model(name: str, source: type[BaseModel], knobs: dict[str, float | Non
 
 Auto = Literal["auto"]
 AdapterRef = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[0-9]{1,9})?$")]
-TargetModules = Union[Literal["all-linear"], Annotated[list[Literal[tuple(DEFAULT_TARGETS)]], Field(min_length=1, max_length=len(DEFAULT_TARGETS))]]
-AdapterKnobs = _knob_model("AdapterKnobs", AdapterSpec, ADAPTER_KNOBS, target_modules=(TargetModules | None, None),
-                           init_from=(AdapterRef | None, None))
+TargetModules = Union[
+    Literal["all-linear"],
+    Annotated[list[Literal[tuple(DEFAULT_TARGETS)]], Field(min_length=1, max_length=len(DEFAULT_TARGETS))],
+]
+AdapterKnobs = _knob_model(
+    "AdapterKnobs",
+    AdapterSpec,
+    ADAPTER_KNOBS,
+    target_modules=(TargetModules | None, None),
+    init_from=(AdapterRef | None, None),
+)
 LoraplexKnobs = _knob_model("LoraplexKnobs", JobConfig, API_KNOBS, adapter=(AdapterKnobs | None, None))
 
 
@@ -151,8 +161,16 @@ class JobRequest(_Api):
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     method: Method | None = None
     hyperparameters: Hyperparameters | None = None  # the legacy top-level form; `method` wins where both name a value
-    metadata: Annotated[dict[Annotated[str, Field(max_length=MAX_METADATA_KEY)], Annotated[str, Field(max_length=MAX_METADATA_VALUE)]],
-                        Field(max_length=MAX_METADATA_PAIRS)] | None = None
+    metadata: (
+        Annotated[
+            dict[
+                Annotated[str, Field(max_length=MAX_METADATA_KEY)],
+                Annotated[str, Field(max_length=MAX_METADATA_VALUE)],
+            ],
+            Field(max_length=MAX_METADATA_PAIRS),
+        ]
+        | None
+    ) = None
     integrations: Annotated[list, Field(max_length=0)] | None = None  # none supported: refused rather than ignored
     loraplex: LoraplexKnobs | None = None
 
@@ -186,7 +204,8 @@ def _loc(parts) -> str:
 
 def lone_surrogate(obj) -> str | None:
     """The dotted path of the first string (or key) in decoded JSON `obj` that is not valid Unicode (a lone surrogate,
-    which `json.loads` accepts from `"\\ud800"` but nothing can write back as UTF-8), else None. Iterative: any depth."""
+    which `json.loads` accepts from `"\\ud800"` but nothing can write back as UTF-8), else None. Iterative: any
+    depth."""
     todo = [("", obj)]
     while todo:
         path, x = todo.pop()
@@ -213,24 +232,34 @@ def _precheck(body: dict) -> None:
             if other != method["type"] and method.get(other) is not None:
                 raise RequestRefused(f"'method.{other}' given with method type {method['type']!r}", f"method.{other}")
     if "canary" in body:
-        raise RequestRefused("'canary' cannot be used here: a fine-tuning job registers a new adapter name, which takes all of its "
-                             "traffic; split traffic between versions with PUT /v1/routes/{name}", "canary")
+        raise RequestRefused(
+            "'canary' cannot be used here: a fine-tuning job registers a new adapter name, which takes all of its "
+            "traffic; split traffic between versions with PUT /v1/routes/{name}",
+            "canary",
+        )
     if body.get("integrations"):
-        raise RequestRefused("'integrations' are not supported by this server (metrics are in the job's events and result file)",
-                             "integrations")
+        raise RequestRefused(
+            "'integrations' are not supported by this server (metrics are in the job's events and result file)",
+            "integrations",
+        )
     knobs = body.get("loraplex")
     if not isinstance(knobs, dict):
         return
     for k in knobs:
         if k not in LoraplexKnobs.model_fields and k in JobConfig.model_fields:
-            raise RequestRefused(f"'loraplex.{k}' cannot be set through the fine-tuning API: {INSTEAD.get(k, OPERATOR_ONLY)}",
-                                 f"loraplex.{k}")
+            raise RequestRefused(
+                f"'loraplex.{k}' cannot be set through the fine-tuning API: {INSTEAD.get(k, OPERATOR_ONLY)}",
+                f"loraplex.{k}",
+            )
     adapter = knobs.get("adapter")
     if isinstance(adapter, dict):
         for k in adapter:
             if k == "name":
-                raise RequestRefused("'loraplex.adapter.name' cannot be set through the fine-tuning API: a job always creates a new "
-                                     "adapter name (`ft-<suffix>-...`, see `suffix`)", "loraplex.adapter.name")
+                raise RequestRefused(
+                    "'loraplex.adapter.name' cannot be set through the fine-tuning API: a job always creates a new "
+                    "adapter name (`ft-<suffix>-...`, see `suffix`)",
+                    "loraplex.adapter.name",
+                )
 
 
 def parse_job_request(body) -> JobRequest:
@@ -255,8 +284,11 @@ def parse_job_request(body) -> JobRequest:
             raise RequestRefused(f"unknown field '{loc[:200]}'{hint}", loc[:200]) from None
         loc = _loc(first.get("loc", ()))
         # a union ("auto" or a bounded number) reports one error per member: say what the number must be
-        msgs = [str(x.get("msg", "invalid value")).removeprefix("Value error, ") for x in errs
-                if _loc(x.get("loc", ())) == loc or _loc(x.get("loc", ())).startswith(loc + ".")]
+        msgs = [
+            str(x.get("msg", "invalid value")).removeprefix("Value error, ")
+            for x in errs
+            if _loc(x.get("loc", ())) == loc or _loc(x.get("loc", ())).startswith(loc + ".")
+        ]
         shown = [m for m in msgs if m != "Input should be 'auto'"]
         msg = "; ".join(dict.fromkeys(shown or msgs)) + (" (or 'auto')" if shown != msgs else "")
         raise RequestRefused(f"invalid field '{loc}': {msg}" if loc else msg, loc or None) from None

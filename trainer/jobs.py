@@ -19,6 +19,7 @@ disk under a size limit and are validated line by line as they arrive
 everything handed back to a client (job errors, events, checkpoints) passes
 through `_public`, which replaces server paths by names the client knows.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,13 +42,15 @@ from .hyperparams import LORA_BASE_LR
 from .hyperparams import resolve as resolve_hyperparameters
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, filename TEXT, bytes INTEGER, created_at INTEGER, purpose TEXT, path TEXT);
+CREATE TABLE IF NOT EXISTS files (
+  id TEXT PRIMARY KEY, filename TEXT, bytes INTEGER, created_at INTEGER, purpose TEXT, path TEXT);
 CREATE TABLE IF NOT EXISTS jobs (
   id TEXT PRIMARY KEY, created_at INTEGER, status TEXT, model TEXT, training_file TEXT, validation_file TEXT,
   suffix TEXT, seed INTEGER, method TEXT, hyperparameters TEXT, config TEXT, fine_tuned_model TEXT, error TEXT,
   finished_at INTEGER, trained_tokens INTEGER, pid INTEGER, metadata TEXT);
 CREATE TABLE IF NOT EXISTS events (
-  id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT, created_at INTEGER, level TEXT, type TEXT, message TEXT, data TEXT);
+  id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT, created_at INTEGER, level TEXT, type TEXT, message TEXT,
+  data TEXT);
 """
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -74,10 +77,21 @@ class JobError(LoraplexError, ValueError):
 
 
 class JobManager:
-    def __init__(self, root: Path, store_dir: Path, base_model: str, base_model_id: str, *, max_concurrent: int = 1,
-                 max_queued: int = DEFAULT_MAX_QUEUED_JOBS, max_job_seconds: float | None = DEFAULT_MAX_JOB_SECONDS,
-                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, reward_functions: dict[str, str] | None = None,
-                 python: str = sys.executable, poll: float = 0.5):
+    def __init__(
+        self,
+        root: Path,
+        store_dir: Path,
+        base_model: str,
+        base_model_id: str,
+        *,
+        max_concurrent: int = 1,
+        max_queued: int = DEFAULT_MAX_QUEUED_JOBS,
+        max_job_seconds: float | None = DEFAULT_MAX_JOB_SECONDS,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        reward_functions: dict[str, str] | None = None,
+        python: str = sys.executable,
+        poll: float = 0.5,
+    ):
         self.root = Path(root)
         self.files_dir = self.root / "files"
         self.runs_dir = self.root / "runs"
@@ -108,10 +122,18 @@ class JobManager:
         if "plan" not in {r["name"] for r in self._db().execute("PRAGMA table_info(jobs)")}:
             with self._db() as c:  # databases from before training plans were recorded
                 c.execute("ALTER TABLE jobs ADD COLUMN plan TEXT")
-        with self._db() as c:  # a restart interrupted whatever was running: queue it again, to resume from its checkpoint
+        with (
+            self._db() as c
+        ):  # a restart interrupted whatever was running: queue it again, to resume from its checkpoint
             for (jid,) in c.execute("SELECT id FROM jobs WHERE status IN ('running', 'validating_files')").fetchall():
                 c.execute("UPDATE jobs SET status='queued' WHERE id=?", (jid,))
-                self._event(c, jid, "warn", "message", "job interrupted by a server restart: queued to resume from its last checkpoint")
+                self._event(
+                    c,
+                    jid,
+                    "warn",
+                    "message",
+                    "job interrupted by a server restart: queued to resume from its last checkpoint",
+                )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loraplex-jobs", daemon=True)
         self._thread.start()
@@ -126,8 +148,10 @@ class JobManager:
         return c
 
     def _event(self, c, job_id, level, typ, message, data=None) -> None:
-        c.execute("INSERT INTO events(job_id, created_at, level, type, message, data) VALUES (?,?,?,?,?,?)",
-                  (job_id, int(time.time()), level, typ, message, json.dumps(data) if data is not None else None))
+        c.execute(
+            "INSERT INTO events(job_id, created_at, level, type, message, data) VALUES (?,?,?,?,?,?)",
+            (job_id, int(time.time()), level, typ, message, json.dumps(data) if data is not None else None),
+        )
 
     def close(self) -> None:
         self._stop.set()
@@ -154,10 +178,14 @@ class JobManager:
 
     def _commit_file(self, part: Path, filename: str, size: int, purpose: str) -> dict:
         fid = "file-" + uuid.uuid4().hex[:24]
-        path = self.files_dir / (fid + (".csv" if filename.lower().endswith(".csv") else ".jsonl"))  # never the client's suffix
+        path = self.files_dir / (
+            fid + (".csv" if filename.lower().endswith(".csv") else ".jsonl")
+        )  # never the client's suffix
         os.replace(part, path)
         with self._db() as c:
-            c.execute("INSERT INTO files VALUES (?,?,?,?,?,?)", (fid, filename, size, int(time.time()), purpose, str(path)))
+            c.execute(
+                "INSERT INTO files VALUES (?,?,?,?,?,?)", (fid, filename, size, int(time.time()), purpose, str(path))
+            )
         return self.file(fid)
 
     def _save_file(self, c, filename: str, data: bytes, purpose: str) -> str:
@@ -165,29 +193,43 @@ class JobManager:
         fid = "file-" + uuid.uuid4().hex[:24]
         path = self.files_dir / (fid + (".csv" if filename.lower().endswith(".csv") else ".jsonl"))
         path.write_bytes(data)
-        c.execute("INSERT INTO files VALUES (?,?,?,?,?,?)", (fid, filename, len(data), int(time.time()), purpose, str(path)))
+        c.execute(
+            "INSERT INTO files VALUES (?,?,?,?,?,?)", (fid, filename, len(data), int(time.time()), purpose, str(path))
+        )
         return fid
 
     def file(self, fid: str) -> dict:
         r = self._db().execute("SELECT * FROM files WHERE id=?", (fid,)).fetchone()
         if r is None:
             raise JobError(f"no file {fid!r}", 404, "file_id")
-        return {"id": r["id"], "object": "file", "bytes": r["bytes"], "created_at": r["created_at"], "filename": r["filename"],
-                "purpose": r["purpose"], "status": "processed", "status_details": None}
+        return {
+            "id": r["id"],
+            "object": "file",
+            "bytes": r["bytes"],
+            "created_at": r["created_at"],
+            "filename": r["filename"],
+            "purpose": r["purpose"],
+            "status": "processed",
+            "status_details": None,
+        }
 
     def files(self) -> list[dict]:
         return self.list_files(limit=1 << 30)[0]
 
-    def list_files(self, *, purpose: str | None = None, after: str | None = None, limit: int = 10000,
-                   order: str = "desc") -> tuple[list[dict], bool]:
+    def list_files(
+        self, *, purpose: str | None = None, after: str | None = None, limit: int = 10000, order: str = "desc"
+    ) -> tuple[list[dict], bool]:
         """A page of files, newest first by default; `after` is the id of the last file of the previous page."""
         direction = "ASC" if order == "asc" else "DESC"
         sql, args = "SELECT id FROM files", []
         if purpose:
             sql, args = sql + " WHERE purpose=?", [purpose]
-        ids = [r["id"] for r in self._db().execute(f"{sql} ORDER BY created_at {direction}, rowid {direction}", args).fetchall()]
+        ids = [
+            r["id"]
+            for r in self._db().execute(f"{sql} ORDER BY created_at {direction}, rowid {direction}", args).fetchall()
+        ]
         if after is not None:
-            ids = ids[ids.index(after) + 1:] if after in ids else []
+            ids = ids[ids.index(after) + 1 :] if after in ids else []
         return [self.file(i) for i in ids[:limit]], len(ids) > limit
 
     def file_path(self, fid: str) -> Path:
@@ -215,7 +257,11 @@ class JobManager:
         except RequestRefused as e:
             raise JobError(str(e), param=e.param) from None
         if req.model not in (self.base_model_id, "default"):
-            raise JobError(f"model {req.model!r} cannot be fine-tuned here: this server's base model is {self.base_model_id!r}", 404, "model")
+            raise JobError(
+                f"model {req.model!r} cannot be fine-tuned here: this server's base model is {self.base_model_id!r}",
+                404,
+                "model",
+            )
         train_path = self._training_file(req.training_file, "training_file")
         val_path = self._training_file(req.validation_file, "validation_file") if req.validation_file else None
         overrides = req.overrides()
@@ -242,14 +288,19 @@ class JobManager:
             from .graders import GraderError, check_grader
 
             if req.method.reinforcement is None:
-                raise JobError("method type 'reinforcement' needs 'method.reinforcement.grader'", param="method.reinforcement")
+                raise JobError(
+                    "method type 'reinforcement' needs 'method.reinforcement.grader'", param="method.reinforcement"
+                )
             grader = req.method.reinforcement.grader
             try:  # a python grader may only name a function the operator registered (--reward-function)
                 check_grader(grader, "method.reinforcement.grader", registered=lambda n: n in self.reward_functions)
             except GraderError as e:
                 raise JobError(str(e), param="method.reinforcement.grader") from None
             functions = {n: self.reward_functions[n] for n in _python_graders(grader)}  # the registered ones it names
-            cfg.update(num_rollouts=resolved["batch_size"], reward={"grader": grader, **({"functions": functions} if functions else {})})
+            cfg.update(
+                num_rollouts=resolved["batch_size"],
+                reward={"grader": grader, **({"functions": functions} if functions else {})},
+            )
         else:
             cfg["examples_per_step"] = resolved["batch_size"]
         if mtype == "dpo":
@@ -259,25 +310,62 @@ class JobManager:
         except JobConfigError as e:  # a knob the allow-list accepts but this method does not use (kl_coef on sft)
             msg, key = str(e), re.search(r"'([A-Za-z_.]+)'", str(e))
             if key is not None and (key[1] in overrides or key[1].startswith("adapter.")):  # as the request named it
-                raise JobError(self._public_text(msg.replace(key[0], f"'loraplex.{key[1]}'")), param=f"loraplex.{key[1]}") from None
+                raise JobError(
+                    self._public_text(msg.replace(key[0], f"'loraplex.{key[1]}'")), param=f"loraplex.{key[1]}"
+                ) from None
             raise JobError(self._public_text(msg), param="loraplex") from None
-        if parsed.method in ("dpo", "reward"):  # a malformed preference file is refused now, not minutes later in the job
-            self._check_preference_files(parsed, {str(train_path): ("training_file", req.training_file),
-                                                  **({str(val_path): ("validation_file", req.validation_file)} if val_path else {})})
-        shown = {k: resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier", "beta") if k in resolved}
+        if parsed.method in (
+            "dpo",
+            "reward",
+        ):  # a malformed preference file is refused now, not minutes later in the job
+            self._check_preference_files(
+                parsed,
+                {
+                    str(train_path): ("training_file", req.training_file),
+                    **({str(val_path): ("validation_file", req.validation_file)} if val_path else {}),
+                },
+            )
+        shown = {
+            k: resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier", "beta") if k in resolved
+        }
         plan = training_plan(parsed, resolved)
-        ran = {v: k for k, v in METHODS.items()}[parsed.method]  # the record names the method that runs, whatever was asked
-        with self._lock, self._db() as c:  # the count and the insert together: two requests cannot both take the last place
-            queued = c.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'validating_files')").fetchone()[0]
+        ran = {v: k for k, v in METHODS.items()}[
+            parsed.method
+        ]  # the record names the method that runs, whatever was asked
+        with (
+            self._lock,
+            self._db() as c,
+        ):  # the count and the insert together: two requests cannot both take the last place
+            queued = c.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'validating_files')").fetchone()[
+                0
+            ]
             if queued >= self.max_queued:
-                raise JobError(f"the fine-tuning queue is full: {queued} jobs are waiting, the server's limit is {self.max_queued} "
-                               "(--max-queued-jobs); retry when one has started", 429, code="rate_limit_exceeded")
-            c.execute("INSERT INTO jobs(id, created_at, status, model, training_file, validation_file, suffix, seed, method, "
-                      "hyperparameters, config, metadata, plan) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                      (jid, int(time.time()), "queued", req.model, req.training_file, req.validation_file, req.suffix, parsed.seed,
-                       json.dumps({"type": ran, ran: {"hyperparameters": shown}}), json.dumps(shown),
-                       json.dumps(parsed.model_dump(mode="json")), json.dumps(req.metadata) if req.metadata else None,
-                       json.dumps(plan)))
+                raise JobError(
+                    f"the fine-tuning queue is full: {queued} jobs are waiting, the server's limit is "
+                    f"{self.max_queued} "
+                    "(--max-queued-jobs); retry when one has started",
+                    429,
+                    code="rate_limit_exceeded",
+                )
+            c.execute(
+                "INSERT INTO jobs(id, created_at, status, model, training_file, validation_file, suffix, seed, "
+                "method, hyperparameters, config, metadata, plan) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    jid,
+                    int(time.time()),
+                    "queued",
+                    req.model,
+                    req.training_file,
+                    req.validation_file,
+                    req.suffix,
+                    parsed.seed,
+                    json.dumps({"type": ran, ran: {"hyperparameters": shown}}),
+                    json.dumps(shown),
+                    json.dumps(parsed.model_dump(mode="json")),
+                    json.dumps(req.metadata) if req.metadata else None,
+                    json.dumps(plan),
+                ),
+            )
             self._event(c, jid, "info", "message", f"job created and queued: {plan_text(plan)}", {**shown, **plan})
             warning = few_steps_warning(parsed, plan["optimizer_steps"])
             if warning:
@@ -291,16 +379,22 @@ class JobManager:
         except JobError as e:
             raise JobError(f"{param}: {e}", e.status, param) from None
         if f["purpose"] != "fine-tune":
-            raise JobError(f"{param} {fid} has purpose {f['purpose']!r}; upload training data with purpose 'fine-tune'", param=param,
-                           code=f"invalid_{param}")
+            raise JobError(
+                f"{param} {fid} has purpose {f['purpose']!r}; upload training data with purpose 'fine-tune'",
+                param=param,
+                code=f"invalid_{param}",
+            )
         return self.file_path(fid)
 
     def reward_function(self, name: str, param: str) -> str:
         """The "module:function" the operator registered as `name` (what a job's reward refers to), or 400."""
         if name not in self.reward_functions:
             offered = ", ".join(sorted(self.reward_functions)) or "none"
-            raise JobError(f"no reward function {name[:64]!r} on this server (registered: {offered}; the operator adds them with "
-                           "`loraplex serve --reward-function NAME=module:function`)", param=param)
+            raise JobError(
+                f"no reward function {name[:64]!r} on this server (registered: {offered}; the operator adds them with "
+                "`loraplex serve --reward-function NAME=module:function`)",
+                param=param,
+            )
         return self.reward_functions[name]
 
     def _store(self):
@@ -336,13 +430,20 @@ class JobManager:
 
         for d in [*cfg.datasets, *cfg.validation_datasets]:
             param, fid = uploaded.get(str(d.path), ("loraplex.datasets", None))
-            shown = self._db().execute("SELECT filename FROM files WHERE id=?", (fid,)).fetchone()["filename"] if fid else None
+            shown = (
+                self._db().execute("SELECT filename FROM files WHERE id=?", (fid,)).fetchone()["filename"]
+                if fid
+                else None
+            )
             try:
                 check_records(d.path, shown)
             except DataError as e:
                 where = f"{param} {fid}" if fid else "dataset"
-                raise JobError(self._public_text(f"{where} is not a valid {cfg.method.upper()} file: {e}"), param=param,
-                               code="invalid_validation_file" if param == "validation_file" else "invalid_training_file") from None
+                raise JobError(
+                    self._public_text(f"{where} is not a valid {cfg.method.upper()} file: {e}"),
+                    param=param,
+                    code="invalid_validation_file" if param == "validation_file" else "invalid_training_file",
+                ) from None
 
     def job(self, jid: str) -> dict:
         r = self._db().execute("SELECT * FROM jobs WHERE id=?", (jid,)).fetchone()
@@ -350,43 +451,77 @@ class JobManager:
             raise JobError(f"no fine-tuning job {jid!r}", 404, "fine_tuning_job_id")
         eta = None
         if r["status"] == "running":
-            last = self._db().execute("SELECT created_at, data FROM events WHERE job_id=? AND type='metrics' ORDER BY id DESC LIMIT 1",
-                                      (jid,)).fetchone()
+            last = (
+                self._db()
+                .execute(
+                    "SELECT created_at, data FROM events WHERE job_id=? AND type='metrics' ORDER BY id DESC LIMIT 1",
+                    (jid,),
+                )
+                .fetchone()
+            )
             left = json.loads(last["data"]).get("eta_seconds") if last is not None else None
             if left is not None:  # none before the first step (a preference job's initial evaluation)
                 eta = int(last["created_at"] + left)
         return {
-            "id": r["id"], "object": "fine_tuning.job", "created_at": r["created_at"], "model": r["model"],
-            "status": r["status"], "fine_tuned_model": r["fine_tuned_model"], "finished_at": r["finished_at"],
-            "training_file": r["training_file"], "validation_file": r["validation_file"], "seed": r["seed"],
-            "hyperparameters": json.loads(r["hyperparameters"]), "method": json.loads(r["method"]),
-            "error": json.loads(r["error"]) if r["error"] else None, "trained_tokens": r["trained_tokens"],
-            "result_files": json.loads(r["result_files"] or "[]"), "organization_id": "loraplex", "integrations": [],
+            "id": r["id"],
+            "object": "fine_tuning.job",
+            "created_at": r["created_at"],
+            "model": r["model"],
+            "status": r["status"],
+            "fine_tuned_model": r["fine_tuned_model"],
+            "finished_at": r["finished_at"],
+            "training_file": r["training_file"],
+            "validation_file": r["validation_file"],
+            "seed": r["seed"],
+            "hyperparameters": json.loads(r["hyperparameters"]),
+            "method": json.loads(r["method"]),
+            "error": json.loads(r["error"]) if r["error"] else None,
+            "trained_tokens": r["trained_tokens"],
+            "result_files": json.loads(r["result_files"] or "[]"),
+            "organization_id": "loraplex",
+            "integrations": [],
             "estimated_finish": eta,
-            "user_provided_suffix": r["suffix"], "metadata": json.loads(r["metadata"]) if r["metadata"] else None,
-            "training_plan": json.loads(r["plan"]) if r["plan"] else None,  # ours: resolved learning rate, planned steps
+            "user_provided_suffix": r["suffix"],
+            "metadata": json.loads(r["metadata"]) if r["metadata"] else None,
+            "training_plan": json.loads(r["plan"])
+            if r["plan"]
+            else None,  # ours: resolved learning rate, planned steps
         }
 
     def jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
-        rows = [r["id"] for r in self._db().execute("SELECT id FROM jobs ORDER BY created_at DESC, rowid DESC").fetchall()]
+        rows = [
+            r["id"] for r in self._db().execute("SELECT id FROM jobs ORDER BY created_at DESC, rowid DESC").fetchall()
+        ]
         if after is not None:
-            rows = rows[rows.index(after) + 1:] if after in rows else []
+            rows = rows[rows.index(after) + 1 :] if after in rows else []
         return [self.job(j) for j in rows[:limit]], len(rows) > limit
 
     def events(self, jid: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
         self.job(jid)
         rows = self._db().execute("SELECT * FROM events WHERE job_id=? ORDER BY id DESC", (jid,)).fetchall()
-        data = [{"id": f"ftevent-{r['id']}", "object": "fine_tuning.job.event", "created_at": r["created_at"], "level": r["level"],
-                 "message": r["message"], "data": _finite(json.loads(r["data"])) if r["data"] else None, "type": r["type"]} for r in rows]
+        data = [
+            {
+                "id": f"ftevent-{r['id']}",
+                "object": "fine_tuning.job.event",
+                "created_at": r["created_at"],
+                "level": r["level"],
+                "message": r["message"],
+                "data": _finite(json.loads(r["data"])) if r["data"] else None,
+                "type": r["type"],
+            }
+            for r in rows
+        ]
         if after is not None:
             ids = [d["id"] for d in data]
-            data = data[ids.index(after) + 1:] if after in ids else []
+            data = data[ids.index(after) + 1 :] if after in ids else []
         return data[:limit], len(data) > limit
 
     def checkpoints(self, jid: str) -> list[dict]:
         job = self.job(jid)
         out_dir = self.runs_dir / jid / "output"
-        name = json.loads(self._db().execute("SELECT config FROM jobs WHERE id=?", (jid,)).fetchone()["config"])["adapter"]["name"]
+        name = json.loads(self._db().execute("SELECT config FROM jobs WHERE id=?", (jid,)).fetchone()["config"])[
+            "adapter"
+        ]["name"]
         metrics = {}
         mp = out_dir / "metrics.jsonl"
         if mp.exists():
@@ -399,14 +534,31 @@ class JobManager:
             ck = out_dir / f"checkpoint-{step}"
             m = metrics.get(step, {})
             # a checkpoint is named, never located: the client sees `<adapter>:ckpt-step-N`, not a server path
-            data.append({"id": f"ftckpt-{jid[6:]}-{step}", "object": "fine_tuning.job.checkpoint", "created_at": int(ck.stat().st_mtime),
-                         "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{step}", "fine_tuning_job_id": jid, "step_number": step,
-                         "metrics": {"step": step, "train_loss": m.get("loss"), "valid_loss": m.get("eval_loss")}})
+            data.append(
+                {
+                    "id": f"ftckpt-{jid[6:]}-{step}",
+                    "object": "fine_tuning.job.checkpoint",
+                    "created_at": int(ck.stat().st_mtime),
+                    "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{step}",
+                    "fine_tuning_job_id": jid,
+                    "step_number": step,
+                    "metrics": {"step": step, "train_loss": m.get("loss"), "valid_loss": m.get("eval_loss")},
+                }
+            )
         if job["status"] == "succeeded" and job["fine_tuned_model"]:
             last = max(metrics) if metrics else 0
-            data.insert(0, {"id": f"ftckpt-{jid[6:]}-final", "object": "fine_tuning.job.checkpoint", "created_at": job["finished_at"],
-                            "fine_tuned_model_checkpoint": job["fine_tuned_model"], "fine_tuning_job_id": jid, "step_number": last,
-                            "metrics": {"step": last, "train_loss": metrics.get(last, {}).get("loss")}})
+            data.insert(
+                0,
+                {
+                    "id": f"ftckpt-{jid[6:]}-final",
+                    "object": "fine_tuning.job.checkpoint",
+                    "created_at": job["finished_at"],
+                    "fine_tuned_model_checkpoint": job["fine_tuned_model"],
+                    "fine_tuning_job_id": jid,
+                    "step_number": last,
+                    "metrics": {"step": last, "train_loss": metrics.get(last, {}).get("loss")},
+                },
+            )
         return data
 
     def cancel(self, jid: str) -> dict:
@@ -430,8 +582,13 @@ class JobManager:
                 (self.runs_dir / jid / STOP_FILE).touch()
             with self._db() as c:
                 c.execute("UPDATE jobs SET status='paused' WHERE id=?", (jid,))
-                self._event(c, jid, "info", "message", "job paused" + (": checkpointing at the end of the current step"
-                                                                       if jid in self._procs else ""))
+                self._event(
+                    c,
+                    jid,
+                    "info",
+                    "message",
+                    "job paused" + (": checkpointing at the end of the current step" if jid in self._procs else ""),
+                )
         return self.job(jid)
 
     def resume(self, jid: str, wait: float = 60.0) -> dict:
@@ -447,7 +604,9 @@ class JobManager:
                 if p is None or p.poll() is not None:  # the paused process has written its checkpoint and gone
                     if p is not None:
                         self._procs.pop(jid, None)
-                        self._finish(jid, p.returncode)  # it may also have finished (the pause came after its last step)
+                        self._finish(
+                            jid, p.returncode
+                        )  # it may also have finished (the pause came after its last step)
                         if self.job(jid)["status"] != "paused":
                             return self.job(jid)
                     with self._db() as c:
@@ -460,7 +619,9 @@ class JobManager:
         # The watcher thread starts it (a job process dies with the thread that started it: PR_SET_PDEATHSIG), at once
         # when a slot is free; answer with the status it then has.
         deadline = time.time() + 10 * self.poll + 2
-        while self.job(jid)["status"] == "queued" and self.max_concurrent > len(self._procs) and time.time() < deadline:
+        while (
+            self.job(jid)["status"] == "queued" and self.max_concurrent > len(self._procs) and time.time() < deadline
+        ):
             time.sleep(min(0.1, self.poll))
         return self.job(jid)
 
@@ -488,18 +649,30 @@ class JobManager:
         (job_dir / "paused.json").unlink(missing_ok=True)
         # a job started again (resumed after a pause, or after a server restart) continues from its last checkpoint
         resume = any((job_dir / "output").glob("checkpoint-*/trainer_state.pt"))
-        (job_dir / "job.json").write_text(json.dumps({
-            "config": cfg, "output_dir": str(job_dir / "output"), "store_dir": str(self.store_dir), "caller": f"fine_tuning:{jid}",
-            "resume": resume,
-            "new_name": True,  # the adapter's name must still be free when the job registers (no job publishes under a taken name)
-            "public_names": self._public_names(jid),  # how the lineage names the server's paths
-        }))
+        (job_dir / "job.json").write_text(
+            json.dumps(
+                {
+                    "config": cfg,
+                    "output_dir": str(job_dir / "output"),
+                    "store_dir": str(self.store_dir),
+                    "caller": f"fine_tuning:{jid}",
+                    "resume": resume,
+                    # the adapter's name must still be free when the job registers (none publishes under a taken name)
+                    "new_name": True,
+                    "public_names": self._public_names(jid),  # how the lineage names the server's paths
+                }
+            )
+        )
         with open(job_dir / "process.log", "ab") as log:
-            p = subprocess.Popen([self.python, "-m", "loraplex.trainer.run_job", str(job_dir)], stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
-                                                             STOP_FILE_ENV: str(job_dir / STOP_FILE)},
-                                 # a job dies with the server, so its record ("interrupted") stays true after a restart
-                                 preexec_fn=die_with_parent)
+            p = subprocess.Popen(
+                [self.python, "-m", "loraplex.trainer.run_job", str(job_dir)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", STOP_FILE_ENV: str(job_dir / STOP_FILE)},
+                # a job dies with the server, so its record ("interrupted") stays true after a restart
+                preexec_fn=die_with_parent,
+            )
         self._procs[jid] = p
         self._offsets[jid] = 0
         self._started[jid] = time.monotonic()
@@ -531,13 +704,21 @@ class JobManager:
                     data = _finite({k: v for k, v in e.items() if k not in ("type", "at")})
                     if data.get("loss") is None:  # the evaluation before the first step (DPO / reward) has no loss yet
                         shown = ", ".join(f"{k}={v:.4f}" for k, v in data.items() if isinstance(v, float))
-                        msg = f"Step {e['step']}/{e['total_steps']}: initial evaluation" + (f": {shown}" if shown else "")
+                        msg = f"Step {e['step']}/{e['total_steps']}: initial evaluation" + (
+                            f": {shown}" if shown else ""
+                        )
                     else:
                         msg = f"Step {e['step']}/{e['total_steps']}: training loss={data['loss']:.4f}"
                     self._event(c, jid, "info", "metrics", msg, data)
                 elif e.get("type") in ("message", "checkpoint", "data", "plan", "resumed", "stopped", "finished"):
-                    self._event(c, jid, e.get("level", "info"), "message", e.get("message") or e["type"],
-                                _finite({k: v for k, v in e.items() if k not in ("type", "at", "message", "level")}) or None)
+                    self._event(
+                        c,
+                        jid,
+                        e.get("level", "info"),
+                        "message",
+                        e.get("message") or e["type"],
+                        _finite({k: v for k, v in e.items() if k not in ("type", "at", "message", "level")}) or None,
+                    )
 
     def _finish(self, jid: str, rc: int) -> None:
         job_dir = self.runs_dir / jid
@@ -551,7 +732,9 @@ class JobManager:
             res = job_dir / "result.json"
             if status == "paused" and rc == 0 and (job_dir / "paused.json").exists():
                 step = json.loads((job_dir / "paused.json").read_text()).get("step")
-                self._event(c, jid, "info", "message", f"job paused at step {step}: resume continues from its checkpoint")
+                self._event(
+                    c, jid, "info", "message", f"job paused at step {step}: resume continues from its checkpoint"
+                )
                 return
             if rc == 0 and res.exists():
                 r = json.loads(res.read_text())
@@ -559,26 +742,42 @@ class JobManager:
                 metrics = job_dir / "output" / "metrics.jsonl"
                 if metrics.exists():  # the step metrics as a fine-tune-results file, as OpenAI attaches one
                     results.append(self._save_file(c, "step_metrics.csv", _metrics_csv(metrics), "fine-tune-results"))
-                c.execute("UPDATE jobs SET status='succeeded', finished_at=?, fine_tuned_model=?, trained_tokens=?, result_files=? WHERE id=?",
-                          (now, r["adapter"], r.get("trained_tokens"), json.dumps(results), jid))
+                c.execute(
+                    "UPDATE jobs SET status='succeeded', finished_at=?, fine_tuned_model=?, trained_tokens=?, "
+                    "result_files=? WHERE id=?",
+                    (now, r["adapter"], r.get("trained_tokens"), json.dumps(results), jid),
+                )
                 self._event(c, jid, "info", "message", f"The job has successfully completed: {r['ref']}")
                 return
             err_f = job_dir / "error.json"
             if rc < 0:  # the process died from a signal: that is the reason, whatever it last logged
                 sig = _signal_name(-rc)
-                err = {"code": "training_failed",
-                       "message": f"the training process was killed by {sig}" + (" (out of memory?)" if sig == "SIGKILL" else "")}
+                err = {
+                    "code": "training_failed",
+                    "message": f"the training process was killed by {sig}"
+                    + (" (out of memory?)" if sig == "SIGKILL" else ""),
+                }
             elif err_f.exists():
                 err = json.loads(err_f.read_text())
             else:
-                tail = (job_dir / "process.log").read_bytes()[-2000:].decode(errors="replace") if (job_dir / "process.log").exists() else ""
-                err = {"code": "training_failed", "message": f"the training process exited with status {rc}" + (f": {tail.strip().splitlines()[-1]}" if tail.strip() else "")}
+                tail = (
+                    (job_dir / "process.log").read_bytes()[-2000:].decode(errors="replace")
+                    if (job_dir / "process.log").exists()
+                    else ""
+                )
+                err = {
+                    "code": "training_failed",
+                    "message": f"the training process exited with status {rc}"
+                    + (f": {tail.strip().splitlines()[-1]}" if tail.strip() else ""),
+                }
             self._fail(c, jid, err["code"], err["message"])
 
     def _fail(self, c, jid: str, code: str, message: str) -> None:
         message = self._public_text(message, self._public_names(jid))
-        c.execute("UPDATE jobs SET status='failed', finished_at=?, error=? WHERE id=?",
-                  (int(time.time()), json.dumps({"code": code, "message": message, "param": None}), jid))
+        c.execute(
+            "UPDATE jobs SET status='failed', finished_at=?, error=? WHERE id=?",
+            (int(time.time()), json.dumps({"code": code, "message": message, "param": None}), jid),
+        )
         self._event(c, jid, "error", "message", f"The job failed: {message}")
 
     def _time_limit(self) -> None:
@@ -591,8 +790,13 @@ class JobManager:
             self._pump_events(jid)
             self._started.pop(jid, None)
             with self._db() as c:
-                self._fail(c, jid, "job_time_limit", f"the job ran longer than this server's limit of {self.max_job_seconds:g} s "
-                           "(--max-job-seconds) and was stopped; its checkpoints are kept")
+                self._fail(
+                    c,
+                    jid,
+                    "job_time_limit",
+                    f"the job ran longer than this server's limit of {self.max_job_seconds:g} s "
+                    "(--max-job-seconds) and was stopped; its checkpoints are kept",
+                )
 
     # --- what clients see of the server's files -----------------------------------
     def _public_names(self, jid: str | None) -> dict[str, str]:
@@ -601,13 +805,22 @@ class JobManager:
         if jid is not None:
             row = self._db().execute("SELECT training_file, validation_file FROM jobs WHERE id=?", (jid,)).fetchone()
             for fid in (row["training_file"], row["validation_file"]) if row else ():
-                f = self._db().execute("SELECT path, filename FROM files WHERE id=?", (fid,)).fetchone() if fid else None
+                f = (
+                    self._db().execute("SELECT path, filename FROM files WHERE id=?", (fid,)).fetchone()
+                    if fid
+                    else None
+                )
                 if f is not None:
                     names[f["path"]] = f"{fid} ({f['filename']})"
             names[str(self.runs_dir / jid / "output")] = "output"
             names[str(self.runs_dir / jid)] = "job"
-        for p, shown in ((self.files_dir, "files"), (self.runs_dir, "runs"), (self.root, "jobs"), (self.store_dir, "store"),
-                         (Path(self.base_model), self.base_model_id)):
+        for p, shown in (
+            (self.files_dir, "files"),
+            (self.runs_dir, "runs"),
+            (self.root, "jobs"),
+            (self.store_dir, "store"),
+            (Path(self.base_model), self.base_model_id),
+        ):
             names[str(p)] = shown
             names[str(Path(p).resolve())] = shown
         return names
@@ -641,7 +854,13 @@ class JobManager:
                     self._time_limit()
                     free = self.max_concurrent - len(self._procs)
                     if free > 0:
-                        for r in self._db().execute("SELECT id FROM jobs WHERE status='queued' ORDER BY created_at, rowid LIMIT ?", (free,)).fetchall():
+                        for r in (
+                            self._db()
+                            .execute(
+                                "SELECT id FROM jobs WHERE status='queued' ORDER BY created_at, rowid LIMIT ?", (free,)
+                            )
+                            .fetchall()
+                        ):
                             self._start(r["id"])
             except Exception:  # the watcher must survive anything a job does
                 import logging
@@ -672,8 +891,13 @@ class Upload:
     def write(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self.m.max_upload_bytes:
-            raise JobError(f"{self.filename} is larger than this server's upload limit of {self.m.max_upload_bytes} bytes "
-                           "(--max-upload-bytes)", 413, "file", "file_too_large")
+            raise JobError(
+                f"{self.filename} is larger than this server's upload limit of {self.m.max_upload_bytes} bytes "
+                "(--max-upload-bytes)",
+                413,
+                "file",
+                "file_too_large",
+            )
         self._fh.write(data)
         if self._checked and self._bad is None:
             lines = (self._pending + data).split(b"\n")
@@ -691,8 +915,13 @@ class Upload:
                 rec = json.loads(line)
                 if not isinstance(rec, dict) or (b"\\u" in line and lone_surrogate(rec) is not None):
                     raise ValueError("not an object of valid Unicode")
-            except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError too; nesting past json's limit
-                self._refuse(f"{self.filename}:{self._line}: not a JSON object per line (fine-tune files are JSONL, UTF-8)")
+            except (
+                ValueError,
+                RecursionError,
+            ):  # UnicodeDecodeError and JSONDecodeError too; nesting past json's limit
+                self._refuse(
+                    f"{self.filename}:{self._line}: not a JSON object per line (fine-tune files are JSONL, UTF-8)"
+                )
                 return
             self._records += 1
         self._line += 1
@@ -729,9 +958,12 @@ def check_purpose(purpose: str) -> None:
 
 
 def clean_filename(name: str) -> str:
-    """The name a client gave its upload, as shown back: its last path part, without control characters; 400 when too long."""
+    """The name a client gave its upload, as shown back: its last path part, without control characters; 400 when
+    too long."""
     if len(name) > MAX_FILENAME:
-        raise JobError(f"the file name is {len(name)} characters long; at most {MAX_FILENAME} are accepted", param="file")
+        raise JobError(
+            f"the file name is {len(name)} characters long; at most {MAX_FILENAME} are accepted", param="file"
+        )
     name = re.split(r"[/\\]", name)[-1]
     name = "".join(ch for ch in name if ch.isprintable()).strip()
     try:
@@ -761,7 +993,8 @@ def check_reward_functions(functions: dict[str, str]) -> dict[str, str]:
     return dict(functions)
 
 
-# an absolute path of two or more parts not named by `_public_names` (a library's, a temp dir): only its last part is shown
+# an absolute path of two or more parts not named by `_public_names` (a library's, a temp dir): only its last part
+# is shown
 _ANY_PATH = re.compile(r"(?<![\w/.:~-])/(?:[^\s/'\"()\[\],:;]+/)+([^\s/'\"()\[\],:;]*)")
 
 
@@ -776,7 +1009,11 @@ def _python_graders(grader: dict) -> set[str]:
     """The registered functions a (checked) grader names, its `multi` graders' included."""
     if grader.get("type") == "python":
         return {grader["function"]}
-    return set().union(*(_python_graders(g) for g in grader.get("graders", {}).values())) if grader.get("type") == "multi" else set()
+    return (
+        set().union(*(_python_graders(g) for g in grader.get("graders", {}).values()))
+        if grader.get("type") == "multi"
+        else set()
+    )
 
 
 def _count_records(path: Path) -> int:
@@ -787,14 +1024,20 @@ def _count_records(path: Path) -> int:
 
 def training_plan(cfg, resolved: dict) -> dict:
     """What the job will do, as shown on the job object and its first event."""
-    return {"optimizer_steps": cfg.max_steps or resolved["planned_steps"], "examples_per_step": resolved["batch_size"],
-            "train_examples": resolved["train_examples"], "n_epochs": resolved["n_epochs"],
-            "learning_rate": cfg.learning_rate}
+    return {
+        "optimizer_steps": cfg.max_steps or resolved["planned_steps"],
+        "examples_per_step": resolved["batch_size"],
+        "train_examples": resolved["train_examples"],
+        "n_epochs": resolved["n_epochs"],
+        "learning_rate": cfg.learning_rate,
+    }
 
 
 def plan_text(plan: dict) -> str:
-    return (f"{plan['train_examples']} training examples x {plan['n_epochs']} epoch(s), {plan['examples_per_step']} per "
-            f"step -> {plan['optimizer_steps']} optimizer steps, learning rate {plan['learning_rate']:g}")
+    return (
+        f"{plan['train_examples']} training examples x {plan['n_epochs']} epoch(s), {plan['examples_per_step']} per "
+        f"step -> {plan['optimizer_steps']} optimizer steps, learning rate {plan['learning_rate']:g}"
+    )
 
 
 def _finite(obj):

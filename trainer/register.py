@@ -4,6 +4,7 @@ The lineage is served to clients (`GET /v1/adapters/{name}`), so it names what i
 server's paths: datasets by the name the caller knows them by (an upload's `file-id (filename)`, else
 the file's name) beside their sha256, the base model by its id, no output directory.
 """
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -64,11 +65,13 @@ def canary_weights(store: AdapterStore, name: str, new_version: int, percent: in
 
 
 def check_new_name(store: AdapterStore, name: str) -> None:
-    """A job that may only create `name` (the fine-tuning API's) refuses to publish a version of a name someone holds."""
+    """A job that may only create `name` (the fine-tuning API's) refuses to publish a version of a taken name."""
     from loraplex.adapters_store.errors import AdapterConflict
 
     if name in store.names():
-        raise AdapterConflict(f"adapter name {name!r} was taken while the job ran; a fine-tuning job only creates new names")
+        raise AdapterConflict(
+            f"adapter name {name!r} was taken while the job ran; a fine-tuning job only creates new names"
+        )
 
 
 def public_config(cfg: JobConfig, model_id: str, names: dict[str, str] | None = None) -> dict:
@@ -87,8 +90,17 @@ def _shown(path: str, names: dict[str, str] | None) -> str:
     return (names or {}).get(path) or Path(path).name
 
 
-def register_result(cfg: JobConfig, adapter_dir: Path, metrics: dict, store_dir: Path, *, caller: str,
-                    extra_lineage: dict | None = None, new_name: bool = False, public_names: dict[str, str] | None = None):
+def register_result(
+    cfg: JobConfig,
+    adapter_dir: Path,
+    metrics: dict,
+    store_dir: Path,
+    *,
+    caller: str,
+    extra_lineage: dict | None = None,
+    new_name: bool = False,
+    public_names: dict[str, str] | None = None,
+):
     """Registers the trained adapter as the next version of `cfg.adapter.name` (with `new_name`, only as its first)."""
     spec = base_spec(cfg.base_model)
     store = AdapterStore(store_dir, base=spec)
@@ -115,6 +127,11 @@ def register_result(cfg: JobConfig, adapter_dir: Path, metrics: dict, store_dir:
             # the canary keeps the route's guard (and sticky setting): a running server arms the guard for the new
             # version from the stored route, so a failing canary rolls back by itself
             current = store.get_route(cfg.adapter.name)
-            route = store.set_route(cfg.adapter.name, w, sticky=current.sticky if current else None,
-                                    guard=current.guard if current else None, caller=caller)
+            route = store.set_route(
+                cfg.adapter.name,
+                w,
+                sticky=current.sticky if current else None,
+                guard=current.guard if current else None,
+                caller=caller,
+            )
     return v, route

@@ -13,6 +13,7 @@ the server's front ends do (`hub_allowed`).
 A local directory always wins over a hub id of the same spelling, and store
 adapter names cannot hold a `/`, so `org/name` is never ambiguous.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,7 +22,9 @@ from pathlib import Path
 from .base_model import BaseModelError
 from .errors import InvalidAdapter
 
-_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})(?:@(?P<rev>[A-Za-z0-9_./-]{1,128}))?$")
+_HUB_ID = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})(?:@(?P<rev>[A-Za-z0-9_./-]{1,128}))?$"
+)
 ADAPTER_FILES = ["adapter_config.json", "*.safetensors", "README.md"]  # never a pickle, whatever the repo holds
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -57,8 +60,10 @@ def snapshot(value: str, *, repo_type: str = "model", allow_patterns: list[str] 
     try:
         return Path(snapshot_download(repo, repo_type=repo_type, revision=rev, allow_patterns=allow_patterns))
     except LocalEntryNotFoundError:
-        raise HubError(f"hub {kind} {value!r} is not in the local hub cache and cannot be downloaded "
-                       "(offline: HF_HUB_OFFLINE=1 or no network)") from None
+        raise HubError(
+            f"hub {kind} {value!r} is not in the local hub cache and cannot be downloaded "
+            "(offline: HF_HUB_OFFLINE=1 or no network)"
+        ) from None
     except (HfHubHTTPError, HFValidationError, OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise HubError(f"hub {kind} {value!r} cannot be fetched: {first}") from None
@@ -100,8 +105,10 @@ def hub_allowed(value: str, allowed_orgs: list[str] | None) -> str | None:
     """Why a hub id named over the API is refused (None when allowed): remote ids are off unless the operator lists
     the orgs they may come from (`--allow-hub-org ORG`, `*` for any)."""
     if allowed_orgs is None or not allowed_orgs:
-        return (f"{value!r} names a Hugging Face hub repository, and this server does not fetch remote repositories "
-                "over the API (start it with --allow-hub-org ORG to allow an organisation)")
+        return (
+            f"{value!r} names a Hugging Face hub repository, and this server does not fetch remote repositories "
+            "over the API (start it with --allow-hub-org ORG to allow an organisation)"
+        )
     if "*" in allowed_orgs or org_of(value) in allowed_orgs:
         return None
     return f"hub organisation {org_of(value)!r} of {value!r} is not in this server's allow-list {sorted(allowed_orgs)}"

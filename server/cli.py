@@ -1,4 +1,4 @@
-"""The `loraplex` command: `serve`, `train`, `routes`."""
+"""The `loraplex` command: `serve`, `train`, `routes`, `keys`, `tenants`."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +30,8 @@ def serve_parser(sub) -> None:
     p.add_argument("--served-model-name", help="the id clients use for the base model")
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR", help="register a PEFT adapter at start (repeatable)")
     p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
+    p.add_argument("--registry", help="registry database: a postgresql:// URL shared by replicas (default "
+                   "$LORAPLEX_REGISTRY, else registry.sqlite3 in the store)")
     p.add_argument("--allow-hub-org", action="append", dest="hub_orgs", metavar="ORG",
                    help="let POST /v1/adapters register Hugging Face hub adapters (org/repo[@rev]) of this org; '*' = any "
                         "(repeatable; default: none, remote ids refused)")
@@ -69,6 +71,13 @@ def serve_parser(sub) -> None:
                    help="largest file upload, POST /v1/files (default 512 MiB; 413 above)")
     p.add_argument("--drain-timeout", type=float,
                    help="seconds SIGTERM lets in-flight requests finish before aborting them (default 30)")
+    p.add_argument("--no-console", dest="console", action="store_false", help="do not serve the web console at /console")
+    p.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY") or None, metavar="KEY",
+                   help="a single admin key (tenant '*', every scope) besides those of `loraplex keys create` "
+                        "(default $LORAPLEX_API_KEY)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve without authentication, even on a non-loopback --host (anyone who can connect "
+                        "is admin)")
     p.add_argument("--log-level", default="info")
 
 
@@ -76,7 +85,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from .app import ServerState, build_app
-    from .runtime import ServeConfig, build_state
+    from .runtime import ServeConfig, build_state, open_gate
 
     fields = set(ServeConfig.model_fields)
     raw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -87,13 +96,19 @@ def cmd_serve(args) -> int:
     except Exception as e:
         print(f"loraplex serve: {e}", file=sys.stderr)
         return 2
+    try:
+        open_gate(cfg).registry.store.close()  # refuses a non-loopback address without keys, before loading anything
+    except ValueError as e:
+        print(f"loraplex serve: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = ServerState()
     from .http_fine_tuning import MULTIPART_SLACK
 
     # --max-upload-bytes bounds the file, which the upload route counts exactly (413 naming the flag's value); the
     # body limit stays above the file's limit plus the multipart framing the route allows, as a backstop
-    app = build_app(state, max_request_bytes=cfg.max_request_bytes, max_upload_bytes=cfg.max_upload_bytes + 2 * MULTIPART_SLACK)
+    app = build_app(state, max_request_bytes=cfg.max_request_bytes, max_upload_bytes=cfg.max_upload_bytes + 2 * MULTIPART_SLACK,
+                    console=cfg.console)
     failed = threading.Event()
     log = logging.getLogger("loraplex")
     # Bounded shutdown: after `drain_timeout` uvicorn cancels the handlers still running (their engine requests
@@ -307,11 +322,19 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser(sub)
     sub.add_parser("train", help="run a training job from a YAML file (see `loraplex train --help`)")
     routes_parser(sub)
+    from .auth_cli import cmd_keys, cmd_tenants, keys_parser, tenants_parser
+
+    keys_parser(sub)
+    tenants_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         return cmd_serve(args)
     if args.cmd == "routes":
         return cmd_routes(args)
+    if args.cmd == "keys":
+        return cmd_keys(args)
+    if args.cmd == "tenants":
+        return cmd_tenants(args)
     return 2
 
 

@@ -27,6 +27,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
+from . import auth
+from .auth_api import check_file_quota, check_job_overrides, check_job_quota
 from .errors import ApiError, BadRequest, PayloadTooLarge
 from .openai_api import parse_body
 
@@ -163,7 +165,11 @@ class FineTuningRoutes:
                     buf.clear()
             if buf:
                 await self._call(body.feed, bytes(buf))
-            return JSONResponse(await self._call(body.finish))
+            if body.upload is not None:  # the tenant's storage quota, now that the size is known (before it is kept)
+                await asyncio.to_thread(check_file_quota, self.m, body.upload.size)
+            out = await self._call(body.finish)
+            await asyncio.to_thread(auth.claim, "file", out["id"])
+            return JSONResponse(out)
         except ClientDisconnect:
             await asyncio.to_thread(body.abort)
             raise BadRequest("the client disconnected before the upload ended") from None
@@ -177,9 +183,14 @@ class FineTuningRoutes:
         if order not in ("asc", "desc"):
             raise BadRequest("'order' must be 'asc' or 'desc'", param="order")
         limit = _limit(request, default=10000, most=10000)
-        data, more = await self._call(
-            self.m.list_files, purpose=q.get("purpose"), after=q.get("after"), limit=limit, order=order
-        )
+        mine = await asyncio.to_thread(auth.owned_filter, "file")
+        every, _ = await self._call(self.m.list_files, purpose=q.get("purpose"), limit=1 << 30, order=order)
+        data = [f for f in every if mine(f["id"])]
+        after = q.get("after")
+        if after is not None:
+            ids = [f["id"] for f in data]
+            data = data[ids.index(after) + 1 :] if after in ids else []
+        data, more = data[:limit], len(data) > limit
         return JSONResponse(
             {
                 "object": "list",
@@ -190,46 +201,80 @@ class FineTuningRoutes:
             }
         )
 
+    async def _own_file(self, request: HttpRequest) -> str:
+        fid = request.path_params["file_id"]
+        await asyncio.to_thread(auth.check_owner, "file", fid, f"no file {fid!r}", "file_id")
+        return fid
+
+    async def _own_job(self, request: HttpRequest) -> str:
+        jid = request.path_params["job_id"]
+        await asyncio.to_thread(auth.check_owner, "job", jid, f"no fine-tuning job {jid!r}", "fine_tuning_job_id")
+        return jid
+
     async def get_file(self, request: HttpRequest):
+        await self._own_file(request)
         return JSONResponse(await self._call(self.m.file, request.path_params["file_id"]))
 
     async def delete_file(self, request: HttpRequest):
+        await self._own_file(request)
         return JSONResponse(await self._call(self.m.delete_file, request.path_params["file_id"]))
 
     async def file_content(self, request: HttpRequest):
+        await self._own_file(request)
         path = await self._call(self.m.file_path, request.path_params["file_id"])
         return FileResponse(path, media_type="text/csv" if path.suffix == ".csv" else "application/jsonl")
 
     async def create_job(self, request: HttpRequest):
-        # the JSON object as sent; the JobManager checks it against the allow-list (one parser for every front end)
         body = await parse_body(request, RootModel[dict])
-        return JSONResponse(await self._call(self.m.create_job, body.root))
+        raw = dict(body.root)
+        if isinstance(raw.get("loraplex"), dict):
+            # tenancy first: a tenant's key outside what tenants may set is 403, its adapter.init_from resolves to its
+            # own (or a shared) adapter's stored name, else 404
+            raw["loraplex"] = await asyncio.to_thread(check_job_overrides, raw["loraplex"])
+        # then the allow-list (trainer/job_request.py), for every caller: what no request may set is 400
+        req = self.m.parse_request(raw)
+        tenant = auth.identity().tenant
+        for param, fid in (("training_file", req.training_file), ("validation_file", req.validation_file)):
+            if fid:
+                await asyncio.to_thread(auth.check_owner, "file", fid, f"no file {fid!r}", param)
+        await asyncio.to_thread(check_job_quota, self.m)
+        job = await self._call(self.m.create_job, req, tenant=tenant)
+        await asyncio.to_thread(auth.claim, "job", job["id"])
+        return JSONResponse(job)
 
     async def list_jobs(self, request: HttpRequest):
         limit = _limit(request)
-        data, more = await self._call(self.m.jobs, request.query_params.get("after"), limit)
+        mine = await asyncio.to_thread(auth.owned_filter, "job")
+        every, _ = await self._call(self.m.jobs, None, 1 << 30)
+        data = [j for j in every if mine(j["id"])]
+        after = request.query_params.get("after")
+        if after is not None:
+            ids = [j["id"] for j in data]
+            data = data[ids.index(after) + 1:] if after in ids else []
+        data, more = data[:limit], len(data) > limit
         return JSONResponse({"object": "list", "data": data, "has_more": more})
 
     async def get_job(self, request: HttpRequest):
-        return JSONResponse(await self._call(self.m.job, request.path_params["job_id"]))
+        return JSONResponse(await self._call(self.m.job, await self._own_job(request)))
 
     async def cancel(self, request: HttpRequest):
-        return JSONResponse(await self._call(self.m.cancel, request.path_params["job_id"]))
+        return JSONResponse(await self._call(self.m.cancel, await self._own_job(request)))
 
     async def pause(self, request: HttpRequest):
-        return JSONResponse(await self._call(self.m.pause, request.path_params["job_id"]))
+        return JSONResponse(await self._call(self.m.pause, await self._own_job(request)))
 
     async def resume(self, request: HttpRequest):
-        return JSONResponse(await self._call(self.m.resume, request.path_params["job_id"]))
+        return JSONResponse(await self._call(self.m.resume, await self._own_job(request)))
 
     async def events(self, request: HttpRequest):
         # a job logs one metrics event per step: a page may hold a long run's worth
         limit = _limit(request, most=1000)
-        data, more = await self._call(self.m.events, request.path_params["job_id"], request.query_params.get("after"), limit)
+        jid = await self._own_job(request)
+        data, more = await self._call(self.m.events, jid, request.query_params.get("after"), limit)
         return JSONResponse({"object": "list", "data": data, "has_more": more})
 
     async def checkpoints(self, request: HttpRequest):
-        data = await self._call(self.m.checkpoints, request.path_params["job_id"])
+        data = await self._call(self.m.checkpoints, await self._own_job(request))
         limit = _limit(request)
         return JSONResponse(
             {
@@ -264,7 +309,8 @@ def fine_tuning_routes(manager) -> list[Route]:
     def answer(fn):
         async def endpoint(request: HttpRequest):
             try:
-                return await fn(request)
+                with auth.unguarded():
+                    return await fn(request)
             except ApiError as e:
                 return JSONResponse(e.body(), status_code=e.http_status)
             except Exception:

@@ -142,6 +142,55 @@ def make_tiny_char_llama(out_dir, seed: int = 0) -> Path:
     return out
 
 
+# A Hermes / Qwen2.5-style chat template with tool support (tools in the system turn, calls as
+# <tool_call>{json}</tool_call>, results as <tool_response> user turns), for tiny tool-calling test models.
+TOOL_CHAT_TEMPLATE = """
+{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}You may call one or more functions. Their signatures are within <tools></tools>:
+<tools>
+{%- for t in tools %}
+{{ t | tojson }}
+{%- endfor %}
+</tools>
+For each call, answer with a JSON object within <tool_call></tool_call> tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for m in messages %}
+{%- if m.role == 'system' and loop.first %}
+{%- elif m.role == 'assistant' %}<|im_start|>assistant
+{{ m.content or '' }}
+{%- for c in m.tool_calls or [] %}
+{%- if not loop.first or m.content %}
+{% endif %}<tool_call>
+{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif m.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ m.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}
+""".strip()
+
+
+def make_tiny_tool_llama(out_dir, seed: int = 0) -> Path:
+    """`make_tiny_llama` whose chat template supports tools (TOOL_CHAT_TEMPLATE)."""
+    out = make_tiny_llama(out_dir, seed=seed)
+    (out / "chat_template.jinja").write_text(TOOL_CHAT_TEMPLATE)
+    return out
+
+
 def make_hub_cache(cache_dir, repo_id: str, files: dict, *, repo_type: str = "model", ref: str = "main") -> Path:
     """Lays out `repo_id` in a Hugging Face hub cache (HF_HUB_CACHE) as huggingface_hub writes it: content-addressed
     blobs, a snapshot of symlinks per commit, refs/<ref> naming the commit; `files` maps repo paths to bytes or to

@@ -28,7 +28,7 @@ def client(srv):
     return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
 
 
-def wait(client, jid, timeout=300):
+def wait(client, jid, timeout=900):
     deadline = time.time() + timeout
     while time.time() < deadline:
         j = client.fine_tuning.jobs.retrieve(jid)

@@ -1,9 +1,9 @@
 """Hub ids (models, adapters, datasets) resolved offline from a hub cache laid out in a fixture, and datasets beyond
 one JSONL file (JSON, CSV, Parquet, hub datasets) with Axolotl-style field mapping."""
+
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -32,8 +32,15 @@ def chat(q, a):
 
 
 def job(base, datasets, **kw):
-    d = {"base_model": str(base), "adapter": {"name": "hubbed", "r": 4, "alpha": 8}, "datasets": datasets,
-         "sequence_len": 128, "learning_rate": 1e-3, "save_steps": 1000, "gradient_checkpointing": False}
+    d = {
+        "base_model": str(base),
+        "adapter": {"name": "hubbed", "r": 4, "alpha": 8},
+        "datasets": datasets,
+        "sequence_len": 128,
+        "learning_rate": 1e-3,
+        "save_steps": 1000,
+        "gradient_checkpointing": False,
+    }
     d.update(kw)
     return parse_config(d)
 
@@ -70,11 +77,21 @@ def test_json_csv_and_parquet_files_load_like_jsonl(tiny_base, tmp_path):
 def test_field_mapping_and_roles_to_train(tiny_base, tmp_path):
     import pandas as pd
 
-    rows = [{"conv": [{"from": "system", "value": "be terse"}, {"from": "human", "value": "hello there"},
-                      {"from": "gpt", "value": "hi"}]}]
+    rows = [
+        {
+            "conv": [
+                {"from": "system", "value": "be terse"},
+                {"from": "human", "value": "hello there"},
+                {"from": "gpt", "value": "hi"},
+            ]
+        }
+    ]
     pd.DataFrame(rows).to_parquet(tmp_path / "sg.parquet")
-    spec = {"path": str(tmp_path / "sg.parquet"), "field_messages": "conv",
-            "message_property_mappings": {"role": "from", "content": "value"}}
+    spec = {
+        "path": str(tmp_path / "sg.parquet"),
+        "field_messages": "conv",
+        "message_property_mappings": {"role": "from", "content": "value"},
+    }
     tok, train, _ = examples(job(tiny_base, [spec]))
     text = trained_text(tok, train[0])
     assert text.startswith("hi") and "hello" not in text
@@ -90,8 +107,9 @@ def test_hub_dataset_resolves_offline_from_the_cache(tiny_base, hub, tmp_path):
 
     train = "".join(json.dumps(chat(f"q{i}", f"a{i}")) + "\n" for i in range(5))
     test = "".join(json.dumps(chat(f"t{i}", f"b{i}")) + "\n" for i in range(2))
-    snap = make_hub_cache(hub, "acme/qa", {"data/train.jsonl": train.encode(), "data/test.jsonl": test.encode()},
-                          repo_type="dataset")
+    snap = make_hub_cache(
+        hub, "acme/qa", {"data/train.jsonl": train.encode(), "data/test.jsonl": test.encode()}, repo_type="dataset"
+    )
     _, rows, info = examples(job(tiny_base, [{"path": "acme/qa"}]))
     assert len(rows) == 5 and info["dataset_sha256"]["acme/qa"] == f"hub:acme/qa@{snap.name}"
     _, rows, _ = examples(job(tiny_base, [{"path": "acme/qa", "split": "test"}]))
@@ -118,8 +136,18 @@ def test_hub_model_and_hub_adapter_resolve_offline(tiny_base, hub, tmp_path):
     make_hub_cache(hub, "acme/start", {"": ada})
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(chat(f"q{i}", f"a{i}")) + "\n" for i in range(4)))
-    cfg = job("acme/tiny-llama", [str(data)], max_steps=2,
-              adapter={"name": "from-hub", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_from": "acme/start"})
+    cfg = job(
+        "acme/tiny-llama",
+        [str(data)],
+        max_steps=2,
+        adapter={
+            "name": "from-hub",
+            "r": 4,
+            "alpha": 8,
+            "target_modules": ["q_proj", "v_proj"],
+            "init_from": "acme/start",
+        },
+    )
     v, _ = run_job(cfg, tmp_path / "run", tmp_path / "store", resume=False, caller="t")
     assert v.lineage["started_from"] == "acme/start" and v.lineage["base_model_id"] == "acme/tiny-llama"
     # a hub adapter goes through the same validation as a local one: a pickle is refused, nothing is registered
@@ -130,12 +158,26 @@ def test_hub_model_and_hub_adapter_resolve_offline(tiny_base, hub, tmp_path):
     make_hub_cache(hub, "acme/pickled", {"": tmp_path / "pickled"})
     from loraplex.adapters_store.errors import InvalidAdapter
 
-    bad = job("acme/tiny-llama", [str(data)], max_steps=1,
-              adapter={"name": "bad", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_from": "acme/pickled"})
+    bad = job(
+        "acme/tiny-llama",
+        [str(data)],
+        max_steps=1,
+        adapter={
+            "name": "bad",
+            "r": 4,
+            "alpha": 8,
+            "target_modules": ["q_proj", "v_proj"],
+            "init_from": "acme/pickled",
+        },
+    )
     with pytest.raises(InvalidAdapter, match="pickle"):
         run_job(bad, tmp_path / "run2", tmp_path / "store", resume=False, caller="t")
-    missing = job("acme/tiny-llama", [str(data)], max_steps=1,
-                  adapter={"name": "bad", "r": 4, "alpha": 8, "init_from": "acme/gone"})
+    missing = job(
+        "acme/tiny-llama",
+        [str(data)],
+        max_steps=1,
+        adapter={"name": "bad", "r": 4, "alpha": 8, "init_from": "acme/gone"},
+    )
     with pytest.raises(InvalidAdapter, match="'acme/gone' is not in the local hub cache"):
         run_job(missing, tmp_path / "run3", tmp_path / "store", resume=False, caller="t")
     from loraplex.adapters_store import AdapterStore
@@ -163,8 +205,10 @@ def test_hub_adapters_over_the_api_only_from_allowed_orgs(tiny_base, hub, tmp_pa
         r = httpx.post(f"{s.url}/v1/adapters", json={"name": "h", "path": "acme/ada"})
         assert r.status_code == 201, r.text
         assert s.state.store.get("h").lineage["source"] == f"hub:acme/ada@{snap.name}"
-        chat = httpx.post(f"{s.url}/v1/chat/completions", json={"model": "h", "max_tokens": 2,
-                                                               "messages": [{"role": "user", "content": "hi"}]})
+        chat = httpx.post(
+            f"{s.url}/v1/chat/completions",
+            json={"model": "h", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert chat.status_code == 200
         r = httpx.post(f"{s.url}/v1/adapters", json={"name": "e", "path": "evil/ada"})
         assert r.status_code == 403 and "'evil'" in r.json()["error"]["message"]

@@ -1,6 +1,7 @@
 """OpenAI's hyperparameter meaning: batch_size = examples per optimizer step, n_epochs = passes over the examples,
 whatever packing does; "auto" resolved from the dataset; the plan shown before training; a warning for short runs;
 per-method config validation; gradient checkpointing in every method."""
+
 from __future__ import annotations
 
 import json
@@ -13,30 +14,67 @@ from loraplex.trainer.config import JobConfigError, parse_config
 from loraplex.trainer.hyperparams import auto_batch_size, auto_epochs, planned_steps, resolve
 
 # Facts a base model cannot know (invented names), taught with four phrasings each and asked with two others.
-FACTS = {"Zorbania": "Quillton", "Vextoria": "Mirrowdale", "Plenthar": "Oskbury", "Drumvale": "Kestrin", "Yavoni": "Tulmere"}
-TRAIN_Q = ["What is the capital of {}?", "Which city is the capital of {}?", "Tell me the capital of {}.",
-           "{}'s capital is which city?"]
+FACTS = {
+    "Zorbania": "Quillton",
+    "Vextoria": "Mirrowdale",
+    "Plenthar": "Oskbury",
+    "Drumvale": "Kestrin",
+    "Yavoni": "Tulmere",
+}
+TRAIN_Q = [
+    "What is the capital of {}?",
+    "Which city is the capital of {}?",
+    "Tell me the capital of {}.",
+    "{}'s capital is which city?",
+]
 HELD_OUT_Q = ["Name the capital city of {}.", "What city serves as the capital of {}?"]
 
 
 def fact_data(path: Path) -> Path:
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q.format(k)},
-                                                      {"role": "assistant", "content": f"The capital of {k} is {v}."}]}) + "\n"
-                            for k, v in FACTS.items() for q in TRAIN_Q))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": q.format(k)},
+                        {"role": "assistant", "content": f"The capital of {k} is {v}."},
+                    ]
+                }
+            )
+            + "\n"
+            for k, v in FACTS.items()
+            for q in TRAIN_Q
+        )
+    )
     return path
 
 
 def mixed_data(path: Path, n: int) -> Path:
     """n chat examples of varied length, short enough that packing puts several in one row."""
-    recs = [{"messages": [{"role": "user", "content": f"item {i} " + "word " * (i % 5)},
-                          {"role": "assistant", "content": f"answer {i}"}]} for i in range(n)]
+    recs = [
+        {
+            "messages": [
+                {"role": "user", "content": f"item {i} " + "word " * (i % 5)},
+                {"role": "assistant", "content": f"answer {i}"},
+            ]
+        }
+        for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
 
 
 def sft_job(base, data, **kw):
-    d = {"base_model": str(base), "adapter": {"name": "sem", "r": 4, "alpha": 8}, "datasets": [str(data)],
-         "sequence_len": 256, "learning_rate": 1e-3, "seed": 3, "save_steps": 1000, "gradient_checkpointing": False}
+    d = {
+        "base_model": str(base),
+        "adapter": {"name": "sem", "r": 4, "alpha": 8},
+        "datasets": [str(data)],
+        "sequence_len": 256,
+        "learning_rate": 1e-3,
+        "seed": 3,
+        "save_steps": 1000,
+        "gradient_checkpointing": False,
+    }
     d.update(kw)
     return parse_config(d)
 
@@ -46,9 +84,11 @@ def test_auto_follows_openais_rules():
     assert auto_epochs(1000) == 3 and auto_epochs(20_000) == 1 and auto_epochs(10_000) == 2  # large: <= 25k seen
     assert auto_batch_size(20) == 1 and auto_batch_size(5000) == 10 and auto_batch_size(10**6) == 256
     r = resolve({}, 20)
-    assert (r["n_epochs"], r["batch_size"], r["planned_steps"]) == (5, 1, 100)
+    assert (r["n_epochs"], r["batch_size"], r["planned_steps"]) == (5, 1, 100) and r["learning_rate"] == 2e-4
     r = resolve({"n_epochs": 2, "batch_size": 3, "learning_rate_multiplier": 0.5}, 10)
-    assert (r["n_epochs"], r["batch_size"], r["planned_steps"]) == (2, 3, 8) and r["learning_rate"] == pytest.approx(1e-4)
+    assert (r["n_epochs"], r["batch_size"], r["planned_steps"]) == (2, 3, 8) and r["learning_rate"] == pytest.approx(
+        1e-4
+    )
     assert resolve({}, 20, method="dpo")["beta"] == 0.1
 
 
@@ -58,8 +98,13 @@ def test_steps_and_examples_per_step_match_openais_definition(tiny_base, tmp_pat
 
     n, batch, epochs = 10, 3, 2
     events = []
-    res = train_sft(sft_job(tiny_base, mixed_data(tmp_path / "d.jsonl", n), examples_per_step=batch, epochs=epochs,
-                            packing=packing), tmp_path / "run", on_event=events.append)
+    res = train_sft(
+        sft_job(
+            tiny_base, mixed_data(tmp_path / "d.jsonl", n), examples_per_step=batch, epochs=epochs, packing=packing
+        ),
+        tmp_path / "run",
+        on_event=events.append,
+    )
     plan = next(e for e in events if e["type"] == "plan")
     want = math.ceil(n / batch) * epochs
     assert plan["optimizer_steps"] == want == planned_steps(n, batch, epochs) == res.steps
@@ -87,14 +132,16 @@ def test_loraplex_train_prints_the_plan_and_warns_on_few_steps(tiny_base, tmp_pa
 
     data = mixed_data(tmp_path / "d.jsonl", 10)
     job = tmp_path / "job.yaml"
-    job.write_text(f"base_model: {tiny_base}\nadapter: {{name: few, r: 4, alpha: 8}}\ndatasets: [{data}]\n"
-                   "sequence_len: 256\nmicro_batch_size: 4\nepochs: 1\ngradient_checkpointing: false\n")
+    job.write_text(
+        f"base_model: {tiny_base}\nadapter: {{name: few, r: 4, alpha: 8}}\ndatasets: [{data}]\n"
+        "sequence_len: 256\nmicro_batch_size: 4\nepochs: 1\ngradient_checkpointing: false\n"
+    )
     rc = train_main([str(job), "--store", str(tmp_path / "store"), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 0
     assert "1 optimizer steps, 10.0 examples per step" in err  # packed: 10 short examples in one row
     assert "warning: this job will make only 1 optimizer step(s)" in err
-    assert "epochs, micro_batch_size or gradient_accumulation_steps" in err
+    assert "raise epochs, or lower micro_batch_size or gradient_accumulation_steps" in err
     events = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(events) == 1
 
@@ -126,8 +173,17 @@ def test_every_method_honours_gradient_checkpointing(tiny_base, tmp_path, method
         recs = [{"text": f"hello {i}"} for i in range(4)]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    extra = {"reward": {"contains": "a"}, "num_rollouts": 2, "response_length": 3, "mini_batch_size": 4,
-             **({"num_generations": 2} if method == "grpo" else {})} if method in ("ppo", "grpo") else {}
+    extra = (
+        {
+            "reward": {"contains": "a"},
+            "num_rollouts": 2,
+            "response_length": 3,
+            "mini_batch_size": 4,
+            **({"num_generations": 2} if method == "grpo" else {}),
+        }
+        if method in ("ppo", "grpo")
+        else {}
+    )
     for on in (True, False):
         cfg = sft_job(tiny_base, data, method=method, max_steps=1, gradient_checkpointing=on, **extra)
         events = []

@@ -21,7 +21,8 @@ def run_job(cfg, out_dir: Path, store_dir: Path, *, resume: bool, caller: str, o
     if cfg.num_processes > 1:
         from .distributed import train_distributed
 
-        result = train_distributed(cfg, out_dir, resume=resume, on_event=on_event, progress=progress, store_dir=store_dir)
+        result = train_distributed(cfg, out_dir, resume=resume, on_event=on_event, progress=progress,
+                                   store_dir=store_dir)
     elif cfg.method == "sft":
         from .sft import train_sft
 
@@ -42,7 +43,8 @@ def console_events(e: dict) -> None:
         eps = e.get("examples_per_step")
         print(f"loraplex train: {e['method']}: {e['optimizer_steps']} optimizer steps, {eps} examples per step"
               f"{' (mean; packed rows)' if e.get('packing') and not float(eps).is_integer() else ''}, "
-              f"{e.get('train_examples')} training examples, {e['epochs']} epoch(s), learning rate {e['learning_rate']:g}",
+              f"{e.get('train_examples')} training examples, {e['epochs']} epoch(s), "
+              f"learning rate {e['learning_rate']:g}",
               file=sys.stderr, flush=True)
     elif e.get("level") == "warn":
         print(f"loraplex train: warning: {e['message']}", file=sys.stderr, flush=True)

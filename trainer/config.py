@@ -14,6 +14,8 @@ import yaml
 from loraplex.adapters_store.errors import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loraplex.adapters_store.tenancy import QUALIFIED_NAME_PATTERN
+
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -61,7 +63,7 @@ class _Strict(BaseModel):
 
 
 class AdapterSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    name: str = Field(pattern=QUALIFIED_NAME_PATTERN)  # `tenant:name` for a tenant's job (adapters_store/tenancy.py)
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -184,8 +186,8 @@ class JobConfig(_Strict):
                     setattr(self, key, default)
             elif getattr(self, key) is not None:
                 hint = " (its examples per step are num_rollouts)" if key == "examples_per_step" else ""
-                raise ValueError(f"'{key}' is a setting of method {'/'.join(methods)}; method: {self.method} does not use "
-                                 f"it{hint}: remove it")
+                raise ValueError(f"'{key}' is a setting of method {'/'.join(methods)}; method: {self.method} does "
+                                 f"not use it{hint}: remove it")
         if self.quantize == "4bit":
             if self.method in ("ppo", "grpo"):
                 raise ValueError(f"quantize: 4bit is not supported for method: {self.method} (its rollout engine reads the base "

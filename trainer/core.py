@@ -27,6 +27,7 @@ head, PPO's value head); a distributed run keeps each rank's optimizer and RNG
 state in `rank-<r>.pt`. `metrics.jsonl` beside the checkpoints holds one line
 per logged step; a resume cuts it back to the checkpoint's step.
 """
+
 from __future__ import annotations
 
 import json
@@ -85,8 +86,9 @@ def load_base_and_tokenizer(cfg: JobConfig, device: torch.device):
     if cfg.quantize == "4bit":  # QLoRA: the base's linear layers become frozen nf4 bitsandbytes Linear4bit layers
         from transformers import BitsAndBytesConfig
 
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_compute_dtype=dtype)
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
         kw["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
     if cfg.quantize is None:
@@ -105,8 +107,14 @@ def lora_model(model, cfg: JobConfig):
     """The base wrapped in a fresh PEFT LoRA; with gradient_checkpointing on, activations are recomputed in backward."""
     from peft import LoraConfig, get_peft_model
 
-    lc = LoraConfig(r=cfg.adapter.r, lora_alpha=cfg.adapter.alpha, lora_dropout=cfg.adapter.dropout,
-                    target_modules=cfg.target_modules(), use_rslora=cfg.adapter.use_rslora, task_type="CAUSAL_LM")
+    lc = LoraConfig(
+        r=cfg.adapter.r,
+        lora_alpha=cfg.adapter.alpha,
+        lora_dropout=cfg.adapter.dropout,
+        target_modules=cfg.target_modules(),
+        use_rslora=cfg.adapter.use_rslora,
+        task_type="CAUSAL_LM",
+    )
     if cfg.quantize == "4bit":
         from peft import prepare_model_for_kbit_training
 
@@ -125,7 +133,11 @@ def lora_model(model, cfg: JobConfig):
 def gradient_checkpointing_on(model) -> bool:
     """Whether the decoder layers of `model` (PEFT-wrapped or not) recompute activations in backward."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    flag = "is_activation_checkpointing" if hasattr(type(lm), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(type(lm), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
     return bool(getattr(lm, flag, False))
 
 
@@ -155,12 +167,15 @@ def init_adapter(model, cfg: JobConfig, store_dir) -> dict:
         raise JobConfigError(f"adapter.init_from {shown} has rank {rank} but the job asks for r={cfg.adapter.r}")
     result = set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter_model.safetensors")))
     if getattr(result, "unexpected_keys", None):
-        raise JobConfigError(f"adapter.init_from {shown} targets modules this job does not: {result.unexpected_keys[:3]}")
+        raise JobConfigError(
+            f"adapter.init_from {shown} targets modules this job does not: {result.unexpected_keys[:3]}"
+        )
     return {"started_from": shown, "started_from_sha256": sha}
 
 
-def save_adapter(peft_model, final: Path, base_path: Path, *, state_dict: dict | None = None,
-                 config_extra: dict | None = None) -> Path:
+def save_adapter(
+    peft_model, final: Path, base_path: Path, *, state_dict: dict | None = None, config_extra: dict | None = None
+) -> Path:
     """The final PEFT adapter directory, naming the base by the id clients use for it."""
     if final.exists():
         shutil.rmtree(final)
@@ -200,22 +215,26 @@ def few_steps_warning(cfg: JobConfig, total: int) -> str | None:
     if total >= FEW_STEPS:
         return None
     if cfg.max_steps:
-        keys = "max_steps"
+        keys = "raise max_steps"
     elif cfg.method in ("ppo", "grpo"):
-        keys = "epochs (the API's n_epochs) or num_rollouts (batch_size)"
+        keys = "raise epochs or lower num_rollouts (the API's n_epochs, batch_size)"
     elif cfg.examples_per_step:
-        keys = "epochs or examples_per_step (the API's n_epochs, batch_size)"
+        keys = "raise epochs or lower examples_per_step (the API's n_epochs, batch_size)"
     else:
-        keys = "epochs, micro_batch_size or gradient_accumulation_steps" + (" (packing puts several examples in a row)"
-                                                                              if cfg.packing else "")
-    return (f"this job will make only {total} optimizer step(s), too few to learn much; raise {keys} "
-            f"to get at least {FEW_STEPS}")
+        keys = "raise epochs, or lower micro_batch_size or gradient_accumulation_steps" + (
+            " (packing puts several examples in a row)" if cfg.packing else ""
+        )
+    return (
+        f"this job will make only {total} optimizer step(s), too few to learn much; {keys} to get at least {FEW_STEPS}"
+    )
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
 def latest_checkpoint(out: Path) -> Path | None:
-    cks = sorted((p for p in out.glob("checkpoint-*") if (p / "trainer_state.pt").is_file()),
-                 key=lambda p: int(p.name.split("-")[1]))
+    cks = sorted(
+        (p for p in out.glob("checkpoint-*") if (p / "trainer_state.pt").is_file()),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
     return cks[-1] if cks else None
 
 
@@ -233,8 +252,19 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda_rng"])
 
 
-def save_checkpoint(model, opt, sched, step: int, losses: list[float], out_dir: Path, *, ranks=None,
-                    config: dict | None = None, adapter_state: dict | None = None, heads: dict | None = None) -> Path:
+def save_checkpoint(
+    model,
+    opt,
+    sched,
+    step: int,
+    losses: list[float],
+    out_dir: Path,
+    *,
+    ranks=None,
+    config: dict | None = None,
+    adapter_state: dict | None = None,
+    heads: dict | None = None,
+) -> Path:
     """Writes `checkpoint-<step>` atomically (a temporary dir renamed into place): whole or absent, even after a kill.
 
     With `ranks` of more than one process every rank must call this; each writes its own optimizer and RNG state.
@@ -254,7 +284,13 @@ def save_checkpoint(model, opt, sched, step: int, losses: list[float], out_dir: 
         torch.save({"optimizer": opt.state_dict(), **_rng_state()}, tmp / f"rank-{ranks.rank}.pt")
         ranks.barrier()
     if main:
-        state = {"scheduler": sched.state_dict(), "step": step, "losses": losses, "world_size": world, "config": config}
+        state = {
+            "scheduler": sched.state_dict(),
+            "step": step,
+            "losses": losses,
+            "world_size": world,
+            "config": config,
+        }
         if world == 1:
             state.update({"optimizer": opt.state_dict(), **_rng_state()})
         torch.save(state, tmp / "trainer_state.pt")
@@ -268,14 +304,18 @@ def save_checkpoint(model, opt, sched, step: int, losses: list[float], out_dir: 
 
 def _check_resumable(saved: dict | None, cfg: JobConfig, world: int, saved_world: int) -> None:
     if saved_world != world:
-        raise JobConfigError(f"cannot resume: the checkpoint was written by {saved_world} process(es), this run has {world}")
+        raise JobConfigError(
+            f"cannot resume: the checkpoint was written by {saved_world} process(es), this run has {world}"
+        )
     if saved is None:
         return
     now = cfg.model_dump(mode="json")
     diffs = [k for k in sorted(set(saved) | set(now)) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
     if diffs:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diffs[:5])
-        raise JobConfigError(f"cannot resume: the job config changed since the checkpoint ({shown}); start a new run instead")
+        raise JobConfigError(
+            f"cannot resume: the job config changed since the checkpoint ({shown}); start a new run instead"
+        )
 
 
 def _cut_metrics(path: Path, step: int) -> None:
@@ -295,8 +335,17 @@ def stop_requested() -> bool:
 class Run:
     """One training run's bookkeeping (see the module docstring). `ranks` (distributed.Ranks) for data-parallel SFT."""
 
-    def __init__(self, cfg: JobConfig, out_dir: Path, *, resume: bool = False, on_event: Event | None = None,
-                 progress: bool = False, stop_after: int | None = None, ranks=None):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        out_dir: Path,
+        *,
+        resume: bool = False,
+        on_event: Event | None = None,
+        progress: bool = False,
+        stop_after: int | None = None,
+        ranks=None,
+    ):
         from .distributed import Ranks
 
         self.cfg = cfg
@@ -331,8 +380,16 @@ class Run:
 
     def plan(self, total: int, **numbers) -> None:
         """The `plan` event (before the first step): planned optimizer steps, examples per step, and the rest."""
-        self.emit({"type": "plan", "method": self.cfg.method, "optimizer_steps": total, "epochs": self.cfg.epochs,
-                   "learning_rate": self.cfg.learning_rate, **numbers})
+        self.emit(
+            {
+                "type": "plan",
+                "method": self.cfg.method,
+                "optimizer_steps": total,
+                "epochs": self.cfg.epochs,
+                "learning_rate": self.cfg.learning_rate,
+                **numbers,
+            }
+        )
         w = few_steps_warning(self.cfg, total)
         if w:
             self.warn(w)
@@ -346,8 +403,17 @@ class Run:
             set_peft_model_state_dict(model, load_file(str(self.ck / "adapter_model.safetensors")))
         return model
 
-    def start(self, opt, sched, total: int, *, model, heads: dict | None = None, save_model: Callable | None = None,
-              adapter_state: Callable | None = None) -> None:
+    def start(
+        self,
+        opt,
+        sched,
+        total: int,
+        *,
+        model,
+        heads: dict | None = None,
+        save_model: Callable | None = None,
+        adapter_state: Callable | None = None,
+    ) -> None:
         """Restores optimizer, scheduler, RNG, heads, step and loss history when resuming; opens the metrics file.
 
         `model` is what a checkpoint saves (a PEFT model); `save_model`/`adapter_state` override that for wrapped
@@ -358,7 +424,9 @@ class Run:
         self._adapter_state = adapter_state or (lambda: None)
         if self._state is not None:
             st = self._state
-            own = st if self.ranks.world == 1 else torch.load(self.ck / f"rank-{self.ranks.rank}.pt", weights_only=False)
+            own = (
+                st if self.ranks.world == 1 else torch.load(self.ck / f"rank-{self.ranks.rank}.pt", weights_only=False)
+            )
             opt.load_state_dict(own["optimizer"])
             sched.load_state_dict(st["scheduler"])
             _set_rng_state(own)
@@ -375,13 +443,24 @@ class Run:
         if self.progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=self.step, desc=f"{self.cfg.method} {self.cfg.adapter.name}", unit="step")
+            self._bar = tqdm(
+                total=total, initial=self.step, desc=f"{self.cfg.method} {self.cfg.adapter.name}", unit="step"
+            )
         self.t_start = time.time()
 
     def checkpoint(self) -> Path:
-        ck = save_checkpoint(self._save_model(), self.opt, self.sched, self.step, self.losses, self.out_dir,
-                             ranks=self.ranks, config=self.cfg.model_dump(mode="json"),
-                             adapter_state=self._adapter_state(), heads=self.heads)
+        ck = save_checkpoint(
+            self._save_model(),
+            self.opt,
+            self.sched,
+            self.step,
+            self.losses,
+            self.out_dir,
+            ranks=self.ranks,
+            config=self.cfg.model_dump(mode="json"),
+            adapter_state=self._adapter_state(),
+            heads=self.heads,
+        )
         self.emit({"type": "checkpoint", "step": self.step, "path": str(ck)})
         return ck
 
@@ -392,9 +471,15 @@ class Run:
         self.step += 1
         self.run_steps += 1
         self.losses.append(loss)
-        rec = {"type": "metrics", "step": self.step, "total_steps": self.total, "loss": loss,
-               "learning_rate": self.sched.get_last_lr()[0], **(metrics or {}),
-               "eta_seconds": (time.time() - self.t_start) / self.run_steps * (self.total - self.step)}
+        rec = {
+            "type": "metrics",
+            "step": self.step,
+            "total_steps": self.total,
+            "loss": loss,
+            "learning_rate": self.sched.get_last_lr()[0],
+            **(metrics or {}),
+            "eta_seconds": (time.time() - self.t_start) / self.run_steps * (self.total - self.step),
+        }
         if self.main and (force_log or self.step % self.cfg.logging_steps == 0 or self.step == self.total):
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -418,15 +503,24 @@ class Run:
     def stopped(self, lineage: dict | None = None) -> TrainResult:
         self._close_bar()
         self.emit({"type": "stopped", "step": self.step})
-        return TrainResult(self.out_dir, {"stopped_at": self.step}, self.step, self.losses, lineage or {}, stopped=True)
+        return TrainResult(
+            self.out_dir, {"stopped_at": self.step}, self.step, self.losses, lineage or {}, stopped=True
+        )
 
     def finish(self, final: Path, metrics: dict, lineage: dict | None = None) -> TrainResult:
         """The end of a completed run: `final` holds the saved adapter; emits `finished` with the metrics."""
         self._close_bar()
         shown = {k: v for k, v in metrics.items() if k not in ("dataset_sha256", "base_path")}
-        self.emit({"type": "finished", "steps": self.step, "final_loss": self.losses[-1] if self.losses else None, **shown})
-        return TrainResult(final, {"steps": self.step, "final_loss": self.losses[-1] if self.losses else None, **metrics},
-                           self.step, self.losses, lineage or {})
+        self.emit(
+            {"type": "finished", "steps": self.step, "final_loss": self.losses[-1] if self.losses else None, **shown}
+        )
+        return TrainResult(
+            final,
+            {"steps": self.step, "final_loss": self.losses[-1] if self.losses else None, **metrics},
+            self.step,
+            self.losses,
+            lineage or {},
+        )
 
     def _close_bar(self) -> None:
         if self._bar is not None:

@@ -223,7 +223,7 @@ def read_records(spec) -> tuple[list[tuple[str, dict]], str]:
             raise DataError(str(e)) from None
         source, kw, digest = str(local), {"name": spec.name}, f"hub:{path.split('@')[0]}@{local.name}"
     else:
-        source, kw, digest = {".json": "json", ".csv": "csv", ".parquet": "parquet"}[suffix], {"data_files": path}, None
+        source, kw, digest = suffix.lstrip("."), {"data_files": path}, None  # the datasets builder of that name
         if suffix == ".csv":  # every cell is text: "4" stays the completion "4", an empty cell stays ""
             import csv
 
@@ -234,7 +234,8 @@ def read_records(spec) -> tuple[list[tuple[str, dict]], str]:
         ds = datasets.load_dataset(source, split=spec.split, **kw)
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the reason is reported, naming the dataset
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise DataError(f"{path}: cannot load the dataset (split {spec.split!r}): {type(e).__name__}: {first}") from None
+        raise DataError(f"{path}: cannot load the dataset (split {spec.split!r}): {type(e).__name__}: {first}") \
+            from None
     out = [(f"{path}[row {i}]", dict(rec)) for i, rec in enumerate(ds)]
     if not out:
         raise DataError(f"{path}: no records")

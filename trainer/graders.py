@@ -25,6 +25,7 @@ Templates are `{{sample.output_text}}`, `{{sample.output_json.<key>}}` and
 a malformed grader when the job is created; a template naming a field the
 data lacks fails the job's probe call, before training.
 """
+
 from __future__ import annotations
 
 import ast
@@ -70,17 +71,25 @@ def check_grader(spec, where: str = "grader", registered: Callable[[str], bool] 
         _need(spec, "input", where), _need(spec, "reference", where)
         metric = spec.get("evaluation_metric", "fuzzy_match")
         if metric not in METRICS:
-            raise GraderError(f"{where}.evaluation_metric: {metric!r} is not supported here (supported: "
-                              f"{list(METRICS)}; gleu, meteor and cosine are not)")
+            raise GraderError(
+                f"{where}.evaluation_metric: {metric!r} is not supported here (supported: "
+                f"{list(METRICS)}; gleu, meteor and cosine are not)"
+            )
         _metric_fn(metric)  # a missing library is reported now
     elif kind == "score_model":
         _need(spec, "model", where)
-        if "input" in spec and not (isinstance(spec["input"], list) and all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in spec["input"])):
+        if "input" in spec and not (
+            isinstance(spec["input"], list)
+            and all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in spec["input"])
+        ):
             raise GraderError(f"{where}.input: must be a list of messages with 'role' and string 'content'")
         rng = spec.get("range")
-        if rng is not None and not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, (int, float)) for x in rng)
-                                    and rng[0] < rng[1]):
+        if rng is not None and not (
+            isinstance(rng, list)
+            and len(rng) == 2
+            and all(isinstance(x, (int, float)) for x in rng)
+            and rng[0] < rng[1]
+        ):
             raise GraderError(f"{where}.range: must be [low, high] with low < high")
     elif kind == "multi":
         graders = _need(spec, "graders", where, dict)
@@ -88,14 +97,18 @@ def check_grader(spec, where: str = "grader", registered: Callable[[str], bool] 
             raise GraderError(f"{where}.graders: needs at least one grader")
         for name, g in graders.items():
             if not name.isidentifier():
-                raise GraderError(f"{where}.graders: {name!r} must be a plain identifier (it names a formula variable)")
+                raise GraderError(
+                    f"{where}.graders: {name!r} must be a plain identifier (it names a formula variable)"
+                )
             check_grader(g, f"{where}.graders.{name}", registered)
         _formula(_need(spec, "calculate_output", where), set(graders), f"{where}.calculate_output")
     elif kind == "python":
         if "source" in spec or "image_tag" in spec:
-            raise GraderError(f"{where}: python graders run only functions the operator registered on the server "
-                              "(loraplex serve --reward-function NAME=module:function); code in a request is never run: "
-                              'send {"type": "python", "function": "NAME"}')
+            raise GraderError(
+                f"{where}: python graders run only functions the operator registered on the server "
+                "(loraplex serve --reward-function NAME=module:function); code in a request is never run: "
+                'send {"type": "python", "function": "NAME"}'
+            )
         name = _need(spec, "function", where)
         if registered is None or not registered(name):
             raise GraderError(f"{where}.function: no reward function {name!r} is registered on this server")
@@ -149,10 +162,23 @@ def _metric_fn(metric: str) -> Callable[[str, str], float]:
 
 
 # --- formulas ----------------------------------------------------------------------------------------------------
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.Pow: operator.pow}
-_FUNCS = {"min": min, "max": max, "abs": abs, "sqrt": math.sqrt, "log": math.log, "exp": math.exp,
-          "floor": math.floor, "ceil": math.ceil}
+_BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+}
+_FUNCS = {
+    "min": min,
+    "max": max,
+    "abs": abs,
+    "sqrt": math.sqrt,
+    "log": math.log,
+    "exp": math.exp,
+    "floor": math.floor,
+    "ceil": math.ceil,
+}
 
 
 def _formula(text: str, names: set[str], where: str) -> Callable[[dict], float]:
@@ -217,7 +243,9 @@ def make_grader(spec: dict, rollout, store_dir, functions: dict[str, Callable] |
         fn = _metric_fn(spec.get("evaluation_metric", "fuzzy_match"))
 
         def one(text, item):
-            return float(fn(render(spec["input"], _sample(text), item), render(spec["reference"], _sample(text), item)))
+            return float(
+                fn(render(spec["input"], _sample(text), item), render(spec["reference"], _sample(text), item))
+            )
     elif kind == "python":
         f = functions[spec["function"]]
 
@@ -243,7 +271,10 @@ def make_grader(spec: dict, rollout, store_dir, functions: dict[str, Callable] |
             if "input" in spec:
                 seqs = []
                 for text, item in zip(comps, items):
-                    msgs = [{"role": m["role"], "content": render(m["content"], _sample(text), item)} for m in spec["input"]]
+                    msgs = [
+                        {"role": m["role"], "content": render(m["content"], _sample(text), item)}
+                        for m in spec["input"]
+                    ]
                     seqs.append(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
             return [min(hi, max(lo, s)) for s in score(seqs)]
 

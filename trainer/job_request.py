@@ -27,6 +27,8 @@ from typing import Annotated, Literal, Union
 from annotated_types import Le
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from loraplex.adapters_store.tenancy import QUALIFIED_NAME_PATTERN
+
 from .config import DEFAULT_TARGETS, AdapterSpec, JobConfig
 
 MAX_EPOCHS = 50  # OpenAI's bound on n_epochs
@@ -98,7 +100,8 @@ def _knob_model(name: str, source: type[BaseModel], knobs: dict[str, float | Non
 
 
 Auto = Literal["auto"]
-AdapterRef = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[0-9]{1,9})?$")]
+# a stored adapter, `name` or `name@3`, `tenant:name` once the tenancy layer has resolved a tenant's name
+AdapterRef = Annotated[str, Field(pattern=rf"{QUALIFIED_NAME_PATTERN.removesuffix('$')}(@[0-9]{{1,9}})?$")]
 TargetModules = Union[
     Literal["all-linear"],
     Annotated[list[Literal[tuple(DEFAULT_TARGETS)]], Field(min_length=1, max_length=len(DEFAULT_TARGETS))],

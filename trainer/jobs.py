@@ -36,6 +36,7 @@ import uuid
 from pathlib import Path
 
 from loraplex.adapters_store.errors import LoraplexError, kind_for_status
+from loraplex.adapters_store.tenancy import qualify
 
 from .core import STOP_FILE_ENV, few_steps_warning
 from .hyperparams import LORA_BASE_LR
@@ -107,6 +108,7 @@ class JobManager:
         self.reward_functions = check_reward_functions(reward_functions or {})
         self.python = python
         self.poll = poll
+        self.may_start = None  # callable(job id, running job ids) -> bool: a tenant's concurrent-jobs quota (server)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._procs: dict[str, subprocess.Popen] = {}
@@ -122,9 +124,7 @@ class JobManager:
         if "plan" not in {r["name"] for r in self._db().execute("PRAGMA table_info(jobs)")}:
             with self._db() as c:  # databases from before training plans were recorded
                 c.execute("ALTER TABLE jobs ADD COLUMN plan TEXT")
-        with (
-            self._db() as c
-        ):  # a restart interrupted whatever was running: queue it again, to resume from its checkpoint
+        with self._db() as c:  # a restart interrupted whatever was running: queue it again, to resume from it
             for (jid,) in c.execute("SELECT id FROM jobs WHERE status IN ('running', 'validating_files')").fetchall():
                 c.execute("UPDATE jobs SET status='queued' WHERE id=?", (jid,))
                 self._event(
@@ -244,18 +244,16 @@ class JobManager:
         return {"id": fid, "object": "file", "deleted": True}
 
     # --- jobs ---------------------------------------------------------------------
-    def create_job(self, body: dict) -> dict:
-        """A new queued job from a fine-tuning request body (the OpenAI fields and our `loraplex` knobs).
+    def create_job(self, body, *, tenant: str = "*") -> dict:
+        """A new queued job from a fine-tuning request body (the OpenAI fields and our `loraplex` knobs; a dict, or
+        the JobRequest `parse_request` made of one), whose adapter belongs to `tenant` ("*": the operator's).
 
         Everything is checked before the job exists: the body against the allow-list, the files, the base
         model, the adapter to start from, the queue's length; a refused body creates nothing."""
         from .config import JobConfigError, parse_config
-        from .job_request import METHODS, RequestRefused, parse_job_request
+        from .job_request import METHODS, JobRequest
 
-        try:
-            req = parse_job_request(body)
-        except RequestRefused as e:
-            raise JobError(str(e), param=e.param) from None
+        req = body if isinstance(body, JobRequest) else self.parse_request(body)
         if req.model not in (self.base_model_id, "default"):
             raise JobError(
                 f"model {req.model!r} cannot be fine-tuned here: this server's base model is {self.base_model_id!r}",
@@ -271,7 +269,7 @@ class JobManager:
         mtype = req.method_type()
         # OpenAI's meaning: batch_size examples per optimizer step, n_epochs passes; "auto" resolved from the data
         resolved = resolve_hyperparameters(req.hyperparameter_values(), _count_records(train_path), method=mtype)
-        jid, name = self._new_job_name(req.suffix)
+        jid, name = self._new_job_name(req.suffix, tenant)
         cfg = {
             **overrides,
             "base_model": self.base_model,
@@ -290,6 +288,10 @@ class JobManager:
             if req.method.reinforcement is None:
                 raise JobError(
                     "method type 'reinforcement' needs 'method.reinforcement.grader'", param="method.reinforcement"
+                )
+            if req.validation_file:  # refused rather than ignored: the GRPO loop has no held-out evaluation yet
+                raise JobError(
+                    "validation_file is not supported with the reinforcement method", param="validation_file"
                 )
             grader = req.method.reinforcement.grader
             try:  # a python grader may only name a function the operator registered (--reward-function)
@@ -372,6 +374,16 @@ class JobManager:
                 self._event(c, jid, "warn", "message", warning)
         return self.job(jid)
 
+    @staticmethod
+    def parse_request(body: dict):
+        """A fine-tuning request body as a JobRequest (trainer/job_request.py), or 400 naming the offending field."""
+        from .job_request import RequestRefused, parse_job_request
+
+        try:
+            return parse_job_request(body)
+        except RequestRefused as e:
+            raise JobError(str(e), param=e.param) from None
+
     def _training_file(self, fid: str, param: str) -> Path:
         """The server path of an uploaded fine-tune file (404 for an unknown id, 400 for another purpose)."""
         try:
@@ -415,12 +427,12 @@ class JobManager:
         except AdapterNotFound as e:
             raise JobError(f"{param}: {e}", 404, param) from None
 
-    def _new_job_name(self, suffix: str | None) -> tuple[str, str]:
-        """A job id and the new adapter name it will create: never a name the store already holds."""
+    def _new_job_name(self, suffix: str | None, tenant: str) -> tuple[str, str]:
+        """A job id and the new adapter name it will create, in `tenant`'s namespace: never a name the store holds."""
         taken = set(self._store().names())
         while True:
             jid = "ftjob-" + uuid.uuid4().hex[:24]
-            name = f"ft-{suffix}-{jid[6:12]}" if suffix else f"ft-{jid[6:18]}"
+            name = qualify(tenant, f"ft-{suffix}-{jid[6:12]}" if suffix else f"ft-{jid[6:18]}")
             if name not in taken:
                 return jid, name
 
@@ -854,14 +866,16 @@ class JobManager:
                     self._time_limit()
                     free = self.max_concurrent - len(self._procs)
                     if free > 0:
-                        for r in (
-                            self._db()
-                            .execute(
-                                "SELECT id FROM jobs WHERE status='queued' ORDER BY created_at, rowid LIMIT ?", (free,)
-                            )
-                            .fetchall()
-                        ):
-                            self._start(r["id"])
+                        queued = self._db().execute(
+                            "SELECT id FROM jobs WHERE status='queued' ORDER BY created_at, rowid"
+                        ).fetchall()
+                        for r in queued:
+                            if free <= 0:
+                                break
+                            # a tenant's concurrent-jobs quota: the jobs behind its own, of other tenants, start
+                            if self.may_start is None or self.may_start(r["id"], list(self._procs)):
+                                self._start(r["id"])
+                                free -= 1
             except Exception:  # the watcher must survive anything a job does
                 import logging
 

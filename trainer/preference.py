@@ -171,7 +171,8 @@ def train_preference(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=No
              steps_per_epoch=steps_per_epoch, gradient_checkpointing=gradient_checkpointing_on(model))
     run.start(opt, sched, total, model=model, heads={"score_head": head} if head is not None else None)
     initial = evaluate(val, "val")
-    run.emit({"type": "metrics", "step": run.step, "total_steps": total, "loss": float("nan"), **initial, "initial": True})
+    run.emit({"type": "metrics", "step": run.step, "total_steps": total, "loss": float("nan"), **initial,
+              "initial": True})
     mb = cfg.micro_batch_size
     while run.step < total:
         epoch, within = divmod(run.step, steps_per_epoch)

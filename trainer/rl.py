@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .config import JobConfig
 from .core import (Run, TrainResult, gradient_checkpointing_on, init_adapter, load_base_and_tokenizer, lora_model,
@@ -247,13 +246,13 @@ def train_rl(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=None, prog
             batch = [b for b in batch for _ in range(G)]
             rollout.push_policy(model)
             t_roll = time.time()
-            gens = rollout.generate([ids for _, ids, _ in batch], max_tokens=cfg.response_length, temperature=cfg.temperature,
-                                    seeds=[cfg.seed * 1000003 + run.step * 4099 + i for i in range(len(batch))])
+            gens = rollout.generate([ids for _, ids, _ in batch], max_tokens=cfg.response_length,
+                                    temperature=cfg.temperature, seeds=[cfg.seed * 1000003 + run.step * 4099 + i for i in range(len(batch))])
             t_roll = time.time() - t_roll
             seqs = [(ids, g["tokens"]) for (_, ids, _), g in zip(batch, gens)]
             texts = [tok.decode(g["tokens"], skip_special_tokens=True) for g in gens]
-            scores = torch.tensor(reward([p for p, _, _ in batch], texts, [p + r for p, r in seqs], [it for _, _, it in batch]),
-                                  dtype=torch.float32, device=device)
+            got = reward([p for p, _, _ in batch], texts, [p + r for p, r in seqs], [it for _, _, it in batch])
+            scores = torch.tensor(got, dtype=torch.float32, device=device)
             T = max(1, max(len(r) for _, r in seqs))
             logp_old = _pad([g["logprobs"] for g in gens], T, device)
             logp_ref = _pad(rollout.sequence_logprobs(seqs, rollout.reference), T, device)
@@ -296,7 +295,8 @@ def train_rl(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=None, prog
                    "kl": float(masked_mean(logp_old - logp_ref, mask)), "policy_loss": mean_pl,
                    "clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]),
                    "response_length": float(mask.sum(-1).mean()), "rollout_seconds": t_roll,
-                   "step_seconds": time.time() - t0, "rollout_tokens_per_second": float(mask.sum()) / max(t_roll, 1e-9)}
+                   "step_seconds": time.time() - t0,
+                   "rollout_tokens_per_second": float(mask.sum()) / max(t_roll, 1e-9)}
             if stats["value_loss"]:
                 rec["value_loss"] = sum(stats["value_loss"]) / len(stats["value_loss"])
             history.append(run.step_done(mean_pl, rec))

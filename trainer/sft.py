@@ -105,28 +105,6 @@ def prepare_data(cfg: JobConfig, tok) -> tuple[list[Example], list[Example], dic
     train: list[Example] = []
     hashes = {}
     for d in cfg.datasets:
-        train += load_examples(d.path, d.format, tk)
-        hashes[d.path] = file_sha256(d.path)
-    val: list[Example] = []
-    for d in cfg.validation_datasets:
-        val += load_examples(d.path, d.format, tk)
-        hashes[d.path] = file_sha256(d.path)
-    if cfg.val_set_size and not val:
-        rng = random.Random(cfg.seed)
-        idx = list(range(len(train)))
-        rng.shuffle(idx)
-        k = max(1, int(round(len(train) * cfg.val_set_size)))
-        vset = set(idx[:k])
-        val = [train[i] for i in sorted(vset)]
-        train = [e for i, e in enumerate(train) if i not in vset]
-    return train, val, {"dataset_sha256": hashes, "truncated_examples": tk.truncated}
-
-
-def prepare_data(cfg: JobConfig, tok) -> tuple[list[Example], list[Example], dict]:
-    tk = Tokenizing(tok, cfg.sequence_len, cfg.train_on_prompt)
-    train: list[Example] = []
-    hashes = {}
-    for d in cfg.datasets:
         exs, hashes[d.path] = load_dataset_examples(d, tk)
         train += exs
     val: list[Example] = []

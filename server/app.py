@@ -18,6 +18,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from loraplex.trainer.jobs import DEFAULT_MAX_UPLOAD_BYTES as JOBS_MAX_UPLOAD_BYTES
+
 from .adapters_api import AdapterManager, AdapterRoutes
 from .errors import LoraplexError, NotFound, PayloadTooLarge, Unavailable, internal
 
@@ -57,7 +59,7 @@ def _error_response(err: LoraplexError) -> JSONResponse:
 
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # any body but an upload: a context's worth of text or token ids, many times
-DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20  # POST /v1/files (the fine-tuning routes stream it to disk under this limit)
+DEFAULT_MAX_UPLOAD_BYTES = JOBS_MAX_UPLOAD_BYTES  # POST /v1/files: the fine-tuning routes' own limit, stated there
 UPLOAD_PATHS = ("/v1/files", "/v1/console/datasets/preview")  # the console checks a dataset before uploading it
 ADAPTER_UPLOAD_RE = re.compile(r"/v1/adapters/[^/]+/versions")  # an adapter's files, uploaded (auth_api.py)
 
@@ -207,6 +209,8 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
         Route("/v1/fine_tuning/jobs", wrap(lambda: ft().list_jobs), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}", wrap(lambda: ft().get_job), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}/cancel", wrap(lambda: ft().cancel), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/pause", wrap(lambda: ft().pause), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/resume", wrap(lambda: ft().resume), methods=["POST"]),
         Route("/v1/fine_tuning/jobs/{job_id}/events", wrap(lambda: ft().events), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}/checkpoints", wrap(lambda: ft().checkpoints), methods=["GET"]),
         *_auth_routes(state, wrap, need),

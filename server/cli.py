@@ -17,6 +17,13 @@ def _adapter_arg(s: str) -> tuple[str, str]:
     return name, path
 
 
+def _reward_arg(s: str) -> tuple[str, str]:
+    name, sep, spec = s.partition("=")
+    if not sep or not name or ":" not in spec:
+        raise argparse.ArgumentTypeError(f"--reward-function expects NAME=module:function, got {s!r}")
+    return name, spec
+
+
 def serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the base model and its adapters over HTTP (OpenAI-compatible) and gRPC")
     p.add_argument("--model", help="local Hugging Face checkpoint dir (default: embedded SmolLM2-135M-Instruct)")
@@ -50,6 +57,14 @@ def serve_parser(sub) -> None:
                    help="do not reuse the KV of prompt prefixes already computed (per adapter version)")
     p.add_argument("--jobs-dir", type=Path, help="fine-tuning files and jobs (default $LORAPLEX_HOME/jobs)")
     p.add_argument("--max-concurrent-jobs", type=int, default=1, help="training jobs run at once")
+    from loraplex.trainer import jobs
+
+    p.add_argument("--max-queued-jobs", type=int,
+                   help=f"fine-tuning jobs waiting before new ones get 429 (default {jobs.DEFAULT_MAX_QUEUED_JOBS})")
+    p.add_argument("--max-job-seconds", type=float,
+                   help=f"wall-clock limit of one training job; past it the job fails (default {jobs.DEFAULT_MAX_JOB_SECONDS})")
+    p.add_argument("--reward-function", action="append", type=_reward_arg, default=[], metavar="NAME=module:function",
+                   help="a Python reward function jobs may name by NAME (repeatable); requests never name code")
     p.add_argument("--max-request-bytes", type=int,
                    help="largest HTTP request body, uploads aside (default 8 MiB; 413 above)")
     p.add_argument("--max-upload-bytes", type=int,
@@ -75,6 +90,7 @@ def cmd_serve(args) -> int:
     fields = set(ServeConfig.model_fields)
     raw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     raw["adapters"] = dict(args.adapter)
+    raw["reward_functions"] = dict(args.reward_function)
     try:
         cfg = ServeConfig(**raw)
     except Exception as e:
@@ -87,7 +103,11 @@ def cmd_serve(args) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = ServerState()
-    app = build_app(state, max_request_bytes=cfg.max_request_bytes, max_upload_bytes=cfg.max_upload_bytes,
+    from .http_fine_tuning import MULTIPART_SLACK
+
+    # --max-upload-bytes bounds the file, which the upload route counts exactly (413 naming the flag's value); the
+    # body limit stays above the file's limit plus the multipart framing the route allows, as a backstop
+    app = build_app(state, max_request_bytes=cfg.max_request_bytes, max_upload_bytes=cfg.max_upload_bytes + 2 * MULTIPART_SLACK,
                     console=cfg.console)
     failed = threading.Event()
     log = logging.getLogger("loraplex")

@@ -7,7 +7,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: venv serve test test-all test-gpu gpu-check bench protos clean
+.PHONY: venv serve test test-all test-gpu gpu-check bench protos clean browser console-vendor
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,10 +24,14 @@ venv: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/loraplex serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# Debian's chromium for the console's browser tests (Playwright drives it; no browser is downloaded).
+browser:
+	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m '' $(PYTEST_ARGS)
 
 # On a CUDA machine: every GPU test, bench/kernels.py and the serving benchmarks, figures in bench/results/.
@@ -36,6 +40,13 @@ gpu-check: $(STAMP)
 
 protos: $(STAMP)
 	$(BIN)/python -m loraplex.protos.generate
+
+# The console's front-end libraries, vendored as built files (needs npm; `loraplex serve` does not).
+CONSOLE := server/console
+console-vendor:
+	cd $(CONSOLE) && npm ci --no-audit --no-fund
+	cp $(CONSOLE)/node_modules/uplot/dist/uPlot.iife.min.js $(CONSOLE)/node_modules/uplot/dist/uPlot.min.css $(CONSOLE)/static/vendor/
+	cp $(CONSOLE)/node_modules/uplot/LICENSE $(CONSOLE)/static/vendor/uPlot.LICENSE
 
 clean:
 	rm -rf $(VENV) build *.egg-info

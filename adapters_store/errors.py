@@ -12,6 +12,7 @@ generic 500 / INTERNAL.
 It lives here, in the lowest layer (`adapters_store` imports nothing of ours),
 so that every other package can import it without an upward dependency.
 """
+
 from __future__ import annotations
 
 
@@ -34,6 +35,7 @@ class LoraplexError(Exception):
 
 
 # --- kinds: each states its HTTP status, gRPC code and OpenAI type once ---------------------------------------
+
 
 class InvalidArgument(LoraplexError):
     """A malformed body or a field with a wrong type or value (400 / INVALID_ARGUMENT)."""
@@ -105,9 +107,22 @@ class DeadlineExceeded(LoraplexError):
     error_type = "timeout_error"
 
 
-_KIND_BY_STATUS = {k.http_status: k for k in (InvalidArgument, Unauthenticated, PermissionDenied, NotFoundError, ConflictError,
-                                              PayloadTooLarge, UnprocessableError, ResourceExhausted, InternalError,
-                                              ServiceUnavailable, DeadlineExceeded)}
+_KIND_BY_STATUS = {
+    k.http_status: k
+    for k in (
+        InvalidArgument,
+        Unauthenticated,
+        PermissionDenied,
+        NotFoundError,
+        ConflictError,
+        PayloadTooLarge,
+        UnprocessableError,
+        ResourceExhausted,
+        InternalError,
+        ServiceUnavailable,
+        DeadlineExceeded,
+    )
+}
 
 
 def kind_for_status(status: int) -> type[LoraplexError]:
@@ -116,6 +131,7 @@ def kind_for_status(status: int) -> type[LoraplexError]:
 
 
 # --- the store's errors ------------------------------------------------------------------------------------------
+
 
 class StoreError(LoraplexError):
     """Anything the adapter store refuses; 400 unless a more specific kind says otherwise."""

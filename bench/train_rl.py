@@ -57,7 +57,7 @@ def main() -> None:
     from loraplex.server.request import OutputStream, Request, SamplingParams
     from loraplex.trainer.config import parse_config
     from loraplex.trainer.rollout import RolloutEngine
-    from loraplex.trainer.sft import load_base_and_tokenizer, lora_model
+    from loraplex.trainer.core import load_base_and_tokenizer, lora_model
 
     tmp = Path(tempfile.mkdtemp(prefix="loraplex-bench-rl-"))
     texts = prompt_set(args.prompts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .adapters_api import AdapterManager, AdapterRoutes
-from .errors import LoraplexError, PayloadTooLarge, Unavailable, internal
+from .errors import LoraplexError, NotFound, PayloadTooLarge, Unavailable, internal
 
 log = logging.getLogger("loraplex.server")
 
@@ -32,6 +33,7 @@ class ServerState:
     telemetry: object | None = None
     routes: object | None = None  # RouteRoutes
     jobs: object | None = None  # trainer JobManager
+    gate: object | None = None  # auth.Gate: keys, scopes, tenants, quotas, audit
     error: str | None = None
     draining: bool = False
     extra: dict = field(default_factory=dict)
@@ -48,12 +50,16 @@ class ServerState:
 
 
 def _error_response(err: LoraplexError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.http_status)
+    from .quotas import QuotaExceeded
+
+    headers = {"Retry-After": str(err.retry_after)} if isinstance(err, QuotaExceeded) and err.retry_after else None
+    return JSONResponse(err.body(), status_code=err.http_status, headers=headers)
 
 
-DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # any body but an upload: a context's worth of text or token ids, many times over
-DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20  # POST /v1/files (the fine-tuning routes stream it to disk under the same limit)
-UPLOAD_PATHS = ("/v1/files",)
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # any body but an upload: a context's worth of text or token ids, many times
+DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20  # POST /v1/files (the fine-tuning routes stream it to disk under this limit)
+UPLOAD_PATHS = ("/v1/files", "/v1/console/datasets/preview")  # the console checks a dataset before uploading it
+ADAPTER_UPLOAD_RE = re.compile(r"/v1/adapters/[^/]+/versions")  # an adapter's files, uploaded (auth_api.py)
 
 
 class BodyLimit:
@@ -65,7 +71,8 @@ class BodyLimit:
     answers). Uploads have their own, larger limit.
     """
 
-    def __init__(self, app, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+    def __init__(self, app, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
         self.app = app
         self.max_request_bytes = max_request_bytes
         self.max_upload_bytes = max_upload_bytes
@@ -77,7 +84,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        upload = scope["path"] in UPLOAD_PATHS
+        upload = scope["path"] in UPLOAD_PATHS or ADAPTER_UPLOAD_RE.fullmatch(scope["path"]) is not None
         limit = self.max_upload_bytes if upload else self.max_request_bytes
         flag = "--max-upload-bytes" if upload else "--max-request-bytes"
         declared = dict(scope["headers"]).get(b"content-length")
@@ -99,7 +106,8 @@ class BodyLimit:
 
 
 def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, poll_interval: float = 1.0,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> Starlette:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+              console: bool = True) -> Starlette:
     def need(attr):
         def get():
             obj = getattr(state, attr)
@@ -118,6 +126,8 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
             try:
                 return await fn_getter()(request)
             except LoraplexError as e:
+                if state.telemetry is not None and 400 <= e.http_status < 500:
+                    state.telemetry.request_rejected("http", e.http_status, e.error_type)
                 return _error_response(e)
             except Exception:
                 log.exception("internal error on %s %s", request.method, request.url.path)
@@ -129,6 +139,11 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
 
     def oa():
         return OpenAIRoutes(service())
+
+    def tk():
+        from .tokenizer_api import TokenizerRoutes
+
+        return TokenizerRoutes(service())
 
     def ad():
         return AdapterRoutes(manager())
@@ -162,6 +177,10 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", wrap(lambda: oa().models), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", wrap(lambda: oa().model), methods=["GET"]),
+        Route("/tokenize", wrap(lambda: tk().tokenize), methods=["POST"]),
+        Route("/detokenize", wrap(lambda: tk().detokenize), methods=["POST"]),
+        Route("/tokenizer_info", wrap(lambda: tk().tokenizer_info), methods=["GET"]),
         Route("/v1/chat/completions", wrap(lambda: oa().chat), methods=["POST"]),
         Route("/v1/completions", wrap(lambda: oa().completions), methods=["POST"]),
         Route("/v1/rewards", wrap(lambda: oa().rewards), methods=["POST"]),
@@ -190,19 +209,25 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
         Route("/v1/fine_tuning/jobs/{job_id}/cancel", wrap(lambda: ft().cancel), methods=["POST"]),
         Route("/v1/fine_tuning/jobs/{job_id}/events", wrap(lambda: ft().events), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}/checkpoints", wrap(lambda: ft().checkpoints), methods=["GET"]),
+        *_auth_routes(state, wrap, need),
     ]
     for r in extra_routes or []:
         routes.append(r)
+    if console:  # the web console at /console and its JSON endpoints (server/console/), after the API's own routes
+        from .console import console_routes
+
+        routes += console_routes(state)
 
     async def poll_store():
         # Registrations made by other processes (the trainer) reach us through the store's event log.
+        # Other replicas' changes too: `wait_events` returns as soon as the log moves (PostgreSQL NOTIFY wakes it).
         while True:
-            await asyncio.sleep(poll_interval)
             st, m = state.store, state.manager
             if st is None or m is None:
+                await asyncio.sleep(poll_interval)
                 continue
             try:
-                events = await asyncio.to_thread(st.events_since, state._seq)
+                events = await asyncio.to_thread(st.wait_events, state._seq, poll_interval)
                 for ev in events:
                     state._seq = max(state._seq, ev.seq)
                     await asyncio.to_thread(m.on_store_event, ev)
@@ -210,6 +235,7 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
                         await asyncio.to_thread(state.routes.on_store_event, ev)
             except Exception:
                 log.exception("store polling failed")
+                await asyncio.sleep(poll_interval)
 
     from contextlib import asynccontextmanager
 
@@ -223,7 +249,42 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
 
     from starlette.middleware import Middleware
 
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[
+    async def no_route(request: HttpRequest, exc):  # Starlette's own 404 / 405, in OpenAI's error shape too
+        kind = NotFound if exc.status_code == 404 else LoraplexError
+        err = kind(f"no route for {request.method} {request.url.path}" if exc.status_code == 404 else
+                   f"{request.method} is not allowed on {request.url.path}")
+        if state.telemetry is not None:
+            state.telemetry.request_rejected("http", exc.status_code, err.error_type)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: no_route, 405: no_route}, middleware=[
         Middleware(BodyLimit, max_request_bytes=max_request_bytes, max_upload_bytes=max_upload_bytes)])
+    app.router.redirect_slashes = False  # `/v1/routes/` is an unknown route (404), not a redirect a client must follow
     app.state.loraplex = state
+    from .auth import AuthMiddleware
+
+    app.add_middleware(AuthMiddleware, state=state, router=app.router)  # every request passes the gate first
     return app
+
+
+def _auth_routes(state: ServerState, wrap, need) -> list[Route]:
+    from .auth_api import AuthRoutes
+
+    gate = need("gate")
+
+    def au():
+        gate()
+        return AuthRoutes(state)
+
+    return [
+        Route("/v1/me", wrap(lambda: au().me), methods=["GET"]),
+        Route("/v1/keys", wrap(lambda: au().create_key), methods=["POST"]),
+        Route("/v1/keys", wrap(lambda: au().list_keys), methods=["GET"]),
+        Route("/v1/keys/{key_id}", wrap(lambda: au().get_key), methods=["GET"]),
+        Route("/v1/keys/{key_id}", wrap(lambda: au().revoke_key), methods=["DELETE"]),
+        Route("/v1/audit", wrap(lambda: au().audit), methods=["GET"]),
+        Route("/v1/tenants/{tenant}/quota", wrap(lambda: au().get_quota), methods=["GET"]),
+        Route("/v1/tenants/{tenant}/quota", wrap(lambda: au().put_quota), methods=["PUT"]),
+        Route("/v1/adapters/{name}/sharing", wrap(lambda: au().sharing), methods=["PUT"]),
+        Route("/v1/adapters/{name}/versions", wrap(lambda: au().upload_adapter), methods=["POST"]),
+    ]

@@ -1,4 +1,4 @@
-"""The `loraplex` command: `serve`, `train`, `routes`."""
+"""The `loraplex` command: `serve`, `train`, `routes`, `keys`, `tenants`."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,11 @@ def serve_parser(sub) -> None:
     p.add_argument("--served-model-name", help="the id clients use for the base model")
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR", help="register a PEFT adapter at start (repeatable)")
     p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
+    p.add_argument("--registry", help="registry database: a postgresql:// URL shared by replicas (default "
+                   "$LORAPLEX_REGISTRY, else registry.sqlite3 in the store)")
+    p.add_argument("--allow-hub-org", action="append", dest="hub_orgs", metavar="ORG",
+                   help="let POST /v1/adapters register Hugging Face hub adapters (org/repo[@rev]) of this org; '*' = any "
+                        "(repeatable; default: none, remote ids refused)")
     p.add_argument("--allowed-adapter-root", action="append", type=Path, dest="allowed_adapter_roots", help="only register adapters from under these dirs (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -45,10 +50,19 @@ def serve_parser(sub) -> None:
                    help="do not reuse the KV of prompt prefixes already computed (per adapter version)")
     p.add_argument("--jobs-dir", type=Path, help="fine-tuning files and jobs (default $LORAPLEX_HOME/jobs)")
     p.add_argument("--max-concurrent-jobs", type=int, default=1, help="training jobs run at once")
-    p.add_argument("--max-request-bytes", type=int, help="largest HTTP request body, uploads aside (default 8 MiB; 413 above)")
-    p.add_argument("--max-upload-bytes", type=int, help="largest file upload, POST /v1/files (default 512 MiB; 413 above)")
-    p.add_argument("--drain-timeout", type=float, help="seconds SIGTERM lets in-flight requests finish before aborting them "
-                   "(default 30)")
+    p.add_argument("--max-request-bytes", type=int,
+                   help="largest HTTP request body, uploads aside (default 8 MiB; 413 above)")
+    p.add_argument("--max-upload-bytes", type=int,
+                   help="largest file upload, POST /v1/files (default 512 MiB; 413 above)")
+    p.add_argument("--drain-timeout", type=float,
+                   help="seconds SIGTERM lets in-flight requests finish before aborting them (default 30)")
+    p.add_argument("--no-console", dest="console", action="store_false", help="do not serve the web console at /console")
+    p.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY") or None, metavar="KEY",
+                   help="a single admin key (tenant '*', every scope) besides those of `loraplex keys create` "
+                        "(default $LORAPLEX_API_KEY)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve without authentication, even on a non-loopback --host (anyone who can connect "
+                        "is admin)")
     p.add_argument("--log-level", default="info")
 
 
@@ -56,7 +70,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from .app import ServerState, build_app
-    from .runtime import ServeConfig, build_state
+    from .runtime import ServeConfig, build_state, open_gate
 
     fields = set(ServeConfig.model_fields)
     raw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -66,9 +80,15 @@ def cmd_serve(args) -> int:
     except Exception as e:
         print(f"loraplex serve: {e}", file=sys.stderr)
         return 2
+    try:
+        open_gate(cfg).registry.store.close()  # refuses a non-loopback address without keys, before loading anything
+    except ValueError as e:
+        print(f"loraplex serve: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = ServerState()
-    app = build_app(state, max_request_bytes=cfg.max_request_bytes, max_upload_bytes=cfg.max_upload_bytes)
+    app = build_app(state, max_request_bytes=cfg.max_request_bytes, max_upload_bytes=cfg.max_upload_bytes,
+                    console=cfg.console)
     failed = threading.Event()
     log = logging.getLogger("loraplex")
     # Bounded shutdown: after `drain_timeout` uvicorn cancels the handlers still running (their engine requests
@@ -138,8 +158,8 @@ def cmd_serve(args) -> int:
 def routes_parser(sub) -> None:
     p = sub.add_parser("routes", help="show and change adapter routes (canary splits) in the store")
     p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
-    p.add_argument("--caller", default=None, help="who makes the change (recorded in the history; default $USER); with "
-                   "--server the server records the identity it sees instead")
+    p.add_argument("--caller", default=None, help="who makes the change (recorded in the history; default $USER); "
+                   "with --server the server records the identity it sees instead")
     p.add_argument("--server", default=os.environ.get("LORAPLEX_SERVER"), metavar="URL",
                    help="a running server (default $LORAPLEX_SERVER): change routes through its API, so it loads new versions "
                         "before they take traffic and arms guards at once, instead of writing the store directly")
@@ -282,11 +302,19 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser(sub)
     sub.add_parser("train", help="run a training job from a YAML file (see `loraplex train --help`)")
     routes_parser(sub)
+    from .auth_cli import cmd_keys, cmd_tenants, keys_parser, tenants_parser
+
+    keys_parser(sub)
+    tenants_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         return cmd_serve(args)
     if args.cmd == "routes":
         return cmd_routes(args)
+    if args.cmd == "keys":
+        return cmd_keys(args)
+    if args.cmd == "tenants":
+        return cmd_tenants(args)
     return 2
 
 

@@ -31,6 +31,7 @@ from .errors import BadRequest, QueueFull, Unavailable
 from .model_runner import ModelRunner, StepBatch
 from .request import Request, RequestOutput
 from .sampler import make_generator, sample_rows, token_logprob
+from .structured import step_bitmask
 from .scheduler import Scheduler, Sequence
 
 log = logging.getLogger("loraplex.engine")
@@ -76,6 +77,8 @@ class Engine:
         self.steps = 0
         self.last_batch_size = 0
         self.tokens_generated = 0
+        self.mask_seconds = 0.0  # grammar masks of constrained rows, summed over steps
+        self.masked_steps = 0
         self.prefix_queried = 0  # prompt tokens looked up in the prefix cache at admission
         self.prefix_hits = 0  # of which were found there
 
@@ -111,7 +114,8 @@ class Engine:
                     param="max_tokens",
                 )
         if len(reqs) > self.config.max_queue:
-            raise BadRequest(f"{len(reqs)} choices in one request exceed the queue's capacity ({self.config.max_queue})", param="n")
+            raise BadRequest(f"{len(reqs)} choices in one request exceed the queue's capacity "
+                             f"({self.config.max_queue})", param="n")
         with self._cv:
             if self.failure is not None:
                 raise Unavailable("the engine has stopped; the server is restarting")
@@ -154,11 +158,17 @@ class Engine:
             "running": len(s.running),
             "waiting": len(s.waiting) + len(self._inbox),
             "running_ids": [q.req.request_id for q in list(s.running)],
+            # adapter refs (None: the base) of the running and waiting requests: the gateway's adapter affinity
+            "running_adapters": [q.req.adapter_ref for q in list(s.running)],
+            "waiting_adapters": [q.req.adapter_ref for q in list(s.waiting)] + [r.adapter_ref for r in list(self._inbox)],
+            "max_loras": self.config.max_loras,
             "kv_used_tokens": self.runner.kv.used_tokens,
             "kv_budget_tokens": self.runner.kv.budget_tokens,
             "steps": self.steps,
             "last_batch_size": self.last_batch_size,
             "preemptions": s.preemptions,
+            "mask_seconds": self.mask_seconds,
+            "masked_steps": self.masked_steps,
             "prefix_cache_tokens": self.runner.kv.cached_tokens,
             "prefix_cache_hit_tokens": self.prefix_hits,
             "prefix_cache_query_tokens": self.prefix_queried,
@@ -183,7 +193,8 @@ class Engine:
         try:
             while True:
                 with self._cv:
-                    while not (self._stop or self._inbox or self._calls or self.scheduler.running or self.scheduler.waiting):
+                    s = self.scheduler
+                    while not (self._stop or self._inbox or self._calls or s.running or s.waiting):
                         self._cv.wait()
                     if self._stop:
                         break
@@ -220,10 +231,9 @@ class Engine:
                 self._finish(seq, "error", error=error)
             except Exception:
                 log.exception("could not finish request %s", seq.req.request_id)
-                try:
-                    self.scheduler.running.remove(seq) if seq in self.scheduler.running else self.scheduler.waiting.remove(seq)
-                except ValueError:
-                    pass
+                for queue in (self.scheduler.running, self.scheduler.waiting):
+                    if seq in queue:
+                        queue.remove(seq)
 
     def _reject(self, req: Request, error: str) -> None:
         """Fails a request that never became a sequence: its client gets the error, its adapter pin is released."""
@@ -309,7 +319,9 @@ class Engine:
         self.last_batch_size = len(plan.items)
         self.scheduler.computed(plan.items)
         self._prompt_logprobs(batch, logits)
-        drawn = sample_rows(logits, [(row, seq.req.params, seq.gen, seq.output_ids) for seq, row in batch.sample_rows])
+        masks = self._grammar_masks(batch.sample_rows)
+        rows = [(row, seq.req.params, seq.gen, seq.output_ids) for seq, row in batch.sample_rows]
+        drawn = sample_rows(logits, rows, masks)
         for (seq, row), (token, entry) in zip(batch.sample_rows, drawn):
             self._advance(seq, token, entry, logits[row], hidden[row] if seq.req.params.return_hidden else None)
 
@@ -320,6 +332,15 @@ class Engine:
             lps = torch.log_softmax(logits[row : row + (end - pos)], dim=-1)
             for j in range(end - pos):
                 seq.prompt_logprobs.append(token_logprob(lps[j], seq.all_ids[pos + j + 1], k))
+
+    def _grammar_masks(self, samplers: list[tuple[Sequence, int]]):
+        """Token masks of the constrained rows of this step (None when no row is constrained)."""
+        masks = step_bitmask([(i, seq.req.params.constraint) for i, (seq, _) in enumerate(samplers)
+                              if seq.req.params.constraint is not None])
+        if masks is not None:
+            self.mask_seconds += masks.seconds
+            self.masked_steps += 1
+        return masks
 
     def _advance(self, seq: Sequence, token: int, entry, logits: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         req, p = seq.req, seq.req.params
@@ -335,11 +356,12 @@ class Engine:
         if entry is not None:
             out.logprobs.append(entry)
         reason = None
+        complete = p.constraint is not None and p.constraint.advance(token)  # the grammar allows nothing more
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
         else:
             seq.detok.add(token)
-            if seq.detok.stopped:
+            if seq.detok.stopped or complete:
                 reason = "stop"
             elif len(seq.output_ids) >= p.max_tokens or len(seq.all_ids) >= self.max_model_len:
                 reason = "length"

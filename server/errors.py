@@ -7,11 +7,23 @@ with `isinstance(e, LoraplexError)`; anything else is an internal error,
 logged with its stack trace and answered with a generic 500 / INTERNAL,
 never leaked to a client.
 """
+
 from __future__ import annotations
 
 from loraplex.adapters_store.errors import (  # noqa: F401  (re-exported)
-    ConflictError, DeadlineExceeded, InternalError, InvalidArgument, LoraplexError, NotFoundError, PayloadTooLarge,
-    PermissionDenied, ResourceExhausted, ServiceUnavailable, Unauthenticated, UnprocessableError, kind_for_status,
+    ConflictError,
+    DeadlineExceeded,
+    InternalError,
+    InvalidArgument,
+    LoraplexError,
+    NotFoundError,
+    PayloadTooLarge,
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceUnavailable,
+    Unauthenticated,
+    UnprocessableError,
+    kind_for_status,
 )
 
 ApiError = LoraplexError

@@ -9,10 +9,15 @@ tokens for text prompts) exist once, and a request that one protocol refuses is
 refused by the other with the same field named. `sampling()` turns the checked
 fields into the engine's `SamplingParams` for choice i.
 
+The fields that shape the answer (`response_format`, `logit_bias`, vLLM's
+`guided_*` / `structured_outputs`) come from `structured_fields.AnswerFields`,
+which turns them into one compiled grammar.
+
 Nothing an engine step consumes is left unbounded: the engine thread must never
 meet a value it cannot use (a seed `torch.Generator.manual_seed` rejects, a NaN
 temperature), because such a value would fail the whole step, not one request.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
@@ -21,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from .errors import pydantic_error
 from .request import SamplingParams
+from .structured_fields import AnswerFields
 
 MAX_N = 64  # choices of one request
 MAX_PROMPTS = 64  # prompts of one /v1/completions request
@@ -54,7 +60,7 @@ StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
-class GenerationParams(BaseModel):
+class GenerationParams(AnswerFields):
     """The sampling fields of a generation request, as both front ends take them."""
 
     model_config = ConfigDict(extra="forbid")
@@ -77,8 +83,11 @@ class GenerationParams(BaseModel):
     def _nulls_are_defaults(cls, data: Any) -> Any:
         # OpenAI clients send `"temperature": null` for "not set": the default stated above, not a type error
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields
-                                                           and cls.model_fields[k].default is not None)}
+            return {
+                k: v
+                for k, v in data.items()
+                if not (v is None and k in cls.model_fields and cls.model_fields[k].default is not None)
+            }
         return data
 
     @field_validator("stop", mode="before")
@@ -108,24 +117,25 @@ class GenerationParams(BaseModel):
         return self.logprobs
 
     def sampling(self, max_tokens: int, choice: int = 0, **extra) -> SamplingParams:
-        """The engine's parameters for choice `choice` (seed + choice) with `max_tokens` new tokens."""
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k if self.top_k > 0 else 0,
-            seed=None if self.seed is None else self.seed + choice,
-            stop=list(self.stop),
-            logprobs=self.logprob_count(),
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            ignore_eos=self.ignore_eos,
+        """The engine's parameters for choice `choice` (seed + choice) with `max_tokens` new tokens; `extra`
+        sets (or overrides, e.g. `stop`) engine fields the front end derived."""
+        return SamplingParams(**{
+            "max_tokens": max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k if self.top_k > 0 else 0,
+            "seed": None if self.seed is None else self.seed + choice,
+            "stop": list(self.stop),
+            "logprobs": self.logprob_count(),
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "ignore_eos": self.ignore_eos,
             **extra,
-        )
+        })
 
     @classmethod
     def from_proto(cls, sp) -> "GenerationParams":
-        """The set fields of a gRPC `SamplingParams` message, checked as an HTTP body is (errors name `sampling.<field>`)."""
+        """The set fields of a gRPC `SamplingParams` message, checked as an HTTP body is (errors: sampling.<field>)."""
         data = {f.name: (list(v) if f.name == "stop" else v) for f, v in sp.ListFields()}
         try:
             return cls.model_validate(data)

@@ -31,10 +31,15 @@ from grpc_reflection.v1alpha import reflection
 from loraplex.protos.loraplex.v1 import loraplex_pb2 as pb
 from loraplex.protos.loraplex.v1 import loraplex_pb2_grpc as pbg
 
+from . import auth
 from .adapters_api import version_json
+from .openai_api import load_json
 from .caller import caller_of
 from .errors import BadRequest, DeadlineExceeded, LoraplexError, NotFound, Unavailable, internal
-from .generation_params import CHAT_ROLES, COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, GenerationParams
+from .generation_params import (
+    CHAT_ROLES, COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, GenerationParams,
+)
+from .structured_fields import grpc_answer
 from .service import Generation, gather_streams, merge
 
 log = logging.getLogger("loraplex.grpc")
@@ -98,10 +103,26 @@ def add_service(server, servicer, service_name: str) -> None:
     handlers = {}
     for m in desc.methods:
         make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=_lenient(getattr(pb, m.input_type.name)),
+        handlers[m.name] = make(getattr(servicer, m.name),
+                                request_deserializer=_lenient(getattr(pb, m.input_type.name)),
                                 response_serializer=getattr(pb, m.output_type.name).SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name, handlers),))
     server.add_registered_method_handlers(desc.full_name, handlers)
+
+
+class _Health(HealthServicer):
+    """grpcio-health-checking's servicer plus `List` (every service's status), which it leaves UNIMPLEMENTED."""
+
+    async def List(self, request, context) -> health_pb2.HealthListResponse:
+        # _server_status is the base class's only record of the statuses `set` stored
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=st) for name, st in self._server_status.items()})
+
+
+def _count_rejected(servicer, e: Exception) -> None:
+    tel = getattr(servicer.state, "telemetry", None)
+    if tel is not None and isinstance(e, LoraplexError) and 400 <= e.http_status < 500:
+        tel.request_rejected("grpc", e.grpc_code, e.error_type)
 
 
 def edge(fn):
@@ -113,6 +134,7 @@ def edge(fn):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:
+            _count_rejected(self, e)
             await _abort(context, e, fn.__name__)
 
     wrapper.__name__ = fn.__name__
@@ -129,6 +151,7 @@ def edge_stream(fn):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:
+            _count_rejected(self, e)
             await _abort(context, e, fn.__name__)
 
     wrapper.__name__ = fn.__name__
@@ -209,10 +232,11 @@ class InferenceServicer(_Base, pbg.InferenceServicer):
             max_tokens = gp.max_tokens
         else:
             max_tokens = s.default_max_tokens(len(prompt)) if chat else COMPLETION_DEFAULT_MAX_TOKENS
+        constraint, logit_bias = await asyncio.to_thread(grpc_answer, s.grammars, request, s.vocab_size)
         rid = request.request_id or uuid.uuid4().hex
         deadline = context.time_remaining()  # None without a client deadline
-        reqs = s.submit_choices([prompt], gp, max_tokens, adapter, loop=asyncio.get_running_loop(), deadline_s=deadline,
-                                request_id=rid)
+        reqs = s.submit_choices([prompt], gp, max_tokens, adapter, loop=asyncio.get_running_loop(),
+                                deadline_s=deadline, request_id=rid, constraint=constraint, logit_bias=logit_bias)
         served = s.model_id if adapter is None else adapter.ref
         ident = dict(request_id=rid, adapter="" if adapter is None else adapter.name,
                      adapter_version=0 if adapter is None else adapter.version, served_by=served)
@@ -262,7 +286,7 @@ class InferenceServicer(_Base, pbg.InferenceServicer):
     async def ListModels(self, request, context):
         s = self._service()
         models = [pb.ModelInfo(id=s.model_id)]
-        versions = s.store.list()
+        versions = [v for v in s.store.list() if auth.sees(v.name)]
         models += [pb.ModelInfo(id=v.ref, parent=s.model_id, version=v.version) for v in versions]
         models += [pb.ModelInfo(id=name, parent=s.model_id) for name in sorted({v.name for v in versions})]
         return pb.ListModelsResponse(models=models)
@@ -301,23 +325,21 @@ class AdminServicer(_Base, pbg.AdminServicer):
 
     @edge
     async def RegisterAdapter(self, request, context):
-        m, _, _ = self._parts()
-        self._name(request.name)
+        m, st, _ = self._parts()
+        name = auth.own(self._name(request.name))
+        auth.check_path_registration(st, request.path)
         if not request.path:
             raise BadRequest("'path' is required", param="path")
-        try:
-            lineage = json.loads(request.lineage_json) if request.lineage_json else None
-        except json.JSONDecodeError as e:
-            raise BadRequest(f"'lineage_json' is not valid JSON: {e}", param="lineage_json") from e
+        lineage = load_json(request.lineage_json, "'lineage_json'", "lineage_json") if request.lineage_json else None
         if lineage is not None and not isinstance(lineage, dict):
             raise BadRequest("'lineage_json' must be a JSON object", param="lineage_json")
-        v = await m.register_async(request.name, request.path, lineage, self._caller(context))
+        v = await m.register_async(name, request.path, lineage, self._caller(context))
         return _version_msg(version_json(v, m.engine))
 
     @edge
     async def GetAdapter(self, request, context):
         m, st, _ = self._parts()
-        name = self._name(request.name)
+        name = auth.own(self._name(request.name))
         versions = st.versions(name)
         if not versions:
             raise NotFound(f"adapter {name!r} does not exist", param="name")
@@ -330,19 +352,20 @@ class AdminServicer(_Base, pbg.AdminServicer):
     @edge
     async def ListAdapters(self, request, context):
         m, st, _ = self._parts()
-        return pb.ListAdaptersResponse(versions=[_version_msg(version_json(v, m.engine)) for v in st.list()])
+        mine = [v for v in st.list() if auth.manages(v.name)]
+        return pb.ListAdaptersResponse(versions=[_version_msg(version_json(v, m.engine)) for v in mine])
 
     @edge
     async def DeleteAdapter(self, request, context):
         m, _, _ = self._parts()
         version = request.version if request.HasField("version") else None
-        removed = await asyncio.to_thread(m.delete, self._name(request.name), version, self._caller(context))
+        removed = await asyncio.to_thread(m.delete, auth.own(self._name(request.name)), version, self._caller(context))
         return pb.DeleteAdapterResponse(deleted=[v.ref for v in removed], draining=[v.ref for v in removed if m.engine.in_use(v.ref)])
 
     @edge
     async def SetRoute(self, request, context):
         _, _, routes = self._parts()
-        name = self._name(request.name)
+        name = auth.own(self._name(request.name))
         if request.sticky not in ("", "user", "session"):
             raise BadRequest("'sticky' must be empty, 'user' or 'session'", param="sticky")
         guard = None
@@ -357,7 +380,7 @@ class AdminServicer(_Base, pbg.AdminServicer):
     @edge
     async def GetRoute(self, request, context):
         _, st, _ = self._parts()
-        name = self._name(request.name)
+        name = auth.own(self._name(request.name))
         r = st.get_route(name)
         if r is None:
             st.versions(name)  # NOT_FOUND for an unknown adapter
@@ -367,12 +390,12 @@ class AdminServicer(_Base, pbg.AdminServicer):
     @edge
     async def PromoteRoute(self, request, context):
         _, _, routes = self._parts()
-        return _route_msg(await asyncio.to_thread(routes.apply_promote, self._name(request.name), request.version, self._caller(context)))
+        return _route_msg(await asyncio.to_thread(routes.apply_promote, auth.own(self._name(request.name)), request.version, self._caller(context)))
 
     @edge
     async def RollbackRoute(self, request, context):
         _, _, routes = self._parts()
-        return _route_msg(await asyncio.to_thread(routes.apply_rollback, self._name(request.name), request.reason or None, self._caller(context)))
+        return _route_msg(await asyncio.to_thread(routes.apply_rollback, auth.own(self._name(request.name)), request.reason or None, self._caller(context)))
 
 
 class GrpcServer:
@@ -395,10 +418,11 @@ class GrpcServer:
 
     async def _start(self) -> int:
         # so_reuseport off: a second server on a taken port fails instead of sharing it
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # every method of every service passes the gate (auth.py GRPC_RULES) before its handler runs
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[auth.make_interceptor(self.state)])
         add_service(self.server, InferenceServicer(self.state), "Inference")
         add_service(self.server, AdminServicer(self.state), "Admin")
-        self.health = HealthServicer()
+        self.health = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES, self.server)
         try:

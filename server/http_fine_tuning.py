@@ -17,6 +17,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
+from . import auth
+from .auth_api import check_file_quota, check_job_overrides, check_job_quota
 from .errors import ApiError, BadRequest
 from .openai_api import parse_body
 
@@ -52,7 +54,10 @@ class FineTuningRoutes:
         if not purpose:
             raise BadRequest("multipart field 'purpose' is required", param="purpose")
         data = await f.read()
-        return JSONResponse(await self._call(self.m.add_file, f.filename or "upload.jsonl", data, str(purpose)))
+        await asyncio.to_thread(check_file_quota, self.m, len(data))
+        out = await self._call(self.m.add_file, f.filename or "upload.jsonl", data, str(purpose))
+        await asyncio.to_thread(auth.claim, "file", out["id"])
+        return JSONResponse(out)
 
     async def list_files(self, request: HttpRequest):
         q = request.query_params
@@ -60,50 +65,91 @@ class FineTuningRoutes:
         if order not in ("asc", "desc"):
             raise BadRequest("'order' must be 'asc' or 'desc'", param="order")
         limit = _limit(request, default=10000, most=10000)
-        data, more = await self._call(self.m.list_files, purpose=q.get("purpose"), after=q.get("after"), limit=limit, order=order)
+        mine = await asyncio.to_thread(auth.owned_filter, "file")
+        every, _ = await self._call(self.m.list_files, purpose=q.get("purpose"), limit=1 << 30, order=order)
+        data = [f for f in every if mine(f["id"])]
+        after = q.get("after")
+        if after is not None:
+            ids = [f["id"] for f in data]
+            data = data[ids.index(after) + 1:] if after in ids else []
+        data, more = data[:limit], len(data) > limit
         return JSONResponse({"object": "list", "data": data, "has_more": more,
                              "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
 
+    async def _own_file(self, request: HttpRequest) -> str:
+        fid = request.path_params["file_id"]
+        await asyncio.to_thread(auth.check_owner, "file", fid, f"no file {fid!r}", "file_id")
+        return fid
+
+    async def _own_job(self, request: HttpRequest) -> str:
+        jid = request.path_params["job_id"]
+        await asyncio.to_thread(auth.check_owner, "job", jid, f"no fine-tuning job {jid!r}", "fine_tuning_job_id")
+        return jid
+
     async def get_file(self, request: HttpRequest):
+        await self._own_file(request)
         return JSONResponse(await self._call(self.m.file, request.path_params["file_id"]))
 
     async def delete_file(self, request: HttpRequest):
+        await self._own_file(request)
         return JSONResponse(await self._call(self.m.delete_file, request.path_params["file_id"]))
 
     async def file_content(self, request: HttpRequest):
+        await self._own_file(request)
         path = await self._call(self.m.file_path, request.path_params["file_id"])
         return FileResponse(path, media_type="text/csv" if path.suffix == ".csv" else "application/jsonl")
 
     async def create_job(self, request: HttpRequest):
         body: JobBody = await parse_body(request, JobBody)
         method = body.method or {"type": "supervised", "supervised": {"hyperparameters": body.hyperparameters or {}}}
-        if method.get("type") not in ("supervised", "dpo"):
-            raise BadRequest(f"method type {method.get('type')!r} is not supported; use 'supervised' or 'dpo'", param="method.type")
+        if method.get("type") not in ("supervised", "dpo", "reinforcement"):
+            raise BadRequest(f"method type {method.get('type')!r} is not supported; use 'supervised', 'dpo' or "
+                             "'reinforcement'", param="method.type")
         overrides = dict(body.loraplex or {})
         if body.canary is not None:
             overrides["canary"] = body.canary
+        tenant = auth.identity().tenant
+        for param, fid in (("training_file", body.training_file), ("validation_file", body.validation_file)):
+            if fid:
+                await asyncio.to_thread(auth.check_owner, "file", fid, f"no file {fid!r}", "file_id")
+        overrides = await asyncio.to_thread(check_job_overrides, overrides)
+        await asyncio.to_thread(check_job_quota, self.m)
         job = await self._call(self.m.create_job, model=body.model, training_file=body.training_file, validation_file=body.validation_file,
                                suffix=body.suffix, seed=body.seed, method=method, hyperparameters=body.hyperparameters or {},
-                               overrides=overrides, metadata=body.metadata)
+                               overrides=overrides, metadata=body.metadata, tenant=tenant)
+        await asyncio.to_thread(auth.claim, "job", job["id"])
         return JSONResponse(job)
 
     async def list_jobs(self, request: HttpRequest):
         limit = _limit(request)
-        data, more = await self._call(self.m.jobs, request.query_params.get("after"), limit)
+        mine = await asyncio.to_thread(auth.owned_filter, "job")
+        every, _ = await self._call(self.m.jobs, None, 1 << 30)
+        data = [j for j in every if mine(j["id"])]
+        after = request.query_params.get("after")
+        if after is not None:
+            ids = [j["id"] for j in data]
+            data = data[ids.index(after) + 1:] if after in ids else []
+        data, more = data[:limit], len(data) > limit
         return JSONResponse({"object": "list", "data": data, "has_more": more})
 
     async def get_job(self, request: HttpRequest):
-        return JSONResponse(await self._call(self.m.job, request.path_params["job_id"]))
+        return JSONResponse(await self._call(self.m.job, await self._own_job(request)))
 
     async def cancel(self, request: HttpRequest):
-        return JSONResponse(await self._call(self.m.cancel, request.path_params["job_id"]))
+        return JSONResponse(await self._call(self.m.cancel, await self._own_job(request)))
+
+    async def pause(self, request: HttpRequest):
+        return JSONResponse(await self._call(self.m.pause, request.path_params["job_id"]))
+
+    async def resume(self, request: HttpRequest):
+        return JSONResponse(await self._call(self.m.resume, request.path_params["job_id"]))
 
     async def events(self, request: HttpRequest):
-        data, more = await self._call(self.m.events, request.path_params["job_id"], request.query_params.get("after"), _limit(request))
+        data, more = await self._call(self.m.events, await self._own_job(request), request.query_params.get("after"), _limit(request))
         return JSONResponse({"object": "list", "data": data, "has_more": more})
 
     async def checkpoints(self, request: HttpRequest):
-        data = await self._call(self.m.checkpoints, request.path_params["job_id"])
+        data = await self._call(self.m.checkpoints, await self._own_job(request))
         limit = _limit(request)
         return JSONResponse({"object": "list", "data": data[:limit], "has_more": len(data) > limit,
                              "first_id": data[0]["id"] if data else None, "last_id": data[min(limit, len(data)) - 1]["id"] if data else None})
@@ -131,7 +177,8 @@ def fine_tuning_routes(manager) -> list[Route]:
     def answer(fn):
         async def endpoint(request: HttpRequest):
             try:
-                return await fn(request)
+                with auth.unguarded():
+                    return await fn(request)
             except ApiError as e:
                 return JSONResponse(e.body(), status_code=e.http_status)
             except Exception:
@@ -151,6 +198,8 @@ def fine_tuning_routes(manager) -> list[Route]:
         Route("/v1/fine_tuning/jobs", answer(r.list_jobs), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}", answer(r.get_job), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}/cancel", answer(r.cancel), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/pause", answer(r.pause), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/resume", answer(r.resume), methods=["POST"]),
         Route("/v1/fine_tuning/jobs/{job_id}/events", answer(r.events), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}/checkpoints", answer(r.checkpoints), methods=["GET"]),
     ]

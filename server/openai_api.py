@@ -18,22 +18,25 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from .errors import BadRequest, pydantic_error
+from . import auth
+from .errors import BadRequest, NotFound, pydantic_error
 from .generation_params import (
-    COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPTS, MAX_TOKENS, GenerationParams, TopLogprobs,
-    valid_text,
+    COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPTS, MAX_TOKENS, GenerationParams,
+    TopLogprobs, valid_text,
 )
 from .request import TokenLogprob
 from .service import Generation, GenerationService, gather_streams, merge
+from .structured_fields import AnswerFields, PlatformFields, ToolFields, ToolMessageFields, compile_answer
+from .tools import CALL_CLOSE, ToolChoice, ToolStreamParser, check_tool_support, parse_tool_calls, template_messages
 
 Text = Annotated[str, AfterValidator(valid_text)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # an unknown field is a 400 naming it, never silently ignored
 
 
-class ChatMessage(_Body):
+class ChatMessage(_Body, ToolMessageFields):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[Text, list[dict], None] = None
     name: str | None = Field(None, max_length=MAX_NAME_CHARS)
@@ -41,18 +44,19 @@ class ChatMessage(_Body):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # no effect: there is no network side channel to pad against
 
 
 class _Sampling(GenerationParams):
     """An OpenAI body: the shared generation parameters plus the fields only the wire has."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # an unknown field is a 400 naming it, never silently ignored
     model: str = Field(max_length=MAX_NAME_CHARS)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(_Sampling, ToolFields, PlatformFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False  # chat spells "k alternatives" as logprobs: true + top_logprobs: k
@@ -67,6 +71,7 @@ class CompletionRequest(_Sampling):
                   Annotated[list[list[int]], Field(max_length=MAX_PROMPTS)]]
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=64)
 
 
 MAX_JSON_DEPTH = 128  # nesting levels of a JSON body; deeper is refused before validation (and recursion) sees it
@@ -83,20 +88,26 @@ def _depth_exceeds(data, limit: int) -> bool:
     return False
 
 
+def load_json(raw: bytes | str, what: str = "the JSON body", param: str | None = None):
+    """JSON from a client: not UTF-8, malformed or nested too deep is a 400 naming `what`, never a 500."""
+    try:
+        data = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"{what} is not valid UTF-8 (byte {e.start})", param=param) from e
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"{what} is malformed JSON: {e.msg} at position {e.pos}", param=param) from e
+    except RecursionError as e:
+        raise BadRequest(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep", param=param) from e
+    if _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise BadRequest(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep", param=param)
+    return data
+
+
 async def parse_body(request: HttpRequest, model: type[BaseModel]):
     raw = await request.body()
-    try:
-        data = json.loads(raw.decode("utf-8") if raw else "null")
-    except UnicodeDecodeError as e:
-        raise BadRequest(f"the request body is not valid UTF-8 (byte {e.start})") from e
-    except json.JSONDecodeError as e:
-        raise BadRequest(f"malformed JSON body: {e.msg} at position {e.pos}") from e
-    except RecursionError as e:
-        raise BadRequest(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep") from e
+    data = load_json(raw or b"null", "the request body")
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
-    if _depth_exceeds(data, MAX_JSON_DEPTH):
-        raise BadRequest(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -111,6 +122,11 @@ def _sticky_key(body: _Sampling, request: HttpRequest) -> str | None:
     return request.headers.get("x-loraplex-session") or body.user
 
 
+def _answer_params(service: GenerationService, body: _Sampling) -> dict:
+    """Engine fields from the answer-shaping fields that are not a grammar."""
+    return {"logit_bias": body.logit_bias_ids(service.vocab_size)}
+
+
 def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
     out = []
     for i, m in enumerate(messages):
@@ -120,6 +136,10 @@ def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
             for p in content:
                 if p.get("type") != "text" or not isinstance(p.get("text"), str):
                     raise BadRequest(f"messages[{i}].content: only text parts are supported", param=f"messages.{i}.content")
+                try:
+                    valid_text(p["text"])
+                except ValueError as e:
+                    raise BadRequest(f"messages[{i}].content: {e}", param=f"messages.{i}.content") from None
                 parts.append(p["text"])
             content = "".join(parts)
         role = "system" if m.role == "developer" else m.role
@@ -158,27 +178,49 @@ class OpenAIRoutes:
         s = self.service
         created = int(time.time())
         data = [{"id": s.model_id, "object": "model", "created": created, "owned_by": "loraplex", "root": s.model_id, "parent": None}]
-        for v in s.store.list():
+        visible = [v for v in s.store.list() if auth.sees(v.name)]  # the caller's tenant's adapters and shared ones
+        for v in visible:
             data.append({"id": v.ref, "object": "model", "created": int(v.created_at), "owned_by": "loraplex", "root": v.ref, "parent": s.model_id})
-        names = sorted({v.name for v in s.store.list()})
+        names = sorted({v.name for v in visible})
         for name in names:
             latest = s.store.get(name)
             data.append({"id": name, "object": "model", "created": int(latest.created_at), "owned_by": "loraplex", "root": latest.ref, "parent": s.model_id})
         return JSONResponse({"object": "list", "data": data})
 
+    async def model(self, request: HttpRequest) -> JSONResponse:
+        """GET /v1/models/{id}: one entry of the list, or 404 naming the model."""
+        want = request.path_params["model_id"]
+        for m in json.loads((await self.models(request)).body)["data"]:
+            if m["id"] == want:
+                return JSONResponse(m)
+        raise NotFound(f"model {want!r} does not exist", param="model")
+
     async def chat(self, request: HttpRequest):
         s = self.service
         body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
+        body.refuse_unsupported()
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         adapter = s.resolve(body.model, _sticky_key(body, request))
-        prompt = await asyncio.to_thread(s.chat_prompt_ids, _message_dicts(body.messages))
+        tools = body.tool_choice_spec()
+        if tools is not None and tools.tools:
+            check_tool_support(s.tokenizer)
+        messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
+        shown = tools.tools if tools is not None and tools.tools else None  # what the template renders
+        prompt = await asyncio.to_thread(s.chat_prompt_ids, messages, shown)
         max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens(len(prompt))
-        reqs = s.submit_choices([prompt], body, max_tokens, adapter, loop=_loop())
+        extra = _answer_params(s, body)
+        constraint = await asyncio.to_thread(compile_answer, s.grammars, body, tools)
+        if tools is not None and tools.mode == "auto" and not tools.parallel:
+            extra["stop"] = list(body.stop) + [CALL_CLOSE]  # one call, then the answer ends
+            extra["include_stop_str_in_output"] = True
+        reqs = s.submit_choices([prompt], body, max_tokens, adapter, loop=_loop(), constraint=constraint, **extra)
         served = _served_by(adapter, s)
         rid = "chatcmpl-" + uuid.uuid4().hex
         created = int(time.time())
         if body.stream:
             return StreamingResponse(
-                self._chat_stream(body, reqs, rid, created, served),
+                self._chat_stream(body, reqs, rid, created, served, tools),
                 media_type="text/event-stream",
                 headers=_headers(served),
             )
@@ -190,7 +232,15 @@ class OpenAIRoutes:
             logprobs = None
             if body.logprobs:
                 logprobs = {"content": [_chat_logprob_entry(s, e) for e in g.logprobs], "refusal": None}
-            choices.append({"index": i, "message": {"role": "assistant", "content": g.text, "refusal": None}, "logprobs": logprobs, "finish_reason": g.finish_reason})
+            message = {"role": "assistant", "content": g.text, "refusal": None}
+            finish = g.finish_reason
+            if tools is not None and tools.tools:
+                content, calls = parse_tool_calls(g.text, tools)
+                message["content"] = content
+                if calls:
+                    message["tool_calls"] = [c.openai() for c in calls]
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
         completion = sum(g.completion_tokens for g in gens)
         return JSONResponse(
             {
@@ -205,8 +255,9 @@ class OpenAIRoutes:
             headers=_headers(served),
         )
 
-    async def _chat_stream(self, body, reqs, rid, created, served):
+    async def _chat_stream(self, body, reqs, rid, created, served, tools: ToolChoice | None = None):
         s = self.service
+        parsers = [ToolStreamParser(tools) if tools is not None and tools.tools else None for _ in reqs]
 
         def chunk(choices, usage=None):
             d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model, "system_fingerprint": served, "choices": choices}
@@ -222,14 +273,27 @@ class OpenAIRoutes:
             logprobs = None
             if body.logprobs and out.logprobs:
                 logprobs = {"content": [_chat_logprob_entry(s, e) for e in out.logprobs], "refusal": None}
-            if out.text or logprobs is not None:
-                yield chunk([{"index": i, "delta": {"content": out.text}, "logprobs": logprobs, "finish_reason": None}])
+            text, p, new = out.text, parsers[i], []
+            if p is not None:  # tool calls leave the content stream and go out whole, as OpenAI deltas
+                seen = len(p.calls)
+                text = p.feed(text) + (p.finish() if out.finished else "")
+                new = list(enumerate(p.calls[seen:], seen))
+            if text or logprobs is not None:
+                yield chunk([{"index": i, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}])
+            for k, c in new:
+                head = {"index": k, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
+                yield chunk([{"index": i, "delta": {"tool_calls": [head]}, "logprobs": None, "finish_reason": None}])
+                args = {"index": k, "function": {"arguments": c.arguments}}
+                yield chunk([{"index": i, "delta": {"tool_calls": [args]}, "logprobs": None, "finish_reason": None}])
             if out.finished:
                 if out.error:
                     yield f"data: {json.dumps({'error': {'message': out.error, 'type': 'server_error'}})}\n\n"
                     return
                 completion += out.completion_tokens
-                yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}])
+                finish = out.finish_reason
+                if p is not None and p.calls and finish == "stop":
+                    finish = "tool_calls"
+                yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}])
         if body.stream_options and body.stream_options.include_usage:
             yield chunk([], _usage(prompt_tokens, completion))
         yield "data: [DONE]\n\n"
@@ -249,11 +313,17 @@ class OpenAIRoutes:
         body: CompletionRequest = await parse_body(request, CompletionRequest)
         if body.suffix:
             raise BadRequest("'suffix' is not supported", param="suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise BadRequest("'best_of' other than n is not supported (candidates are not ranked server-side)",
+                             param="best_of")
         adapter = s.resolve(body.model, _sticky_key(body, request))
         prompts, prompt_texts = await asyncio.to_thread(_prompt_list, body.prompt, s)
         max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
         echo_lp = body.logprobs if body.echo and body.logprobs is not None else None
-        reqs = s.submit_choices(prompts, body, max_tokens, adapter, loop=_loop(), prompt_logprobs=echo_lp)
+        extra = _answer_params(s, body)
+        constraint = await asyncio.to_thread(compile_answer, s.grammars, body)
+        reqs = s.submit_choices(prompts, body, max_tokens, adapter, loop=_loop(), prompt_logprobs=echo_lp,
+                                constraint=constraint, **extra)
         served = _served_by(adapter, s)
         rid = "cmpl-" + uuid.uuid4().hex
         created = int(time.time())
@@ -292,7 +362,8 @@ class OpenAIRoutes:
             offsets.append(offset)
             offset += len(txt)
             token_lps.append(None if e is None else e.logprob)
-            tops.append(None if e is None else {s.token_text(t): lp for t, lp in e.top})
+            # OpenAI's "up to logprobs + 1": the sampled token is listed even when it is not among the top k
+            tops.append(None if e is None else {**{s.token_text(t): lp for t, lp in e.top}, txt: e.logprob})
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
     async def _completion_stream(self, body, reqs, prompts, prompt_texts, rid, created, served):
@@ -354,7 +425,8 @@ async def _disconnected(request: HttpRequest) -> None:
         pass
 
 
-async def _collect_unless_disconnected(request: HttpRequest, reqs, service: GenerationService) -> list[Generation] | None:
+async def _collect_unless_disconnected(request: HttpRequest, reqs,
+                                      service: GenerationService) -> list[Generation] | None:
     """Every request's whole result, or None once the client has gone (its requests are cancelled then)."""
     gens = [Generation() for _ in reqs]
 

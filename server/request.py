@@ -24,6 +24,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    constraint: Any = None  # structured.TokenConstraint of this request alone: its grammar state, advanced per token
     return_logits: bool = False  # internal (tests, RL rollouts): raw next-token logits of every step
     return_hidden: bool = False  # internal (reward scoring): final normed hidden state before each sampled token
 

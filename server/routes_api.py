@@ -10,14 +10,24 @@ Routes also change without us: `loraplex routes set` and trainer jobs write
 the store from other processes. The server sees those changes in the store's
 event log (`on_store_event`) and arms or disarms guards from the stored route
 and its history, as it does at start for routes set while it was down.
+
+Replicas on one registry share a guard's evidence: each publishes, for the versions its guards
+watch, its own counts (requests and errors over its last `min_requests` outcomes since the route
+changed) to the registry, and decides on the sum over every replica's latest counts, so a canary
+whose errors are spread over many replicas trips as it would on one. The first replica to trip
+rolls back only the route its guard was armed for (`if_updated_at`), so replicas that trip together
+roll back once.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import os
+import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +36,7 @@ from starlette.responses import JSONResponse
 
 from loraplex.adapters_store.store import check_guard
 
+from . import auth
 from .caller import caller_of
 from .errors import BadRequest, NotFound
 from .openai_api import parse_body
@@ -81,12 +92,52 @@ def _store_call(fn, *a, **kw):
 class RouteGuards:
     """Watches outcomes of versions introduced by a guarded route; rolls the route back past a threshold."""
 
+    SHARE_INTERVAL_S = 0.25  # how often counts go to / come from the registry while a guard is armed
+
     def __init__(self, store, telemetry):
         self.store = store
         self.telemetry = telemetry
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._armed: dict[str, dict] = {}  # adapter name -> {"versions": set[int], "since": float, "guard": dict}
+        self._others: dict[tuple, tuple[int, int]] = {}  # (name, version, since) -> other replicas' summed counts
+        self._stop = threading.Event()
         telemetry.listeners.append(self.observe)
+        threading.Thread(target=self._share_loop, name="loraplex-guard-share", daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _local_counts(self, name: str, version: int, armed: dict) -> tuple[int, int]:
+        xs = self.telemetry.window.outcomes(f"{name}@{version}", since=armed["since"], last=armed["guard"]["min_requests"])
+        return len(xs), sum(1 for o in xs if not o.ok)
+
+    def share(self) -> None:
+        """Publishes this replica's counts for every watched version, reads the others', and decides on them."""
+        with self._lock:
+            armed = {n: dict(a) for n, a in self._armed.items()}
+        if not armed:
+            return
+        mine, others = {}, {}
+        for name, a in armed.items():
+            for v in a["versions"]:
+                key = (name, v, a["since"])
+                mine[key] = self._local_counts(name, v, a)
+                rows = self.store.guard_counts(name, v, a["since"])
+                others[key] = tuple(map(sum, zip((0, 0), *(c for r, c in rows.items() if r != self.replica))))
+        self.store.publish_guard_counts(self.replica, mine)
+        with self._lock:
+            self._others = others
+        for name, a in armed.items():
+            for v in a["versions"]:
+                self._decide(name, v)
+
+    def _share_loop(self) -> None:
+        while not self._stop.wait(self.SHARE_INTERVAL_S):
+            try:
+                self.share()
+            except Exception:
+                log.exception("could not share guard counts through the registry")
 
     def arm(self, name: str, route, previous) -> None:
         with self._lock:
@@ -98,7 +149,8 @@ class RouteGuards:
             if not new or previous is None:
                 self._armed.pop(name, None)
                 return
-            self._armed[name] = {"versions": new, "since": time.time(), "guard": dict(route.guard)}
+            # since the route's change time: every replica keys the shared counts by it
+            self._armed[name] = {"versions": new, "since": route.updated_at, "guard": dict(route.guard)}
 
     def sync(self, name: str) -> None:
         """Arms or disarms `name`'s guard from what the store holds: the current route and the change that made it.
@@ -138,23 +190,28 @@ class RouteGuards:
         if ref is None:
             return
         name, _, ver = ref.partition("@")
+        self._decide(name, int(ver))
+
+    def _decide(self, name: str, version: int) -> None:
         with self._lock:
             armed = self._armed.get(name)
-            if armed is None or int(ver) not in armed["versions"]:
+            if armed is None or version not in armed["versions"]:
                 return
-            g = armed["guard"]
-        xs = self.telemetry.window.outcomes(ref, since=armed["since"])
-        if len(xs) < g["min_requests"]:
+            g, since = armed["guard"], armed["since"]
+            other_n, other_e = self._others.get((name, version, since), (0, 0))
+        n, e = self._local_counts(name, version, armed)
+        n, e = n + other_n, e + other_e  # every replica's evidence
+        if n < g["min_requests"]:
             return
-        xs = xs[-g["min_requests"]:]
-        rate = sum(1 for o in xs if not o.ok) / len(xs)
+        rate = e / n
         if rate > g["max_error_rate"]:
             with self._lock:
                 if self._armed.pop(name, None) is None:
                     return  # another thread already rolled back
-            reason = f"guard: {ref} error rate {rate:.1%} over its last {len(xs)} requests exceeds {g['max_error_rate']:.1%}"
+            ref = f"{name}@{version}"
+            reason = f"guard: {ref} error rate {rate:.1%} over its last {n} requests exceeds {g['max_error_rate']:.1%}"
             try:
-                self.store.rollback(name, caller="guard", reason=reason)
+                self.store.rollback(name, caller="guard", reason=reason, if_updated_at=since)
                 log.warning("rolled back route %s: %s", name, reason)
             except Exception:
                 log.exception("guard rollback of %s failed", name)
@@ -175,7 +232,7 @@ class RouteRoutes:
             self.engine.pool.prefetch(_store_call(self.store.get, name, int(v)))
 
     async def put(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         body: RouteBody = await parse_body(request, RouteBody)
         caller = self._caller(request)
         r = await asyncio.to_thread(self.apply_set, name, body.versions, body.sticky, body.guard, caller)
@@ -218,7 +275,7 @@ class RouteRoutes:
         self.guards.sync(ev.name)
 
     async def get(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         r = self.store.get_route(name)
         if r is None:
             _store_call(self.store.versions, name)  # 404 for an unknown adapter
@@ -226,27 +283,27 @@ class RouteRoutes:
         return JSONResponse(route_json(r))
 
     async def list(self, request: HttpRequest):
-        out = [route_json(self.store.get_route(n)) for n in self.store.names()]
+        out = [route_json(self.store.get_route(n)) for n in self.store.names() if auth.manages(n)]
         return JSONResponse({"object": "list", "data": [r for r in out if r is not None]})
 
     async def promote(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         body: PromoteBody = await parse_body(request, PromoteBody)
         return JSONResponse(route_json(await asyncio.to_thread(self.apply_promote, name, body.version, self._caller(request))))
 
     async def rollback(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         raw = await request.body()
         body = await parse_body(request, RollbackBody) if raw.strip() else RollbackBody()
         return JSONResponse(route_json(await asyncio.to_thread(self.apply_rollback, name, body.reason, self._caller(request))))
 
     async def history(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         hist = _store_call(self.store.route_history, name)
         return JSONResponse({"object": "list", "data": [change_json(c) for c in hist]})
 
     async def compare(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         w = request.query_params.get("window", "300")
         try:
             window = float(w) if len(w) <= 32 else math.nan

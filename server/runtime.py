@@ -24,7 +24,9 @@ class ServeConfig(BaseModel):
     served_model_name: str | None = None
     adapters: dict[str, str] = Field(default_factory=dict)  # name -> PEFT dir, registered at start
     store: Path | None = None  # default $LORAPLEX_HOME/store
+    registry: str | None = None  # postgresql:// URL; default $LORAPLEX_REGISTRY, else registry.sqlite3 in the store
     allowed_adapter_roots: list[Path] | None = None  # None = any readable path
+    hub_orgs: list[str] | None = None  # hub orgs whose adapters the API may register ("*": any); None = no remote ids
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 50051
@@ -44,7 +46,10 @@ class ServeConfig(BaseModel):
     max_concurrent_jobs: int = Field(1, ge=1)
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024)  # any HTTP body but an upload (413 above)
     max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, ge=1024)  # POST /v1/files
-    drain_timeout: float = Field(30.0, ge=0.0, le=3600.0)  # seconds SIGTERM waits for in-flight requests, then aborts them
+    drain_timeout: float = Field(30.0, ge=0.0, le=3600.0)  # seconds SIGTERM waits for in-flight requests, then aborts
+    console: bool = True  # serve the web console at /console
+    api_key: str | None = Field(None, repr=False)  # a single admin key (tenant '*'), besides those in the registry
+    insecure_no_auth: bool = False  # serve without authentication, even on a non-loopback address
 
     def store_dir(self) -> Path:
         return self.store or default_home() / "store"
@@ -53,6 +58,8 @@ class ServeConfig(BaseModel):
 def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=None) -> ServerState:
     """Loads everything; fills `state` in place (so an app built earlier sees it once ready)."""
     from loraplex.adapters_store import AdapterStore, BaseModelSpec
+    from loraplex.adapters_store.registry import REGISTRY_ENV
+    from loraplex.adapters_store.tenancy import AccessRegistry
 
     from .adapters_api import AdapterManager
     from .engine import Engine, EngineConfig
@@ -64,11 +71,19 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     from .telemetry import Telemetry
 
     state = state or ServerState()
+    gate = open_gate(cfg)  # before the model loads: a server that must not start fails fast
     base = load_base(cfg.model, dtype=cfg.dtype, device=cfg.device, model_id=cfg.served_model_name)
     spec = BaseModelSpec(model_id=base.model_id, fingerprint=base.fingerprint, module_shapes=base.module_shapes,
                          max_rank=cfg.max_lora_rank, dtype=str(base.model.dtype).removeprefix("torch."))
-    store = AdapterStore(cfg.store_dir(), base=spec, allowed_roots=cfg.allowed_adapter_roots,
-                         max_adapter_bytes=cfg.max_adapter_bytes)
+    from loraplex.adapters_store.hub import hub_cache_root, is_hub_id
+
+    roots = cfg.allowed_adapter_roots
+    if roots is not None and (cfg.hub_orgs or any(is_hub_id(p) for p in cfg.adapters.values())):
+        roots = [*roots, hub_cache_root()]  # hub snapshots are symlinks into the hub cache's blobs
+    if cfg.registry:  # job processes and other handles on this store open the same registry
+        os.environ[REGISTRY_ENV] = cfg.registry
+    store = AdapterStore(cfg.store_dir(), base=spec, allowed_roots=roots,
+                         max_adapter_bytes=cfg.max_adapter_bytes, registry=cfg.registry)
     runner = ModelRunner(base.model, max_loras=cfg.max_loras, kv_budget_tokens=cfg.kv_cache_tokens, max_model_len=cfg.max_model_len,
                          owns_weights=True)
     ecfg = EngineConfig(
@@ -85,9 +100,9 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     engine = Engine(runner, base.tokenizer, ecfg, eos_token_ids=base.eos_token_ids, telemetry=telemetry)
     telemetry.engine, telemetry.store = engine, store
     engine.start()
-    manager = AdapterManager(store, engine)
+    manager = AdapterManager(store, engine, hub_orgs=cfg.hub_orgs)
     for name, path in cfg.adapters.items():
-        v = manager.register(name, path, {"source": str(path), "registered_by": "cli"}, "cli")
+        v = manager.register(name, path, {"source": str(path), "registered_by": "cli"}, "cli", operator=True)
         log.info("registered %s from %s", v.ref, path)
     for v in sorted(store.list(), key=lambda v: -v.created_at):  # warm what the store holds, newest first, up to the CPU tier
         if engine.pool.stats()["cpu_resident"] >= cfg.max_cpu_loras:
@@ -101,6 +116,9 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     guards = RouteGuards(store, telemetry)
     guards.sync_all()  # guarded routes set while the server was down (CLI, trainer jobs) are watched from the start
     state.routes = RouteRoutes(store, engine, telemetry, guards)  # before the store: the poller needs both
+    gate.registry.store.close()
+    gate.registry = AccessRegistry(store)
+    state.gate = gate
     state.store, state.engine, state.manager, state.telemetry = store, engine, manager, telemetry
     state.extra["base"] = base
     state.extra["config"] = cfg
@@ -108,5 +126,25 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
 
     state.jobs = JobManager(cfg.jobs_dir or (cfg.store_dir().parent / "jobs"), cfg.store_dir(), str(base.path), base.model_id,
                             max_concurrent=cfg.max_concurrent_jobs)
+    from .auth_api import job_admission
+
+    state.jobs.may_start = job_admission(gate.registry)
     state.service = GenerationService(engine, store, base, telemetry=telemetry)
     return state
+
+
+def open_gate(cfg: ServeConfig):
+    """The server's auth.Gate over the store's registry; ValueError when `cfg` would serve a
+    non-loopback address without keys (auth.bind_refusal says why and what to do)."""
+    from loraplex.adapters_store import AdapterStore
+    from loraplex.adapters_store.tenancy import AccessRegistry
+
+    from .auth import Gate, bind_refusal, is_loopback
+
+    registry = AccessRegistry(AdapterStore(cfg.store_dir()))
+    refusal = bind_refusal(cfg.host, has_keys=registry.has_keys(), api_key=cfg.api_key,
+                           insecure_no_auth=cfg.insecure_no_auth)
+    if refusal:
+        registry.store.close()
+        raise ValueError(refusal)
+    return Gate(registry, api_key=cfg.api_key, open_when_keyless=is_loopback(cfg.host), no_auth=cfg.insecure_no_auth)

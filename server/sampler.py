@@ -3,7 +3,13 @@
 Every request owns a `torch.Generator`; with a seed, its draws depend only on
 that seed and the request's own logits, never on what else shares the batch.
 Logprobs are of the model's distribution (log-softmax of the raw logits),
-before temperature and truncation, as OpenAI and vLLM report them.
+before logit bias, grammar mask, temperature and truncation, as OpenAI and vLLM
+report them.
+
+Before a row is sampled, its `logit_bias` is added and, for a constrained
+request, its grammar's token mask applied (`structured.py`): both act on a copy
+of that row only, so the other rows of the step, and what they sample, are
+exactly what they would be without such neighbours.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import os
 import torch
 
 from .request import SamplingParams, TokenLogprob
+from .structured import StepMasks, apply_bitmask
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -32,10 +39,11 @@ def token_logprob(lp_row: torch.Tensor, token: int, k: int) -> TokenLogprob:
 
 
 def sample(
-    logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, output_ids: list[int]
+    logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, output_ids: list[int],
+    raw: torch.Tensor | None = None,
 ) -> tuple[int, TokenLogprob | None]:
-    """logits: [V] fp32 of one sequence -> (next token, its logprob entry if asked)."""
-    raw = logits
+    """logits: [V] fp32 of one sequence (after bias and mask; `raw`: before them) -> (next token, logprob entry)."""
+    raw = logits if raw is None else raw
     if params.presence_penalty or params.frequency_penalty:
         if output_ids:
             ids = torch.tensor(output_ids, dtype=torch.long)
@@ -71,8 +79,35 @@ def _plain(p: SamplingParams) -> bool:
     return not (p.presence_penalty or p.frequency_penalty) and (not p.top_k or p.top_k <= 1) and p.top_p >= 1.0
 
 
+def _adjusted_rows(logits: torch.Tensor, rows: list, masks: StepMasks | None) -> dict[int, torch.Tensor]:
+    """Rows whose logits change before sampling (logit bias, grammar mask) -> their own [V] copies, by row index."""
+    mask_of = {} if masks is None else {i: k for k, i in enumerate(masks.rows)}
+    idx = sorted({i for i, r in enumerate(rows) if r[1].logit_bias} | set(mask_of))
+    if not idx:
+        return {}
+    sub = logits.index_select(0, torch.tensor([rows[i][0] for i in idx]))  # [n, V], a copy
+    for k, i in enumerate(idx):
+        bias = rows[i][1].logit_bias
+        if bias:
+            ids, vals = torch.tensor(list(bias), dtype=torch.long), torch.tensor(list(bias.values()), dtype=sub.dtype)
+            sub[k].index_add_(0, ids, vals)
+    if mask_of:
+        ks = [k for k, i in enumerate(idx) if i in mask_of]
+        bm = masks.bitmask[torch.tensor([mask_of[idx[k]] for k in ks])]
+        sub[ks] = apply_bitmask(sub[ks], bm)
+    return {i: sub[k] for k, i in enumerate(idx)}
+
+
+def _gather(logits: torch.Tensor, rows: list, which: list[int], adjusted: dict[int, torch.Tensor]) -> torch.Tensor:
+    """[len(which), V]: the logits rows of `which`, adjusted where they are."""
+    if not any(i in adjusted for i in which):
+        return logits.index_select(0, torch.tensor([rows[i][0] for i in which]))
+    return torch.stack([adjusted[i] if i in adjusted else logits[rows[i][0]] for i in which])
+
+
 def sample_rows(
-    logits: torch.Tensor, rows: list[tuple[int, SamplingParams, torch.Generator, list[int]]]
+    logits: torch.Tensor, rows: list[tuple[int, SamplingParams, torch.Generator, list[int]]],
+    masks: StepMasks | None = None,
 ) -> list[tuple[int, TokenLogprob | None]]:
     """`sample` for many sequences of one step: rows (row of `logits` [K, V], params, generator, output ids).
 
@@ -82,23 +117,24 @@ def sample_rows(
     and row-wise softmax / cumsum give the same values for a row alone as in
     a batch, so a seeded request samples what `sample` would, whatever else
     is in the step. Other rows go through `sample` one by one.
+
+    `masks`: the grammar masks of the step's constrained rows (`structured.step_bitmask`).
     """
     out: list = [None] * len(rows)
+    adjusted = _adjusted_rows(logits, rows, masks)
     greedy, temp = [], []
-    for i, (_, p, _, _) in enumerate(rows):
+    for i, (r, p, g, ids) in enumerate(rows):
         if _plain(p):
             (greedy if p.temperature <= 1e-5 or p.top_k == 1 else temp).append(i)
         else:
-            out[i] = sample(logits[rows[i][0]], p, rows[i][2], rows[i][3])
+            out[i] = sample(adjusted.get(i, logits[r]), p, g, ids, raw=logits[r])
     tokens: dict[int, int] = {}
     if greedy:
-        idx = torch.tensor([rows[i][0] for i in greedy])
-        for i, t in zip(greedy, torch.argmax(logits.index_select(0, idx), dim=-1).tolist()):
+        for i, t in zip(greedy, torch.argmax(_gather(logits, rows, greedy, adjusted), dim=-1).tolist()):
             tokens[i] = t
     if temp:
-        idx = torch.tensor([rows[i][0] for i in temp])
         temps = torch.tensor([rows[i][1].temperature for i in temp], dtype=logits.dtype)
-        probs = torch.softmax(logits.index_select(0, idx) / temps[:, None], dim=-1)
+        probs = torch.softmax(_gather(logits, rows, temp, adjusted) / temps[:, None], dim=-1)
         cdf = torch.cumsum(probs, dim=-1)
         u = torch.cat([torch.rand(1, generator=rows[i][2]) for i in temp]) * cdf[:, -1]
         picked = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_(max=probs.shape[1] - 1)

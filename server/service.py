@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 
 from loraplex.adapters_store.refs import parse_ref
 
+from . import auth
 from .engine import Engine
 from .errors import BadRequest, InternalError, NotFound
 from .generation_params import MAX_NAME_CHARS, MAX_STICKY_KEY_CHARS, GenerationParams
 from .loading import LoadedBase
+from .structured import GrammarCompiler
 from .request import OutputStream, Request, RequestOutput, SamplingParams, TokenLogprob
 
 
@@ -45,6 +47,8 @@ class GenerationService:
         self.telemetry = telemetry
         self.ready = False
         self._heads: dict = {}
+        self.vocab_size = base.model.config.vocab_size  # width of the logits; token ids below it are valid
+        self.grammars = GrammarCompiler(self.tokenizer, engine.eos_ids, self.vocab_size)
 
     @property
     def model_id(self) -> str:
@@ -63,17 +67,18 @@ class GenerationService:
             return None
         name, version = parse_ref(model, param="model")  # the one name@version parser: ASCII digits, 400 otherwise
         try:
+            name = auth.resolve_model(name)  # the caller's tenant: its own adapter, else a shared one; 404 otherwise
             return self.store.resolve(name, version=version, sticky_key=sticky_key)
         except NotFound as e:
-            raise NotFound(f"model {model!r} does not exist: it is neither the base model {self.model_id!r} nor a registered adapter",
-                           param="model") from e
+            raise NotFound(f"model {model!r} does not exist: it is neither the base model {self.model_id!r} nor a "
+                           "registered adapter", param="model") from e
 
     # --- prompts ------------------------------------------------------------------
     # These tokenize: front ends call them off their event loop (asyncio.to_thread), so a long prompt never
     # holds up /health or another request's stream.
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         except Exception as e:
             raise BadRequest(f"messages cannot be rendered with the model's chat template: {e}", param="messages") from e
         return self._encode(text, add_special_tokens=False, param="messages")
@@ -90,6 +95,7 @@ class GenerationService:
         """
         limit = self.engine.max_model_len
         try:
+            text.encode("utf-8")  # tokenizers refuse lone surrogates with a TypeError: say what is wrong instead
             size = 4 * limit
             while size < len(text):
                 cut = text.rfind(" ", size // 2, size)
@@ -131,8 +137,8 @@ class GenerationService:
         head = self._heads.get(adapter.ref)
         if head is None:
             head = self._heads[adapter.ref] = load_score_head(adapter.path)
-        req = self.submit(prompt_ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, return_hidden=True), adapter,
-                          loop=loop)
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, return_hidden=True)
+        req = self.submit(prompt_ids, params, adapter, loop=loop)
         g_hidden = None
         async for out in self.stream(req):
             if out.hidden and g_hidden is None:
@@ -143,18 +149,24 @@ class GenerationService:
         return float(g_hidden @ w[0] + (b.float()[0] if b is not None else 0.0))
 
     # --- running ------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter, *, loop=None, deadline_s: float | None = None,
-               request_id: str | None = None) -> Request:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter, *, loop=None,
+               deadline_s: float | None = None, request_id: str | None = None) -> Request:
         return self._submit_all([self._request(prompt_ids, params, adapter, loop, deadline_s, request_id)])[0]
 
     def submit_choices(self, prompts: list[list[int]], gp: GenerationParams, max_tokens: int, adapter, *, loop=None,
-                       deadline_s: float | None = None, request_id: str | None = None, **extra) -> list[Request]:
-        """The `gp.n` choices of every prompt (choice i seeded seed + i), queued all or none: a 429 holds no slot."""
+                       deadline_s: float | None = None, request_id: str | None = None, constraint=None,
+                       **extra) -> list[Request]:
+        """The `gp.n` choices of every prompt (choice i seeded seed + i), queued all or none: a 429 holds no slot.
+
+        `constraint` (structured.TokenConstraint): the answer's grammar; every choice gets its own state of it."""
         reqs = []
         for ids in prompts:
             for i in range(gp.n):
-                rid = None if request_id is None else (request_id if gp.n * len(prompts) == 1 else f"{request_id}-{len(reqs)}")
-                reqs.append(self._request(ids, gp.sampling(max_tokens, i, **extra), adapter, loop, deadline_s, rid))
+                one = gp.n * len(prompts) == 1
+                rid = None if request_id is None else (request_id if one else f"{request_id}-{len(reqs)}")
+                c = None if constraint is None else constraint.copy()
+                params = gp.sampling(max_tokens, i, constraint=c, **extra)
+                reqs.append(self._request(ids, params, adapter, loop, deadline_s, rid))
         return self._submit_all(reqs)
 
     @staticmethod
@@ -170,6 +182,7 @@ class GenerationService:
 
     def _submit_all(self, reqs: list[Request]) -> list[Request]:
         self.engine.submit_many(reqs)
+        auth.charge_tokens(sum(len(r.prompt_ids) for r in reqs))  # against the calling tenant's tokens per minute
         if self.telemetry is not None:
             for req in reqs:
                 self.telemetry.request_started(req)
@@ -180,6 +193,8 @@ class GenerationService:
         try:
             while True:
                 out: RequestOutput = await req.stream.aget()
+                if out.finished:
+                    auth.charge_tokens(out.completion_tokens)
                 yield out
                 if out.finished:
                     return

@@ -117,7 +117,22 @@ class Telemetry:
         self.batch_size = Gauge("loraplex_batch_size", "Sequences in the last engine step", registry=r)
         self.resident = Gauge("loraplex_resident_adapters", "Adapter versions resident per tier", ["tier"], registry=r)
         self.load_time = Histogram("loraplex_adapter_load_seconds", "Adapter load time (disk to CPU tier)", lbl, buckets=LATENCY_BUCKETS, registry=r)
+        self.rejected = Counter("loraplex_rejected_requests", "Requests refused with a client error (4xx), by reason",
+                                ["protocol", "status", "reason"], registry=r)
         self.evictions = Counter("loraplex_adapter_evictions", "Adapter versions evicted from a slot", lbl, registry=r)
+        # The names vLLM exports, which the Kubernetes Gateway API Inference Extension (llm-d's endpoint picker)
+        # and AIBrix read to route LoRA traffic with adapter affinity: a loraplex pod is routable as a vLLM pod.
+        # lora_requests_info carries the adapters in its labels; its value is the time of the sample, as vLLM's.
+        self.vllm_lora_info = Gauge("vllm:lora_requests_info", "Running stats on LoRA requests (vLLM's names)",
+                                    ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
+        self.vllm_running = Gauge("vllm:num_requests_running", "Requests in the running batch (vLLM's name)",
+                                  ["model_name"], registry=r)
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled (vLLM's name)",
+                                  ["model_name"], registry=r)
+        self.vllm_kv = Gauge("vllm:gpu_cache_usage_perc", "KV-cache usage, 1 = full (vLLM's older name)",
+                             ["model_name"], registry=r)
+        self.vllm_kv_new = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full (vLLM's name)",
+                                 ["model_name"], registry=r)
         self.prefix_queries = Counter("loraplex_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
                                       lbl, registry=r)
         self.prefix_hits = Counter("loraplex_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", lbl,
@@ -183,6 +198,10 @@ class Telemetry:
             span.set_attribute("loraplex.time_to_first_token_s", ttft)
         span.end(end_time=end_ns)
 
+    def request_rejected(self, protocol: str, status: int | str, reason: str) -> None:
+        """A request refused before or instead of being served (HTTP 4xx, a gRPC client-error code)."""
+        self.rejected.labels(protocol, str(status), reason).inc()
+
     def prefix_lookup(self, ref: str | None, prompt_tokens: int, cached_tokens: int) -> None:
         """Engine thread, at a request's admission: how much of its prompt the prefix cache held."""
         a, v = self._labels(ref, self.base_id)
@@ -215,9 +234,26 @@ class Telemetry:
             self.batch_size.set(st["last_batch_size"])
             self.resident.labels("gpu_slot" if str(eng.runner.device).startswith("cuda") else "slot").set(st["slots_used"])
             self.resident.labels("cpu").set(st["cpu_resident"])
+            self._vllm_metrics(st)
         if self.store is not None:
             self.resident.labels("disk").set(len(self.store.list()))
         return generate_latest(self.registry)
+
+    @staticmethod
+    def _adapter_names(refs) -> str:
+        """Adapter names (a gateway routes by the model name clients send: the bare name; the version is ours to
+        pick), sorted, comma-separated as vLLM writes them; the base model is not an adapter."""
+        return ",".join(sorted({ref.partition("@")[0] for ref in refs if ref is not None}))
+
+    def _vllm_metrics(self, st: dict) -> None:
+        self.vllm_lora_info.clear()  # one sample: the current sets (a router reads the latest one)
+        self.vllm_lora_info.labels(self._adapter_names(st["running_adapters"]), self._adapter_names(st["waiting_adapters"]),
+                                   str(st["max_loras"])).set(time.time())
+        self.vllm_running.labels(self.base_id).set(st["running"])
+        self.vllm_waiting.labels(self.base_id).set(st["waiting"])
+        usage = st["kv_used_tokens"] / st["kv_budget_tokens"] if st["kv_budget_tokens"] else 0.0
+        self.vllm_kv.labels(self.base_id).set(usage)
+        self.vllm_kv_new.labels(self.base_id).set(usage)
 
     def shutdown(self) -> None:
         self.provider.shutdown()

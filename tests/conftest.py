@@ -39,6 +39,35 @@ def adapter_dirs(tiny_base, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+PG_ADMIN_URLS = ("postgresql://postgres@127.0.0.1:5432/postgres", "postgresql://root@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh PostgreSQL database on the server every machine of the project runs (127.0.0.1:5432, trust
+    auth), dropped afterwards. Never skipped: CI must run the PostgreSQL tests, so no server is a failure."""
+    import uuid
+
+    import psycopg
+
+    errors = []
+    for admin in PG_ADMIN_URLS:
+        try:
+            conn = psycopg.connect(admin, autocommit=True, connect_timeout=5)
+            break
+        except psycopg.Error as e:
+            errors.append(str(e))
+    else:
+        pytest.fail(f"PostgreSQL is not reachable at 127.0.0.1:5432: {errors}")
+    db = f"loraplex_test_{uuid.uuid4().hex[:12]}"
+    conn.execute(f'CREATE DATABASE "{db}"')
+    try:
+        yield admin.rsplit("/", 1)[0] + "/" + db
+    finally:
+        conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        conn.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -140,3 +140,105 @@ def make_tiny_char_llama(out_dir, seed: int = 0) -> Path:
     make_tiny_llama(out, seed=seed, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                     pad_token_id=tok.pad_token_id, copy_tokenizer=False)
     return out
+
+
+# A Hermes / Qwen2.5-style chat template with tool support (tools in the system turn, calls as
+# <tool_call>{json}</tool_call>, results as <tool_response> user turns), for tiny tool-calling test models.
+TOOL_CHAT_TEMPLATE = """
+{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}You may call one or more functions. Their signatures are within <tools></tools>:
+<tools>
+{%- for t in tools %}
+{{ t | tojson }}
+{%- endfor %}
+</tools>
+For each call, answer with a JSON object within <tool_call></tool_call> tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for m in messages %}
+{%- if m.role == 'system' and loop.first %}
+{%- elif m.role == 'assistant' %}<|im_start|>assistant
+{{ m.content or '' }}
+{%- for c in m.tool_calls or [] %}
+{%- if not loop.first or m.content %}
+{% endif %}<tool_call>
+{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif m.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ m.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}
+""".strip()
+
+
+def make_tiny_tool_llama(out_dir, seed: int = 0) -> Path:
+    """`make_tiny_llama` whose chat template supports tools (TOOL_CHAT_TEMPLATE)."""
+    out = make_tiny_llama(out_dir, seed=seed)
+    (out / "chat_template.jinja").write_text(TOOL_CHAT_TEMPLATE)
+    return out
+
+
+def make_hub_cache(cache_dir, repo_id: str, files: dict, *, repo_type: str = "model", ref: str = "main") -> Path:
+    """Lays out `repo_id` in a Hugging Face hub cache (HF_HUB_CACHE) as huggingface_hub writes it: content-addressed
+    blobs, a snapshot of symlinks per commit, refs/<ref> naming the commit; `files` maps repo paths to bytes or to
+    local files/directories to copy. Returns the snapshot directory. With HF_HUB_OFFLINE=1 huggingface_hub resolves
+    `repo_id` (and `repo_id@<commit>`) from here without the network. Content is bytes; a str or Path is copied."""
+    import hashlib
+    import os
+
+    root = Path(cache_dir) / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    items: dict[str, bytes] = {}
+    for name, src in files.items():
+        if isinstance(src, bytes):
+            items[name] = src
+        elif Path(src).is_dir():
+            for f in sorted(Path(src).rglob("*")):
+                if f.is_file():
+                    items[f"{name}/{f.relative_to(src)}".lstrip("/")] = f.read_bytes()
+        else:
+            items[name] = Path(src).read_bytes()
+    commit = hashlib.sha1(repr(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in items.items())).encode()).hexdigest()
+    snap = root / "snapshots" / commit
+    for name, data in items.items():
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snap / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / ref).write_text(commit)
+    return snap
+
+
+def make_small_pretrained(out_dir, layers: int = 2) -> Path:
+    """The embedded SmolLM2-135M-Instruct cut to its first `layers` decoder layers: tiny and fast like the random
+    models, but with pretrained embeddings, so a LoRA learns facts from a few examples at an ordinary learning rate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = default_tokenizer_dir()
+    out = Path(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    model.config.layer_types = (getattr(model.config, "layer_types", None) or [])[:layers] or None
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    if (src / "generation_config.json").exists():
+        shutil.copy(src / "generation_config.json", out / "generation_config.json")
+    return out

@@ -35,7 +35,9 @@ def pref_data(path: Path, n: int, seed: int = 0, style: str = "ours") -> Path:
 def pref_job(tiny_base, data, method, **kw):
     d = {"base_model": str(tiny_base), "adapter": {"name": f"{method}-bot", "r": 8, "alpha": 16}, "method": method,
          "datasets": [str(data)], "sequence_len": 128, "epochs": 2, "learning_rate": 5e-3, "micro_batch_size": 4,
-         "val_set_size": 0.25, "eval_steps": 1000, "seed": 0, "save_steps": 1000, "beta": 0.1}
+         "val_set_size": 0.25, "eval_steps": 1000, "seed": 0, "save_steps": 1000}
+    if method == "dpo":
+        d["beta"] = 0.1
     d.update(kw)
     return parse_config(d)
 

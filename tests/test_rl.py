@@ -67,8 +67,10 @@ def prompts_file(path: Path) -> Path:
 
 def rl_job(tiny_base, data, method, **kw):
     d = {"base_model": str(tiny_base), "adapter": {"name": f"{method}-bot", "r": 8, "alpha": 16}, "method": method,
-         "datasets": [str(data)], "reward": {"regex": "z"}, "num_rollouts": 16, "num_generations": 4, "response_length": 8,
+         "datasets": [str(data)], "reward": {"regex": "z"}, "num_rollouts": 16, "response_length": 8,
          "max_steps": 14, "learning_rate": 1e-2, "mini_batch_size": 16, "ppo_epochs": 2, "kl_coef": 0.02, "seed": 0, "save_steps": 1000}
+    if method == "grpo":
+        d["num_generations"] = 4
     d.update(kw)
     return parse_config(d)
 
@@ -76,7 +78,7 @@ def rl_job(tiny_base, data, method, **kw):
 def test_rollout_logprobs_match_the_training_forward(tiny_base, tmp_path):  # the real 49k tokenizer
     from loraplex.trainer.rl import _forward, load_prompts
     from loraplex.trainer.rollout import RolloutEngine
-    from loraplex.trainer.sft import load_base_and_tokenizer, lora_model
+    from loraplex.trainer.core import load_base_and_tokenizer, lora_model
 
     cfg = rl_job(tiny_base, prompts_file(tmp_path / "p.jsonl"), "ppo")
     base, tok, _ = load_base_and_tokenizer(cfg, torch.device("cpu"))
@@ -88,7 +90,7 @@ def test_rollout_logprobs_match_the_training_forward(tiny_base, tmp_path):  # th
     ro = RolloutEngine(model, tok, {tok.eos_token_id})
     try:
         ro.push_policy(model)
-        prompts = [ids for _, ids in load_prompts(cfg.datasets[0].path, tok)]
+        prompts = [ids for _, ids, _ in load_prompts(cfg.datasets[0].path, tok)]
         gens = ro.generate(prompts, max_tokens=6, temperature=1.0, seeds=list(range(len(prompts))))
         seqs = [(p, g["tokens"]) for p, g in zip(prompts, gens)]
         with torch.no_grad():

@@ -369,7 +369,7 @@ def test_error_classes_carry_their_mapping():
 
 # --- crash safety ----------------------------------------------------------------------------------
 def test_failure_after_the_copy_leaves_nothing(store, adapter_dirs, monkeypatch):
-    import loraplex.adapters_store.store as store_mod
+    import loraplex.adapters_store.versions as store_mod  # where registration lives
 
     store.register("bot", adapter_dirs["alpha"])
     before = snapshot(store)

@@ -13,23 +13,40 @@ def default_home() -> Path:
 
 
 def run_job(cfg, out_dir: Path, store_dir: Path, *, resume: bool, caller: str, on_event=None, progress=False):
-    """Trains with the method the config names and registers the result; returns (version, route)."""
+    """Trains with the method the config names and registers the result; returns (version, route), or (None, None)
+    when the run stopped early on a stop request (core.STOP_FILE_ENV: a pause) with a checkpoint to resume from."""
     from .register import register_result
 
     if cfg.num_processes > 1:
         from .distributed import train_distributed
 
-        result = train_distributed(cfg, out_dir, resume=resume, on_event=on_event, progress=progress)
+        result = train_distributed(cfg, out_dir, resume=resume, on_event=on_event, progress=progress,
+                                   store_dir=store_dir)
     elif cfg.method == "sft":
         from .sft import train_sft
 
-        result = train_sft(cfg, out_dir, resume=resume, on_event=on_event, progress=progress)
+        result = train_sft(cfg, out_dir, resume=resume, on_event=on_event, progress=progress, store_dir=store_dir)
     else:
         from .preference import train_method
 
         result = train_method(cfg, out_dir, resume=resume, on_event=on_event, progress=progress, store_dir=store_dir)
+    if result.stopped:
+        return None, None
     return register_result(cfg, result.adapter_dir, result.metrics, store_dir, caller=caller,
                            extra_lineage=getattr(result, "lineage", None) or None)
+
+
+def console_events(e: dict) -> None:
+    """What `loraplex train` prints besides its progress bar: the plan before the first step, and warnings."""
+    if e.get("type") == "plan":
+        eps = e.get("examples_per_step")
+        print(f"loraplex train: {e['method']}: {e['optimizer_steps']} optimizer steps, {eps} examples per step"
+              f"{' (mean; packed rows)' if e.get('packing') and not float(eps).is_integer() else ''}, "
+              f"{e.get('train_examples')} training examples, {e['epochs']} epoch(s), "
+              f"learning rate {e['learning_rate']:g}",
+              file=sys.stderr, flush=True)
+    elif e.get("level") == "warn":
+        print(f"loraplex train: warning: {e['message']}", file=sys.stderr, flush=True)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -54,7 +71,8 @@ def train_main(argv: list[str] | None = None) -> int:
     out = args.output or (Path(cfg.output_dir) if cfg.output_dir else default_home() / "runs" / cfg.adapter.name)
     store = args.store or default_home() / "store"
     try:
-        v, route = run_job(cfg, out, store, resume=args.resume, caller=f"train:{args.job.name}", progress=True)
+        v, route = run_job(cfg, out, store, resume=args.resume, caller=f"train:{args.job.name}", progress=True,
+                           on_event=console_events)
     except (DataError, JobConfigError, BaseModelError) as e:
         print(f"loraplex train: {e}", file=sys.stderr)
         return 2

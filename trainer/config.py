@@ -14,6 +14,8 @@ import yaml
 from loraplex.adapters_store.errors import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loraplex.adapters_store.tenancy import QUALIFIED_NAME_PATTERN
+
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -61,7 +63,7 @@ class _Strict(BaseModel):
 
 
 class AdapterSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    name: str = Field(pattern=QUALIFIED_NAME_PATTERN)  # `tenant:name` for a tenant's job (adapters_store/tenancy.py)
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -71,8 +73,50 @@ class AdapterSpec(_Strict):
 
 
 class DatasetSpec(_Strict):
+    """One dataset: a local JSONL / JSON / CSV / Parquet file or a hub dataset id (`org/name`), loaded with `datasets`.
+
+    Axolotl-style field mapping for chat data: `field_messages` names the column holding the conversation,
+    `message_property_mappings` maps our `role` / `content` to the record's keys (e.g. `{role: from, content: value}`),
+    `roles_to_train` lists the roles whose turns carry the loss (default: assistant)."""
     path: str
     format: Literal["auto", "text", "chat", "prompt_completion", "alpaca", "sharegpt", "preference"] = "auto"
+    name: str | None = None  # hub dataset configuration
+    split: str = "train"
+    revision: str | None = None
+    field_messages: str | None = None
+    message_property_mappings: dict[str, str] | None = None
+    roles_to_train: list[str] | None = None
+
+    @field_validator("message_property_mappings")
+    @classmethod
+    def _mappings(cls, v):
+        if v is not None and not set(v) <= {"role", "content"}:
+            raise ValueError(f"keys must be 'role' and/or 'content', got {sorted(v)}")
+        return v
+
+
+# Knobs that belong to some methods only: which methods use each, and its default there. Each is None unless the
+# job's method uses it, so a knob of another method (kl_coef on an SFT job) is refused, naming it, instead of ignored.
+METHOD_KNOBS: dict[str, tuple[tuple[str, ...], object]] = {
+    "packing": (("sft",), True),
+    "train_on_prompt": (("sft",), False),
+    "examples_per_step": (("sft", "dpo", "reward"), None),
+    "beta": (("dpo",), 0.1),
+    "loss_type": (("dpo",), "sigmoid"),
+    "reward": (("ppo", "grpo"), None),
+    "kl_coef": (("ppo", "grpo"), 0.05),
+    "cliprange": (("ppo", "grpo"), 0.2),
+    "cliprange_value": (("ppo",), 0.2),
+    "vf_coef": (("ppo",), 0.1),
+    "ppo_epochs": (("ppo", "grpo"), 2),
+    "mini_batch_size": (("ppo", "grpo"), 8),
+    "num_rollouts": (("ppo", "grpo"), 16),
+    "num_generations": (("grpo",), 4),
+    "response_length": (("ppo", "grpo"), 32),
+    "temperature": (("ppo", "grpo"), 1.0),
+    "gamma": (("ppo",), 1.0),
+    "lam": (("ppo",), 0.95),
+}
 
 
 class JobConfig(_Strict):
@@ -82,7 +126,6 @@ class JobConfig(_Strict):
     datasets: list[DatasetSpec] = Field(min_length=1)
     validation_datasets: list[DatasetSpec] = Field(default_factory=list)
     sequence_len: int = Field(1024, ge=8)
-    packing: bool = True
     epochs: float = Field(1, gt=0)
     max_steps: int | None = Field(None, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
@@ -90,38 +133,43 @@ class JobConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    # Axolotl meaning: an optimizer step is micro_batch_size rows x gradient_accumulation_steps (a packed row holds
+    # several examples). examples_per_step (the OpenAI API's batch_size) instead fixes the examples of every step,
+    # packed or not; micro_batch_size then only bounds the rows of one forward pass.
     micro_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
+    examples_per_step: int | None = Field(None, ge=1)
     val_set_size: float = Field(0.0, ge=0, lt=1)
     eval_steps: int | None = Field(None, ge=1)
     save_steps: int = Field(50, ge=1)
     logging_steps: int = Field(1, ge=1)
     seed: int = 42
     quantize: Literal["4bit"] | None = None
-    train_on_prompt: bool = False
     gradient_checkpointing: bool = True  # recompute activations in backward: far less memory for ~25% more compute
     output_dir: str | None = None
     canary: int | None = Field(None, ge=1, le=99)  # percent of traffic for the new version
     num_processes: int = Field(1, ge=1)
     distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     device: str | None = None
-    # preference / RL knobs (used by dpo, reward, ppo, grpo)
-    beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    # PPO / GRPO
-    reward: Union[str, dict, None] = None  # "module:function", {"regex": ...}, {"contains": ...}, {"exact": ...}, {"adapter": "name[@v]"}
-    kl_coef: float = Field(0.05, ge=0)
-    cliprange: float = Field(0.2, gt=0)
-    cliprange_value: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
-    ppo_epochs: int = Field(2, ge=1)
-    mini_batch_size: int = Field(8, ge=1)
-    num_rollouts: int = Field(16, ge=1)  # prompts per step
-    num_generations: int = Field(4, ge=2)  # GRPO group size
-    response_length: int = Field(32, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
+    # method-specific knobs (METHOD_KNOBS): None unless the method uses them
+    packing: bool | None = None
+    train_on_prompt: bool | None = None
+    beta: float | None = Field(None, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] | None = None
+    # "module:function", {"regex": ...}, {"contains": ...}, {"exact": ...}, {"adapter": "name[@v]"}, {"grader": {...}}
+    reward: Union[str, dict, None] = None
+    kl_coef: float | None = Field(None, ge=0)
+    cliprange: float | None = Field(None, gt=0)
+    cliprange_value: float | None = Field(None, gt=0)
+    vf_coef: float | None = Field(None, ge=0)
+    ppo_epochs: int | None = Field(None, ge=1)
+    mini_batch_size: int | None = Field(None, ge=1)
+    num_rollouts: int | None = Field(None, ge=1)  # prompts per step
+    num_generations: int | None = Field(None, ge=2)  # GRPO group size
+    response_length: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, gt=0)
+    gamma: float | None = Field(None, ge=0, le=1)
+    lam: float | None = Field(None, ge=0, le=1)
 
     @field_validator("datasets", "validation_datasets", mode="before")
     @classmethod
@@ -132,6 +180,14 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        for key, (methods, default) in METHOD_KNOBS.items():
+            if self.method in methods:
+                if getattr(self, key) is None:
+                    setattr(self, key, default)
+            elif getattr(self, key) is not None:
+                hint = " (its examples per step are num_rollouts)" if key == "examples_per_step" else ""
+                raise ValueError(f"'{key}' is a setting of method {'/'.join(methods)}; method: {self.method} does "
+                                 f"not use it{hint}: remove it")
         if self.quantize == "4bit":
             if self.method in ("ppo", "grpo"):
                 raise ValueError(f"quantize: 4bit is not supported for method: {self.method} (its rollout engine reads the base "
@@ -149,6 +205,16 @@ class JobConfig(_Strict):
 
     def target_modules(self) -> list[str] | str:
         return "all-linear" if self.adapter.target_modules == "all-linear" else list(self.adapter.target_modules)
+
+
+DATA_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
+
+
+def is_hub_dataset(path: str) -> bool:
+    """`org/name[@revision]` naming a hub dataset: not a local path, and not spelled like a data file."""
+    from loraplex.adapters_store.hub import is_hub_id
+
+    return is_hub_id(path) and Path(path).suffix.lower() not in DATA_FILE_SUFFIXES
 
 
 def _format_error(e: ValidationError) -> str:
@@ -172,14 +238,14 @@ def parse_config(data: dict, base_dir: Path | None = None) -> JobConfig:
         cfg = JobConfig.model_validate(data)
     except ValidationError as e:
         raise JobConfigError(f"invalid job config: {_format_error(e)}") from None
-    if base_dir is not None:
-        for d in list(cfg.datasets) + list(cfg.validation_datasets):
-            p = Path(d.path)
-            if not p.is_absolute():  # relative to the working directory, else to the job file
-                d.path = str(p.resolve() if p.exists() else (base_dir / p).resolve())
     for d in list(cfg.datasets) + list(cfg.validation_datasets):
-        if not Path(d.path).is_file():
-            raise JobConfigError(f"dataset file not found: {d.path}")
+        p = Path(d.path).expanduser()
+        if base_dir is not None and not p.is_absolute():  # relative to the working directory, else to the job file
+            local = p.resolve() if p.exists() else (base_dir / p).resolve()
+            if local.exists() or not is_hub_dataset(d.path):
+                d.path = str(local)
+        if not Path(d.path).is_file() and not is_hub_dataset(d.path):
+            raise JobConfigError(f"dataset file not found: {d.path} (nor a hub dataset id org/name)")
     return cfg
 
 

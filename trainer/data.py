@@ -1,4 +1,12 @@
-"""Datasets: JSONL files in the common fine-tuning formats, tokenized with loss masks, and packed.
+"""Datasets: files and hub datasets in the common fine-tuning formats, tokenized with loss masks, and packed.
+
+Sources (`DatasetSpec`): a local JSONL file is read line by line by us (so a
+malformed record is reported as `file:line`); JSON, CSV and Parquet files and
+hub dataset ids (`org/name[@revision]`, with `name:` and `split:`) are
+loaded with the `datasets` library, a hub id first resolved into the hub
+cache (`adapters_store.hub`, honouring `HF_HUB_OFFLINE`). Records then go
+through the same formats, with Axolotl-style field mapping for chat data
+(`field_messages`, `message_property_mappings`, `roles_to_train`).
 
 Formats (auto-detected per file from its first record, or named):
 - text              {"text": "..."}                                   loss on every token
@@ -110,15 +118,19 @@ class Tokenizing:
     def _render(self, messages, add_generation_prompt=False) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def chat(self, messages: list[dict]) -> Example:
-        if not any(m["role"] == "assistant" for m in messages):
-            raise ValueError("a conversation needs at least one assistant message to learn from")
+    def chat(self, messages: list[dict], roles: tuple[str, ...] = ("assistant",)) -> Example:
+        if not any(m["role"] in roles for m in messages):
+            raise ValueError(f"a conversation needs at least one {'/'.join(roles)} message to learn from")
         full = self._render(messages)
-        spans = []  # character spans of assistant turns (content and end-of-turn marker)
+        spans = []  # character spans of trained turns (content and end-of-turn marker)
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
+            if m["role"] not in roles:
                 continue
-            before = self._render(messages[:i], add_generation_prompt=True)
+            # an assistant turn is trained from after its header; another trained role's turn as a whole
+            if m["role"] == "assistant":
+                before = self._render(messages[:i], add_generation_prompt=True)
+            else:
+                before = self._render(messages[:i]) if i else ""
             upto = self._render(messages[: i + 1])
             if not full.startswith(upto) or not upto.startswith(before):
                 raise ValueError("the chat template does not render conversations incrementally; cannot find assistant turns")
@@ -148,13 +160,13 @@ class Tokenizing:
             raise ValueError(f"no trainable tokens left within sequence_len={self.seq_len}")
         return Example(ids, labels)
 
-    def record(self, rec: dict, fmt: str) -> Example:
+    def record(self, rec: dict, fmt: str, roles: tuple[str, ...] = ("assistant",)) -> Example:
         if fmt == "text":
             if not isinstance(rec.get("text"), str) or not rec["text"]:
                 raise ValueError("'text' must be a non-empty string")
             return self.text(rec["text"])
         if fmt == "chat":
-            return self.chat(_messages(rec.get("messages"), "messages"))
+            return self.chat(_messages(rec.get("messages"), "messages"), roles)
         if fmt == "sharegpt":
             conv = rec.get("conversations")
             if not isinstance(conv, list) or not conv:
@@ -164,7 +176,7 @@ class Tokenizing:
                 if not isinstance(t, dict) or t.get("from") not in ROLE_MAP or not isinstance(t.get("value"), str):
                     raise ValueError(f"'conversations[{j}]' needs 'from' (human/gpt/system) and a string 'value'")
                 msgs.append({"role": ROLE_MAP[t["from"]], "content": t["value"]})
-            return self.chat(msgs)
+            return self.chat(msgs, roles)
         if fmt == "alpaca":
             ins, inp, out = rec.get("instruction"), rec.get("input", ""), rec.get("output")
             if not isinstance(ins, str) or not isinstance(out, str) or not isinstance(inp, str):
@@ -184,19 +196,94 @@ class Tokenizing:
 
 
 def load_examples(path, fmt: str, tokenizing: Tokenizing) -> list[Example]:
-    recs = read_jsonl(path)
-    if fmt == "auto":
+    """The examples of one local JSONL file (see load_dataset_examples for every source)."""
+    from .config import DatasetSpec
+
+    return load_dataset_examples(DatasetSpec(path=str(path), format=fmt), tokenizing)[0]
+
+
+def read_records(spec) -> tuple[list[tuple[str, dict]], str]:
+    """The records of a dataset as (where, record) pairs, `where` naming the file and line (or row) for errors;
+    and a content hash for the lineage (sha256 of a local file, `hub:org/name@commit` of a hub snapshot)."""
+    from .config import is_hub_dataset
+
+    path = spec.path
+    suffix = Path(path).suffix.lower()
+    if not is_hub_dataset(path) and suffix not in (".json", ".csv", ".parquet"):
+        return [(f"{path}:{i}", rec) for i, rec in read_jsonl(path)], file_sha256(path)
+    import datasets
+
+    if is_hub_dataset(path):
+        from loraplex.adapters_store.hub import HubError, snapshot
+
         try:
-            fmt = detect_format(recs[0][1])
-        except ValueError as e:
-            raise DataError(f"{path}:{recs[0][0]}: {e}") from None
+            local = snapshot(path if spec.revision is None or "@" in path else f"{path}@{spec.revision}",
+                             repo_type="dataset")
+        except HubError as e:
+            raise DataError(str(e)) from None
+        source, kw, digest = str(local), {"name": spec.name}, f"hub:{path.split('@')[0]}@{local.name}"
+    else:
+        source, kw, digest = suffix.lstrip("."), {"data_files": path}, None  # the datasets builder of that name
+        if suffix == ".csv":  # every cell is text: "4" stays the completion "4", an empty cell stays ""
+            import csv
+
+            with open(path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+            kw.update(features=datasets.Features({c: datasets.Value("string") for c in header}), keep_default_na=False)
+    try:
+        ds = datasets.load_dataset(source, split=spec.split, **kw)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the reason is reported, naming the dataset
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise DataError(f"{path}: cannot load the dataset (split {spec.split!r}): {type(e).__name__}: {first}") \
+            from None
+    out = [(f"{path}[row {i}]", dict(rec)) for i, rec in enumerate(ds)]
+    if not out:
+        raise DataError(f"{path}: no records")
+    return out, digest or file_sha256(path)
+
+
+def map_fields(rec: dict, spec) -> dict:
+    """Axolotl-style field mapping: the conversation under `field_messages`, its turns' role / content keys."""
+    if spec.field_messages is None and spec.message_property_mappings is None:
+        return rec
+    key = spec.field_messages or "messages"
+    if key not in rec:
+        raise ValueError(f"no field {key!r} (field_messages) in the record; it has {sorted(rec)}")
+    conv = rec[key]
+    m = {"role": "role", "content": "content", **(spec.message_property_mappings or {})}
+    if not isinstance(conv, list):
+        raise ValueError(f"field {key!r} must be a list of messages")
+    msgs = []
+    for j, t in enumerate(conv):
+        if not isinstance(t, dict) or m["role"] not in t or m["content"] not in t:
+            raise ValueError(f"'{key}[{j}]' needs the keys {m['role']!r} (role) and {m['content']!r} (content)")
+        msgs.append({"role": t[m["role"]], "content": t[m["content"]]})
+    return {"messages": msgs}
+
+
+def trained_roles(spec) -> tuple[str, ...]:
+    roles = spec.roles_to_train or ["assistant"]
+    bad = [r for r in roles if r not in ROLE_MAP]
+    if bad:
+        raise DataError(f"{spec.path}: roles_to_train {bad} are not roles (known: {sorted(ROLE_MAP)})")
+    return tuple(sorted({ROLE_MAP[r] for r in roles}))
+
+
+def load_dataset_examples(spec, tokenizing: Tokenizing) -> tuple[list[Example], str]:
+    """Every record of `spec` as an Example -> (examples, content hash); the first bad record fails the load."""
+    recs, digest = read_records(spec)
+    roles = trained_roles(spec)
+    fmt = "chat" if spec.field_messages or spec.message_property_mappings else spec.format
     out = []
-    for line, rec in recs:
+    for where, rec in recs:
         try:
-            out.append(tokenizing.record(rec, fmt))
+            rec = map_fields(rec, spec)
+            if fmt == "auto":
+                fmt = detect_format(rec)
+            out.append(tokenizing.record(rec, fmt, roles))
         except ValueError as e:
-            raise DataError(f"{path}:{line}: {e}") from None
-    return out
+            raise DataError(f"{where}: {e}") from None
+    return out, digest
 
 
 def pack(examples: list[Example], seq_len: int) -> list[list[Example]]:

@@ -30,10 +30,12 @@ def main(spec_path: str) -> int:
         if events is not None:
             events.write(json.dumps({"at": time.time(), **e}) + "\n")
 
-    res = train_sft(cfg, out_dir, resume=bool(spec.get("resume")), on_event=emit, stop_after=spec.get("stop_after"), ranks=ranks)
+    res = train_sft(cfg, out_dir, resume=bool(spec.get("resume")), on_event=emit, stop_after=spec.get("stop_after"), ranks=ranks,
+                    store_dir=spec.get("store_dir"))
     if ranks.is_main:
         (out_dir / "dist_result.json").write_text(json.dumps({"adapter_dir": str(res.adapter_dir), "metrics": res.metrics,
-                                                              "steps": res.steps, "losses": res.losses}))
+                                                              "steps": res.steps, "losses": res.losses,
+                                                              "stopped": res.stopped, "lineage": res.lineage}))
     ranks.barrier()
     ranks.acc.end_training()
     return 0

@@ -189,7 +189,7 @@ def accelerate_config(cfg, port: int) -> dict:
 
 
 def train_distributed(cfg, out_dir: Path, *, resume: bool = False, on_event=None, progress: bool = False,
-                      stop_after: int | None = None):
+                      stop_after: int | None = None, store_dir=None):
     """Runs the SFT job on `cfg.num_processes` workers and returns rank 0's TrainResult (`stop_after` as in train_sft)."""
     import yaml
     from transformers import AutoTokenizer
@@ -210,7 +210,7 @@ def train_distributed(cfg, out_dir: Path, *, resume: bool = False, on_event=None
     port = _free_port()
     spec = out_dir / "dist_spec.json"
     spec.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "out_dir": str(out_dir), "resume": resume,
-                                "stop_after": stop_after}))
+                                "stop_after": stop_after, "store_dir": None if store_dir is None else str(store_dir)}))
     acc_cfg = out_dir / "accelerate.yaml"
     acc_cfg.write_text(yaml.safe_dump(accelerate_config(cfg, port)))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg), "--num_processes", str(cfg.num_processes),
@@ -250,7 +250,8 @@ def train_distributed(cfg, out_dir: Path, *, resume: bool = False, on_event=None
         reason = next((l for l in reversed(lines) if "Error" in l), lines[-1] if lines else "no output")
         raise DistributedJobError(f"the distributed launch exited with status {rc}: {reason.strip()}")
     r = json.loads(res.read_text())
-    return TrainResult(Path(r["adapter_dir"]), r["metrics"], r["steps"], r["losses"])
+    return TrainResult(Path(r["adapter_dir"]), r["metrics"], r["steps"], r["losses"], r.get("lineage", {}),
+                       stopped=r.get("stopped", False))
 
 
 def _forward_events(path: Path, offset: int, emit, bar) -> int:

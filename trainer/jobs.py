@@ -2,7 +2,10 @@
 
 State lives in `jobs.sqlite3` under the jobs directory, so a restarted
 server lists past jobs; jobs that were running when the server stopped are
-marked failed ("interrupted"). By default one job runs at a time
+queued again and resume from their last checkpoint. Pause asks the job's
+process to checkpoint at the end of its current step and exit (a stop file,
+core.STOP_FILE_ENV); resume starts it again from that checkpoint, so the loss
+curve is that of an uninterrupted run. By default one job runs at a time
 (`max_concurrent`). A job's process writes events to its directory; a
 watcher thread copies them into the database, and when the process exits
 records success (the registered adapter becomes `fine_tuned_model`) or the
@@ -23,6 +26,10 @@ import uuid
 from pathlib import Path
 
 from loraplex.adapters_store.errors import LoraplexError, kind_for_status
+from loraplex.adapters_store.tenancy import qualify
+
+from .core import STOP_FILE_ENV, few_steps_warning
+from .hyperparams import resolve as resolve_hyperparameters
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, filename TEXT, bytes INTEGER, created_at INTEGER, purpose TEXT, path TEXT);
@@ -35,6 +42,7 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+STOP_FILE = "stop"  # in a job's directory: present = checkpoint at the end of this step and exit (a pause)
 
 
 class JobError(LoraplexError, ValueError):
@@ -61,6 +69,7 @@ class JobManager:
         self.max_concurrent = max_concurrent
         self.python = python
         self.poll = poll
+        self.may_start = None  # callable(job id, running job ids) -> bool: a tenant's concurrent-jobs quota (server)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._procs: dict[str, subprocess.Popen] = {}
@@ -69,12 +78,13 @@ class JobManager:
         if "result_files" not in {r["name"] for r in self._db().execute("PRAGMA table_info(jobs)")}:
             with self._db() as c:  # databases from before result files existed
                 c.execute("ALTER TABLE jobs ADD COLUMN result_files TEXT")
-        now = int(time.time())
-        with self._db() as c:  # a restart interrupts whatever was running
+        if "plan" not in {r["name"] for r in self._db().execute("PRAGMA table_info(jobs)")}:
+            with self._db() as c:  # databases from before training plans were recorded
+                c.execute("ALTER TABLE jobs ADD COLUMN plan TEXT")
+        with self._db() as c:  # a restart interrupted whatever was running: queue it again, to resume from its checkpoint
             for (jid,) in c.execute("SELECT id FROM jobs WHERE status IN ('running', 'validating_files')").fetchall():
-                c.execute("UPDATE jobs SET status='failed', finished_at=?, error=? WHERE id=?",
-                          (now, json.dumps({"code": "interrupted", "message": "the server stopped while the job was running", "param": None}), jid))
-                self._event(c, jid, "error", "message", "job interrupted by a server restart")
+                c.execute("UPDATE jobs SET status='queued' WHERE id=?", (jid,))
+                self._event(c, jid, "warn", "message", "job interrupted by a server restart: queued to resume from its last checkpoint")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loraplex-jobs", daemon=True)
         self._thread.start()
@@ -156,7 +166,8 @@ class JobManager:
 
     # --- jobs ---------------------------------------------------------------------
     def create_job(self, *, model: str, training_file: str, validation_file: str | None, suffix: str | None, seed: int | None,
-                   method: dict, hyperparameters: dict, overrides: dict, metadata: dict | None) -> dict:
+                   method: dict, hyperparameters: dict, overrides: dict, metadata: dict | None,
+                   tenant: str = "*") -> dict:
         from .config import JobConfigError, parse_config
 
         if model not in (self.base_model_id, "default", self.base_model):
@@ -166,25 +177,36 @@ class JobManager:
         if suffix is not None and not suffix.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise JobError("suffix may hold letters, digits, '-', '_' and '.' only", param="suffix")
         jid = "ftjob-" + uuid.uuid4().hex[:24]
-        name = f"ft-{suffix}-{jid[6:12]}" if suffix else f"ft-{jid[6:18]}"
+        name = qualify(tenant, f"ft-{suffix}-{jid[6:12]}" if suffix else f"ft-{jid[6:18]}")  # the job's tenant owns it
         mtype = method.get("type", "supervised")
         hp = {**hyperparameters, **(method.get(mtype) or {}).get("hyperparameters", {})}
-        n_epochs = 3 if hp.get("n_epochs", "auto") == "auto" else hp["n_epochs"]
-        batch = 4 if hp.get("batch_size", "auto") == "auto" else hp["batch_size"]
-        mult = 1.0 if hp.get("learning_rate_multiplier", "auto") == "auto" else hp["learning_rate_multiplier"]
+        # OpenAI's meaning: batch_size examples per optimizer step, n_epochs passes; "auto" resolved from the data
+        resolved = resolve_hyperparameters(hp, _count_records(train_path), method=mtype)
         cfg = {
             "base_model": self.base_model,
             "adapter": {"name": name, "r": 16, "alpha": 32},
             "method": {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}.get(mtype, mtype),
             "datasets": [{"path": str(train_path)}],
             "validation_datasets": [{"path": str(val_path)}] if val_path else [],
-            "epochs": n_epochs,
-            "micro_batch_size": batch,
-            "learning_rate": 2e-4 * float(mult),
+            "epochs": resolved["n_epochs"],
+            "learning_rate": resolved["learning_rate"],
             "seed": seed if seed is not None else 42,
         }
-        if mtype == "dpo" and "beta" in hp and hp["beta"] != "auto":
-            cfg["beta"] = hp["beta"]
+        if mtype == "reinforcement":  # a step samples batch_size prompts (x num_generations) and grades them
+            from .graders import GraderError, check_grader
+
+            if validation_file:  # refused rather than ignored: the GRPO loop has no held-out evaluation yet
+                raise JobError("validation_file is not supported with the reinforcement method", param="validation_file")
+            grader = (method.get(mtype) or {}).get("grader")
+            try:
+                check_grader(grader, "method.reinforcement.grader")
+            except GraderError as e:
+                raise JobError(str(e), param="method.reinforcement.grader") from None
+            cfg.update(num_rollouts=resolved["batch_size"], reward={"grader": grader})
+        else:
+            cfg["examples_per_step"] = resolved["batch_size"]
+        if mtype == "dpo":
+            cfg["beta"] = resolved["beta"]
         for k, v in overrides.items():  # loraplex extensions (canary, sequence_len, adapter.r, ...)
             if isinstance(v, dict) and isinstance(cfg.get(k), dict):
                 cfg[k] = {**cfg[k], **v}
@@ -197,16 +219,18 @@ class JobManager:
         if parsed.method in ("dpo", "reward"):  # a malformed preference file is refused now, not minutes later in the job
             self._check_preference_files(parsed, {str(train_path): ("training_file", training_file),
                                                   **({str(val_path): ("validation_file", validation_file)} if val_path else {})})
-        shown = {"n_epochs": n_epochs, "batch_size": batch, "learning_rate_multiplier": mult}
-        if mtype == "dpo":
-            shown["beta"] = parsed.beta
+        shown = {k: resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier", "beta") if k in resolved}
+        plan = training_plan(parsed, resolved)
         with self._db() as c:
-            c.execute("INSERT INTO jobs(id, created_at, status, model, training_file, validation_file, suffix, seed, method, hyperparameters, config, metadata) "
-                      "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            c.execute("INSERT INTO jobs(id, created_at, status, model, training_file, validation_file, suffix, seed, method, hyperparameters, config, metadata, plan) "
+                      "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                       (jid, int(time.time()), "queued", model, training_file, validation_file, suffix, parsed.seed,
                        json.dumps({"type": mtype, mtype: {"hyperparameters": shown}}), json.dumps(shown),
-                       json.dumps(parsed.model_dump(mode="json")), json.dumps(metadata) if metadata else None))
-            self._event(c, jid, "info", "message", "job created and queued")
+                       json.dumps(parsed.model_dump(mode="json")), json.dumps(metadata) if metadata else None, json.dumps(plan)))
+            self._event(c, jid, "info", "message", f"job created and queued: {plan_text(plan)}", {**shown, **plan})
+            warning = few_steps_warning(parsed, plan["optimizer_steps"])
+            if warning:
+                self._event(c, jid, "warn", "message", warning)
         return self.job(jid)
 
     def _check_preference_files(self, cfg, uploaded: dict[str, tuple[str, str]]) -> None:
@@ -243,6 +267,7 @@ class JobManager:
             "result_files": json.loads(r["result_files"] or "[]"), "organization_id": "loraplex", "integrations": [],
             "estimated_finish": eta,
             "user_provided_suffix": r["suffix"], "metadata": json.loads(r["metadata"]) if r["metadata"] else None,
+            "training_plan": json.loads(r["plan"]) if r["plan"] else None,  # ours: resolved learning rate, planned steps
         }
 
     def jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
@@ -295,6 +320,50 @@ class JobManager:
                 self._event(c, jid, "info", "message", "job cancelled")
         return self.job(jid)
 
+    def pause(self, jid: str) -> dict:
+        """Pauses a queued or running job: a running one checkpoints at the end of its current step and exits."""
+        with self._lock:
+            job = self.job(jid)
+            if job["status"] not in ("queued", "running"):
+                raise JobError(f"job {jid} is {job['status']}; only a queued or running job can be paused", 409)
+            if jid in self._procs:
+                (self.runs_dir / jid / STOP_FILE).touch()
+            with self._db() as c:
+                c.execute("UPDATE jobs SET status='paused' WHERE id=?", (jid,))
+                self._event(c, jid, "info", "message", "job paused" + (": checkpointing at the end of the current step"
+                                                                       if jid in self._procs else ""))
+        return self.job(jid)
+
+    def resume(self, jid: str, wait: float = 60.0) -> dict:
+        """Resumes a paused job from its last checkpoint (running once the watcher starts it, queued while no slot is
+        free)."""
+        deadline = time.time() + wait
+        while True:
+            with self._lock:
+                job = self.job(jid)
+                if job["status"] != "paused":
+                    raise JobError(f"job {jid} is {job['status']}; only a paused job can be resumed", 409)
+                p = self._procs.get(jid)
+                if p is None or p.poll() is not None:  # the paused process has written its checkpoint and gone
+                    if p is not None:
+                        self._procs.pop(jid, None)
+                        self._finish(jid, p.returncode)  # it may also have finished (the pause came after its last step)
+                        if self.job(jid)["status"] != "paused":
+                            return self.job(jid)
+                    with self._db() as c:
+                        c.execute("UPDATE jobs SET status='queued' WHERE id=?", (jid,))
+                        self._event(c, jid, "info", "message", "job resumed")
+                    break
+            if time.time() > deadline:
+                raise JobError(f"job {jid} is still writing its pause checkpoint; retry shortly", 409)
+            time.sleep(0.2)
+        # The watcher thread starts it (a job process dies with the thread that started it: PR_SET_PDEATHSIG), at once
+        # when a slot is free; answer with the status it then has.
+        deadline = time.time() + 10 * self.poll + 2
+        while self.job(jid)["status"] == "queued" and self.max_concurrent > len(self._procs) and time.time() < deadline:
+            time.sleep(min(0.1, self.poll))
+        return self.job(jid)
+
     def _kill(self, jid: str) -> None:
         p = self._procs.pop(jid, None)
         if p is not None and p.poll() is None:
@@ -314,11 +383,16 @@ class JobManager:
         job_dir = self.runs_dir / jid
         job_dir.mkdir(parents=True, exist_ok=True)
         cfg = json.loads(self._db().execute("SELECT config FROM jobs WHERE id=?", (jid,)).fetchone()["config"])
+        (job_dir / STOP_FILE).unlink(missing_ok=True)
+        (job_dir / "paused.json").unlink(missing_ok=True)
+        # a job started again (resumed after a pause, or after a server restart) continues from its last checkpoint
+        resume = any((job_dir / "output").glob("checkpoint-*/trainer_state.pt"))
         (job_dir / "job.json").write_text(json.dumps({"config": cfg, "output_dir": str(job_dir / "output"), "store_dir": str(self.store_dir),
-                                                      "caller": f"fine_tuning:{jid}"}))
+                                                      "caller": f"fine_tuning:{jid}", "resume": resume}))
         with open(job_dir / "process.log", "ab") as log:
             p = subprocess.Popen([self.python, "-m", "loraplex.trainer.run_job", str(job_dir)], stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                                 start_new_session=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
+                                                             STOP_FILE_ENV: str(job_dir / STOP_FILE)},
                                  # a job dies with the server, so its record ("interrupted") stays true after a restart
                                  preexec_fn=die_with_parent)
         self._procs[jid] = p
@@ -349,7 +423,7 @@ class JobManager:
                     else:
                         msg = f"Step {e['step']}/{e['total_steps']}: training loss={data['loss']:.4f}"
                     self._event(c, jid, "info", "metrics", msg, data)
-                elif e.get("type") in ("message", "checkpoint", "data", "resumed", "finished"):
+                elif e.get("type") in ("message", "checkpoint", "data", "plan", "resumed", "stopped", "finished"):
                     self._event(c, jid, e.get("level", "info"), "message", e.get("message") or e["type"],
                                 _finite({k: v for k, v in e.items() if k not in ("type", "at", "message", "level")}) or None)
 
@@ -362,6 +436,10 @@ class JobManager:
             if status == "cancelled":
                 return
             res = job_dir / "result.json"
+            if status == "paused" and rc == 0 and (job_dir / "paused.json").exists():
+                step = json.loads((job_dir / "paused.json").read_text()).get("step")
+                self._event(c, jid, "info", "message", f"job paused at step {step}: resume continues from its checkpoint")
+                return
             if rc == 0 and res.exists():
                 r = json.loads(res.read_text())
                 results = []
@@ -405,12 +483,34 @@ class JobManager:
                             self._finish(jid, rc)
                     free = self.max_concurrent - len(self._procs)
                     if free > 0:
-                        for r in self._db().execute("SELECT id FROM jobs WHERE status='queued' ORDER BY created_at, rowid LIMIT ?", (free,)).fetchall():
-                            self._start(r["id"])
+                        for r in self._db().execute("SELECT id FROM jobs WHERE status='queued' ORDER BY created_at, rowid").fetchall():
+                            if free <= 0:
+                                break
+                            if self.may_start is None or self.may_start(r["id"], list(self._procs)):
+                                self._start(r["id"])
+                                free -= 1
             except Exception:  # the watcher must survive anything a job does
                 import logging
 
                 logging.getLogger("loraplex.jobs").exception("job watcher error")
+
+
+def _count_records(path: Path) -> int:
+    """Training examples in an uploaded JSONL file (one per non-empty line; the upload checked every line)."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def training_plan(cfg, resolved: dict) -> dict:
+    """What the job will do, as shown on the job object and its first event."""
+    return {"optimizer_steps": cfg.max_steps or resolved["planned_steps"], "examples_per_step": resolved["batch_size"],
+            "train_examples": resolved["train_examples"], "n_epochs": resolved["n_epochs"],
+            "learning_rate": cfg.learning_rate}
+
+
+def plan_text(plan: dict) -> str:
+    return (f"{plan['train_examples']} training examples x {plan['n_epochs']} epoch(s), {plan['examples_per_step']} per "
+            f"step -> {plan['optimizer_steps']} optimizer steps, learning rate {plan['learning_rate']:g}")
 
 
 def _finite(obj):

@@ -14,21 +14,19 @@ and `"loraplex_kind": "reward"`, which the store and the server's
 """
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .config import JobConfig
+from .core import (Run, TrainResult, gradient_checkpointing_on, init_adapter, load_base_and_tokenizer, lora_model,
+                   make_optimizer, save_adapter, total_steps)
 from .data import Example, Tokenizing, collate, pad_token_id
 from .preference_data import Pair, load_pairs
-from .sft import TrainResult, load_single_checkpoint, _schedule, latest_checkpoint, load_base_and_tokenizer, lora_model, save_checkpoint, set_seed
 
 
 def seq_logps(model, exs: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,11 +77,6 @@ def reward_scores(peft_model, head: RewardHead, exs, pad_id, device) -> torch.Te
     return head.score(last_hidden(peft_model, exs, pad_id, device)).squeeze(-1)
 
 
-@dataclass
-class PrefState:
-    losses: list[float] = field(default_factory=list)
-
-
 def _split(pairs: list[Pair], cfg: JobConfig) -> tuple[list[Pair], list[Pair]]:
     if not cfg.val_set_size:
         return pairs, []
@@ -99,29 +92,6 @@ def _exs(pairs: list[Pair]) -> tuple[list[Example], list[Example]]:
     return [Example(p.chosen_ids, p.chosen_labels) for p in pairs], [Example(p.rejected_ids, p.rejected_labels) for p in pairs]
 
 
-def init_adapter(model, cfg: JobConfig, store_dir) -> dict:
-    """Loads the starting adapter named by adapter.init_from (a store ref) into the fresh LoRA; returns lineage."""
-    if not cfg.adapter.init_from:
-        return {}
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from loraplex.adapters_store import AdapterStore
-
-    if store_dir is None:
-        raise ValueError("adapter.init_from needs the adapter store")
-    store = AdapterStore(store_dir)
-    name, _, ver = cfg.adapter.init_from.partition("@")
-    v = store.get(name, int(ver) if ver else None)
-    if v.manifest.r != cfg.adapter.r:
-        raise ValueError(f"adapter.init_from {v.ref} has rank {v.manifest.r} but the job asks for r={cfg.adapter.r}")
-    sd = load_file(str(v.path / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, sd)
-    if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"adapter.init_from {v.ref} targets modules this job does not: {result.unexpected_keys[:3]}")
-    return {"started_from": v.ref, "started_from_sha256": v.sha256}
-
-
 def train_method(cfg: JobConfig, out_dir: Path, *, resume: bool = False, on_event=None, progress: bool = False,
                  stop_after: int | None = None, store_dir=None) -> TrainResult:
     if cfg.method in ("dpo", "reward"):
@@ -133,40 +103,34 @@ def train_method(cfg: JobConfig, out_dir: Path, *, resume: bool = False, on_even
     raise ValueError(f"unknown method {cfg.method!r}")
 
 
-def train_preference(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=None, progress=False, stop_after=None, store_dir=None) -> TrainResult:
-    from safetensors.torch import save_file
-
-    emit = on_event or (lambda e: None)
-    device = torch.device(cfg.resolved_device())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.seed)
+def train_preference(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=None, progress=False, stop_after=None,
+                     store_dir=None) -> TrainResult:
+    run = Run(cfg, out_dir, resume=resume, on_event=on_event, progress=progress, stop_after=stop_after)
+    device = run.device
     base, tok, base_path = load_base_and_tokenizer(cfg, device)
     pad = pad_token_id(tok)
     tk = Tokenizing(tok, cfg.sequence_len)
     pairs: list[Pair] = []
-    hashes = {}
-    from .data import file_sha256
-
-    for d in cfg.datasets:
-        pairs += load_pairs(d.path, tk)  # a malformed record fails here, before any step
-        hashes[d.path] = file_sha256(d.path)
     held_out: list[Pair] = []
-    for d in cfg.validation_datasets:
-        held_out += load_pairs(d.path, tk)
-        hashes[d.path] = file_sha256(d.path)
+    hashes = {}
+    for specs, into in ((cfg.datasets, pairs), (cfg.validation_datasets, held_out)):
+        for d in specs:
+            got, hashes[d.path] = load_pairs(d, tk)  # a malformed record fails here, before any step
+            into += got
     # a validation file (the fine-tuning API's validation_file) replaces the split off the training pairs, as in SFT
     train, val = (pairs, held_out) if held_out else _split(pairs, cfg)
-    emit({"type": "data", "train_pairs": len(train), "val_pairs": len(val)})
+    run.emit({"type": "data", "train_pairs": len(train), "val_pairs": len(val)})
     model = lora_model(base, cfg)
     lineage = init_adapter(model, cfg, store_dir)
     head = RewardHead(base.config.hidden_size).to(device) if cfg.method == "reward" else None
     params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, math.ceil(len(train) / (cfg.micro_batch_size * cfg.gradient_accumulation_steps)))
-    total = cfg.max_steps or max(1, int(math.ceil(steps_per_epoch * cfg.epochs)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
+    per_step = cfg.examples_per_step or cfg.micro_batch_size * cfg.gradient_accumulation_steps  # pairs per step
+    steps_per_epoch = max(1, math.ceil(len(train) / per_step))
+    total = total_steps(cfg, steps_per_epoch)
+    opt, sched = make_optimizer(params, cfg, total)
 
-    ref_path = out_dir / "reference_logps.pt"
+    # the reference log-probs are the starting point's: computed before a resumed checkpoint's weights are loaded
+    ref_path = run.out_dir / "reference_logps.pt"
     ref = None
     if cfg.method == "dpo":
         if resume and ref_path.exists():
@@ -182,6 +146,7 @@ def train_preference(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=No
                     ref[name] = (torch.cat(rc) if rc else torch.zeros(0), torch.cat(rr) if rr else torch.zeros(0))
             torch.save(ref, ref_path)
             model.train()
+    run.load_weights(model)
 
     def evaluate(ps: list[Pair], which: str) -> dict:
         if not ps:
@@ -202,36 +167,32 @@ def train_preference(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=No
         acc = float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
         return {f"{which}_accuracy": acc, f"{which}_margin": float(margin.mean())}
 
-    step, losses = 0, []
-    if resume and (ck := latest_checkpoint(out_dir)) is not None:
-        step, losses = load_single_checkpoint(model, opt, sched, ck)
-        if head is not None:
-            head.load_state_dict(torch.load(ck / "score_head.pt"))
-        emit({"type": "resumed", "step": step})
+    run.plan(total, train_examples=len(train), examples_per_step=min(per_step, len(train)),
+             steps_per_epoch=steps_per_epoch, gradient_checkpointing=gradient_checkpointing_on(model))
+    run.start(opt, sched, total, model=model, heads={"score_head": head} if head is not None else None)
     initial = evaluate(val, "val")
-    emit({"type": "metrics", "step": step, "total_steps": total, "loss": float("nan"), **initial, "initial": True})
-    metrics_path = out_dir / "metrics.jsonl"
-    t_start, run_steps = time.time(), 0
-    while step < total:
-        epoch, within = divmod(step, steps_per_epoch)
+    run.emit({"type": "metrics", "step": run.step, "total_steps": total, "loss": float("nan"), **initial,
+              "initial": True})
+    mb = cfg.micro_batch_size
+    while run.step < total:
+        epoch, within = divmod(run.step, steps_per_epoch)
         order = list(range(len(train)))
         random.Random(cfg.seed * 1000003 + epoch).shuffle(order)
-        mb = cfg.micro_batch_size
-        groups = [order[i:i + mb * cfg.gradient_accumulation_steps] for i in range(0, len(order), mb * cfg.gradient_accumulation_steps)]
+        groups = [order[i:i + per_step] for i in range(0, len(order), per_step)]
         for g in groups[within:]:
-            if step >= total:
+            if run.step >= total:
                 break
             t0 = time.time()
             opt.zero_grad(set_to_none=True)
             tot, stats = 0.0, {"chosen": [], "rejected": []}
-            chunks = [g[i:i + mb] for i in range(0, len(g), mb)]
-            for ch in chunks:
+            for ch in [g[i:i + mb] for i in range(0, len(g), mb)]:
                 c, r = _exs([train[i] for i in ch])
                 if cfg.method == "dpo":
                     pc, nc = seq_logps(model, c, pad, device)
                     pr, nr = seq_logps(model, r, pad, device)
                     idx = torch.tensor(ch)
-                    loss, rwc, rwr = dpo_loss(pc, pr, ref["train"][0][idx].to(device), ref["train"][1][idx].to(device), cfg.beta, cfg.loss_type, nc, nr)
+                    loss, rwc, rwr = dpo_loss(pc, pr, ref["train"][0][idx].to(device), ref["train"][1][idx].to(device),
+                                              cfg.beta, cfg.loss_type, nc, nr)
                 else:
                     sc = reward_scores(model, head, c, pad, device)
                     sr = reward_scores(model, head, r, pad, device)
@@ -243,40 +204,22 @@ def train_preference(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=No
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()
-            step += 1
-            run_steps += 1
-            losses.append(tot)
             rc_, rr_ = torch.cat(stats["chosen"]), torch.cat(stats["rejected"])
-            rec = {"type": "metrics", "step": step, "total_steps": total, "loss": tot, "learning_rate": sched.get_last_lr()[0],
-                   "rewards_chosen": float(rc_.mean()), "rewards_rejected": float(rr_.mean()), "rewards_margin": float((rc_ - rr_).mean()),
-                   "rewards_accuracy": float((rc_ > rr_).float().mean()), "seconds_per_step": time.time() - t0,
-                   "eta_seconds": (time.time() - t_start) / run_steps * (total - step)}
-            if val and cfg.eval_steps and step % cfg.eval_steps == 0:
+            rec = {"examples": len(g), "rewards_chosen": float(rc_.mean()), "rewards_rejected": float(rr_.mean()),
+                   "rewards_margin": float((rc_ - rr_).mean()), "rewards_accuracy": float((rc_ > rr_).float().mean()),
+                   "seconds_per_step": time.time() - t0}
+            if val and cfg.eval_steps and (run.step + 1) % cfg.eval_steps == 0:
                 rec.update(evaluate(val, "val"))
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            emit(rec)
-            if (step % cfg.save_steps == 0 and step < total) or (stop_after is not None and run_steps >= stop_after):
-                ck = save_checkpoint(model, opt, sched, step, losses, out_dir)
-                if head is not None:
-                    torch.save(head.state_dict(), ck / "score_head.pt")
-                if stop_after is not None and run_steps >= stop_after:
-                    return TrainResult(out_dir, {"stopped_at": step}, step, losses)
-    final = out_dir / "adapter"
-    if final.exists():
-        shutil.rmtree(final)
-    model.save_pretrained(final)
-    acfg = json.loads((final / "adapter_config.json").read_text())
-    from loraplex.adapters_store.base_model import model_id_for
-
-    acfg["base_model_name_or_path"] = model_id_for(base_path)
+            run.step_done(tot, rec, force_log="val_accuracy" in rec)
+            if run.should_stop():
+                return run.stopped(lineage)
+    final = save_adapter(model, run.out_dir / "adapter", base_path,
+                         config_extra={"loraplex_kind": "reward"} if head is not None else None)
     if head is not None:
-        acfg["loraplex_kind"] = "reward"
+        from safetensors.torch import save_file
+
         save_file({"weight": head.score.weight.detach().cpu().contiguous(), "bias": head.score.bias.detach().cpu().contiguous()},
                   str(final / "score_head.safetensors"))
-    (final / "adapter_config.json").write_text(json.dumps(acfg, indent=2))
-    final_eval = evaluate(val, "val")
-    metrics = {"final_loss": losses[-1] if losses else None, "steps": step, **{f"initial_{k}": v for k, v in initial.items()}, **final_eval,
-               "dataset_sha256": hashes, "base_path": str(base_path)}
-    emit({"type": "finished", **{k: v for k, v in metrics.items() if k not in ("dataset_sha256", "base_path")}})
-    return TrainResult(final, metrics, step, losses, lineage)
+    metrics = {**{f"initial_{k}": v for k, v in initial.items()}, **evaluate(val, "val"), "dataset_sha256": hashes,
+               "base_path": str(base_path)}
+    return run.finish(final, metrics, lineage)

@@ -97,14 +97,18 @@ def check_records(path, shown_as: str | None = None) -> int:
     return len(records)
 
 
-def load_pairs(path, tk: Tokenizing) -> list[Pair]:
+def load_pairs(spec, tk: Tokenizing) -> tuple[list[Pair], str]:
+    """The pairs of a dataset (a DatasetSpec: any source data.read_records reads) -> (pairs, content hash)."""
+    from .data import read_records
+
+    recs, digest = read_records(spec)
     out = []
-    for line, rec in read_jsonl(path):
+    for where, rec in recs:
         try:
             prompt, chosen, rejected = _normalize(rec)
             ci, cl = _encode(tk, prompt, chosen)
             ri, rl = _encode(tk, prompt, rejected)
         except ValueError as e:
-            raise DataError(f"{path}:{line}: {e}") from None
+            raise DataError(f"{where}: {e}") from None
         out.append(Pair(ci, cl, ri, rl))
-    return out
+    return out, digest

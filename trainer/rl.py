@@ -17,20 +17,18 @@ computed values); everything else is plumbing.
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .config import JobConfig
-from .data import DataError, pad_token_id, read_jsonl
-from .sft import TrainResult, load_single_checkpoint, _schedule, latest_checkpoint, load_base_and_tokenizer, lora_model, save_checkpoint, set_seed
+from .core import (Run, TrainResult, gradient_checkpointing_on, init_adapter, load_base_and_tokenizer, lora_model,
+                   make_optimizer, save_adapter, total_steps)
+from .data import DataError, pad_token_id, read_records
 
 
 # --- loss terms ----------------------------------------------------------------------------------
@@ -83,9 +81,14 @@ def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 
 # --- rewards -------------------------------------------------------------------------------------
 def make_reward(spec, rollout, tokenizer, store_dir):
-    """-> fn(prompts: list[str], completions: list[str], seqs: list[list[int]]) -> list[float]."""
+    """-> fn(prompts: list[str], completions: list[str], seqs: list[list[int]], items: list[dict]) -> list[float]
+    (`items`: each prompt's dataset record, which graders read as `{{item.<field>}}`); or (fn, reward adapter ref)."""
     if spec is None:
-        raise ValueError("method ppo/grpo needs 'reward': a rule, 'module:function' or {adapter: name}")
+        raise ValueError("method ppo/grpo needs 'reward': a rule, 'module:function', {adapter: name} or {grader: ...}")
+    if isinstance(spec, dict) and set(spec) == {"grader"}:
+        from .graders import make_grader
+
+        return make_grader(spec["grader"], rollout, store_dir)
     if isinstance(spec, str):
         mod, _, fn = spec.partition(":")
         if not fn:
@@ -94,42 +97,55 @@ def make_reward(spec, rollout, tokenizer, store_dir):
             f = getattr(importlib.import_module(mod), fn)
         except (ImportError, AttributeError) as e:
             raise ValueError(f"reward {spec!r} cannot be imported: {e}") from None
-        return lambda prompts, comps, seqs: [float(x) for x in f(prompts, comps)]
+        return lambda prompts, comps, seqs, items: [float(x) for x in f(prompts, comps)]
     if not isinstance(spec, dict) or len(spec) != 1:
         raise ValueError("reward must be one of {regex: ...}, {contains: ...}, {exact: ...}, {adapter: ...}")
     (kind, val), = spec.items()
     if kind == "regex":
         pat = re.compile(val)
-        return lambda p, c, s: [1.0 if pat.search(x) else 0.0 for x in c]
+        return lambda p, c, s, items: [1.0 if pat.search(x) else 0.0 for x in c]
     if kind == "contains":
-        return lambda p, c, s: [1.0 if val in x else 0.0 for x in c]
+        return lambda p, c, s, items: [1.0 if val in x else 0.0 for x in c]
     if kind == "exact":
-        return lambda p, c, s: [1.0 if x.strip() == str(val).strip() else 0.0 for x in c]
+        return lambda p, c, s, items: [1.0 if x.strip() == str(val).strip() else 0.0 for x in c]
     if kind == "adapter":
-        from loraplex.adapters_store import AdapterStore, load_score_head
-
-        name, _, ver = str(val).partition("@")
-        v = AdapterStore(store_dir).get(name, int(ver) if ver else None)
-        if v.manifest.kind != "reward":
-            raise ValueError(f"reward adapter {v.ref} is not a reward model")
-        head = load_score_head(v.path)
-        w, b = head["weight"].float()[0], head.get("bias")
-        b = float(b[0]) if b is not None else 0.0
-        return lambda p, c, seqs: [float(h @ w) + b for h in rollout.final_hidden(seqs, v)], v.ref
+        score, ref = reward_adapter_scorer(str(val), rollout, store_dir)
+        return (lambda p, c, seqs, items: score(seqs)), ref
     raise ValueError(f"unknown reward rule {kind!r}")
 
 
-def load_prompts(path, tok) -> list[tuple[str, list[int]]]:
+def reward_adapter_scorer(ref: str, rollout, store_dir):
+    """A registered reward adapter as fn(token sequences) -> scores, scored in the rollout engine; and its ref."""
+    from loraplex.adapters_store import AdapterStore, load_score_head
+
+    name, _, ver = ref.partition("@")
+    v = AdapterStore(store_dir).get(name, int(ver) if ver else None)
+    if v.manifest.kind != "reward":
+        raise ValueError(f"reward adapter {v.ref} is not a reward model")
+    head = load_score_head(v.path)
+    w, b = head["weight"].float()[0], head.get("bias")
+    b = float(b[0]) if b is not None else 0.0
+    return (lambda seqs: [float(h @ w) + b for h in rollout.final_hidden(seqs, v)]), v.ref
+
+
+def load_prompts(spec, tok) -> list[tuple[str, list[int], dict]]:
+    """Prompts of an RL dataset -> (text, token ids, the whole record). A record holds `prompt` (a string or messages)
+    or, as in OpenAI's reinforcement fine-tuning files, `messages` ending with the user turn; its other fields are what
+    a grader reads as `{{item.<field>}}`."""
+    if isinstance(spec, (str, Path)):
+        from .config import DatasetSpec
+
+        spec = DatasetSpec(path=str(spec))
     out = []
-    for line, rec in read_jsonl(path):
-        p = rec.get("prompt")
+    for where, rec in read_records(spec)[0]:
+        p = rec.get("prompt", rec.get("messages"))
         if isinstance(p, str) and p:
-            out.append((p, tok(p, add_special_tokens=True)["input_ids"]))
-        elif isinstance(p, list) and p:
+            out.append((p, tok(p, add_special_tokens=True)["input_ids"], rec))
+        elif isinstance(p, list) and p and all(isinstance(m, dict) and "role" in m and "content" in m for m in p):
             text = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            out.append((text, tok(text, add_special_tokens=False)["input_ids"]))
+            out.append((text, tok(text, add_special_tokens=False)["input_ids"], rec))
         else:
-            raise DataError(f"{path}:{line}: each record needs a 'prompt' (string or messages)")
+            raise DataError(f"{where}: each record needs a 'prompt' (string or messages) or 'messages'")
     return out
 
 
@@ -171,25 +187,25 @@ def _pad(rows: list[list[float]], T: int, device) -> torch.Tensor:
     return out
 
 
-def train_rl(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=None, progress=False, stop_after=None, store_dir=None) -> TrainResult:
-    from .preference import init_adapter
+def train_rl(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=None, progress=False, stop_after=None,
+             store_dir=None) -> TrainResult:
     from .rollout import RolloutEngine
 
-    emit = on_event or (lambda e: None)
-    device = torch.device(cfg.resolved_device())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.seed)
+    run = Run(cfg, out_dir, resume=resume, on_event=on_event, progress=progress, stop_after=stop_after)
+    device = run.device
     base, tok, base_path = load_base_and_tokenizer(cfg, device)
     pad = pad_token_id(tok)
     prompts = []
     for d in cfg.datasets:
-        prompts += load_prompts(d.path, tok)
+        prompts += load_prompts(d, tok)
     model = lora_model(base, cfg)
     lineage = init_adapter(model, cfg, store_dir)
-    eos = {tok.eos_token_id} | set([base.generation_config.eos_token_id] if isinstance(base.generation_config.eos_token_id, int) else base.generation_config.eos_token_id or [])
+    gen_eos = base.generation_config.eos_token_id
+    eos = {tok.eos_token_id} | set([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])
     rollout = RolloutEngine(model, tok, eos)
     try:
-        rollout.freeze_reference(model)
+        rollout.freeze_reference(model)  # the starting point, before a resumed checkpoint's weights are loaded
+        run.load_weights(model)
         reward = make_reward(cfg.reward, rollout, tok, store_dir)
         if isinstance(reward, tuple):
             reward, ref_name = reward
@@ -199,39 +215,36 @@ def train_rl(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=None, prog
         # a reward function that raises fails the job here, before any step
         probe = prompts[:2]
         try:
-            got = reward([p for p, _ in probe], ["", "test"][: len(probe)], [ids for _, ids in probe])
+            got = reward([p for p, _, _ in probe], ["", "test"][: len(probe)], [ids for _, ids, _ in probe],
+                         [it for _, _, it in probe])
             if len(got) != len(probe):
                 raise ValueError(f"returned {len(got)} rewards for {len(probe)} completions")
         except Exception as e:
             raise ValueError(f"the reward function failed on a probe call: {e}") from e
         value_head = torch.nn.Linear(base.config.hidden_size, 1).to(device) if cfg.method == "ppo" else None
         params = [p for p in model.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
-        opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
-        total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * len(prompts) / cfg.num_rollouts)))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
-        step, losses = 0, []
-        if resume and (ck := latest_checkpoint(out_dir)) is not None:
-            step, losses = load_single_checkpoint(model, opt, sched, ck)
-            if value_head is not None:
-                value_head.load_state_dict(torch.load(ck / "value_head.pt"))
-            emit({"type": "resumed", "step": step})
+        total = total_steps(cfg, max(1, math.ceil(len(prompts) / cfg.num_rollouts)))
+        opt, sched = make_optimizer(params, cfg, total)
+        run.plan(total, train_examples=len(prompts), examples_per_step=cfg.num_rollouts,
+                 steps_per_epoch=max(1, math.ceil(len(prompts) / cfg.num_rollouts)),
+                 gradient_checkpointing=gradient_checkpointing_on(model))
+        run.start(opt, sched, total, model=model, heads={"value_head": value_head} if value_head is not None else None)
         G = cfg.num_generations if cfg.method == "grpo" else 1
         history = []
-        run_steps = 0
-        t_start = time.time()
-        while step < total:
+        while run.step < total:
             t0 = time.time()
-            rng = random.Random(cfg.seed * 7919 + step)
+            rng = random.Random(cfg.seed * 7919 + run.step)
             batch = [prompts[rng.randrange(len(prompts))] for _ in range(cfg.num_rollouts)]
             batch = [b for b in batch for _ in range(G)]
             rollout.push_policy(model)
             t_roll = time.time()
-            gens = rollout.generate([ids for _, ids in batch], max_tokens=cfg.response_length, temperature=cfg.temperature,
-                                    seeds=[cfg.seed * 1000003 + step * 4099 + i for i in range(len(batch))])
+            gens = rollout.generate([ids for _, ids, _ in batch], max_tokens=cfg.response_length,
+                                    temperature=cfg.temperature, seeds=[cfg.seed * 1000003 + run.step * 4099 + i for i in range(len(batch))])
             t_roll = time.time() - t_roll
-            seqs = [(ids, g["tokens"]) for (_, ids), g in zip(batch, gens)]
+            seqs = [(ids, g["tokens"]) for (_, ids, _), g in zip(batch, gens)]
             texts = [tok.decode(g["tokens"], skip_special_tokens=True) for g in gens]
-            scores = torch.tensor(reward([p for p, _ in batch], texts, [p + r for p, r in seqs]), dtype=torch.float32, device=device)
+            got = reward([p for p, _, _ in batch], texts, [p + r for p, r in seqs], [it for _, _, it in batch])
+            scores = torch.tensor(got, dtype=torch.float32, device=device)
             T = max(1, max(len(r) for _, r in seqs))
             logp_old = _pad([g["logprobs"] for g in gens], T, device)
             logp_ref = _pad(rollout.sequence_logprobs(seqs, rollout.reference), T, device)
@@ -268,42 +281,24 @@ def train_rl(cfg: JobConfig, out_dir: Path, *, resume=False, on_event=None, prog
                     stats["policy_loss"].append(float(pl.detach()))
                     stats["clipfrac"].append(float(cf))
             sched.step()
-            step += 1
-            run_steps += 1
-            kl = float(masked_mean(logp_old - logp_ref, mask))
-            rec = {"type": "metrics", "step": step, "total_steps": total, "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-                   "kl": kl, "policy_loss": sum(stats["policy_loss"]) / len(stats["policy_loss"]), "clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]),
-                   "response_length": float(mask.sum(-1).mean()), "rollout_seconds": t_roll, "step_seconds": time.time() - t0,
-                   "rollout_tokens_per_second": float(mask.sum()) / max(t_roll, 1e-9), "loss": sum(stats["policy_loss"]) / len(stats["policy_loss"]),
-                   "learning_rate": sched.get_last_lr()[0], "eta_seconds": (time.time() - t_start) / run_steps * (total - step)}
+            mean_pl = sum(stats["policy_loss"]) / len(stats["policy_loss"])
+            rec = {"examples": cfg.num_rollouts, "reward_mean": float(scores.mean()),
+                   "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+                   "kl": float(masked_mean(logp_old - logp_ref, mask)), "policy_loss": mean_pl,
+                   "clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]),
+                   "response_length": float(mask.sum(-1).mean()), "rollout_seconds": t_roll,
+                   "step_seconds": time.time() - t0,
+                   "rollout_tokens_per_second": float(mask.sum()) / max(t_roll, 1e-9)}
             if stats["value_loss"]:
                 rec["value_loss"] = sum(stats["value_loss"]) / len(stats["value_loss"])
-            history.append(rec)
-            losses.append(rec["loss"])
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            emit(rec)
-            if (step % cfg.save_steps == 0 and step < total) or (stop_after is not None and run_steps >= stop_after):
-                ck = save_checkpoint(model, opt, sched, step, losses, out_dir)
-                if value_head is not None:
-                    torch.save(value_head.state_dict(), ck / "value_head.pt")
-                if stop_after is not None and run_steps >= stop_after:
-                    return TrainResult(out_dir, {"stopped_at": step}, step, losses, lineage)
-        final = out_dir / "adapter"
-        if final.exists():
-            shutil.rmtree(final)
-        model.save_pretrained(final)
-        acfg = json.loads((final / "adapter_config.json").read_text())
-        from loraplex.adapters_store.base_model import model_id_for
-
-        acfg["base_model_name_or_path"] = model_id_for(base_path)
-        (final / "adapter_config.json").write_text(json.dumps(acfg, indent=2))
+            history.append(run.step_done(mean_pl, rec))
+            if run.should_stop():
+                return run.stopped(lineage)
+        final = save_adapter(model, run.out_dir / "adapter", base_path)
         k = max(1, len(history) // 4)
-        metrics = {"steps": step, "final_loss": losses[-1] if losses else None,
-                   "reward_mean_first": sum(h["reward_mean"] for h in history[:k]) / k if history else None,
+        metrics = {"reward_mean_first": sum(h["reward_mean"] for h in history[:k]) / k if history else None,
                    "reward_mean_last": sum(h["reward_mean"] for h in history[-k:]) / k if history else None,
                    "kl_last": history[-1]["kl"] if history else None, "base_path": str(base_path)}
-        emit({"type": "finished", **{a: b for a, b in metrics.items() if a != "base_path"}})
-        return TrainResult(final, metrics, step, losses, lineage)
+        return run.finish(final, metrics, lineage)
     finally:
         rollout.close()

@@ -20,7 +20,11 @@ def main(job_dir: str) -> int:
     spec = json.loads((d / "job.json").read_text())
     events = open(d / "events.jsonl", "a", buffering=1)
 
+    stopped_at = []
+
     def emit(e: dict) -> None:
+        if e.get("type") == "stopped":
+            stopped_at.append(e["step"])
         events.write(json.dumps({"at": time.time(), **e}) + "\n")
 
     try:
@@ -31,6 +35,9 @@ def main(job_dir: str) -> int:
         emit({"type": "message", "message": f"training {cfg.adapter.name} ({cfg.method}) started"})
         v, route = run_job(cfg, Path(spec["output_dir"]), Path(spec["store_dir"]), resume=spec.get("resume", False),
                            caller=spec.get("caller", "fine_tuning"), on_event=emit)
+        if v is None:  # paused (a stop request): the checkpoint is written; the server resumes from it
+            (d / "paused.json").write_text(json.dumps({"step": stopped_at[-1] if stopped_at else None}))
+            return 0
         result = {"adapter": v.name, "version": v.version, "ref": v.ref, "route": None if route is None else route.to_json(),
                   "trained_tokens": v.lineage.get("metrics", {}).get("tokens_seen_this_run")}
         (d / "result.json").write_text(json.dumps(result))

@@ -89,7 +89,7 @@ def test_openai_client_fine_tunes_and_chats_with_the_result(srv, client, tmp_pat
     lin = srv.state.store.get(name).lineage
     assert lin["seed"] == 1 and lin["base_fingerprint"] == srv.state.extra["base"].fingerprint
     # what a client reads back names uploads and checkpoints, never a server path
-    assert lin["config"]["datasets"] == [{"path": f"{f.id} (colors.jsonl)", "format": "auto"}] and list(lin["dataset_sha256"]) == [f"{f.id} (colors.jsonl)"]
+    assert [(d["path"], d["format"]) for d in lin["config"]["datasets"]] == [(f"{f.id} (colors.jsonl)", "auto")] and list(lin["dataset_sha256"]) == [f"{f.id} (colors.jsonl)"]
     assert all(c.fine_tuned_model_checkpoint == name or c.fine_tuned_model_checkpoint.startswith(f"{name}:ckpt-step-") for c in cks)
     shown = json.dumps([httpx.get(f"{srv.url}/v1/fine_tuning/jobs/{job.id}").json(),
                         httpx.get(f"{srv.url}/v1/fine_tuning/jobs/{job.id}/events", params={"limit": 100}).json(),

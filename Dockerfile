@@ -1,5 +1,6 @@
 # GPU deployment image: CUDA build of torch, Triton kernels, the embedded default model.
-# docker build -t loraplex . && docker run --gpus all -p 8000:8000 -p 50051:50051 -v loraplex-var:/var/loraplex loraplex
+# docker build -t loraplex . && docker run --gpus all -e LORAPLEX_API_KEY=<a secret> -p 8000:8000 -p 50051:50051 -v loraplex-var:/var/loraplex loraplex
+# (it binds 0.0.0.0, so it refuses to start without a key: LORAPLEX_API_KEY or one made with `loraplex keys create`)
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \

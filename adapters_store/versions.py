@@ -25,10 +25,11 @@ from .errors import AdapterConflict, AdapterNotFound, AdapterPathForbidden, Inva
 from .peft_format import (
     CONFIG_FILE, SCORE_HEAD_FILE, WEIGHTS_FILE, AdapterManifest, shown_path, validate_adapter_dir,
 )
+from .tenancy import BARE_NAME, SEP, check_tenant
 
 log = logging.getLogger("loraplex.store")
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+NAME_RE = re.compile(BARE_NAME, re.ASCII)
 RESERVED_NAMES = ("default",)  # the server answers model="default" with the base model
 # What a registration copies: the adapter (config, weights, a reward head) and the small files PEFT / TRL
 # save beside it (model card, tokenizer). Anything else in the directory (checkpoints, logs, junk) stays behind.
@@ -208,7 +209,10 @@ class VersionsMixin:
 
     # --- checks ---------------------------------------------------------------------
     def check_name(self, name) -> None:
-        """InvalidRequest unless `name` can name an adapter."""
+        """InvalidRequest unless `name` can name an adapter: a bare name, or `tenant:name` (tenancy.py)."""
+        if isinstance(name, str) and SEP in name:
+            tenant, name = name.split(SEP, 1)
+            check_tenant(tenant, allow_all=False)
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise InvalidRequest(f"invalid adapter name {name!r}: use 1-64 characters from letters, digits, '.', '_' "
                                  "and '-', starting with a letter or digit (no '@', '/' or spaces)")

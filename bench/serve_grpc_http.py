@@ -39,17 +39,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_level(kind: str, conc: int, per_client: int, max_tokens: int, http_url: str, grpc_target: str, model: str):
+def run_level(kind: str, conc: int, per_client: int, max_tokens: int, http_url: str, grpc_target: str, model: str,
+              key: str | None = None):
     lat: list[float] = []
     errors: list = []
     lock = threading.Lock()
 
     def client(ci: int):
         if kind == "http":
-            c = httpx.Client(timeout=300)
+            c = httpx.Client(timeout=300, headers={"Authorization": f"Bearer {key}"} if key else None)
         else:
             ch = grpc.insecure_channel(grpc_target)
             stub = pbg.InferenceStub(ch)
+            md = (("authorization", f"Bearer {key}"),) if key else None
         for k in range(per_client):
             p = PROMPTS[(ci + k) % len(PROMPTS)]
             t0 = time.perf_counter()
@@ -60,7 +62,8 @@ def run_level(kind: str, conc: int, per_client: int, max_tokens: int, http_url: 
                     ok = r.status_code == 200 and r.json()["usage"]["completion_tokens"] == max_tokens
                 else:
                     r = stub.Generate(pb.GenerateRequest(model=model, chat=pb.ChatPrompt(messages=[pb.ChatMessage(role="user", content=p)]),
-                                                         sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)))
+                                                         sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)),
+                                      metadata=md)
                     ok = r.usage.completion_tokens == max_tokens
             except Exception as e:  # noqa: BLE001
                 ok = False

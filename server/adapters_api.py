@@ -19,6 +19,7 @@ lineage strings with absolute paths reduced to their last component.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ from loraplex.adapters_store.errors import StoreBusy
 from loraplex.adapters_store.refs import parse_version
 from loraplex.adapters_store.store import client_lineage
 
+from . import auth
 from .caller import caller_of
 from .errors import NotFound
 from .openai_api import parse_body
@@ -97,7 +99,7 @@ class AdapterManager:
         path, source = adapter_source(path, self.hub_orgs, operator=operator)  # a hub id -> its snapshot directory
         if source:
             lineage = {**(lineage or {}), **source}
-        v = self.store.register(name, path, lineage=lineage, caller=caller)
+        v = self.store.register(name, path, lineage=auth.stamp_lineage(lineage), caller=caller)
         try:
             self.engine.pool.prefetch(v)  # warm before it takes traffic
         except StoreError:
@@ -115,7 +117,8 @@ class AdapterManager:
         # released when the work ends, not when the caller stops waiting: a client that disconnects does not
         # free a place while its copy still runs
         try:
-            work = self._registrations.submit(self.register, name, path, lineage, caller)
+            # in the caller's context: the registration records who asked (auth.stamp_lineage)
+            work = self._registrations.submit(contextvars.copy_context().run, self.register, name, path, lineage, caller)
         except RuntimeError:  # shut down
             self._admitted.release()
             raise
@@ -152,15 +155,16 @@ class AdapterRoutes:
 
     async def register(self, request: HttpRequest):
         body = await parse_body(request, RegisterBody)
-        v = await self.m.register_async(body.name, body.path, body.lineage, self._caller(request))
+        auth.check_path_registration(self.m.store, body.path)
+        v = await self.m.register_async(auth.own(body.name), body.path, body.lineage, self._caller(request))
         return JSONResponse(version_json(v, self.m.engine), status_code=201)
 
     async def list(self, request: HttpRequest):
-        versions = self.m.store.list()
+        versions = [v for v in self.m.store.list() if auth.manages(v.name)]
         return JSONResponse({"object": "list", "data": [version_json(v, self.m.engine) for v in versions]})
 
     async def get(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         versions = self.m.store.versions(name)
         if not versions:
             raise NotFound(f"adapter {name!r} does not exist", param="name")
@@ -175,7 +179,7 @@ class AdapterRoutes:
         )
 
     async def delete(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         ver = request.query_params.get("version")
         version = None if ver is None else parse_version(ver, param="version", what="query parameter 'version'")
         removed = await asyncio.to_thread(self.m.delete, name, version, self._caller(request))
@@ -183,10 +187,11 @@ class AdapterRoutes:
 
     async def vllm_load(self, request: HttpRequest):
         body = await parse_body(request, VllmLoadBody)
-        v = await self.m.register_async(body.lora_name, body.lora_path, None, self._caller(request))
+        auth.check_path_registration(self.m.store, body.lora_path)
+        v = await self.m.register_async(auth.own(body.lora_name), body.lora_path, None, self._caller(request))
         return JSONResponse({"message": f"Success: LoRA adapter '{body.lora_name}' added successfully.", "name": v.name, "version": v.version}, status_code=200)
 
     async def vllm_unload(self, request: HttpRequest):
         body = await parse_body(request, VllmUnloadBody)
-        await asyncio.to_thread(self.m.delete, body.lora_name, None, self._caller(request))
+        await asyncio.to_thread(self.m.delete, auth.own(body.lora_name), None, self._caller(request))
         return JSONResponse({"message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."})

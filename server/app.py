@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from loraplex.trainer.jobs import DEFAULT_MAX_UPLOAD_BYTES as JOBS_MAX_UPLOAD_BYTES
 
 from .adapters_api import AdapterManager, AdapterRoutes
 from .errors import LoraplexError, NotFound, PayloadTooLarge, Unavailable, internal
@@ -32,6 +35,7 @@ class ServerState:
     telemetry: object | None = None
     routes: object | None = None  # RouteRoutes
     jobs: object | None = None  # trainer JobManager
+    gate: object | None = None  # auth.Gate: keys, scopes, tenants, quotas, audit
     error: str | None = None
     draining: bool = False
     extra: dict = field(default_factory=dict)
@@ -48,12 +52,16 @@ class ServerState:
 
 
 def _error_response(err: LoraplexError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.http_status)
+    from .quotas import QuotaExceeded
+
+    headers = {"Retry-After": str(err.retry_after)} if isinstance(err, QuotaExceeded) and err.retry_after else None
+    return JSONResponse(err.body(), status_code=err.http_status, headers=headers)
 
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # any body but an upload: a context's worth of text or token ids, many times
-DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20  # POST /v1/files (the fine-tuning routes stream it to disk under this limit)
+DEFAULT_MAX_UPLOAD_BYTES = JOBS_MAX_UPLOAD_BYTES  # POST /v1/files: the fine-tuning routes' own limit, stated there
 UPLOAD_PATHS = ("/v1/files", "/v1/console/datasets/preview")  # the console checks a dataset before uploading it
+ADAPTER_UPLOAD_RE = re.compile(r"/v1/adapters/[^/]+/versions")  # an adapter's files, uploaded (auth_api.py)
 
 
 class BodyLimit:
@@ -78,7 +86,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        upload = scope["path"] in UPLOAD_PATHS
+        upload = scope["path"] in UPLOAD_PATHS or ADAPTER_UPLOAD_RE.fullmatch(scope["path"]) is not None
         limit = self.max_upload_bytes if upload else self.max_request_bytes
         flag = "--max-upload-bytes" if upload else "--max-request-bytes"
         declared = dict(scope["headers"]).get(b"content-length")
@@ -201,8 +209,11 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
         Route("/v1/fine_tuning/jobs", wrap(lambda: ft().list_jobs), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}", wrap(lambda: ft().get_job), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}/cancel", wrap(lambda: ft().cancel), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/pause", wrap(lambda: ft().pause), methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/resume", wrap(lambda: ft().resume), methods=["POST"]),
         Route("/v1/fine_tuning/jobs/{job_id}/events", wrap(lambda: ft().events), methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}/checkpoints", wrap(lambda: ft().checkpoints), methods=["GET"]),
+        *_auth_routes(state, wrap, need),
     ]
     for r in extra_routes or []:
         routes.append(r)
@@ -254,4 +265,30 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
         Middleware(BodyLimit, max_request_bytes=max_request_bytes, max_upload_bytes=max_upload_bytes)])
     app.router.redirect_slashes = False  # `/v1/routes/` is an unknown route (404), not a redirect a client must follow
     app.state.loraplex = state
+    from .auth import AuthMiddleware
+
+    app.add_middleware(AuthMiddleware, state=state, router=app.router)  # every request passes the gate first
     return app
+
+
+def _auth_routes(state: ServerState, wrap, need) -> list[Route]:
+    from .auth_api import AuthRoutes
+
+    gate = need("gate")
+
+    def au():
+        gate()
+        return AuthRoutes(state)
+
+    return [
+        Route("/v1/me", wrap(lambda: au().me), methods=["GET"]),
+        Route("/v1/keys", wrap(lambda: au().create_key), methods=["POST"]),
+        Route("/v1/keys", wrap(lambda: au().list_keys), methods=["GET"]),
+        Route("/v1/keys/{key_id}", wrap(lambda: au().get_key), methods=["GET"]),
+        Route("/v1/keys/{key_id}", wrap(lambda: au().revoke_key), methods=["DELETE"]),
+        Route("/v1/audit", wrap(lambda: au().audit), methods=["GET"]),
+        Route("/v1/tenants/{tenant}/quota", wrap(lambda: au().get_quota), methods=["GET"]),
+        Route("/v1/tenants/{tenant}/quota", wrap(lambda: au().put_quota), methods=["PUT"]),
+        Route("/v1/adapters/{name}/sharing", wrap(lambda: au().sharing), methods=["PUT"]),
+        Route("/v1/adapters/{name}/versions", wrap(lambda: au().upload_adapter), methods=["POST"]),
+    ]

@@ -16,10 +16,12 @@ from starlette.requests import HTTPConnection
 
 def caller_of(request) -> str:
     """The verified identity behind an HTTP request (a Starlette connection) or a gRPC call (its servicer context)."""
+    from . import auth
+
     if isinstance(request, HTTPConnection):
         client = request.client
-        return client.host if client is not None and client.host else "unknown"
-    return _peer_host(request.peer() or "")  # a grpc.aio servicer context (grpc's own class is private)
+        return auth.caller(client.host if client is not None and client.host else "unknown")
+    return auth.caller(_peer_host(request.peer() or ""))  # a grpc.aio servicer context (grpc's own class is private)
 
 
 def _peer_host(peer: str) -> str:

@@ -1,4 +1,4 @@
-"""The `loraplex` command: `serve`, `train`, `routes`."""
+"""The `loraplex` command: `serve`, `train`, `routes`, `keys`, `tenants`."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,13 @@ def _adapter_arg(s: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"--adapter expects NAME=DIR, got {s!r}")
     return name, path
+
+
+def _reward_arg(s: str) -> tuple[str, str]:
+    name, sep, spec = s.partition("=")
+    if not sep or not name or ":" not in spec:
+        raise argparse.ArgumentTypeError(f"--reward-function expects NAME=module:function, got {s!r}")
+    return name, spec
 
 
 def serve_parser(sub) -> None:
@@ -50,6 +57,14 @@ def serve_parser(sub) -> None:
                    help="do not reuse the KV of prompt prefixes already computed (per adapter version)")
     p.add_argument("--jobs-dir", type=Path, help="fine-tuning files and jobs (default $LORAPLEX_HOME/jobs)")
     p.add_argument("--max-concurrent-jobs", type=int, default=1, help="training jobs run at once")
+    from loraplex.trainer import jobs
+
+    p.add_argument("--max-queued-jobs", type=int,
+                   help=f"fine-tuning jobs waiting before new ones get 429 (default {jobs.DEFAULT_MAX_QUEUED_JOBS})")
+    p.add_argument("--max-job-seconds", type=float,
+                   help=f"wall-clock limit of one training job; past it the job fails (default {jobs.DEFAULT_MAX_JOB_SECONDS})")
+    p.add_argument("--reward-function", action="append", type=_reward_arg, default=[], metavar="NAME=module:function",
+                   help="a Python reward function jobs may name by NAME (repeatable); requests never name code")
     p.add_argument("--max-request-bytes", type=int,
                    help="largest HTTP request body, uploads aside (default 8 MiB; 413 above)")
     p.add_argument("--max-upload-bytes", type=int,
@@ -57,6 +72,12 @@ def serve_parser(sub) -> None:
     p.add_argument("--drain-timeout", type=float,
                    help="seconds SIGTERM lets in-flight requests finish before aborting them (default 30)")
     p.add_argument("--no-console", dest="console", action="store_false", help="do not serve the web console at /console")
+    p.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY") or None, metavar="KEY",
+                   help="a single admin key (tenant '*', every scope) besides those of `loraplex keys create` "
+                        "(default $LORAPLEX_API_KEY)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve without authentication, even on a non-loopback --host (anyone who can connect "
+                        "is admin)")
     p.add_argument("--log-level", default="info")
 
 
@@ -64,19 +85,29 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from .app import ServerState, build_app
-    from .runtime import ServeConfig, build_state
+    from .runtime import ServeConfig, build_state, open_gate
 
     fields = set(ServeConfig.model_fields)
     raw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     raw["adapters"] = dict(args.adapter)
+    raw["reward_functions"] = dict(args.reward_function)
     try:
         cfg = ServeConfig(**raw)
     except Exception as e:
         print(f"loraplex serve: {e}", file=sys.stderr)
         return 2
+    try:
+        open_gate(cfg).registry.store.close()  # refuses a non-loopback address without keys, before loading anything
+    except ValueError as e:
+        print(f"loraplex serve: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = ServerState()
-    app = build_app(state, max_request_bytes=cfg.max_request_bytes, max_upload_bytes=cfg.max_upload_bytes,
+    from .http_fine_tuning import MULTIPART_SLACK
+
+    # --max-upload-bytes bounds the file, which the upload route counts exactly (413 naming the flag's value); the
+    # body limit stays above the file's limit plus the multipart framing the route allows, as a backstop
+    app = build_app(state, max_request_bytes=cfg.max_request_bytes, max_upload_bytes=cfg.max_upload_bytes + 2 * MULTIPART_SLACK,
                     console=cfg.console)
     failed = threading.Event()
     log = logging.getLogger("loraplex")
@@ -291,11 +322,19 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser(sub)
     sub.add_parser("train", help="run a training job from a YAML file (see `loraplex train --help`)")
     routes_parser(sub)
+    from .auth_cli import cmd_keys, cmd_tenants, keys_parser, tenants_parser
+
+    keys_parser(sub)
+    tenants_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         return cmd_serve(args)
     if args.cmd == "routes":
         return cmd_routes(args)
+    if args.cmd == "keys":
+        return cmd_keys(args)
+    if args.cmd == "tenants":
+        return cmd_tenants(args)
     return 2
 
 

@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from loraplex.protos.loraplex.v1 import loraplex_pb2 as pb
 from loraplex.protos.loraplex.v1 import loraplex_pb2_grpc as pbg
 
+from . import auth
 from .adapters_api import version_json
 from .openai_api import load_json
 from .caller import caller_of
@@ -285,7 +286,7 @@ class InferenceServicer(_Base, pbg.InferenceServicer):
     async def ListModels(self, request, context):
         s = self._service()
         models = [pb.ModelInfo(id=s.model_id)]
-        versions = s.store.list()
+        versions = [v for v in s.store.list() if auth.sees(v.name)]
         models += [pb.ModelInfo(id=v.ref, parent=s.model_id, version=v.version) for v in versions]
         models += [pb.ModelInfo(id=name, parent=s.model_id) for name in sorted({v.name for v in versions})]
         return pb.ListModelsResponse(models=models)
@@ -324,20 +325,21 @@ class AdminServicer(_Base, pbg.AdminServicer):
 
     @edge
     async def RegisterAdapter(self, request, context):
-        m, _, _ = self._parts()
-        self._name(request.name)
+        m, st, _ = self._parts()
+        name = auth.own(self._name(request.name))
+        auth.check_path_registration(st, request.path)
         if not request.path:
             raise BadRequest("'path' is required", param="path")
         lineage = load_json(request.lineage_json, "'lineage_json'", "lineage_json") if request.lineage_json else None
         if lineage is not None and not isinstance(lineage, dict):
             raise BadRequest("'lineage_json' must be a JSON object", param="lineage_json")
-        v = await m.register_async(request.name, request.path, lineage, self._caller(context))
+        v = await m.register_async(name, request.path, lineage, self._caller(context))
         return _version_msg(version_json(v, m.engine))
 
     @edge
     async def GetAdapter(self, request, context):
         m, st, _ = self._parts()
-        name = self._name(request.name)
+        name = auth.own(self._name(request.name))
         versions = st.versions(name)
         if not versions:
             raise NotFound(f"adapter {name!r} does not exist", param="name")
@@ -350,19 +352,20 @@ class AdminServicer(_Base, pbg.AdminServicer):
     @edge
     async def ListAdapters(self, request, context):
         m, st, _ = self._parts()
-        return pb.ListAdaptersResponse(versions=[_version_msg(version_json(v, m.engine)) for v in st.list()])
+        mine = [v for v in st.list() if auth.manages(v.name)]
+        return pb.ListAdaptersResponse(versions=[_version_msg(version_json(v, m.engine)) for v in mine])
 
     @edge
     async def DeleteAdapter(self, request, context):
         m, _, _ = self._parts()
         version = request.version if request.HasField("version") else None
-        removed = await asyncio.to_thread(m.delete, self._name(request.name), version, self._caller(context))
+        removed = await asyncio.to_thread(m.delete, auth.own(self._name(request.name)), version, self._caller(context))
         return pb.DeleteAdapterResponse(deleted=[v.ref for v in removed], draining=[v.ref for v in removed if m.engine.in_use(v.ref)])
 
     @edge
     async def SetRoute(self, request, context):
         _, _, routes = self._parts()
-        name = self._name(request.name)
+        name = auth.own(self._name(request.name))
         if request.sticky not in ("", "user", "session"):
             raise BadRequest("'sticky' must be empty, 'user' or 'session'", param="sticky")
         guard = None
@@ -377,7 +380,7 @@ class AdminServicer(_Base, pbg.AdminServicer):
     @edge
     async def GetRoute(self, request, context):
         _, st, _ = self._parts()
-        name = self._name(request.name)
+        name = auth.own(self._name(request.name))
         r = st.get_route(name)
         if r is None:
             st.versions(name)  # NOT_FOUND for an unknown adapter
@@ -387,12 +390,12 @@ class AdminServicer(_Base, pbg.AdminServicer):
     @edge
     async def PromoteRoute(self, request, context):
         _, _, routes = self._parts()
-        return _route_msg(await asyncio.to_thread(routes.apply_promote, self._name(request.name), request.version, self._caller(context)))
+        return _route_msg(await asyncio.to_thread(routes.apply_promote, auth.own(self._name(request.name)), request.version, self._caller(context)))
 
     @edge
     async def RollbackRoute(self, request, context):
         _, _, routes = self._parts()
-        return _route_msg(await asyncio.to_thread(routes.apply_rollback, self._name(request.name), request.reason or None, self._caller(context)))
+        return _route_msg(await asyncio.to_thread(routes.apply_rollback, auth.own(self._name(request.name)), request.reason or None, self._caller(context)))
 
 
 class GrpcServer:
@@ -415,7 +418,8 @@ class GrpcServer:
 
     async def _start(self) -> int:
         # so_reuseport off: a second server on a taken port fails instead of sharing it
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # every method of every service passes the gate (auth.py GRPC_RULES) before its handler runs
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[auth.make_interceptor(self.state)])
         add_service(self.server, InferenceServicer(self.state), "Inference")
         add_service(self.server, AdminServicer(self.state), "Admin")
         self.health = _Health()

@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from . import auth
 from .errors import BadRequest, NotFound, pydantic_error
 from .generation_params import (
     COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPTS, MAX_TOKENS, GenerationParams,
@@ -177,9 +178,10 @@ class OpenAIRoutes:
         s = self.service
         created = int(time.time())
         data = [{"id": s.model_id, "object": "model", "created": created, "owned_by": "loraplex", "root": s.model_id, "parent": None}]
-        for v in s.store.list():
+        visible = [v for v in s.store.list() if auth.sees(v.name)]  # the caller's tenant's adapters and shared ones
+        for v in visible:
             data.append({"id": v.ref, "object": "model", "created": int(v.created_at), "owned_by": "loraplex", "root": v.ref, "parent": s.model_id})
-        names = sorted({v.name for v in s.store.list()})
+        names = sorted({v.name for v in visible})
         for name in names:
             latest = s.store.get(name)
             data.append({"id": name, "object": "model", "created": int(latest.created_at), "owned_by": "loraplex", "root": latest.ref, "parent": s.model_id})

@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse
 
 from loraplex.adapters_store.store import check_guard
 
+from . import auth
 from .caller import caller_of
 from .errors import BadRequest, NotFound
 from .openai_api import parse_body
@@ -231,7 +232,7 @@ class RouteRoutes:
             self.engine.pool.prefetch(_store_call(self.store.get, name, int(v)))
 
     async def put(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         body: RouteBody = await parse_body(request, RouteBody)
         caller = self._caller(request)
         r = await asyncio.to_thread(self.apply_set, name, body.versions, body.sticky, body.guard, caller)
@@ -274,7 +275,7 @@ class RouteRoutes:
         self.guards.sync(ev.name)
 
     async def get(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         r = self.store.get_route(name)
         if r is None:
             _store_call(self.store.versions, name)  # 404 for an unknown adapter
@@ -282,27 +283,27 @@ class RouteRoutes:
         return JSONResponse(route_json(r))
 
     async def list(self, request: HttpRequest):
-        out = [route_json(self.store.get_route(n)) for n in self.store.names()]
+        out = [route_json(self.store.get_route(n)) for n in self.store.names() if auth.manages(n)]
         return JSONResponse({"object": "list", "data": [r for r in out if r is not None]})
 
     async def promote(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         body: PromoteBody = await parse_body(request, PromoteBody)
         return JSONResponse(route_json(await asyncio.to_thread(self.apply_promote, name, body.version, self._caller(request))))
 
     async def rollback(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         raw = await request.body()
         body = await parse_body(request, RollbackBody) if raw.strip() else RollbackBody()
         return JSONResponse(route_json(await asyncio.to_thread(self.apply_rollback, name, body.reason, self._caller(request))))
 
     async def history(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         hist = _store_call(self.store.route_history, name)
         return JSONResponse({"object": "list", "data": [change_json(c) for c in hist]})
 
     async def compare(self, request: HttpRequest):
-        name = request.path_params["name"]
+        name = auth.own(request.path_params["name"])
         w = request.query_params.get("window", "300")
         try:
             window = float(w) if len(w) <= 32 else math.nan

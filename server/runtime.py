@@ -5,7 +5,9 @@ import logging
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from loraplex.trainer.jobs import DEFAULT_MAX_JOB_SECONDS, DEFAULT_MAX_QUEUED_JOBS
 
 from .app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_UPLOAD_BYTES, ServerState
 
@@ -44,10 +46,23 @@ class ServeConfig(BaseModel):
     prefix_caching: bool = True  # reuse computed prompt prefixes per adapter version (server/prefix_cache.py)
     jobs_dir: Path | None = None  # fine-tuning files and jobs; default $LORAPLEX_HOME/jobs
     max_concurrent_jobs: int = Field(1, ge=1)
+    max_queued_jobs: int = Field(DEFAULT_MAX_QUEUED_JOBS, ge=1)
+    max_job_seconds: float = Field(DEFAULT_MAX_JOB_SECONDS, gt=0)
+    reward_functions: dict[str, str] = Field(default_factory=dict)  # NAME -> "module:function", named by jobs
+
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024)  # any HTTP body but an upload (413 above)
     max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, ge=1024)  # POST /v1/files
     drain_timeout: float = Field(30.0, ge=0.0, le=3600.0)  # seconds SIGTERM waits for in-flight requests, then aborts
     console: bool = True  # serve the web console at /console
+    api_key: str | None = Field(None, repr=False)  # a single admin key (tenant '*'), besides those in the registry
+    insecure_no_auth: bool = False  # serve without authentication, even on a non-loopback address
+
+    @field_validator("reward_functions")
+    @classmethod
+    def _rewards(cls, v):
+        from loraplex.trainer.jobs import check_reward_functions
+
+        return check_reward_functions(v)
 
     def store_dir(self) -> Path:
         return self.store or default_home() / "store"
@@ -57,6 +72,7 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     """Loads everything; fills `state` in place (so an app built earlier sees it once ready)."""
     from loraplex.adapters_store import AdapterStore, BaseModelSpec
     from loraplex.adapters_store.registry import REGISTRY_ENV
+    from loraplex.adapters_store.tenancy import AccessRegistry
 
     from .adapters_api import AdapterManager
     from .engine import Engine, EngineConfig
@@ -68,6 +84,7 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     from .telemetry import Telemetry
 
     state = state or ServerState()
+    gate = open_gate(cfg)  # before the model loads: a server that must not start fails fast
     base = load_base(cfg.model, dtype=cfg.dtype, device=cfg.device, model_id=cfg.served_model_name)
     spec = BaseModelSpec(model_id=base.model_id, fingerprint=base.fingerprint, module_shapes=base.module_shapes,
                          max_rank=cfg.max_lora_rank, dtype=str(base.model.dtype).removeprefix("torch."))
@@ -112,12 +129,36 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     guards = RouteGuards(store, telemetry)
     guards.sync_all()  # guarded routes set while the server was down (CLI, trainer jobs) are watched from the start
     state.routes = RouteRoutes(store, engine, telemetry, guards)  # before the store: the poller needs both
+    gate.registry.store.close()
+    gate.registry = AccessRegistry(store)
+    state.gate = gate
     state.store, state.engine, state.manager, state.telemetry = store, engine, manager, telemetry
     state.extra["base"] = base
     state.extra["config"] = cfg
     from loraplex.trainer.jobs import JobManager
 
     state.jobs = JobManager(cfg.jobs_dir or (cfg.store_dir().parent / "jobs"), cfg.store_dir(), str(base.path), base.model_id,
-                            max_concurrent=cfg.max_concurrent_jobs)
+                            max_concurrent=cfg.max_concurrent_jobs, max_queued=cfg.max_queued_jobs, max_job_seconds=cfg.max_job_seconds,
+                            max_upload_bytes=cfg.max_upload_bytes, reward_functions=cfg.reward_functions)
+    from .auth_api import job_admission
+
+    state.jobs.may_start = job_admission(gate.registry)
     state.service = GenerationService(engine, store, base, telemetry=telemetry)
     return state
+
+
+def open_gate(cfg: ServeConfig):
+    """The server's auth.Gate over the store's registry; ValueError when `cfg` would serve a
+    non-loopback address without keys (auth.bind_refusal says why and what to do)."""
+    from loraplex.adapters_store import AdapterStore
+    from loraplex.adapters_store.tenancy import AccessRegistry
+
+    from .auth import Gate, bind_refusal, is_loopback
+
+    registry = AccessRegistry(AdapterStore(cfg.store_dir()))
+    refusal = bind_refusal(cfg.host, has_keys=registry.has_keys(), api_key=cfg.api_key,
+                           insecure_no_auth=cfg.insecure_no_auth)
+    if refusal:
+        registry.store.close()
+        raise ValueError(refusal)
+    return Gate(registry, api_key=cfg.api_key, open_when_keyless=is_loopback(cfg.host), no_auth=cfg.insecure_no_auth)

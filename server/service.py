@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from loraplex.adapters_store.refs import parse_ref
 
+from . import auth
 from .engine import Engine
 from .errors import BadRequest, InternalError, NotFound
 from .generation_params import MAX_NAME_CHARS, MAX_STICKY_KEY_CHARS, GenerationParams
@@ -66,6 +67,7 @@ class GenerationService:
             return None
         name, version = parse_ref(model, param="model")  # the one name@version parser: ASCII digits, 400 otherwise
         try:
+            name = auth.resolve_model(name)  # the caller's tenant: its own adapter, else a shared one; 404 otherwise
             return self.store.resolve(name, version=version, sticky_key=sticky_key)
         except NotFound as e:
             raise NotFound(f"model {model!r} does not exist: it is neither the base model {self.model_id!r} nor a "
@@ -180,6 +182,7 @@ class GenerationService:
 
     def _submit_all(self, reqs: list[Request]) -> list[Request]:
         self.engine.submit_many(reqs)
+        auth.charge_tokens(sum(len(r.prompt_ids) for r in reqs))  # against the calling tenant's tokens per minute
         if self.telemetry is not None:
             for req in reqs:
                 self.telemetry.request_started(req)
@@ -190,6 +193,8 @@ class GenerationService:
         try:
             while True:
                 out: RequestOutput = await req.stream.aget()
+                if out.finished:
+                    auth.charge_tokens(out.completion_tokens)
                 yield out
                 if out.finished:
                     return

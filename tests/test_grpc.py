@@ -376,7 +376,7 @@ def test_health_transitions(server):
         watch = h.Watch(health_pb2.HealthCheckRequest(service="loraplex.v1.Inference"))
         assert next(watch).status == NOT_SERVING
         # the model finishes loading (what build_state does: the service is set last)
-        for k in ("store", "engine", "manager", "telemetry", "routes"):
+        for k in ("store", "engine", "manager", "telemetry", "routes", "gate"):
             setattr(state, k, getattr(server.state, k))
         state.service = server.state.service
         assert next(watch).status == SERVING

@@ -12,9 +12,10 @@ def default_home() -> Path:
     return Path(os.environ.get("LORAPLEX_HOME") or "./var")
 
 
-def run_job(cfg, out_dir: Path, store_dir: Path, *, resume: bool, caller: str, on_event=None, progress=False):
-    """Trains with the method the config names and registers the result; returns (version, route), or (None, None)
-    when the run stopped early on a stop request (core.STOP_FILE_ENV: a pause) with a checkpoint to resume from."""
+def run_job(cfg, out_dir: Path, store_dir: Path, *, resume: bool, caller: str, on_event=None, progress=False, **register):
+    """Trains with the method the config names and registers the result (`register`: register_result's options);
+    returns (version, route), or (None, None) when the run stopped early on a stop request (core.STOP_FILE_ENV: a
+    pause) with a checkpoint to resume from."""
     from .register import register_result
 
     if cfg.num_processes > 1:
@@ -33,7 +34,7 @@ def run_job(cfg, out_dir: Path, store_dir: Path, *, resume: bool, caller: str, o
     if result.stopped:
         return None, None
     return register_result(cfg, result.adapter_dir, result.metrics, store_dir, caller=caller,
-                           extra_lineage=getattr(result, "lineage", None) or None)
+                           extra_lineage=getattr(result, "lineage", None) or None, **register)
 
 
 def console_events(e: dict) -> None:

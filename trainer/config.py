@@ -14,6 +14,8 @@ import yaml
 from loraplex.adapters_store.errors import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loraplex.adapters_store.tenancy import QUALIFIED_NAME_PATTERN
+
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -61,7 +63,7 @@ class _Strict(BaseModel):
 
 
 class AdapterSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    name: str = Field(pattern=QUALIFIED_NAME_PATTERN)  # `tenant:name` for a tenant's job (adapters_store/tenancy.py)
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)

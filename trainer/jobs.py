@@ -10,12 +10,22 @@ curve is that of an uninterrupted run. By default one job runs at a time
 watcher thread copies them into the database, and when the process exits
 records success (the registered adapter becomes `fine_tuned_model`) or the
 reason it failed. Cancel terminates the job's process group.
+
+This is a multi-tenant surface, so every input is bounded where it enters:
+a request is parsed by `job_request` (an allow-list of training knobs; the
+operator owns methods, paths, devices, names and code), uploads stream to
+disk under a size limit and are validated line by line as they arrive
+(`Upload`), the queue has a length limit, a job a wall-clock limit, and
+everything handed back to a client (job errors, events, checkpoints) passes
+through `_public`, which replaces server paths by names the client knows.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -26,26 +36,39 @@ import uuid
 from pathlib import Path
 
 from loraplex.adapters_store.errors import LoraplexError, kind_for_status
+from loraplex.adapters_store.tenancy import qualify
 
 from .core import STOP_FILE_ENV, few_steps_warning
+from .hyperparams import LORA_BASE_LR
 from .hyperparams import resolve as resolve_hyperparameters
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, filename TEXT, bytes INTEGER, created_at INTEGER, purpose TEXT, path TEXT);
+CREATE TABLE IF NOT EXISTS files (
+  id TEXT PRIMARY KEY, filename TEXT, bytes INTEGER, created_at INTEGER, purpose TEXT, path TEXT);
 CREATE TABLE IF NOT EXISTS jobs (
   id TEXT PRIMARY KEY, created_at INTEGER, status TEXT, model TEXT, training_file TEXT, validation_file TEXT,
   suffix TEXT, seed INTEGER, method TEXT, hyperparameters TEXT, config TEXT, fine_tuned_model TEXT, error TEXT,
   finished_at INTEGER, trained_tokens INTEGER, pid INTEGER, metadata TEXT);
 CREATE TABLE IF NOT EXISTS events (
-  id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT, created_at INTEGER, level TEXT, type TEXT, message TEXT, data TEXT);
+  id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT, created_at INTEGER, level TEXT, type TEXT, message TEXT,
+  data TEXT);
 """
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 STOP_FILE = "stop"  # in a job's directory: present = checkpoint at the end of this step and exit (a pause)
+PURPOSES = ("fine-tune", "fine-tune-results", "batch", "assistants", "user_data", "evals")
+
+# Limits an operator sets with `loraplex serve` flags (the defaults live here, ServeConfig uses them)
+DEFAULT_MAX_UPLOAD_BYTES = 512 << 20
+DEFAULT_MAX_QUEUED_JOBS = 16
+DEFAULT_MAX_JOB_SECONDS = 24 * 3600
+MAX_LINE_BYTES = 8 << 20  # one JSONL record; held in memory while it is checked
+MAX_FILENAME = 255  # characters, as most filesystems allow for one name
 
 
 class JobError(LoraplexError, ValueError):
-    """A request the job manager refuses (bad file, unknown job...); `status` picks its kind (404, 409...)."""
+    """A request the job manager refuses (bad file, unknown job, full queue, an upload too large...); `status` picks
+    its kind (404, 409, 413, 429...)."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
         super().__init__(message, param=param, code=code)
@@ -55,8 +78,21 @@ class JobError(LoraplexError, ValueError):
 
 
 class JobManager:
-    def __init__(self, root: Path, store_dir: Path, base_model: str, base_model_id: str, *, max_concurrent: int = 1,
-                 python: str = sys.executable, poll: float = 0.5):
+    def __init__(
+        self,
+        root: Path,
+        store_dir: Path,
+        base_model: str,
+        base_model_id: str,
+        *,
+        max_concurrent: int = 1,
+        max_queued: int = DEFAULT_MAX_QUEUED_JOBS,
+        max_job_seconds: float | None = DEFAULT_MAX_JOB_SECONDS,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        reward_functions: dict[str, str] | None = None,
+        python: str = sys.executable,
+        poll: float = 0.5,
+    ):
         self.root = Path(root)
         self.files_dir = self.root / "files"
         self.runs_dir = self.root / "runs"
@@ -66,12 +102,21 @@ class JobManager:
         self.base_model = base_model
         self.base_model_id = base_model_id
         self.max_concurrent = max_concurrent
+        self.max_queued = max_queued
+        self.max_job_seconds = max_job_seconds
+        self.max_upload_bytes = max_upload_bytes
+        self.reward_functions = check_reward_functions(reward_functions or {})
         self.python = python
         self.poll = poll
+        self.may_start = None  # callable(job id, running job ids) -> bool: a tenant's concurrent-jobs quota (server)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._procs: dict[str, subprocess.Popen] = {}
         self._offsets: dict[str, int] = {}
+        self._store_obj = None
+        self._started: dict[str, float] = {}  # job id -> time.monotonic() at start, for the wall-clock limit
+        for part in self.files_dir.glob(".*.part"):  # uploads cut short by a crash
+            part.unlink(missing_ok=True)
         self._db().executescript(_SCHEMA)
         if "result_files" not in {r["name"] for r in self._db().execute("PRAGMA table_info(jobs)")}:
             with self._db() as c:  # databases from before result files existed
@@ -79,10 +124,16 @@ class JobManager:
         if "plan" not in {r["name"] for r in self._db().execute("PRAGMA table_info(jobs)")}:
             with self._db() as c:  # databases from before training plans were recorded
                 c.execute("ALTER TABLE jobs ADD COLUMN plan TEXT")
-        with self._db() as c:  # a restart interrupted whatever was running: queue it again, to resume from its checkpoint
+        with self._db() as c:  # a restart interrupted whatever was running: queue it again, to resume from it
             for (jid,) in c.execute("SELECT id FROM jobs WHERE status IN ('running', 'validating_files')").fetchall():
                 c.execute("UPDATE jobs SET status='queued' WHERE id=?", (jid,))
-                self._event(c, jid, "warn", "message", "job interrupted by a server restart: queued to resume from its last checkpoint")
+                self._event(
+                    c,
+                    jid,
+                    "warn",
+                    "message",
+                    "job interrupted by a server restart: queued to resume from its last checkpoint",
+                )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loraplex-jobs", daemon=True)
         self._thread.start()
@@ -97,8 +148,10 @@ class JobManager:
         return c
 
     def _event(self, c, job_id, level, typ, message, data=None) -> None:
-        c.execute("INSERT INTO events(job_id, created_at, level, type, message, data) VALUES (?,?,?,?,?,?)",
-                  (job_id, int(time.time()), level, typ, message, json.dumps(data) if data is not None else None))
+        c.execute(
+            "INSERT INTO events(job_id, created_at, level, type, message, data) VALUES (?,?,?,?,?,?)",
+            (job_id, int(time.time()), level, typ, message, json.dumps(data) if data is not None else None),
+        )
 
     def close(self) -> None:
         self._stop.set()
@@ -108,47 +161,75 @@ class JobManager:
 
     # --- files --------------------------------------------------------------------
     def add_file(self, filename: str, data: bytes, purpose: str) -> dict:
-        if purpose not in ("fine-tune", "fine-tune-results", "batch", "assistants", "user_data", "evals"):
-            raise JobError(f"unknown purpose {purpose!r}", param="purpose")
-        if purpose == "fine-tune":
-            for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-                if line.strip():
-                    try:
-                        if not isinstance(json.loads(line), dict):
-                            raise ValueError
-                    except ValueError:
-                        raise JobError(f"{filename}:{i}: not a JSON object per line (fine-tune files are JSONL)", param="file") from None
+        """A whole file at once (the streaming `upload` is what the HTTP API uses)."""
+        up = self.upload(filename, purpose)
+        try:
+            up.write(data)
+            return up.finish()
+        except BaseException:
+            up.abort()
+            raise
+
+    def upload(self, filename: str, purpose: str | None) -> "Upload":
+        """A file being received; `purpose` may come later (at `finish`) when the client sends it after the file."""
+        if purpose is not None:
+            check_purpose(purpose)
+        return Upload(self, clean_filename(filename), purpose)
+
+    def _commit_file(self, part: Path, filename: str, size: int, purpose: str) -> dict:
+        fid = "file-" + uuid.uuid4().hex[:24]
+        path = self.files_dir / (
+            fid + (".csv" if filename.lower().endswith(".csv") else ".jsonl")
+        )  # never the client's suffix
+        os.replace(part, path)
         with self._db() as c:
-            fid = self._save_file(c, filename, data, purpose)
+            c.execute(
+                "INSERT INTO files VALUES (?,?,?,?,?,?)", (fid, filename, size, int(time.time()), purpose, str(path))
+            )
         return self.file(fid)
 
     def _save_file(self, c, filename: str, data: bytes, purpose: str) -> str:
+        """A file the server itself makes (a job's results), inside the caller's transaction."""
         fid = "file-" + uuid.uuid4().hex[:24]
-        path = self.files_dir / (fid + (Path(filename).suffix or ".jsonl"))
+        path = self.files_dir / (fid + (".csv" if filename.lower().endswith(".csv") else ".jsonl"))
         path.write_bytes(data)
-        c.execute("INSERT INTO files VALUES (?,?,?,?,?,?)", (fid, filename, len(data), int(time.time()), purpose, str(path)))
+        c.execute(
+            "INSERT INTO files VALUES (?,?,?,?,?,?)", (fid, filename, len(data), int(time.time()), purpose, str(path))
+        )
         return fid
 
     def file(self, fid: str) -> dict:
         r = self._db().execute("SELECT * FROM files WHERE id=?", (fid,)).fetchone()
         if r is None:
             raise JobError(f"no file {fid!r}", 404, "file_id")
-        return {"id": r["id"], "object": "file", "bytes": r["bytes"], "created_at": r["created_at"], "filename": r["filename"],
-                "purpose": r["purpose"], "status": "processed", "status_details": None}
+        return {
+            "id": r["id"],
+            "object": "file",
+            "bytes": r["bytes"],
+            "created_at": r["created_at"],
+            "filename": r["filename"],
+            "purpose": r["purpose"],
+            "status": "processed",
+            "status_details": None,
+        }
 
     def files(self) -> list[dict]:
         return self.list_files(limit=1 << 30)[0]
 
-    def list_files(self, *, purpose: str | None = None, after: str | None = None, limit: int = 10000,
-                   order: str = "desc") -> tuple[list[dict], bool]:
+    def list_files(
+        self, *, purpose: str | None = None, after: str | None = None, limit: int = 10000, order: str = "desc"
+    ) -> tuple[list[dict], bool]:
         """A page of files, newest first by default; `after` is the id of the last file of the previous page."""
         direction = "ASC" if order == "asc" else "DESC"
         sql, args = "SELECT id FROM files", []
         if purpose:
             sql, args = sql + " WHERE purpose=?", [purpose]
-        ids = [r["id"] for r in self._db().execute(f"{sql} ORDER BY created_at {direction}, rowid {direction}", args).fetchall()]
+        ids = [
+            r["id"]
+            for r in self._db().execute(f"{sql} ORDER BY created_at {direction}, rowid {direction}", args).fetchall()
+        ]
         if after is not None:
-            ids = ids[ids.index(after) + 1:] if after in ids else []
+            ids = ids[ids.index(after) + 1 :] if after in ids else []
         return [self.file(i) for i in ids[:limit]], len(ids) > limit
 
     def file_path(self, fid: str) -> Path:
@@ -163,72 +244,197 @@ class JobManager:
         return {"id": fid, "object": "file", "deleted": True}
 
     # --- jobs ---------------------------------------------------------------------
-    def create_job(self, *, model: str, training_file: str, validation_file: str | None, suffix: str | None, seed: int | None,
-                   method: dict, hyperparameters: dict, overrides: dict, metadata: dict | None) -> dict:
-        from .config import JobConfigError, parse_config
+    def create_job(self, body, *, tenant: str = "*") -> dict:
+        """A new queued job from a fine-tuning request body (the OpenAI fields and our `loraplex` knobs; a dict, or
+        the JobRequest `parse_request` made of one), whose adapter belongs to `tenant` ("*": the operator's).
 
-        if model not in (self.base_model_id, "default", self.base_model):
-            raise JobError(f"model {model!r} cannot be fine-tuned here: this server's base model is {self.base_model_id!r}", 404, "model")
-        train_path = self.file_path(training_file)
-        val_path = self.file_path(validation_file) if validation_file else None
-        if suffix is not None and not suffix.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise JobError("suffix may hold letters, digits, '-', '_' and '.' only", param="suffix")
-        jid = "ftjob-" + uuid.uuid4().hex[:24]
-        name = f"ft-{suffix}-{jid[6:12]}" if suffix else f"ft-{jid[6:18]}"
-        mtype = method.get("type", "supervised")
-        hp = {**hyperparameters, **(method.get(mtype) or {}).get("hyperparameters", {})}
+        Everything is checked before the job exists: the body against the allow-list, the files, the base
+        model, the adapter to start from, the queue's length; a refused body creates nothing."""
+        from .config import JobConfigError, parse_config
+        from .job_request import METHODS, JobRequest
+
+        req = body if isinstance(body, JobRequest) else self.parse_request(body)
+        if req.model not in (self.base_model_id, "default"):
+            raise JobError(
+                f"model {req.model!r} cannot be fine-tuned here: this server's base model is {self.base_model_id!r}",
+                404,
+                "model",
+            )
+        train_path = self._training_file(req.training_file, "training_file")
+        val_path = self._training_file(req.validation_file, "validation_file") if req.validation_file else None
+        overrides = req.overrides()
+        adapter = overrides.pop("adapter", {})
+        if adapter.get("init_from"):
+            self._check_adapter_exists(adapter["init_from"], "loraplex.adapter.init_from")
+        mtype = req.method_type()
         # OpenAI's meaning: batch_size examples per optimizer step, n_epochs passes; "auto" resolved from the data
-        resolved = resolve_hyperparameters(hp, _count_records(train_path), method=mtype)
+        resolved = resolve_hyperparameters(req.hyperparameter_values(), _count_records(train_path), method=mtype)
+        jid, name = self._new_job_name(req.suffix, tenant)
         cfg = {
+            **overrides,
             "base_model": self.base_model,
-            "adapter": {"name": name, "r": 16, "alpha": 32},
-            "method": {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}.get(mtype, mtype),
+            "adapter": {"r": 16, "alpha": 32, **adapter, "name": name},
+            "method": METHODS[mtype],
             "datasets": [{"path": str(train_path)}],
             "validation_datasets": [{"path": str(val_path)}] if val_path else [],
             "epochs": resolved["n_epochs"],
-            "learning_rate": resolved["learning_rate"],
-            "seed": seed if seed is not None else 42,
+            # `loraplex.learning_rate` replaces the base rate the multiplier scales
+            "learning_rate": overrides.get("learning_rate", LORA_BASE_LR) * resolved["learning_rate_multiplier"],
+            "seed": req.seed if req.seed is not None else 42,
         }
         if mtype == "reinforcement":  # a step samples batch_size prompts (x num_generations) and grades them
             from .graders import GraderError, check_grader
 
-            if validation_file:  # refused rather than ignored: the GRPO loop has no held-out evaluation yet
-                raise JobError("validation_file is not supported with the reinforcement method", param="validation_file")
-            grader = (method.get(mtype) or {}).get("grader")
-            try:
-                check_grader(grader, "method.reinforcement.grader")
+            if req.method.reinforcement is None:
+                raise JobError(
+                    "method type 'reinforcement' needs 'method.reinforcement.grader'", param="method.reinforcement"
+                )
+            if req.validation_file:  # refused rather than ignored: the GRPO loop has no held-out evaluation yet
+                raise JobError(
+                    "validation_file is not supported with the reinforcement method", param="validation_file"
+                )
+            grader = req.method.reinforcement.grader
+            try:  # a python grader may only name a function the operator registered (--reward-function)
+                check_grader(grader, "method.reinforcement.grader", registered=lambda n: n in self.reward_functions)
             except GraderError as e:
                 raise JobError(str(e), param="method.reinforcement.grader") from None
-            cfg.update(num_rollouts=resolved["batch_size"], reward={"grader": grader})
+            functions = {n: self.reward_functions[n] for n in _python_graders(grader)}  # the registered ones it names
+            cfg.update(
+                num_rollouts=resolved["batch_size"],
+                reward={"grader": grader, **({"functions": functions} if functions else {})},
+            )
         else:
             cfg["examples_per_step"] = resolved["batch_size"]
         if mtype == "dpo":
             cfg["beta"] = resolved["beta"]
-        for k, v in overrides.items():  # loraplex extensions (canary, sequence_len, adapter.r, ...)
-            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
-                cfg[k] = {**cfg[k], **v}
-            else:
-                cfg[k] = v
         try:
             parsed = parse_config(cfg)
-        except JobConfigError as e:
-            raise JobError(str(e), param="hyperparameters") from None
-        if parsed.method in ("dpo", "reward"):  # a malformed preference file is refused now, not minutes later in the job
-            self._check_preference_files(parsed, {str(train_path): ("training_file", training_file),
-                                                  **({str(val_path): ("validation_file", validation_file)} if val_path else {})})
-        shown = {k: resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier", "beta") if k in resolved}
+        except JobConfigError as e:  # a knob the allow-list accepts but this method does not use (kl_coef on sft)
+            msg, key = str(e), re.search(r"'([A-Za-z_.]+)'", str(e))
+            if key is not None and (key[1] in overrides or key[1].startswith("adapter.")):  # as the request named it
+                raise JobError(
+                    self._public_text(msg.replace(key[0], f"'loraplex.{key[1]}'")), param=f"loraplex.{key[1]}"
+                ) from None
+            raise JobError(self._public_text(msg), param="loraplex") from None
+        if parsed.method in (
+            "dpo",
+            "reward",
+        ):  # a malformed preference file is refused now, not minutes later in the job
+            self._check_preference_files(
+                parsed,
+                {
+                    str(train_path): ("training_file", req.training_file),
+                    **({str(val_path): ("validation_file", req.validation_file)} if val_path else {}),
+                },
+            )
+        shown = {
+            k: resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier", "beta") if k in resolved
+        }
         plan = training_plan(parsed, resolved)
-        with self._db() as c:
-            c.execute("INSERT INTO jobs(id, created_at, status, model, training_file, validation_file, suffix, seed, method, hyperparameters, config, metadata, plan) "
-                      "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                      (jid, int(time.time()), "queued", model, training_file, validation_file, suffix, parsed.seed,
-                       json.dumps({"type": mtype, mtype: {"hyperparameters": shown}}), json.dumps(shown),
-                       json.dumps(parsed.model_dump(mode="json")), json.dumps(metadata) if metadata else None, json.dumps(plan)))
+        ran = {v: k for k, v in METHODS.items()}[
+            parsed.method
+        ]  # the record names the method that runs, whatever was asked
+        with (
+            self._lock,
+            self._db() as c,
+        ):  # the count and the insert together: two requests cannot both take the last place
+            queued = c.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'validating_files')").fetchone()[
+                0
+            ]
+            if queued >= self.max_queued:
+                raise JobError(
+                    f"the fine-tuning queue is full: {queued} jobs are waiting, the server's limit is "
+                    f"{self.max_queued} "
+                    "(--max-queued-jobs); retry when one has started",
+                    429,
+                    code="rate_limit_exceeded",
+                )
+            c.execute(
+                "INSERT INTO jobs(id, created_at, status, model, training_file, validation_file, suffix, seed, "
+                "method, hyperparameters, config, metadata, plan) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    jid,
+                    int(time.time()),
+                    "queued",
+                    req.model,
+                    req.training_file,
+                    req.validation_file,
+                    req.suffix,
+                    parsed.seed,
+                    json.dumps({"type": ran, ran: {"hyperparameters": shown}}),
+                    json.dumps(shown),
+                    json.dumps(parsed.model_dump(mode="json")),
+                    json.dumps(req.metadata) if req.metadata else None,
+                    json.dumps(plan),
+                ),
+            )
             self._event(c, jid, "info", "message", f"job created and queued: {plan_text(plan)}", {**shown, **plan})
             warning = few_steps_warning(parsed, plan["optimizer_steps"])
             if warning:
                 self._event(c, jid, "warn", "message", warning)
         return self.job(jid)
+
+    @staticmethod
+    def parse_request(body: dict):
+        """A fine-tuning request body as a JobRequest (trainer/job_request.py), or 400 naming the offending field."""
+        from .job_request import RequestRefused, parse_job_request
+
+        try:
+            return parse_job_request(body)
+        except RequestRefused as e:
+            raise JobError(str(e), param=e.param) from None
+
+    def _training_file(self, fid: str, param: str) -> Path:
+        """The server path of an uploaded fine-tune file (404 for an unknown id, 400 for another purpose)."""
+        try:
+            f = self.file(fid)
+        except JobError as e:
+            raise JobError(f"{param}: {e}", e.status, param) from None
+        if f["purpose"] != "fine-tune":
+            raise JobError(
+                f"{param} {fid} has purpose {f['purpose']!r}; upload training data with purpose 'fine-tune'",
+                param=param,
+                code=f"invalid_{param}",
+            )
+        return self.file_path(fid)
+
+    def reward_function(self, name: str, param: str) -> str:
+        """The "module:function" the operator registered as `name` (what a job's reward refers to), or 400."""
+        if name not in self.reward_functions:
+            offered = ", ".join(sorted(self.reward_functions)) or "none"
+            raise JobError(
+                f"no reward function {name[:64]!r} on this server (registered: {offered}; the operator adds them with "
+                "`loraplex serve --reward-function NAME=module:function`)",
+                param=param,
+            )
+        return self.reward_functions[name]
+
+    def _store(self):
+        """The adapter store, opened once (its view follows changes made by any process)."""
+        from loraplex.adapters_store import AdapterStore
+
+        with self._lock:
+            if self._store_obj is None:
+                self._store_obj = AdapterStore(self.store_dir)
+            return self._store_obj
+
+    def _check_adapter_exists(self, ref: str, param: str) -> None:
+        from loraplex.adapters_store.errors import AdapterNotFound
+
+        name, _, version = ref.partition("@")
+        try:
+            self._store().get(name, int(version) if version else None)
+        except AdapterNotFound as e:
+            raise JobError(f"{param}: {e}", 404, param) from None
+
+    def _new_job_name(self, suffix: str | None, tenant: str) -> tuple[str, str]:
+        """A job id and the new adapter name it will create, in `tenant`'s namespace: never a name the store holds."""
+        taken = set(self._store().names())
+        while True:
+            jid = "ftjob-" + uuid.uuid4().hex[:24]
+            name = qualify(tenant, f"ft-{suffix}-{jid[6:12]}" if suffix else f"ft-{jid[6:18]}")
+            if name not in taken:
+                return jid, name
 
     def _check_preference_files(self, cfg, uploaded: dict[str, tuple[str, str]]) -> None:
         from .data import DataError
@@ -236,13 +442,20 @@ class JobManager:
 
         for d in [*cfg.datasets, *cfg.validation_datasets]:
             param, fid = uploaded.get(str(d.path), ("loraplex.datasets", None))
-            shown = self._db().execute("SELECT filename FROM files WHERE id=?", (fid,)).fetchone()["filename"] if fid else None
+            shown = (
+                self._db().execute("SELECT filename FROM files WHERE id=?", (fid,)).fetchone()["filename"]
+                if fid
+                else None
+            )
             try:
                 check_records(d.path, shown)
             except DataError as e:
                 where = f"{param} {fid}" if fid else "dataset"
-                raise JobError(f"{where} is not a valid {cfg.method.upper()} file: {e}", param=param,
-                               code="invalid_validation_file" if param == "validation_file" else "invalid_training_file") from None
+                raise JobError(
+                    self._public_text(f"{where} is not a valid {cfg.method.upper()} file: {e}"),
+                    param=param,
+                    code="invalid_validation_file" if param == "validation_file" else "invalid_training_file",
+                ) from None
 
     def job(self, jid: str) -> dict:
         r = self._db().execute("SELECT * FROM jobs WHERE id=?", (jid,)).fetchone()
@@ -250,42 +463,77 @@ class JobManager:
             raise JobError(f"no fine-tuning job {jid!r}", 404, "fine_tuning_job_id")
         eta = None
         if r["status"] == "running":
-            last = self._db().execute("SELECT created_at, data FROM events WHERE job_id=? AND type='metrics' ORDER BY id DESC LIMIT 1",
-                                      (jid,)).fetchone()
+            last = (
+                self._db()
+                .execute(
+                    "SELECT created_at, data FROM events WHERE job_id=? AND type='metrics' ORDER BY id DESC LIMIT 1",
+                    (jid,),
+                )
+                .fetchone()
+            )
             left = json.loads(last["data"]).get("eta_seconds") if last is not None else None
             if left is not None:  # none before the first step (a preference job's initial evaluation)
                 eta = int(last["created_at"] + left)
         return {
-            "id": r["id"], "object": "fine_tuning.job", "created_at": r["created_at"], "model": r["model"],
-            "status": r["status"], "fine_tuned_model": r["fine_tuned_model"], "finished_at": r["finished_at"],
-            "training_file": r["training_file"], "validation_file": r["validation_file"], "seed": r["seed"],
-            "hyperparameters": json.loads(r["hyperparameters"]), "method": json.loads(r["method"]),
-            "error": json.loads(r["error"]) if r["error"] else None, "trained_tokens": r["trained_tokens"],
-            "result_files": json.loads(r["result_files"] or "[]"), "organization_id": "loraplex", "integrations": [],
+            "id": r["id"],
+            "object": "fine_tuning.job",
+            "created_at": r["created_at"],
+            "model": r["model"],
+            "status": r["status"],
+            "fine_tuned_model": r["fine_tuned_model"],
+            "finished_at": r["finished_at"],
+            "training_file": r["training_file"],
+            "validation_file": r["validation_file"],
+            "seed": r["seed"],
+            "hyperparameters": json.loads(r["hyperparameters"]),
+            "method": json.loads(r["method"]),
+            "error": json.loads(r["error"]) if r["error"] else None,
+            "trained_tokens": r["trained_tokens"],
+            "result_files": json.loads(r["result_files"] or "[]"),
+            "organization_id": "loraplex",
+            "integrations": [],
             "estimated_finish": eta,
-            "user_provided_suffix": r["suffix"], "metadata": json.loads(r["metadata"]) if r["metadata"] else None,
-            "training_plan": json.loads(r["plan"]) if r["plan"] else None,  # ours: resolved learning rate, planned steps
+            "user_provided_suffix": r["suffix"],
+            "metadata": json.loads(r["metadata"]) if r["metadata"] else None,
+            "training_plan": json.loads(r["plan"])
+            if r["plan"]
+            else None,  # ours: resolved learning rate, planned steps
         }
 
     def jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
-        rows = [r["id"] for r in self._db().execute("SELECT id FROM jobs ORDER BY created_at DESC, rowid DESC").fetchall()]
+        rows = [
+            r["id"] for r in self._db().execute("SELECT id FROM jobs ORDER BY created_at DESC, rowid DESC").fetchall()
+        ]
         if after is not None:
-            rows = rows[rows.index(after) + 1:] if after in rows else []
+            rows = rows[rows.index(after) + 1 :] if after in rows else []
         return [self.job(j) for j in rows[:limit]], len(rows) > limit
 
     def events(self, jid: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
         self.job(jid)
         rows = self._db().execute("SELECT * FROM events WHERE job_id=? ORDER BY id DESC", (jid,)).fetchall()
-        data = [{"id": f"ftevent-{r['id']}", "object": "fine_tuning.job.event", "created_at": r["created_at"], "level": r["level"],
-                 "message": r["message"], "data": _finite(json.loads(r["data"])) if r["data"] else None, "type": r["type"]} for r in rows]
+        data = [
+            {
+                "id": f"ftevent-{r['id']}",
+                "object": "fine_tuning.job.event",
+                "created_at": r["created_at"],
+                "level": r["level"],
+                "message": r["message"],
+                "data": _finite(json.loads(r["data"])) if r["data"] else None,
+                "type": r["type"],
+            }
+            for r in rows
+        ]
         if after is not None:
             ids = [d["id"] for d in data]
-            data = data[ids.index(after) + 1:] if after in ids else []
+            data = data[ids.index(after) + 1 :] if after in ids else []
         return data[:limit], len(data) > limit
 
     def checkpoints(self, jid: str) -> list[dict]:
         job = self.job(jid)
         out_dir = self.runs_dir / jid / "output"
+        name = json.loads(self._db().execute("SELECT config FROM jobs WHERE id=?", (jid,)).fetchone()["config"])[
+            "adapter"
+        ]["name"]
         metrics = {}
         mp = out_dir / "metrics.jsonl"
         if mp.exists():
@@ -293,17 +541,36 @@ class JobManager:
                 m = json.loads(line)
                 metrics[m["step"]] = m
         data = []
-        for ck in sorted(out_dir.glob("checkpoint-*"), key=lambda p: -int(p.name.split("-")[1])):
-            step = int(ck.name.split("-")[1])
+        steps = [int(p.name[11:]) for p in out_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-[0-9]+", p.name)]
+        for step in sorted(steps, reverse=True):
+            ck = out_dir / f"checkpoint-{step}"
             m = metrics.get(step, {})
-            data.append({"id": f"ftckpt-{jid[6:]}-{step}", "object": "fine_tuning.job.checkpoint", "created_at": int(ck.stat().st_mtime),
-                         "fine_tuned_model_checkpoint": str(ck), "fine_tuning_job_id": jid, "step_number": step,
-                         "metrics": {"step": step, "train_loss": m.get("loss"), "valid_loss": m.get("eval_loss")}})
+            # a checkpoint is named, never located: the client sees `<adapter>:ckpt-step-N`, not a server path
+            data.append(
+                {
+                    "id": f"ftckpt-{jid[6:]}-{step}",
+                    "object": "fine_tuning.job.checkpoint",
+                    "created_at": int(ck.stat().st_mtime),
+                    "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{step}",
+                    "fine_tuning_job_id": jid,
+                    "step_number": step,
+                    "metrics": {"step": step, "train_loss": m.get("loss"), "valid_loss": m.get("eval_loss")},
+                }
+            )
         if job["status"] == "succeeded" and job["fine_tuned_model"]:
             last = max(metrics) if metrics else 0
-            data.insert(0, {"id": f"ftckpt-{jid[6:]}-final", "object": "fine_tuning.job.checkpoint", "created_at": job["finished_at"],
-                            "fine_tuned_model_checkpoint": job["fine_tuned_model"], "fine_tuning_job_id": jid, "step_number": last,
-                            "metrics": {"step": last, "train_loss": metrics.get(last, {}).get("loss")}})
+            data.insert(
+                0,
+                {
+                    "id": f"ftckpt-{jid[6:]}-final",
+                    "object": "fine_tuning.job.checkpoint",
+                    "created_at": job["finished_at"],
+                    "fine_tuned_model_checkpoint": job["fine_tuned_model"],
+                    "fine_tuning_job_id": jid,
+                    "step_number": last,
+                    "metrics": {"step": last, "train_loss": metrics.get(last, {}).get("loss")},
+                },
+            )
         return data
 
     def cancel(self, jid: str) -> dict:
@@ -327,8 +594,13 @@ class JobManager:
                 (self.runs_dir / jid / STOP_FILE).touch()
             with self._db() as c:
                 c.execute("UPDATE jobs SET status='paused' WHERE id=?", (jid,))
-                self._event(c, jid, "info", "message", "job paused" + (": checkpointing at the end of the current step"
-                                                                       if jid in self._procs else ""))
+                self._event(
+                    c,
+                    jid,
+                    "info",
+                    "message",
+                    "job paused" + (": checkpointing at the end of the current step" if jid in self._procs else ""),
+                )
         return self.job(jid)
 
     def resume(self, jid: str, wait: float = 60.0) -> dict:
@@ -344,7 +616,9 @@ class JobManager:
                 if p is None or p.poll() is not None:  # the paused process has written its checkpoint and gone
                     if p is not None:
                         self._procs.pop(jid, None)
-                        self._finish(jid, p.returncode)  # it may also have finished (the pause came after its last step)
+                        self._finish(
+                            jid, p.returncode
+                        )  # it may also have finished (the pause came after its last step)
                         if self.job(jid)["status"] != "paused":
                             return self.job(jid)
                     with self._db() as c:
@@ -357,11 +631,14 @@ class JobManager:
         # The watcher thread starts it (a job process dies with the thread that started it: PR_SET_PDEATHSIG), at once
         # when a slot is free; answer with the status it then has.
         deadline = time.time() + 10 * self.poll + 2
-        while self.job(jid)["status"] == "queued" and self.max_concurrent > len(self._procs) and time.time() < deadline:
+        while (
+            self.job(jid)["status"] == "queued" and self.max_concurrent > len(self._procs) and time.time() < deadline
+        ):
             time.sleep(min(0.1, self.poll))
         return self.job(jid)
 
     def _kill(self, jid: str) -> None:
+        self._started.pop(jid, None)
         p = self._procs.pop(jid, None)
         if p is not None and p.poll() is None:
             try:
@@ -384,16 +661,33 @@ class JobManager:
         (job_dir / "paused.json").unlink(missing_ok=True)
         # a job started again (resumed after a pause, or after a server restart) continues from its last checkpoint
         resume = any((job_dir / "output").glob("checkpoint-*/trainer_state.pt"))
-        (job_dir / "job.json").write_text(json.dumps({"config": cfg, "output_dir": str(job_dir / "output"), "store_dir": str(self.store_dir),
-                                                      "caller": f"fine_tuning:{jid}", "resume": resume}))
+        (job_dir / "job.json").write_text(
+            json.dumps(
+                {
+                    "config": cfg,
+                    "output_dir": str(job_dir / "output"),
+                    "store_dir": str(self.store_dir),
+                    "caller": f"fine_tuning:{jid}",
+                    "resume": resume,
+                    # the adapter's name must still be free when the job registers (none publishes under a taken name)
+                    "new_name": True,
+                    "public_names": self._public_names(jid),  # how the lineage names the server's paths
+                }
+            )
+        )
         with open(job_dir / "process.log", "ab") as log:
-            p = subprocess.Popen([self.python, "-m", "loraplex.trainer.run_job", str(job_dir)], stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
-                                                             STOP_FILE_ENV: str(job_dir / STOP_FILE)},
-                                 # a job dies with the server, so its record ("interrupted") stays true after a restart
-                                 preexec_fn=die_with_parent)
+            p = subprocess.Popen(
+                [self.python, "-m", "loraplex.trainer.run_job", str(job_dir)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", STOP_FILE_ENV: str(job_dir / STOP_FILE)},
+                # a job dies with the server, so its record ("interrupted") stays true after a restart
+                preexec_fn=die_with_parent,
+            )
         self._procs[jid] = p
         self._offsets[jid] = 0
+        self._started[jid] = time.monotonic()
         with self._db() as c:
             c.execute("UPDATE jobs SET status='running', pid=? WHERE id=?", (p.pid, jid))
             self._event(c, jid, "info", "message", "job started")
@@ -409,33 +703,50 @@ class JobManager:
         if not end:
             return
         self._offsets[jid] = self._offsets.get(jid, 0) + end
+        names = self._public_names(jid)
         with self._db() as c:
-            for line in chunk[:end].decode().splitlines():
-                e = json.loads(line)
+            for line in chunk[:end].decode(errors="replace").splitlines():
+                try:
+                    e = self._public(json.loads(line), names)
+                except ValueError:  # a torn or foreign line: skipped, the rest of the log still counts
+                    continue
+                if not isinstance(e, dict):
+                    continue
                 if e.get("type") == "metrics":
                     data = _finite({k: v for k, v in e.items() if k not in ("type", "at")})
                     if data.get("loss") is None:  # the evaluation before the first step (DPO / reward) has no loss yet
                         shown = ", ".join(f"{k}={v:.4f}" for k, v in data.items() if isinstance(v, float))
-                        msg = f"Step {e['step']}/{e['total_steps']}: initial evaluation" + (f": {shown}" if shown else "")
+                        msg = f"Step {e['step']}/{e['total_steps']}: initial evaluation" + (
+                            f": {shown}" if shown else ""
+                        )
                     else:
                         msg = f"Step {e['step']}/{e['total_steps']}: training loss={data['loss']:.4f}"
                     self._event(c, jid, "info", "metrics", msg, data)
                 elif e.get("type") in ("message", "checkpoint", "data", "plan", "resumed", "stopped", "finished"):
-                    self._event(c, jid, e.get("level", "info"), "message", e.get("message") or e["type"],
-                                _finite({k: v for k, v in e.items() if k not in ("type", "at", "message", "level")}) or None)
+                    self._event(
+                        c,
+                        jid,
+                        e.get("level", "info"),
+                        "message",
+                        e.get("message") or e["type"],
+                        _finite({k: v for k, v in e.items() if k not in ("type", "at", "message", "level")}) or None,
+                    )
 
     def _finish(self, jid: str, rc: int) -> None:
         job_dir = self.runs_dir / jid
         self._pump_events(jid)
+        self._started.pop(jid, None)
         now = int(time.time())
         with self._db() as c:
             status = c.execute("SELECT status FROM jobs WHERE id=?", (jid,)).fetchone()["status"]
-            if status == "cancelled":
+            if status in TERMINAL:  # cancelled, or failed by the time limit
                 return
             res = job_dir / "result.json"
             if status == "paused" and rc == 0 and (job_dir / "paused.json").exists():
                 step = json.loads((job_dir / "paused.json").read_text()).get("step")
-                self._event(c, jid, "info", "message", f"job paused at step {step}: resume continues from its checkpoint")
+                self._event(
+                    c, jid, "info", "message", f"job paused at step {step}: resume continues from its checkpoint"
+                )
                 return
             if rc == 0 and res.exists():
                 r = json.loads(res.read_text())
@@ -443,30 +754,104 @@ class JobManager:
                 metrics = job_dir / "output" / "metrics.jsonl"
                 if metrics.exists():  # the step metrics as a fine-tune-results file, as OpenAI attaches one
                     results.append(self._save_file(c, "step_metrics.csv", _metrics_csv(metrics), "fine-tune-results"))
-                c.execute("UPDATE jobs SET status='succeeded', finished_at=?, fine_tuned_model=?, trained_tokens=?, result_files=? WHERE id=?",
-                          (now, r["adapter"], r.get("trained_tokens"), json.dumps(results), jid))
+                c.execute(
+                    "UPDATE jobs SET status='succeeded', finished_at=?, fine_tuned_model=?, trained_tokens=?, "
+                    "result_files=? WHERE id=?",
+                    (now, r["adapter"], r.get("trained_tokens"), json.dumps(results), jid),
+                )
                 self._event(c, jid, "info", "message", f"The job has successfully completed: {r['ref']}")
+                return
+            err_f = job_dir / "error.json"
+            if rc < 0:  # the process died from a signal: that is the reason, whatever it last logged
+                sig = _signal_name(-rc)
+                err = {
+                    "code": "training_failed",
+                    "message": f"the training process was killed by {sig}"
+                    + (" (out of memory?)" if sig == "SIGKILL" else ""),
+                }
+            elif err_f.exists():
+                err = json.loads(err_f.read_text())
             else:
-                err_f = job_dir / "error.json"
-                if err_f.exists():
-                    err = json.loads(err_f.read_text())
-                else:
-                    tail = (job_dir / "process.log").read_bytes()[-2000:].decode(errors="replace") if (job_dir / "process.log").exists() else ""
-                    err = {"code": "training_failed", "message": f"the training process exited with status {rc}" + (f": {tail.strip().splitlines()[-1]}" if tail.strip() else "")}
-                err["message"] = self._uploaded_names(c, jid, err["message"])
-                c.execute("UPDATE jobs SET status='failed', finished_at=?, error=? WHERE id=?",
-                          (now, json.dumps({"code": err["code"], "message": err["message"], "param": None}), jid))
-                self._event(c, jid, "error", "message", f"The job failed: {err['message']}")
+                tail = (
+                    (job_dir / "process.log").read_bytes()[-2000:].decode(errors="replace")
+                    if (job_dir / "process.log").exists()
+                    else ""
+                )
+                err = {
+                    "code": "training_failed",
+                    "message": f"the training process exited with status {rc}"
+                    + (f": {tail.strip().splitlines()[-1]}" if tail.strip() else ""),
+                }
+            self._fail(c, jid, err["code"], err["message"])
 
-    @staticmethod
-    def _uploaded_names(c, jid: str, message: str) -> str:
-        """`message` with the server-side paths of the job's uploaded files replaced by `file-id (filename)`."""
-        row = c.execute("SELECT training_file, validation_file FROM jobs WHERE id=?", (jid,)).fetchone()
-        for fid in (row["training_file"], row["validation_file"]):
-            f = c.execute("SELECT path, filename FROM files WHERE id=?", (fid,)).fetchone() if fid else None
-            if f is not None:
-                message = message.replace(f["path"], f"{fid} ({f['filename']})")
-        return message
+    def _fail(self, c, jid: str, code: str, message: str) -> None:
+        message = self._public_text(message, self._public_names(jid))
+        c.execute(
+            "UPDATE jobs SET status='failed', finished_at=?, error=? WHERE id=?",
+            (int(time.time()), json.dumps({"code": code, "message": message, "param": None}), jid),
+        )
+        self._event(c, jid, "error", "message", f"The job failed: {message}")
+
+    def _time_limit(self) -> None:
+        """Fails the running jobs past `max_job_seconds` (one job must not hold a slot for ever)."""
+        if self.max_job_seconds is None:
+            return
+        now = time.monotonic()
+        for jid in [j for j, t in self._started.items() if now - t > self.max_job_seconds and j in self._procs]:
+            self._kill(jid)
+            self._pump_events(jid)
+            self._started.pop(jid, None)
+            with self._db() as c:
+                self._fail(
+                    c,
+                    jid,
+                    "job_time_limit",
+                    f"the job ran longer than this server's limit of {self.max_job_seconds:g} s "
+                    "(--max-job-seconds) and was stopped; its checkpoints are kept",
+                )
+
+    # --- what clients see of the server's files -----------------------------------
+    def _public_names(self, jid: str | None) -> dict[str, str]:
+        """Server path -> what a client knows it by: the job's uploads by id and name, the server's folders by role."""
+        names = {}
+        if jid is not None:
+            row = self._db().execute("SELECT training_file, validation_file FROM jobs WHERE id=?", (jid,)).fetchone()
+            for fid in (row["training_file"], row["validation_file"]) if row else ():
+                f = (
+                    self._db().execute("SELECT path, filename FROM files WHERE id=?", (fid,)).fetchone()
+                    if fid
+                    else None
+                )
+                if f is not None:
+                    names[f["path"]] = f"{fid} ({f['filename']})"
+            names[str(self.runs_dir / jid / "output")] = "output"
+            names[str(self.runs_dir / jid)] = "job"
+        for p, shown in (
+            (self.files_dir, "files"),
+            (self.runs_dir, "runs"),
+            (self.root, "jobs"),
+            (self.store_dir, "store"),
+            (Path(self.base_model), self.base_model_id),
+        ):
+            names[str(p)] = shown
+            names[str(Path(p).resolve())] = shown
+        return names
+
+    def _public_text(self, text: str, names: dict[str, str] | None = None) -> str:
+        names = names if names is not None else self._public_names(None)
+        for path in sorted(names, key=len, reverse=True):  # the longest first: a job's folder before the runs folder
+            text = text.replace(path, names[path])
+        return _ANY_PATH.sub(lambda m: "…/" + m.group(1), text)
+
+    def _public(self, obj, names: dict[str, str]):
+        """`obj` (decoded JSON) with server paths replaced in every string, keys included."""
+        if isinstance(obj, str):
+            return self._public_text(obj, names)
+        if isinstance(obj, dict):
+            return {self._public_text(str(k), names): self._public(v, names) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self._public(v, names) for v in obj]
+        return obj
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll):
@@ -478,14 +863,171 @@ class JobManager:
                         if rc is not None:
                             self._procs.pop(jid, None)
                             self._finish(jid, rc)
+                    self._time_limit()
                     free = self.max_concurrent - len(self._procs)
                     if free > 0:
-                        for r in self._db().execute("SELECT id FROM jobs WHERE status='queued' ORDER BY created_at, rowid LIMIT ?", (free,)).fetchall():
-                            self._start(r["id"])
+                        queued = self._db().execute(
+                            "SELECT id FROM jobs WHERE status='queued' ORDER BY created_at, rowid"
+                        ).fetchall()
+                        for r in queued:
+                            if free <= 0:
+                                break
+                            # a tenant's concurrent-jobs quota: the jobs behind its own, of other tenants, start
+                            if self.may_start is None or self.may_start(r["id"], list(self._procs)):
+                                self._start(r["id"])
+                                free -= 1
             except Exception:  # the watcher must survive anything a job does
                 import logging
 
                 logging.getLogger("loraplex.jobs").exception("job watcher error")
+
+
+class Upload:
+    """One file being received: its bytes go to a hidden temporary file beside the others as they arrive,
+    counted against the server's limit (413 the moment it is passed) and, for fine-tune files, checked one
+    JSONL line at a time (400 naming `file:line` at the first bad one), so memory holds one chunk and one
+    line, never the file. `finish` renames it into place and records it; `abort` leaves nothing behind."""
+
+    def __init__(self, manager: JobManager, filename: str, purpose: str | None):
+        self.m, self.filename, self.purpose = manager, filename, purpose
+        self.part = manager.files_dir / f".{uuid.uuid4().hex}.part"
+        self._fh = open(self.part, "wb")
+        self.size = 0
+        self._line = 1  # number of the line `_pending` starts
+        self._pending = b""  # the current line, not yet ended by a newline
+        self._records = 0
+        self._bad: str | None = None  # the first bad line, kept while the purpose is not known yet
+
+    @property
+    def _checked(self) -> bool:
+        return self.purpose in (None, "fine-tune")
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.m.max_upload_bytes:
+            raise JobError(
+                f"{self.filename} is larger than this server's upload limit of {self.m.max_upload_bytes} bytes "
+                "(--max-upload-bytes)",
+                413,
+                "file",
+                "file_too_large",
+            )
+        self._fh.write(data)
+        if self._checked and self._bad is None:
+            lines = (self._pending + data).split(b"\n")
+            self._pending = lines.pop()
+            for line in lines:
+                self._check_line(line)
+            if len(self._pending) > MAX_LINE_BYTES:
+                self._refuse(f"{self.filename}:{self._line}: a line longer than {MAX_LINE_BYTES} bytes")
+
+    def _check_line(self, line: bytes) -> None:
+        if line.strip():
+            from .job_request import lone_surrogate
+
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or (b"\\u" in line and lone_surrogate(rec) is not None):
+                    raise ValueError("not an object of valid Unicode")
+            except (
+                ValueError,
+                RecursionError,
+            ):  # UnicodeDecodeError and JSONDecodeError too; nesting past json's limit
+                self._refuse(
+                    f"{self.filename}:{self._line}: not a JSON object per line (fine-tune files are JSONL, UTF-8)"
+                )
+                return
+            self._records += 1
+        self._line += 1
+
+    def _refuse(self, message: str) -> None:
+        self._bad = self._bad or message
+        if self.purpose == "fine-tune":
+            raise JobError(self._bad, param="file", code="invalid_file")
+
+    def finish(self, purpose: str | None = None) -> dict:
+        purpose = self.purpose if purpose is None else purpose
+        if purpose is None:
+            raise JobError("multipart field 'purpose' is required", param="purpose")
+        check_purpose(purpose)
+        self.purpose = purpose
+        if self._checked:
+            if self._bad is None and self._pending:
+                self._check_line(self._pending)
+            if self._bad is None and not self._records:
+                self._refuse(f"{self.filename}: no JSON lines (fine-tune files are JSONL)")
+            if self._bad is not None:
+                self._refuse(self._bad)
+        self._fh.close()
+        return self.m._commit_file(self.part, self.filename, self.size, purpose)
+
+    def abort(self) -> None:
+        self._fh.close()
+        self.part.unlink(missing_ok=True)
+
+
+def check_purpose(purpose: str) -> None:
+    if purpose not in PURPOSES:
+        raise JobError(f"unknown purpose {purpose[:64]!r} (one of: {', '.join(PURPOSES)})", param="purpose")
+
+
+def clean_filename(name: str) -> str:
+    """The name a client gave its upload, as shown back: its last path part, without control characters; 400 when
+    too long."""
+    if len(name) > MAX_FILENAME:
+        raise JobError(
+            f"the file name is {len(name)} characters long; at most {MAX_FILENAME} are accepted", param="file"
+        )
+    name = re.split(r"[/\\]", name)[-1]
+    name = "".join(ch for ch in name if ch.isprintable()).strip()
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise JobError("the file name is not valid Unicode", param="file") from None
+    return name if name not in ("", ".", "..") else "upload.jsonl"
+
+
+def check_reward_functions(functions: dict[str, str]) -> dict[str, str]:
+    """The operator's reward functions (NAME -> "module:function"), checked when the server starts: names are plain,
+    each module exists. Jobs name them by NAME; an import path never comes from a request."""
+    import importlib.util
+
+    for name, spec in functions.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+            raise ValueError(f"--reward-function {name}=...: the name may hold letters, digits, '.', '_' and '-' only")
+        mod, _, fn = spec.partition(":")
+        if not mod or not fn.isidentifier():
+            raise ValueError(f"--reward-function {name}={spec}: expected NAME=module:function")
+        try:
+            found = importlib.util.find_spec(mod)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise ValueError(f"--reward-function {name}={spec}: module {mod!r} cannot be found")
+    return dict(functions)
+
+
+# an absolute path of two or more parts not named by `_public_names` (a library's, a temp dir): only its last part
+# is shown
+_ANY_PATH = re.compile(r"(?<![\w/.:~-])/(?:[^\s/'\"()\[\],:;]+/)+([^\s/'\"()\[\],:;]*)")
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def _python_graders(grader: dict) -> set[str]:
+    """The registered functions a (checked) grader names, its `multi` graders' included."""
+    if grader.get("type") == "python":
+        return {grader["function"]}
+    return (
+        set().union(*(_python_graders(g) for g in grader.get("graders", {}).values()))
+        if grader.get("type") == "multi"
+        else set()
+    )
 
 
 def _count_records(path: Path) -> int:
@@ -496,14 +1038,20 @@ def _count_records(path: Path) -> int:
 
 def training_plan(cfg, resolved: dict) -> dict:
     """What the job will do, as shown on the job object and its first event."""
-    return {"optimizer_steps": cfg.max_steps or resolved["planned_steps"], "examples_per_step": resolved["batch_size"],
-            "train_examples": resolved["train_examples"], "n_epochs": resolved["n_epochs"],
-            "learning_rate": cfg.learning_rate}
+    return {
+        "optimizer_steps": cfg.max_steps or resolved["planned_steps"],
+        "examples_per_step": resolved["batch_size"],
+        "train_examples": resolved["train_examples"],
+        "n_epochs": resolved["n_epochs"],
+        "learning_rate": cfg.learning_rate,
+    }
 
 
 def plan_text(plan: dict) -> str:
-    return (f"{plan['train_examples']} training examples x {plan['n_epochs']} epoch(s), {plan['examples_per_step']} per "
-            f"step -> {plan['optimizer_steps']} optimizer steps, learning rate {plan['learning_rate']:g}")
+    return (
+        f"{plan['train_examples']} training examples x {plan['n_epochs']} epoch(s), {plan['examples_per_step']} per "
+        f"step -> {plan['optimizer_steps']} optimizer steps, learning rate {plan['learning_rate']:g}"
+    )
 
 
 def _finite(obj):

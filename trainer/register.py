@@ -1,4 +1,10 @@
-"""Registering a finished job's adapter in the store, with its lineage, optionally as a canary."""
+"""Registering a finished job's adapter in the store, with its lineage, optionally as a canary.
+
+The lineage is served to clients (`GET /v1/adapters/{name}`), so it names what it records without the
+server's paths: datasets by the name the caller knows them by (an upload's `file-id (filename)`, else
+the file's name) beside their sha256, the base model by its id, no output directory.
+"""
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -58,17 +64,56 @@ def canary_weights(store: AdapterStore, name: str, new_version: int, percent: in
     return {v: w for v, w in out.items() if w > 0}
 
 
-def register_result(cfg: JobConfig, adapter_dir: Path, metrics: dict, store_dir: Path, *, caller: str,
-                    extra_lineage: dict | None = None):
+def check_new_name(store: AdapterStore, name: str) -> None:
+    """A job that may only create `name` (the fine-tuning API's) refuses to publish a version of a taken name."""
+    from loraplex.adapters_store.errors import AdapterConflict
+
+    if name in store.names():
+        raise AdapterConflict(
+            f"adapter name {name!r} was taken while the job ran; a fine-tuning job only creates new names"
+        )
+
+
+def public_config(cfg: JobConfig, model_id: str, names: dict[str, str] | None = None) -> dict:
+    """`cfg` as the lineage shows it: dataset paths as their public names, the base model by id, no output dir."""
+    out = cfg.model_dump(mode="json")
+    for key in ("datasets", "validation_datasets"):
+        for d in out[key]:
+            d["path"] = _shown(d["path"], names)
+    if Path(cfg.base_model).exists():
+        out["base_model"] = model_id
+    out["output_dir"] = None
+    return out
+
+
+def _shown(path: str, names: dict[str, str] | None) -> str:
+    return (names or {}).get(path) or Path(path).name
+
+
+def register_result(
+    cfg: JobConfig,
+    adapter_dir: Path,
+    metrics: dict,
+    store_dir: Path,
+    *,
+    caller: str,
+    extra_lineage: dict | None = None,
+    new_name: bool = False,
+    public_names: dict[str, str] | None = None,
+):
+    """Registers the trained adapter as the next version of `cfg.adapter.name` (with `new_name`, only as its first)."""
     spec = base_spec(cfg.base_model)
     store = AdapterStore(store_dir, base=spec)
+    if new_name:
+        check_new_name(store, cfg.adapter.name)
+    config = public_config(cfg, spec.model_id, public_names)
     lineage = {
         "method": cfg.method,
-        "base_model": cfg.base_model,
+        "base_model": config["base_model"],
         "base_model_id": spec.model_id,
         "base_fingerprint": spec.fingerprint,
-        "config": cfg.model_dump(mode="json"),
-        "dataset_sha256": metrics.get("dataset_sha256", {}),
+        "config": config,
+        "dataset_sha256": {_shown(p, public_names): h for p, h in metrics.get("dataset_sha256", {}).items()},
         "seed": cfg.seed,
         "libraries": library_versions(),
         "metrics": {k: v for k, v in metrics.items() if k not in ("dataset_sha256", "base_path")},
@@ -82,6 +127,11 @@ def register_result(cfg: JobConfig, adapter_dir: Path, metrics: dict, store_dir:
             # the canary keeps the route's guard (and sticky setting): a running server arms the guard for the new
             # version from the stored route, so a failing canary rolls back by itself
             current = store.get_route(cfg.adapter.name)
-            route = store.set_route(cfg.adapter.name, w, sticky=current.sticky if current else None,
-                                    guard=current.guard if current else None, caller=caller)
+            route = store.set_route(
+                cfg.adapter.name,
+                w,
+                sticky=current.sticky if current else None,
+                guard=current.guard if current else None,
+                caller=caller,
+            )
     return v, route

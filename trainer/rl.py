@@ -80,23 +80,31 @@ def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 
 
 # --- rewards -------------------------------------------------------------------------------------
+def _imported(spec: str):
+    """The function a "module:function" reference names (the operator's: a job file or the server's registry)."""
+    mod, _, fn = spec.partition(":")
+    if not fn:
+        raise ValueError(f"reward {spec!r}: expected 'module:function'")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward {spec!r} cannot be imported: {e}") from None
+
+
 def make_reward(spec, rollout, tokenizer, store_dir):
     """-> fn(prompts: list[str], completions: list[str], seqs: list[list[int]], items: list[dict]) -> list[float]
     (`items`: each prompt's dataset record, which graders read as `{{item.<field>}}`); or (fn, reward adapter ref)."""
     if spec is None:
         raise ValueError("method ppo/grpo needs 'reward': a rule, 'module:function', {adapter: name} or {grader: ...}")
-    if isinstance(spec, dict) and set(spec) == {"grader"}:
+    if isinstance(spec, dict) and "grader" in spec and set(spec) <= {"grader", "functions"}:
         from .graders import make_grader
 
-        return make_grader(spec["grader"], rollout, store_dir)
+        # `functions`: the operator's registered python grader functions, NAME -> "module:function" (the server's
+        # --reward-function registry; a request only ever names one)
+        functions = {name: _imported(ref) for name, ref in (spec.get("functions") or {}).items()}
+        return make_grader(spec["grader"], rollout, store_dir, functions or None)
     if isinstance(spec, str):
-        mod, _, fn = spec.partition(":")
-        if not fn:
-            raise ValueError(f"reward {spec!r}: expected 'module:function'")
-        try:
-            f = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"reward {spec!r} cannot be imported: {e}") from None
+        f = _imported(spec)
         return lambda prompts, comps, seqs, items: [float(x) for x in f(prompts, comps)]
     if not isinstance(spec, dict) or len(spec) != 1:
         raise ValueError("reward must be one of {regex: ...}, {contains: ...}, {exact: ...}, {adapter: ...}")

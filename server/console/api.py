@@ -29,6 +29,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from .. import auth
 from ..caller import caller_of
 from ..errors import ApiError, BadRequest, Conflict, Unavailable, from_store_error
 from ..openai_api import parse_body
@@ -130,7 +131,8 @@ class ConsoleApi:
     def _metrics(self, window: float, step: float, name: str | None) -> dict:
         store, engine, tel = self._need("store"), self._need("engine"), self._need("telemetry")
         try:
-            versions = store.versions(name) if name else store.list()
+            # the caller's tenant's adapters only (auth: another tenant's name is a 404 like an absent one)
+            versions = store.versions(auth.own(name)) if name else [v for v in store.list() if auth.manages(v.name)]
         except StoreError as e:
             raise from_store_error(e) from e
         refs = [v.ref for v in versions]
@@ -187,7 +189,9 @@ class ConsoleApi:
         body = await parse_body(request, CanaryBody) if raw.strip() else CanaryBody()
         caller = caller_of(request)  # who changes the route, as every route change records it
         jid = request.path_params["job_id"]
-        return JSONResponse(await asyncio.to_thread(self._canary, jid, body.percent, body.name, caller))
+        await asyncio.to_thread(auth.check_owner, "job", jid, f"no fine-tuning job {jid!r}", "fine_tuning_job_id")
+        target = auth.own(body.name) if body.name else None  # a tenant ships into its own adapters only
+        return JSONResponse(await asyncio.to_thread(self._canary, jid, body.percent, target, caller))
 
     def _canary(self, jid: str, percent: int, target: str | None, caller: str) -> dict:
         from loraplex.trainer.register import canary_weights

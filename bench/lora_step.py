@@ -1,0 +1,88 @@
+"""What LoRA adds to one decode step, measured in CPU time so that a shared machine's load does not decide it.
+
+Builds the engine as `bench/serve_multi_lora.py` does (embedded model, 8 rank-16 adapters on all 7 projections,
+32 requests, 4 per adapter), runs the prefill and a few decode steps, captures the next decode step's batch, and
+replays that forward pass with the 8-adapter segments and without them, alternating. Times are the engine
+thread's CPU time (`time.thread_time`) with one intra-op thread, minimum over `--reps`; the ratio
+no-adapter / 8 adapters is the forward-pass share of `serve_multi_lora.py`'s LoRA / no-adapter ratio.
+
+Usage: python bench/lora_step.py [--reps 8]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=8)
+    args = ap.parse_args()
+    from serve_multi_lora import build_adapters, prompts_for
+
+    from loraplex.adapters_store.base_model import resolve_base_model
+    from loraplex.server.request import OutputStream, Request, SamplingParams
+    from loraplex.server.runtime import ServeConfig, build_state
+
+    base_dir = resolve_base_model("default")
+    tmp = Path(tempfile.mkdtemp(prefix="loraplex-bench-step-"))
+    built: dict = {}
+
+    def setup() -> None:
+        dirs = build_adapters(base_dir, tmp / "adapters", 8, 16)
+        cfg = ServeConfig(model=None, store=tmp / "store", max_loras=8, max_num_seqs=64, kv_cache_tokens=65536)
+        cfg.adapters = {f"a{i}": str(d) for i, d in enumerate(dirs)}
+        built["state"] = build_state(cfg)
+
+    t = threading.Thread(target=setup)
+    t.start()
+    t.join()
+    state = built["state"]
+    eng = state.engine
+    eng.shutdown()
+    eng._thread = None  # drive the steps on this thread
+    for i, p in enumerate(prompts_for(state.service.tokenizer, 32)):
+        v = state.store.get(f"a{i % 8}")
+        eng.pool.pin(v)
+        eng._enqueue(Request(f"r{i}", p, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True), adapter=v,
+                             stream=OutputStream()))
+    for _ in range(4):
+        eng._step()
+    runner, captured = eng.runner, {}
+    real = runner.forward
+
+    def capture(batch):
+        captured["batch"] = batch
+        return real(batch)
+
+    runner.forward = capture
+    eng._step()
+    runner.forward = real
+    lora = captured["batch"]
+    base = dataclasses.replace(lora, seg=None)
+    torch.set_num_threads(1)
+    times: dict[str, list[float]] = {"lora": [], "base": []}
+    for _ in range(args.reps):
+        for name, batch in (("lora", lora), ("base", base)):
+            t0 = time.thread_time()
+            runner.forward(batch)  # rewrites the same KV positions with the same values
+            times[name].append(time.thread_time() - t0)
+    lo, ba = min(times["lora"]), min(times["base"])
+    print(f"\none decode step of 32 sequences over 8 adapters (segments {lora.seg.seg_slots_host}), 1 thread, CPU time")
+    print(f"forward with 8 adapters   {lo * 1e3:8.1f} ms")
+    print(f"forward without adapters  {ba * 1e3:8.1f} ms")
+    print(f"no adapter / 8 adapters   {ba / lo:8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Per-tenant quota enforcement: request and token rates, concurrency, stored versions, uploads, jobs.
+
+The limits are `loraplex.adapters_store.tenancy.Quota`, stored per tenant in the registry; this module
+only counts. Rates are sliding windows over the last minute kept in memory per tenant (one process
+serves a tenant's traffic; replicas would each enforce their own share). A request is admitted when
+the tenant is under every limit and counted at once, so a burst cannot overshoot by more than the
+requests already admitted in the same instant; tokens are charged as they are known (the prompt at
+submission, the completion when the request ends), so a tenant that used its tokens is refused until
+enough of them have left the window, and `Retry-After` says when that is. A refused request costs the
+engine nothing: it never reaches the batch, which is why other tenants keep their latency.
+
+Storage limits (versions, uploads, total file bytes, queued jobs) are checked against the stored state
+where the change is made; they answer 413 for one upload that is too large and 429 for a tenant that
+is out of room, naming the limit.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .errors import PayloadTooLarge as _TooLarge
+from .errors import ResourceExhausted
+
+WINDOW_S = 60.0
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A tenant over one of its limits (429 / RESOURCE_EXHAUSTED); `retry_after` seconds when known."""
+
+    def __init__(self, message: str, *, limit: str, retry_after: float | None = None):
+        super().__init__(message, param=None, code=limit)
+        self.limit = limit
+        self.retry_after = None if retry_after is None else max(1, math.ceil(retry_after))
+
+
+class PayloadTooLarge(_TooLarge):
+    """One upload larger than the tenant's `max_upload_bytes` (413 / RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, message: str, *, limit: str):
+        super().__init__(message, code=limit)
+        self.limit = limit
+
+
+@dataclass
+class _Usage:
+    requests: deque = field(default_factory=deque)  # admission times
+    tokens: deque = field(default_factory=deque)  # (time, tokens)
+    token_sum: int = 0
+    running: int = 0
+
+    def expire(self, now: float) -> None:
+        while self.requests and self.requests[0] <= now - WINDOW_S:
+            self.requests.popleft()
+        while self.tokens and self.tokens[0][0] <= now - WINDOW_S:
+            self.token_sum -= self.tokens.popleft()[1]
+
+
+class RateLimiter:
+    """Admission of inference requests per tenant against `quota_of(tenant)` (a Quota)."""
+
+    def __init__(self, quota_of):
+        self.quota_of = quota_of
+        self._lock = threading.Lock()
+        self._usage: dict[str, _Usage] = {}
+
+    def admit(self, tenant: str) -> None:
+        """Counts one request of `tenant`, or raises QuotaExceeded naming the limit; `release` it when done."""
+        q = self.quota_of(tenant)
+        if q.requests_per_minute is None and q.tokens_per_minute is None and q.concurrent_requests is None:
+            with self._lock:
+                self._usage.setdefault(tenant, _Usage()).running += 1
+            return
+        now = time.monotonic()
+        with self._lock:
+            u = self._usage.setdefault(tenant, _Usage())
+            u.expire(now)
+            if q.concurrent_requests is not None and u.running >= q.concurrent_requests:
+                raise QuotaExceeded(
+                    f"tenant {tenant!r} already has {u.running} requests running, its limit "
+                    f"(concurrent_requests={q.concurrent_requests})",
+                    limit="concurrent_requests",
+                    retry_after=1,
+                )
+            if q.requests_per_minute is not None and len(u.requests) >= q.requests_per_minute:
+                wait = u.requests[len(u.requests) - q.requests_per_minute] + WINDOW_S - now
+                raise QuotaExceeded(
+                    f"tenant {tenant!r} is over its limit of {q.requests_per_minute} requests per minute "
+                    "(requests_per_minute)",
+                    limit="requests_per_minute",
+                    retry_after=wait,
+                )
+            if q.tokens_per_minute is not None and u.token_sum >= q.tokens_per_minute:
+                left, wait = u.token_sum, 1.0
+                for at, n in u.tokens:  # oldest first: when enough have left the window to be under the limit
+                    left -= n
+                    wait = at + WINDOW_S - now
+                    if left < q.tokens_per_minute:
+                        break
+                raise QuotaExceeded(
+                    f"tenant {tenant!r} used {u.token_sum} tokens in the last minute, over its limit of "
+                    f"{q.tokens_per_minute} (tokens_per_minute)",
+                    limit="tokens_per_minute",
+                    retry_after=wait,
+                )
+            u.requests.append(now)
+            u.running += 1
+
+    def release(self, tenant: str) -> None:
+        with self._lock:
+            u = self._usage.get(tenant)
+            if u is not None and u.running > 0:
+                u.running -= 1
+
+    def charge(self, tenant: str, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        with self._lock:
+            u = self._usage.setdefault(tenant, _Usage())
+            u.tokens.append((time.monotonic(), int(tokens)))
+            u.token_sum += int(tokens)
+
+    def usage(self, tenant: str) -> dict:
+        now = time.monotonic()
+        with self._lock:
+            u = self._usage.get(tenant) or _Usage()
+            u.expire(now)
+            return {
+                "requests_last_minute": len(u.requests),
+                "tokens_last_minute": u.token_sum,
+                "running_requests": u.running,
+            }
+
+
+def check_upload(quota, tenant: str, size: int, stored: int) -> None:
+    """One upload of `size` bytes by `tenant`, which stores `stored` bytes already."""
+    if quota.max_upload_bytes is not None and size > quota.max_upload_bytes:
+        raise PayloadTooLarge(
+            f"upload of {size} bytes is over tenant {tenant!r}'s limit of {quota.max_upload_bytes} bytes "
+            "per upload (max_upload_bytes)",
+            limit="max_upload_bytes",
+        )
+    if quota.file_storage_bytes is not None and stored + size > quota.file_storage_bytes:
+        raise QuotaExceeded(
+            f"tenant {tenant!r} stores {stored} bytes of files; {size} more would exceed its limit of "
+            f"{quota.file_storage_bytes} bytes (file_storage_bytes)",
+            limit="file_storage_bytes",
+        )
+
+
+def check_versions(quota, tenant: str, stored: int) -> None:
+    if quota.adapter_versions is not None and stored >= quota.adapter_versions:
+        raise QuotaExceeded(
+            f"tenant {tenant!r} stores {stored} adapter versions, its limit (adapter_versions="
+            f"{quota.adapter_versions}); delete versions to register more",
+            limit="adapter_versions",
+        )
+
+
+def check_jobs(quota, tenant: str, queued: int) -> None:
+    if quota.queued_jobs is not None and queued >= quota.queued_jobs:
+        raise QuotaExceeded(
+            f"tenant {tenant!r} has {queued} fine-tuning jobs waiting, its limit (queued_jobs={quota.queued_jobs})",
+            limit="queued_jobs",
+            retry_after=60,
+        )

@@ -126,6 +126,8 @@ HTTP_RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/fine_tuning/jobs"): _r(TRAIN),
     ("GET", "/v1/fine_tuning/jobs/{job_id}"): _r(TRAIN),
     ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel"): _r(TRAIN, mutates=True),
+    ("POST", "/v1/fine_tuning/jobs/{job_id}/pause"): _r(TRAIN, mutates=True),
+    ("POST", "/v1/fine_tuning/jobs/{job_id}/resume"): _r(TRAIN, mutates=True),
     ("GET", "/v1/fine_tuning/jobs/{job_id}/events"): _r(TRAIN),
     ("GET", "/v1/fine_tuning/jobs/{job_id}/checkpoints"): _r(TRAIN),
     ("POST", "/v1/keys"): _r(ADMIN, mutates=True),

@@ -45,11 +45,6 @@ def as_client_error(exc: BaseException) -> LoraplexError | None:
     return exc if isinstance(exc, LoraplexError) else None
 
 
-def from_store_error(exc: Exception) -> LoraplexError:
-    """Kept for callers written before the hierarchy was one: store errors are `LoraplexError`s themselves."""
-    return exc if isinstance(exc, LoraplexError) else internal()
-
-
 def pydantic_error(exc, prefix: str = "") -> BadRequest:
     """A pydantic ValidationError as a 400 naming the first offending field (`prefix` + its dotted path)."""
     errs = exc.errors()

@@ -22,7 +22,6 @@ import logging
 import math
 import time
 
-from loraplex.adapters_store import StoreError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.requests import Request as HttpRequest
@@ -31,7 +30,7 @@ from starlette.routing import Route
 
 from .. import auth
 from ..caller import caller_of
-from ..errors import ApiError, BadRequest, Conflict, Unavailable, from_store_error
+from ..errors import ApiError, BadRequest, Conflict, Unavailable
 from ..openai_api import parse_body
 from .preview import PreviewError, check, private_tokenizer, read_rows
 
@@ -130,11 +129,8 @@ class ConsoleApi:
 
     def _metrics(self, window: float, step: float, name: str | None) -> dict:
         store, engine, tel = self._need("store"), self._need("engine"), self._need("telemetry")
-        try:
-            # the caller's tenant's adapters only (auth: another tenant's name is a 404 like an absent one)
-            versions = store.versions(auth.own(name)) if name else [v for v in store.list() if auth.manages(v.name)]
-        except StoreError as e:
-            raise from_store_error(e) from e
+        # the caller's tenant's adapters only (auth: another tenant's name is a 404 like an absent one)
+        versions = store.versions(auth.own(name)) if name else [v for v in store.list() if auth.manages(v.name)]
         refs = [v.ref for v in versions]
         base_id = tel.base_id
         if not name:
@@ -207,23 +203,20 @@ class ConsoleApi:
             raise Conflict(f"job {jid} left no record of the version it registered")
         r = json.loads(result.read_text())
         name, version = r["adapter"], int(r["version"])
-        try:
-            if target and target != name:
-                name, version = target, self._ship(store.get(name, version), target, caller)
-            current = store.get_route(name)
-            has = current.versions.get(version, 0) if current else 0
-            if has == percent:  # clicked again: the split is already what was asked
-                return {"name": name, "version": version, "route": route_json(current)}
-            if has:
-                raise Conflict(f"{name}@{version} already takes {has}% of {name!r}'s traffic; change the split on its "
-                               f"route (PUT /v1/routes/{name})")
-            weights = canary_weights(store, name, version, percent)
-            if weights is None:
-                raise Conflict(f"{name}@{version} is the only version of {name!r}: it already takes all its traffic")
-            route = routes.apply_set(name, weights, current.sticky if current else None,
-                                     current.guard if current else None, caller)
-        except StoreError as e:
-            raise from_store_error(e) from e
+        if target and target != name:
+            name, version = target, self._ship(store.get(name, version), target, caller)
+        current = store.get_route(name)
+        has = current.versions.get(version, 0) if current else 0
+        if has == percent:  # clicked again: the split is already what was asked
+            return {"name": name, "version": version, "route": route_json(current)}
+        if has:
+            raise Conflict(f"{name}@{version} already takes {has}% of {name!r}'s traffic; change the split on its "
+                           f"route (PUT /v1/routes/{name})")
+        weights = canary_weights(store, name, version, percent)
+        if weights is None:
+            raise Conflict(f"{name}@{version} is the only version of {name!r}: it already takes all its traffic")
+        route = routes.apply_set(name, weights, current.sticky if current else None,
+                                 current.guard if current else None, caller)
         return {"name": name, "version": version, "route": route_json(route)}
 
     def _ship(self, src, target: str, caller: str) -> int:

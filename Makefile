@@ -42,7 +42,7 @@ protos: $(STAMP)
 	$(BIN)/python -m loraplex.protos.generate
 
 # The console's front-end libraries, vendored as built files (needs npm; `loraplex serve` does not).
-CONSOLE := server/console
+CONSOLE := server/api/console
 console-vendor:
 	cd $(CONSOLE) && npm ci --no-audit --no-fund
 	cp $(CONSOLE)/node_modules/uplot/dist/uPlot.iife.min.js $(CONSOLE)/node_modules/uplot/dist/uPlot.min.css $(CONSOLE)/static/vendor/

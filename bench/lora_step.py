@@ -31,7 +31,7 @@ def main() -> None:
     from serve_multi_lora import build_adapters, prompts_for
 
     from loraplex.adapters_store.base_model import resolve_base_model
-    from loraplex.server.request import OutputStream, Request, SamplingParams
+    from loraplex.server.engine.request import OutputStream, Request, SamplingParams
     from loraplex.server.runtime import ServeConfig, build_state
 
     base_dir = resolve_base_model("default")

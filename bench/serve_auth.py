@@ -35,7 +35,7 @@ def gate_cost(n: int = 20000) -> tuple[float, float]:
     swamps the end-to-end ratio does not hide this one."""
     from loraplex.adapters_store import AdapterStore
     from loraplex.adapters_store.tenancy import AccessRegistry
-    from loraplex.server.auth import HTTP_RULES, Gate
+    from loraplex.server.api.auth import HTTP_RULES, Gate
 
     rule = HTTP_RULES[("POST", "/v1/chat/completions")]
     with tempfile.TemporaryDirectory() as d:

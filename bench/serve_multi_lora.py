@@ -47,7 +47,7 @@ def prompts_for(tok, n: int) -> list[list[int]]:
 
 
 def run_ours(state, prompts, adapters, new_tokens) -> float:
-    from loraplex.server.request import SamplingParams
+    from loraplex.server.engine.request import SamplingParams
 
     svc = state.service
     t0 = time.perf_counter()

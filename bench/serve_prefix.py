@@ -60,7 +60,7 @@ def requests_for(tok, n: int, adapters: int) -> list[tuple[str, list[int]]]:
 
 
 def run(state, reqs, new_tokens) -> dict:
-    from loraplex.server.request import SamplingParams
+    from loraplex.server.engine.request import SamplingParams
 
     svc = state.service
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)

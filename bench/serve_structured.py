@@ -59,7 +59,7 @@ def prompts_for(tok, n: int) -> list[list[int]]:
 
 
 def run(state, prompts, adapters, constraints, new_tokens) -> dict:
-    from loraplex.server.request import SamplingParams
+    from loraplex.server.engine.request import SamplingParams
 
     eng, svc = state.engine, state.service
     steps0, mask0, masked0 = eng.steps, eng.mask_seconds, eng.masked_steps
@@ -93,7 +93,7 @@ def main() -> None:
     torch.manual_seed(0)
     from loraplex.adapters_store.base_model import resolve_base_model
     from loraplex.server.runtime import ServeConfig, build_state
-    from loraplex.server.structured import GrammarCompiler, json_schema_grammar
+    from loraplex.server.engine.structured import GrammarCompiler, json_schema_grammar
 
     base_dir = resolve_base_model("default")
     tmp = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))

@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--ppo-steps", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="rounds per workload, alternating the two systems")
     args = ap.parse_args()
-    from loraplex.server.request import OutputStream, Request, SamplingParams
+    from loraplex.server.engine.request import OutputStream, Request, SamplingParams
     from loraplex.trainer.config import parse_config
     from loraplex.trainer.rollout import RolloutEngine
     from loraplex.trainer.core import load_base_and_tokenizer, lora_model

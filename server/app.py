@@ -20,8 +20,8 @@ from starlette.routing import Route
 
 from loraplex.trainer.jobs import DEFAULT_MAX_UPLOAD_BYTES as JOBS_MAX_UPLOAD_BYTES
 
-from .adapters_api import AdapterManager, AdapterRoutes
-from .errors import LoraplexError, NotFound, PayloadTooLarge, Unavailable, internal
+from .api.adapters_api import AdapterManager, AdapterRoutes
+from .api.errors import LoraplexError, NotFound, PayloadTooLarge, Unavailable, internal
 
 log = logging.getLogger("loraplex.server")
 
@@ -52,7 +52,7 @@ class ServerState:
 
 
 def _error_response(err: LoraplexError) -> JSONResponse:
-    from .quotas import QuotaExceeded
+    from .api.quotas import QuotaExceeded
 
     headers = {"Retry-After": str(err.retry_after)} if isinstance(err, QuotaExceeded) and err.retry_after else None
     return JSONResponse(err.body(), status_code=err.http_status, headers=headers)
@@ -137,13 +137,13 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
 
         return endpoint
 
-    from .openai_api import OpenAIRoutes
+    from .api.openai_api import OpenAIRoutes
 
     def oa():
         return OpenAIRoutes(service())
 
     def tk():
-        from .tokenizer_api import TokenizerRoutes
+        from .api.tokenizer_api import TokenizerRoutes
 
         return TokenizerRoutes(service())
 
@@ -165,7 +165,7 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
     jobs = need("jobs")
 
     def ft():
-        from .http_fine_tuning import FineTuningRoutes
+        from .api.http_fine_tuning import FineTuningRoutes
 
         return FineTuningRoutes(jobs())
 
@@ -217,8 +217,8 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
     ]
     for r in extra_routes or []:
         routes.append(r)
-    if console:  # the web console at /console and its JSON endpoints (server/console/), after the API's own routes
-        from .console import console_routes
+    if console:  # the web console at /console and its JSON endpoints (server/api/console/), after the API's own routes
+        from .api.console import console_routes
 
         routes += console_routes(state)
 
@@ -265,14 +265,14 @@ def build_app(state: ServerState, *, extra_routes: list[Route] | None = None, po
         Middleware(BodyLimit, max_request_bytes=max_request_bytes, max_upload_bytes=max_upload_bytes)])
     app.router.redirect_slashes = False  # `/v1/routes/` is an unknown route (404), not a redirect a client must follow
     app.state.loraplex = state
-    from .auth import AuthMiddleware
+    from .api.auth import AuthMiddleware
 
     app.add_middleware(AuthMiddleware, state=state, router=app.router)  # every request passes the gate first
     return app
 
 
 def _auth_routes(state: ServerState, wrap, need) -> list[Route]:
-    from .auth_api import AuthRoutes
+    from .api.auth_api import AuthRoutes
 
     gate = need("gate")
 

@@ -79,7 +79,7 @@ def cmd_keys(args) -> int:
             )
             print(secret)
         elif args.action == "list":
-            from .auth import ALL
+            from .api.auth import ALL
 
             for k in reg.keys(args.tenant or ALL, include_revoked=args.all):
                 print(json.dumps(k.to_json()))

@@ -103,7 +103,7 @@ def cmd_serve(args) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = ServerState()
-    from .http_fine_tuning import MULTIPART_SLACK
+    from .api.http_fine_tuning import MULTIPART_SLACK
 
     # --max-upload-bytes bounds the file, which the upload route counts exactly (413 naming the flag's value); the
     # body limit stays above the file's limit plus the multipart framing the route allows, as a backstop
@@ -139,7 +139,7 @@ def cmd_serve(args) -> int:
     # gRPC runs on its own asyncio loop in its own thread (see grpc_server.py); uvicorn keeps the main thread.
     grpc_server = None
     if cfg.grpc_port:
-        from .grpc_server import GrpcServer
+        from .api.grpc_server import GrpcServer
 
         grpc_server = GrpcServer(state, host=cfg.host, port=cfg.grpc_port)
         try:

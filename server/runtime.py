@@ -43,7 +43,7 @@ class ServeConfig(BaseModel):
     max_queue: int = Field(512, ge=1)
     kv_cache_tokens: int = Field(65536, ge=64)
     max_model_len: int | None = Field(None, ge=16)
-    prefix_caching: bool = True  # reuse computed prompt prefixes per adapter version (server/prefix_cache.py)
+    prefix_caching: bool = True  # reuse computed prompt prefixes per adapter version (server/engine/prefix_cache.py)
     jobs_dir: Path | None = None  # fine-tuning files and jobs; default $LORAPLEX_HOME/jobs
     max_concurrent_jobs: int = Field(1, ge=1)
     max_queued_jobs: int = Field(DEFAULT_MAX_QUEUED_JOBS, ge=1)
@@ -74,13 +74,13 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     from loraplex.adapters_store.registry import REGISTRY_ENV
     from loraplex.adapters_store.tenancy import AccessRegistry
 
-    from .adapters_api import AdapterManager
+    from .api.adapters_api import AdapterManager
     from .engine import Engine, EngineConfig
-    from .loading import load_base
-    from .model_runner import ModelRunner
-    from .service import GenerationService
+    from .engine.loading import load_base
+    from .engine.model_runner import ModelRunner
+    from .api.service import GenerationService
 
-    from .routes_api import RouteGuards, RouteRoutes
+    from .api.routes_api import RouteGuards, RouteRoutes
     from .telemetry import Telemetry
 
     state = state or ServerState()
@@ -140,7 +140,7 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     state.jobs = JobManager(cfg.jobs_dir or (cfg.store_dir().parent / "jobs"), cfg.store_dir(), str(base.path), base.model_id,
                             max_concurrent=cfg.max_concurrent_jobs, max_queued=cfg.max_queued_jobs, max_job_seconds=cfg.max_job_seconds,
                             max_upload_bytes=cfg.max_upload_bytes, reward_functions=cfg.reward_functions)
-    from .auth_api import job_admission
+    from .api.auth_api import job_admission
 
     state.jobs.may_start = job_admission(gate.registry)
     state.service = GenerationService(engine, store, base, telemetry=telemetry)
@@ -153,7 +153,7 @@ def open_gate(cfg: ServeConfig):
     from loraplex.adapters_store import AdapterStore
     from loraplex.adapters_store.tenancy import AccessRegistry
 
-    from .auth import Gate, bind_refusal, is_loopback
+    from .api.auth import Gate, bind_refusal, is_loopback
 
     registry = AccessRegistry(AdapterStore(cfg.store_dir()))
     refusal = bind_refusal(cfg.host, has_keys=registry.has_keys(), api_key=cfg.api_key,

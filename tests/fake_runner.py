@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.server.engine import Engine, EngineConfig
-from loraplex.server.kv_cache import KVCacheManager
-from loraplex.server.model_runner import build_step_batch
-from loraplex.server.request import OutputStream, Request, SamplingParams
+from loraplex.server.engine.kv_cache import KVCacheManager
+from loraplex.server.engine.model_runner import build_step_batch
+from loraplex.server.engine.request import OutputStream, Request, SamplingParams
 
 VOCAB = 97
 

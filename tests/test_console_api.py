@@ -177,7 +177,7 @@ def test_console_page_and_its_assets_are_served(url):
 
 
 def test_vendored_uplot_is_the_version_the_lock_file_pins():
-    from loraplex.server.console import STATIC_DIR
+    from loraplex.server.api.console import STATIC_DIR
 
     lock = json.loads((STATIC_DIR.parent / "package-lock.json").read_text())
     pinned = lock["packages"]["node_modules/uplot"]["version"]

@@ -54,7 +54,7 @@ def _runner_logits(tiny_base, adapter_dir, monkeypatch, choice):
     from transformers import AutoModelForCausalLM
 
     from loraplex.kernels import LoraSegments
-    from loraplex.server.model_runner import ModelRunner, SeqChunk, StepBatch
+    from loraplex.server.engine.model_runner import ModelRunner, SeqChunk, StepBatch
     from loraplex.trainer.rollout import lora_weights
 
     monkeypatch.setenv("LORAPLEX_CPU_GEMM", choice)

@@ -27,7 +27,7 @@ _get = lambda *a, **kw: httpx.get(*a, timeout=120, **kw)  # noqa: E731
 
 @pytest.fixture(scope="module")
 def g(server):
-    from loraplex.server.grpc_server import GrpcServer
+    from loraplex.server.api.grpc_server import GrpcServer
 
     gs = GrpcServer(server.state, port=0)
     port = gs.start()
@@ -126,7 +126,7 @@ def test_largest_seeds_work_and_give_the_same_tokens_over_both(g):
 
 
 def test_null_means_the_default():
-    from loraplex.server.generation_params import GenerationParams
+    from loraplex.server.api.generation_params import GenerationParams
 
     p = GenerationParams.model_validate({"temperature": None, "top_p": None, "n": None, "stop": None})
     assert (p.temperature, p.top_p, p.n, p.stop) == (1.0, 1.0, 1, [])
@@ -172,7 +172,7 @@ def test_one_error_hierarchy():
 
 def test_a_request_that_cannot_start_fails_alone(server):
     """A seed the generator refuses, handed to the engine past the edge: that request fails, the engine serves on."""
-    from loraplex.server.request import OutputStream, Request, SamplingParams
+    from loraplex.server.engine.request import OutputStream, Request, SamplingParams
 
     eng = server.engine
     bad = Request("bad-seed", [1, 2, 3], SamplingParams(max_tokens=2, seed=2**64), stream=OutputStream())
@@ -186,7 +186,7 @@ def test_a_request_that_cannot_start_fails_alone(server):
 def test_a_dead_engine_thread_shows_at_once_and_fails_what_it_held(tiny_base, tmp_path):
     from conftest import start_server
 
-    from loraplex.server.grpc_server import GrpcServer
+    from loraplex.server.api.grpc_server import GrpcServer
 
     class Crash(BaseException):
         pass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplex.server.request import OutputStream, Request, SamplingParams
+from loraplex.server.engine.request import OutputStream, Request, SamplingParams
 
 PROMPTS = {
     "alpha": "The quick brown fox",

@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from test_engine_parity import PROMPTS, run_batch  # noqa: E402
 
-from loraplex.server.request import SamplingParams  # noqa: E402
+from loraplex.server.engine.request import SamplingParams  # noqa: E402
 
 
 def build(tiny_base, adapter_dirs, tmp_path, backend, monkeypatch):

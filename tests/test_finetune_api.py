@@ -170,7 +170,7 @@ def test_routes_mounted_alone_answer_the_openai_client(tmp_path, tiny_base):
     from starlette.applications import Starlette
     from starlette.testclient import TestClient
 
-    from loraplex.server.http_fine_tuning import fine_tuning_routes
+    from loraplex.server.api.http_fine_tuning import fine_tuning_routes
     from loraplex.trainer.jobs import JobManager
 
     m = JobManager(tmp_path / "jobs", tmp_path / "store", str(tiny_base), "tiny", poll=3600)  # jobs stay queued

@@ -45,7 +45,7 @@ def manager_client(tiny_base, tmp_path):
     from starlette.applications import Starlette
     from starlette.testclient import TestClient
 
-    from loraplex.server.http_fine_tuning import fine_tuning_routes
+    from loraplex.server.api.http_fine_tuning import fine_tuning_routes
     from loraplex.trainer.jobs import JobManager
 
     m = JobManager(tmp_path / "jobs", tmp_path / "store", str(tiny_base), "tiny", poll=0.2)
@@ -243,7 +243,7 @@ def test_reinforcement_with_a_string_check_grader_raises_its_mean_score(char_bas
     from starlette.applications import Starlette
     from starlette.testclient import TestClient
 
-    from loraplex.server.http_fine_tuning import fine_tuning_routes
+    from loraplex.server.api.http_fine_tuning import fine_tuning_routes
     from loraplex.trainer.jobs import JobManager
 
     m = JobManager(tmp_path / "jobs", tmp_path / "store", str(char_base), "char", poll=0.2)

@@ -52,7 +52,7 @@ def fz(tiny_base, adapter_dirs, tmp_path_factory):
     """A server of its own (the fuzzer changes routes and deletes adapters) with HTTP and gRPC."""
     from conftest import start_server
 
-    from loraplex.server.grpc_server import GrpcServer
+    from loraplex.server.api.grpc_server import GrpcServer
 
     root = next(iter(adapter_dirs.values())).parent
     s = start_server(tmp_path_factory.mktemp("fuzz"), tiny_base, max_queue=64, allowed_adapter_roots=[root])

@@ -27,7 +27,7 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 @pytest.fixture(scope="module")
 def g(server, adapter_dirs):
-    from loraplex.server.grpc_server import GrpcServer
+    from loraplex.server.api.grpc_server import GrpcServer
 
     for name in ("alpha", "beta"):
         assert _post(f"{server.url}/v1/adapters", json={"name": name, "path": str(adapter_dirs[name])}).status_code == 201
@@ -282,7 +282,7 @@ def test_error_codes(g, tmp_path, monkeypatch):
 def test_queue_full_is_resource_exhausted(tiny_base, tmp_path):
     from conftest import start_server
 
-    from loraplex.server.grpc_server import GrpcServer
+    from loraplex.server.api.grpc_server import GrpcServer
 
     s = start_server(tmp_path, tiny_base, max_queue=1, max_num_seqs=1)
     gs = GrpcServer(s.state, port=0)
@@ -363,7 +363,7 @@ def test_reflection_lists_and_describes_the_services(g):
 
 def test_health_transitions(server):
     from loraplex.server.app import ServerState
-    from loraplex.server.grpc_server import GrpcServer
+    from loraplex.server.api.grpc_server import GrpcServer
 
     state = ServerState()  # nothing loaded yet
     gs = GrpcServer(state, port=0, poll_interval=0.02)

@@ -17,7 +17,7 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength
 
 @pytest.fixture(scope="module")
 def channel(server):
-    from loraplex.server.grpc_server import GrpcServer
+    from loraplex.server.api.grpc_server import GrpcServer
 
     gs = GrpcServer(server.state, port=0)
     port = gs.start()
@@ -70,7 +70,7 @@ def test_bad_output_format_is_invalid_argument_naming_the_field(server, stub, kw
 def test_health_list_answers_every_service(server, channel):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from loraplex.server.grpc_server import INFERENCE
+    from loraplex.server.api.grpc_server import INFERENCE
 
     r = health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(), timeout=10)
     assert r.statuses[INFERENCE].status == health_pb2.HealthCheckResponse.SERVING

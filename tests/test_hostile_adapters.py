@@ -282,8 +282,8 @@ def test_a_refused_slot_fill_fails_its_request_alone_and_keeps_the_slot(hsrv):
     pin is released (a delete would not drain forever), and other requests go on."""
     from types import SimpleNamespace
 
-    from loraplex.server.adapter_pool import LoadedAdapter
-    from loraplex.server.request import SamplingParams
+    from loraplex.server.engine.adapter_pool import LoadedAdapter
+    from loraplex.server.engine.request import SamplingParams
 
     eng, svc = hsrv.engine, hsrv.state.service
     want_resident, want_other = completion(hsrv, "resident"), completion(hsrv, "other")  # both slots full now
@@ -342,7 +342,7 @@ def test_route_changes_never_queue_behind_slow_registrations(hsrv, hostile_root,
     health and completions answer at once, and registrations past the bound get 429."""
     import threading
 
-    from loraplex.server.adapters_api import REGISTER_PENDING, REGISTER_WORKERS
+    from loraplex.server.api.adapters_api import REGISTER_PENDING, REGISTER_WORKERS
 
     st = hsrv.state.store
     real_copy = st._copy_files
@@ -385,7 +385,7 @@ def test_route_changes_never_queue_behind_slow_registrations(hsrv, hostile_root,
 
 
 def test_set_slot_is_all_or_nothing():
-    from loraplex.server.lora_layer import LoraContext, LoraLinear
+    from loraplex.server.engine.lora_layer import LoraContext, LoraLinear
 
     lin = LoraLinear(torch.nn.Linear(8, 6), LoraContext(), num_slots=2)
     a, b = torch.randn(4, 8), torch.randn(6, 4)
@@ -401,7 +401,7 @@ def test_set_slot_is_all_or_nothing():
 
 
 def test_a_guard_at_its_bounds_encodes_for_grpc(hsrv):
-    from loraplex.server.grpc_server import _route_msg
+    from loraplex.server.api.grpc_server import _route_msg
 
     r = httpx.put(f"{hsrv.url}/v1/routes/resident", json={"versions": {"1": 100},
                                                            "guard": {"max_error_rate": 1, "min_requests": 1_000_000}})

@@ -637,7 +637,7 @@ def test_the_queue_has_a_limit(tmp_path, tiny_base):
     from starlette.applications import Starlette
     from starlette.testclient import TestClient
 
-    from loraplex.server.http_fine_tuning import fine_tuning_routes
+    from loraplex.server.api.http_fine_tuning import fine_tuning_routes
     from loraplex.trainer.jobs import JobManager
 
     m = JobManager(

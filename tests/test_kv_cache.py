@@ -1,4 +1,4 @@
-"""KV arenas (server/kv_cache.py) and the batched decode attention that reads them (server/attention.py)."""
+"""KV arenas (server/engine/kv_cache.py) and the batched decode attention that reads them (server/engine/attention.py)."""
 from __future__ import annotations
 
 import random
@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from loraplex.server.kv_cache import KVCacheManager
+from loraplex.server.engine.kv_cache import KVCacheManager
 
 
 def _manager(budget=100000, max_seq_len=300):
@@ -83,8 +83,8 @@ def _tiny(arch: str):
 
 def _run(arch: str, batched: bool, monkeypatch) -> tuple[list[torch.Tensor], int]:
     """Four sequences of one arena: prefills, then decode steps while a fifth sequence prefills beside them."""
-    from loraplex.server.attention import AttentionPlan
-    from loraplex.server.model_runner import ModelRunner, SeqChunk, StepBatch
+    from loraplex.server.engine.attention import AttentionPlan
+    from loraplex.server.engine.model_runner import ModelRunner, SeqChunk, StepBatch
 
     runner = ModelRunner(_tiny(arch), max_loras=1, kv_budget_tokens=4096)
     runner.batched_decode = batched

@@ -318,7 +318,7 @@ def test_every_field_of_the_readme_table_behaves_as_it_says(srv):
                 assert r.json()["error"]["param"] == field, (field, r.text)
             else:
                 assert r.status_code == 200, (field, ep, r.text)
-    from loraplex.server.openai_api import ChatCompletionRequest, CompletionRequest
+    from loraplex.server.api.openai_api import ChatCompletionRequest, CompletionRequest
 
     declared = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
     fields = {**CompletionRequest.model_fields, **ChatCompletionRequest.model_fields}

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from loraplex.server.request import OutputStream, Request, SamplingParams
+from loraplex.server.engine.request import OutputStream, Request, SamplingParams
 
 NEW = 8
 

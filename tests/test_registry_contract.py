@@ -188,7 +188,7 @@ def test_unsupported_registry_urls_are_refused(tmp_path):
 def test_a_guard_decides_on_the_errors_of_every_replica(pair, adapter_dirs):
     """Each replica alone saw too few requests to judge the canary; together they saw enough: the route rolls
     back, once."""
-    from loraplex.server.routes_api import RouteGuards
+    from loraplex.server.api.routes_api import RouteGuards
     from loraplex.server.telemetry import Outcome, Telemetry
 
     a, b = pair

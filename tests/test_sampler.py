@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from loraplex.server.request import SamplingParams
-from loraplex.server.sampler import make_generator, sample, sample_rows
+from loraplex.server.engine.request import SamplingParams
+from loraplex.server.engine.sampler import make_generator, sample, sample_rows
 
 PARAMS = [
     SamplingParams(temperature=1.0, seed=1, logprobs=0),

@@ -7,9 +7,9 @@ import jsonschema
 import pytest
 import torch
 
-from loraplex.server.request import OutputStream, Request, SamplingParams
-from loraplex.server.sampler import make_generator, sample_rows
-from loraplex.server.structured import (GrammarCompiler, StepMasks, apply_bitmask, choice_grammar, json_schema_grammar,
+from loraplex.server.engine.request import OutputStream, Request, SamplingParams
+from loraplex.server.engine.sampler import make_generator, sample_rows
+from loraplex.server.engine.structured import (GrammarCompiler, StepMasks, apply_bitmask, choice_grammar, json_schema_grammar,
                                         regex_grammar)
 from schema_gen import random_schemas
 
@@ -153,7 +153,7 @@ def test_regex_and_choice_constraints(state, compiler):
 
 @pytest.mark.parametrize("schema", [{"type": "foo"}, {"type": "string", "pattern": "(?<=a)b"}, {"$ref": "#/nope"}])
 def test_schemas_the_library_cannot_enforce_are_refused_naming_the_field(compiler, schema):
-    from loraplex.server.errors import BadRequest
+    from loraplex.server.api.errors import BadRequest
 
     with pytest.raises(BadRequest) as e:
         p = "response_format.json_schema.schema"
@@ -162,7 +162,7 @@ def test_schemas_the_library_cannot_enforce_are_refused_naming_the_field(compile
 
 
 def test_forced_tool_call_grammar_allows_parallel_calls_only_when_asked(compiler):
-    from loraplex.server.tools import forced_call_grammar, parse_tool_calls, resolve_tool_choice
+    from loraplex.server.api.tools import forced_call_grammar, parse_tool_calls, resolve_tool_choice
 
     tools = [{"type": "function", "function": {"name": "add", "parameters": {
         "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],

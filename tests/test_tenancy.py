@@ -57,7 +57,7 @@ def upload(env, who, name, adapter_dir: Path, lineage=None):
 def env(tiny_base, tmp_path_factory, adapter_dirs):
     from conftest import start_server
 
-    from loraplex.server.grpc_server import GrpcServer
+    from loraplex.server.api.grpc_server import GrpcServer
 
     s = start_server(tmp_path_factory.mktemp("tenancy"), tiny_base, max_loras=4, kv_cache_tokens=16384)
     reg = s.state.gate.registry
@@ -109,10 +109,10 @@ def _http_endpoints(state):
 
 
 def test_every_http_route_has_a_rule_and_refuses_anonymous_and_wrong_scope_calls(env):
-    from loraplex.server.auth import HTTP_RULES
+    from loraplex.server.api.auth import HTTP_RULES
 
     endpoints = _http_endpoints(env.srv.state)
-    assert set(endpoints) == set(HTTP_RULES), "every route needs a rule in server/auth.py HTTP_RULES, and only routes"
+    assert set(endpoints) == set(HTTP_RULES), "every route needs a rule in server/api/auth.py HTTP_RULES, and only routes"
     checked = 0
     for method, path in sorted(set(endpoints)):  # a path two routes declare (the console's /v1/me) is checked once
         rule = HTTP_RULES[(method, path)]
@@ -148,7 +148,7 @@ def _grpc_methods():
 
 
 def test_every_grpc_method_has_a_rule_and_refuses_anonymous_and_wrong_scope_calls(env):
-    from loraplex.server.auth import GRPC_RULES
+    from loraplex.server.api.auth import GRPC_RULES
 
     methods = _grpc_methods()
     assert {m for m, _, _ in methods} <= set(GRPC_RULES)
@@ -548,7 +548,7 @@ def test_revoking_a_key_under_load_fails_its_next_request_and_nobody_elses(env):
 
 # --- safe defaults ---------------------------------------------------------------------------------------
 def test_refuses_to_bind_a_public_address_without_keys(tmp_path, capsys):
-    from loraplex.server.auth import bind_refusal
+    from loraplex.server.api.auth import bind_refusal
     from loraplex.server.cli import main
 
     assert main(["serve", "--host", "0.0.0.0", "--store", str(tmp_path / "store"), "--grpc-port", "0"]) == 2
@@ -565,7 +565,7 @@ def test_open_mode_and_the_single_api_key():
     from starlette.testclient import TestClient
 
     from loraplex.server.app import ServerState, build_app
-    from loraplex.server.auth import Gate
+    from loraplex.server.api.auth import Gate
 
     state = ServerState()
     state.service = object()  # "loaded": /v1/me answers once the server is ready

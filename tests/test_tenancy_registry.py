@@ -121,7 +121,7 @@ def test_audit_filters(tmp_path):
 
 
 def test_rate_limiter_tokens_and_concurrency():
-    from loraplex.server.quotas import QuotaExceeded, RateLimiter
+    from loraplex.server.api.quotas import QuotaExceeded, RateLimiter
 
     quotas = {"acme": Quota(tokens_per_minute=100, concurrent_requests=2), "globex": Quota()}
     rl = RateLimiter(quotas.get)
@@ -141,7 +141,7 @@ def test_rate_limiter_tokens_and_concurrency():
 
 
 def test_a_tenant_at_its_concurrent_jobs_waits_and_others_start(tmp_path):
-    from loraplex.server.auth_api import job_admission
+    from loraplex.server.api.auth_api import job_admission
 
     reg = AccessRegistry(AdapterStore(tmp_path / "store"))
     reg.set_quota("acme", {"concurrent_jobs": 1})

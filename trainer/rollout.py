@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.server.engine import Engine, EngineConfig
-from loraplex.server.model_runner import ModelRunner
-from loraplex.server.request import OutputStream, Request, SamplingParams
+from loraplex.server.engine.model_runner import ModelRunner
+from loraplex.server.engine.request import OutputStream, Request, SamplingParams
 
 
 @dataclass(frozen=True)

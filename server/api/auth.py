@@ -137,7 +137,7 @@ HTTP_RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/audit"): _r(ADMIN),
     ("GET", "/v1/tenants/{tenant}/quota"): _r(ADMIN),
     ("PUT", "/v1/tenants/{tenant}/quota"): _r(ADMIN, operator=True, mutates=True),
-    # the web console (server/console/): static page public, its JSON endpoints scoped like the API they mirror
+    # the web console (server/api/console/): static page public, its JSON endpoints scoped like the API they mirror
     ("GET", "/console"): PUBLIC,  # the redirect and the static files mounted there
     ("GET", "/v1/console/metrics"): _r(ADMIN),
     ("POST", "/v1/console/datasets/preview"): _r(TRAIN),
@@ -423,7 +423,7 @@ class Gate:
     @staticmethod
     def authorize(ident: Identity, rule: Rule, action: str) -> None:
         if rule is NO_RULE:
-            log.error("refused %s: no access rule is declared for it (server/auth.py HTTP_RULES / GRPC_RULES)", action)
+            log.error("refused %s: no access rule is declared for it (server/api/auth.py HTTP_RULES / GRPC_RULES)", action)
             raise PermissionDenied(f"{action} has no access rule; it is refused to everyone")
         if rule.scope is not None and rule.scope not in ident.scopes:
             raise PermissionDenied(

@@ -5,8 +5,8 @@ norms, projections, rotary embedding, MLP) but drive them ourselves: the
 batch is a flat `[T]` token vector tagged with positions and with the slot of
 the adapter each token belongs to (`prepare` builds it from the scheduler's
 plan). Each sequence's keys and values are a row of a KV arena
-(server/kv_cache.py); how the step attends is planned once per step
-(server/attention.py), as is the LoRA work every projection shares
+(server/engine/kv_cache.py); how the step attends is planned once per step
+(server/engine/attention.py), as is the LoRA work every projection shares
 (`LoraContext.begin_step`). This is what lets requests join and leave at
 every step without padding, and adapters differ per token. On CPU the frozen
 projections and the LM head run through oneDNN with packed weights

@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass
 
 from .errors import BadRequest
-from .structured import JSON_OPTIONS, lark_grammar, lark_literal
+from ..engine.structured import JSON_OPTIONS, lark_grammar, lark_literal
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL_RE = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CALL_CLOSE) + r"|$)", re.DOTALL)

@@ -24,7 +24,7 @@ from .generation_params import (
     COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPTS, MAX_TOKENS, GenerationParams,
     TopLogprobs, valid_text,
 )
-from .request import TokenLogprob
+from ..engine.request import TokenLogprob
 from .service import Generation, GenerationService, gather_streams, merge
 from .structured_fields import AnswerFields, PlatformFields, ToolFields, ToolMessageFields, compile_answer
 from .tools import CALL_CLOSE, ToolChoice, ToolStreamParser, check_tool_support, parse_tool_calls, template_messages

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import pydantic_error
-from .request import SamplingParams
+from ..engine.request import SamplingParams
 from .structured_fields import AnswerFields
 
 MAX_N = 64  # choices of one request

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .errors import BadRequest
+from loraplex.adapters_store.errors import InvalidArgument
 
 log = logging.getLogger("loraplex.structured")
 
@@ -43,7 +43,7 @@ def json_schema_grammar(schema: Any, param: str) -> str:
     import llguidance
 
     if not isinstance(schema, dict):
-        raise BadRequest(f"'{param}' must be a JSON Schema object", param=param)
+        raise InvalidArgument(f"'{param}' must be a JSON Schema object", param=param)
     return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
 
 
@@ -103,7 +103,7 @@ class GrammarCompiler:
 
         m = llguidance.LLMatcher(self._ll(), grammar, log_level=0)
         if m.is_error():
-            raise BadRequest(f"'{param}' cannot be enforced: {_first_line(m.get_error())}", param=param)
+            raise InvalidArgument(f"'{param}' cannot be enforced: {_first_line(m.get_error())}", param=param)
         return TokenConstraint(m, self)
 
 

@@ -9,7 +9,7 @@ requests behind it. When KV memory runs out, the most recently admitted
 sequence is preempted: its cache is freed and it goes back to the head of
 the queue, keeping the tokens it already produced (they are recomputed).
 
-With a prefix cache (server/prefix_cache.py), an admitted sequence first
+With a prefix cache (server/engine/prefix_cache.py), an admitted sequence first
 copies the longest cached prefix of its tokens under its adapter version and
 computes only the rest (the step's token budget counts computed tokens);
 after each step, `computed` adds the blocks the step completed to the cache.

@@ -5,7 +5,7 @@ about how they attend that does not depend on the layer is decided once, in
 `AttentionPlan` (built by the model runner before the layer loop):
 
 - where this step's keys and values go: one view per sequence into its row
-  of a KV arena (`server/kv_cache.py`), written with one batched copy per layer;
+  of a KV arena (`server/engine/kv_cache.py`), written with one batched copy per layer;
 - which decode tokens attend together: the decode steps of one arena's
   sequences form a *decode group*, attended with two batched matmuls per
   layer over the arena's rows (GQA as `[R, kv_heads, group, D]`), when at

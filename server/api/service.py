@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from loraplex.adapters_store.refs import parse_ref
 
 from . import auth
-from .engine import Engine
+from ..engine import Engine
 from .errors import BadRequest, InternalError, NotFound
 from .generation_params import MAX_NAME_CHARS, MAX_STICKY_KEY_CHARS, GenerationParams
-from .loading import LoadedBase
-from .structured import GrammarCompiler
-from .request import OutputStream, Request, RequestOutput, SamplingParams, TokenLogprob
+from ..engine.loading import LoadedBase
+from ..engine.structured import GrammarCompiler
+from ..engine.request import OutputStream, Request, RequestOutput, SamplingParams, TokenLogprob
 
 
 _CUT_SLACK = 16

@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import BadRequest
-from .structured import (ANY_JSON_OBJECT, GrammarCompiler, TokenConstraint, choice_grammar, json_schema_grammar,
+from ..engine.structured import (ANY_JSON_OBJECT, GrammarCompiler, TokenConstraint, choice_grammar, json_schema_grammar,
                          lark_grammar, regex_grammar)
 from .tools import ToolChoice, calls_or_json_grammar, forced_call_grammar, resolve_tool_choice
 

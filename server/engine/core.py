@@ -27,7 +27,7 @@ from loraplex.adapters_store import StoreError
 
 from .adapter_pool import AdapterPool
 from .detokenizer import IncrementalDetokenizer
-from .errors import BadRequest, QueueFull, Unavailable
+from loraplex.adapters_store.errors import InvalidArgument, ResourceExhausted, ServiceUnavailable
 from .model_runner import ModelRunner, StepBatch
 from .request import Request, RequestOutput
 from .sampler import make_generator, sample_rows, token_logprob
@@ -46,7 +46,7 @@ class EngineConfig:
     max_queue: int = 512
     kv_cache_tokens: int = 65536
     max_model_len: int | None = None
-    # Reuse computed prefixes per adapter version (server/prefix_cache.py). Off by default here: an engine
+    # Reuse computed prefixes per adapter version (server/engine/prefix_cache.py). Off by default here: an engine
     # whose weights change in place under one name (the trainer's rollouts, `AdapterPool.put`) must not
     # reuse keys its old weights computed; the server turns it on (`--no-prefix-caching` turns it off).
     prefix_caching: bool = False
@@ -98,7 +98,7 @@ class Engine:
         return uuid.uuid4().hex
 
     def submit(self, req: Request) -> Request:
-        """Queues a request; raises BadRequest (too long) or QueueFull. The adapter is pinned until it finishes."""
+        """Queues a request; raises InvalidArgument (too long) or ResourceExhausted. The adapter is pinned until it finishes."""
         return self.submit_many([req])[0]
 
     def submit_many(self, reqs: list[Request]) -> list[Request]:
@@ -106,21 +106,21 @@ class Engine:
         for req in reqs:
             n = len(req.prompt_ids)
             if n == 0:
-                raise BadRequest("the prompt is empty", param="prompt")
+                raise InvalidArgument("the prompt is empty", param="prompt")
             if n + req.params.max_tokens > self.max_model_len:
-                raise BadRequest(
+                raise InvalidArgument(
                     f"prompt ({n} tokens) plus max_tokens ({req.params.max_tokens}) exceeds the model's context of "
                     f"{self.max_model_len} tokens",
                     param="max_tokens",
                 )
         if len(reqs) > self.config.max_queue:
-            raise BadRequest(f"{len(reqs)} choices in one request exceed the queue's capacity "
+            raise InvalidArgument(f"{len(reqs)} choices in one request exceed the queue's capacity "
                              f"({self.config.max_queue})", param="n")
         with self._cv:
             if self.failure is not None:
-                raise Unavailable("the engine has stopped; the server is restarting")
+                raise ServiceUnavailable("the engine has stopped; the server is restarting")
             if len(self._inbox) + len(self.scheduler.waiting) + len(reqs) > self.config.max_queue:
-                raise QueueFull(f"the request queue is full ({self.config.max_queue} waiting); retry later")
+                raise ResourceExhausted(f"the request queue is full ({self.config.max_queue} waiting); retry later")
             for req in reqs:
                 if req.adapter is not None:
                     self.pool.pin(req.adapter)

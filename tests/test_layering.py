@@ -1,0 +1,32 @@
+"""The dependency rules of DESIGN.md's "Repository layout", checked in a fresh interpreter."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _loaded_after(import_line: str) -> list[str]:
+    code = f"import sys\n{import_line}\nimport json; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_the_engine_loads_no_front_end():
+    mods = _loaded_after("from loraplex.server.engine import Engine, EngineConfig")
+    front = [m for m in mods if m.startswith("loraplex.server.api") or m.split(".")[0] in ("starlette", "grpc", "uvicorn")]
+    assert not front, f"importing the engine pulled in front-end modules: {front}"
+
+
+@pytest.mark.parametrize("module", ["loraplex.adapters_store.store", "loraplex.kernels"])
+def test_lower_layers_import_no_server_or_trainer(module):
+    mods = _loaded_after(f"import {module}")
+    upward = [m for m in mods if m.startswith(("loraplex.server", "loraplex.trainer"))]
+    assert not upward, f"{module} imports upward: {upward}"
+
+
+def test_the_trainer_never_imports_the_front_ends():
+    mods = _loaded_after("import loraplex.trainer.core, loraplex.trainer.jobs, loraplex.trainer.rollout, loraplex.trainer.run_job")
+    front = [m for m in mods if m.startswith("loraplex.server.api")]
+    assert not front, f"the trainer pulled in front-end modules: {front}"

@@ -135,7 +135,7 @@ def test_null_means_the_default():
 def test_one_error_hierarchy():
     from loraplex.adapters_store import errors as E
     from loraplex.adapters_store.base_model import BaseModelError
-    from loraplex.server import errors as S
+    from loraplex.server.api import errors as S
     from loraplex.trainer.config import JobConfigError
     from loraplex.trainer.data import DataError
     from loraplex.trainer.distributed import DistributedJobError

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common import off_thread  # noqa: E402
 
 
 def main() -> None:
@@ -44,9 +44,7 @@ def main() -> None:
         cfg.adapters = {f"a{i}": str(d) for i, d in enumerate(dirs)}
         built["state"] = build_state(cfg)
 
-    t = threading.Thread(target=setup)
-    t.start()
-    t.join()
+    off_thread(setup)
     state = built["state"]
     eng = state.engine
     eng.shutdown()

@@ -28,6 +28,7 @@ import httpx
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common import free_port, wait_healthy  # noqa: E402
 
 
 def pct(xs, q):
@@ -43,17 +44,12 @@ def start(tmp: Path, model: Path, store: Path, url: str, name: str, port: int):
            "--log-level", "warning"]
     p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if p.poll() is not None:
-            raise SystemExit(f"replica {name} exited: {(tmp / f'{name}.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return p, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"replica {name} did not become ready")
+    try:
+        wait_healthy(base, p, what=f"replica {name}")
+    except SystemExit:
+        print((tmp / f"{name}.log").read_text()[-2000:], file=sys.stderr)
+        raise
+    return p, base
 
 
 def main() -> None:
@@ -64,7 +60,6 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     args = ap.parse_args()
 
-    from conftest import free_port
     from helpers import make_peft_adapter, make_tiny_llama
 
     admin = psycopg.connect(args.registry, autocommit=True)

@@ -26,7 +26,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_grpc_http import free_port, run_level  # noqa: E402
+from common import free_port, wait_healthy  # noqa: E402
+from serve_grpc_http import run_level  # noqa: E402
 
 
 def gate_cost(n: int = 20000) -> tuple[float, float]:
@@ -117,16 +118,7 @@ def main() -> None:
 
     model = None
     try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                raise SystemExit("the server did not start")
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(url, proc)
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         run_level("http", 2, 2, 4, url, target, model)  # warm-up
         run_level("grpc", 2, 2, 4, url, target, model)

@@ -25,18 +25,11 @@ import time
 import grpc
 import httpx
 
+from common import free_port, wait_healthy
 from loraplex.protos.loraplex.v1 import loraplex_pb2 as pb
 from loraplex.protos.loraplex.v1 import loraplex_pb2_grpc as pbg
 
 PROMPTS = ["Hi!", "Name a color.", "What is 2+2?", "Say hello.", "Give me a word.", "Pick a number."]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_level(kind: str, conc: int, per_client: int, max_tokens: int, http_url: str, grpc_target: str, model: str,
@@ -102,16 +95,7 @@ def main() -> None:
                              "--log-level", "warning"], env=env)
     url, target = f"http://127.0.0.1:{hp}", f"127.0.0.1:{gp}"
     try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                raise SystemExit("the server did not start")
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(url, proc)
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         run_level("http", 2, 1, 4, url, target, model)  # warm-up
         run_level("grpc", 2, 1, 4, url, target, model)

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common import drain, off_thread  # noqa: E402
 
 TOPICS = ["the ocean", "a cat", "mountains", "coffee", "the moon", "trains", "a library", "rain", "music", "robots", "winter", "a garden"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -52,13 +52,7 @@ def run_ours(state, prompts, adapters, new_tokens) -> float:
     svc = state.service
     t0 = time.perf_counter()
     reqs = [svc.submit(p, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True), a) for p, a in zip(prompts, adapters)]
-    n = 0
-    for r in reqs:
-        while True:
-            o = r.stream.get(timeout=600)
-            n += len(o.token_ids)
-            if o.finished:
-                break
+    n = drain(reqs)
     dt = time.perf_counter() - t0
     assert n == len(prompts) * new_tokens, n
     return n / dt
@@ -114,9 +108,7 @@ def main() -> None:
     # As `loraplex serve` does: the heavy torch work of start-up runs on a thread that ends before
     # serving, so the engine thread's OpenMP team is the only one while we measure (see
     # adapters_store.peft_format.one_intra_op_thread for what a second team costs).
-    t = threading.Thread(target=setup)
-    t.start()
-    t.join()
+    off_thread(setup)
     dirs, state = built["dirs"], built["state"]
     tok = state.service.tokenizer
     prompts = prompts_for(tok, args.requests)

@@ -14,7 +14,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common import drain, off_thread  # noqa: E402
 
 PRODUCTS = ["a billing platform", "a travel agency", "a hospital's patient portal", "an online bookstore"]
 RULES = [
@@ -68,13 +68,7 @@ def run(state, reqs, new_tokens) -> dict:
     q0, h0 = eng.prefix_queried, eng.prefix_hits
     t0 = time.perf_counter()
     submitted = [svc.submit(ids, params, state.store.get(name)) for name, ids in reqs]
-    n = 0
-    for r in submitted:
-        while True:
-            o = r.stream.get(timeout=1200)
-            n += len(o.token_ids)
-            if o.finished:
-                break
+    n = drain(submitted, timeout=1200)
     wall = time.perf_counter() - t0
     assert n == len(reqs) * new_tokens, n
     ttft = sorted(r.first_token_at - r.arrival for r in submitted)
@@ -109,9 +103,7 @@ def main() -> None:
             cfg.adapters = {f"a{i}": str(d) for i, d in enumerate(dirs)}
             states[on] = build_state(cfg)
 
-    t = threading.Thread(target=setup)
-    t.start()
-    t.join()
+    off_thread(setup)
     tok = states[True].service.tokenizer
     reqs = requests_for(tok, args.requests, args.adapters)
     prompt_len = statistics.mean(len(ids) for _, ids in reqs)

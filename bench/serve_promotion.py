@@ -23,14 +23,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from common import free_port, wait_healthy  # noqa: E402
 
 
 def load(url: str, clients: int, phase_seconds: float, rounds: int) -> dict[str, list[float] | int]:
@@ -130,13 +123,7 @@ def main() -> None:
                              "--store", str(tmp / "store"), "--log-level", "warning"], env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(url, proc)
         for p in (a1, a2):
             assert httpx.post(f"{url}/v1/adapters", json={"name": "bot", "path": str(p)}, timeout=60).status_code == 201
         httpx.put(f"{url}/v1/routes/bot", json={"versions": {"1": 100}})

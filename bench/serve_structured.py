@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common import off_thread  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_multi_lora import TOPICS, build_adapters  # noqa: E402
@@ -107,9 +107,7 @@ def main() -> None:
         cfg.adapters = {f"a{i}": str(d) for i, d in enumerate(dirs)}
         built["state"] = build_state(cfg)
 
-    t = threading.Thread(target=setup)
-    t.start()
-    t.join()
+    off_thread(setup)
     state = built["state"]
     svc = state.service
     comp = GrammarCompiler(svc.tokenizer, state.engine.eos_ids, svc.base.model.config.vocab_size)

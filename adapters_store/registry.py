@@ -30,13 +30,18 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 
 REGISTRY_ENV = "LORAPLEX_REGISTRY"  # a postgresql:// URL; unset: the SQLite file in the store directory
 NOTIFY_CHANNEL = "loraplex_events"
+# This process's name in the tables replicas share (guard counts, quota usage): host, pid and a random part,
+# so a restarted process on the same pid is a new replica.
+REPLICA_ID = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 _WRITE_LOCK_KEY = 0x6C6F7261706C6578  # pg_advisory_xact_lock key of the registry's write lock ("loraplex")
 
 
@@ -99,6 +104,10 @@ class Registry:
                     self._idle.append(c)
             if not keep:
                 c.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def query(self, sql: str, args=()) -> list:
         with self.connection() as c:

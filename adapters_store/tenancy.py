@@ -48,6 +48,7 @@ TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 BARE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # an adapter name within a tenant (the store's NAME_RE)
 QUALIFIED_NAME_PATTERN = rf"^(?:{TENANT_RE.pattern}{SEP})?{BARE_NAME}$"  # what a job config may name
 KEY_PREFIX = "lpx-"
+USAGE_STALE_S = 5.0  # a replica's usage report older than this is from a replica that stopped
 REFRESH_S = 0.25  # how stale the key / share / quota snapshot may get: a revoked key works at most this long
 DEFAULT_QUOTA_TENANT = ALL  # the quota row that applies to every tenant without its own
 
@@ -65,6 +66,8 @@ CREATE TABLE IF NOT EXISTS audit (
     action TEXT NOT NULL, resource TEXT, status TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
 CREATE TABLE IF NOT EXISTS access_meta (id INTEGER PRIMARY KEY, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tenant_usage (replica TEXT NOT NULL, tenant TEXT NOT NULL, requests INTEGER NOT NULL,
+    tokens INTEGER NOT NULL, running INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY (replica, tenant));
 """
 
 
@@ -411,6 +414,27 @@ class AccessRegistry:
 
     def quotas(self) -> dict[str, Quota]:
         return dict(self.snapshot().quotas)
+
+    # --- rate-quota usage of every replica -------------------------------------------------------
+    def publish_usage(self, replica: str, usage: dict[str, tuple[int, int, int]]) -> None:
+        """Replaces what `replica` reports of its last minute: {tenant: (requests, tokens, running)}."""
+        now = time.time()
+        with self.store._connection() as c:  # row by row (upserts): a reader sees each tenant's old or new count
+            for tenant, (req, tok, run) in usage.items():
+                c.execute("INSERT INTO tenant_usage(replica, tenant, requests, tokens, running, at) VALUES (?,?,?,?,?,?) "
+                          "ON CONFLICT(replica, tenant) DO UPDATE SET requests = excluded.requests, "
+                          "tokens = excluded.tokens, running = excluded.running, at = excluded.at",
+                          (replica, tenant, int(req), int(tok), int(run), now))
+            c.execute("DELETE FROM tenant_usage WHERE (replica = ? AND at < ?) OR at < ?",
+                      (replica, now, now - USAGE_STALE_S))
+
+    def peer_usage(self, replica: str) -> dict[str, tuple[int, int, int]]:
+        """{tenant: (requests, tokens, running)} summed over the other replicas' recent reports; a replica
+        that stopped reporting (it died) stops counting after USAGE_STALE_S."""
+        rows = self.store._query(
+            "SELECT tenant, SUM(requests), SUM(tokens), SUM(running) FROM tenant_usage WHERE replica <> ? AND at >= ? "
+            "GROUP BY tenant", (replica, time.time() - USAGE_STALE_S))
+        return {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in rows}
 
     # --- owners of files and jobs ----------------------------------------------------------------
     def set_owner(self, kind: str, rid: str, tenant: str) -> None:

@@ -167,6 +167,8 @@ def cmd_serve(args) -> int:
             grpc_server.stop(grace=cfg.drain_timeout)
         if state.jobs is not None:
             state.jobs.close()
+        if state.gate is not None:
+            state.gate.limiter.close()
         if state.engine is not None:
             state.engine.shutdown()
     if failed.is_set():

@@ -71,7 +71,7 @@ class ServeConfig(BaseModel):
 def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=None) -> ServerState:
     """Loads everything; fills `state` in place (so an app built earlier sees it once ready)."""
     from loraplex.adapters_store import AdapterStore, BaseModelSpec
-    from loraplex.adapters_store.registry import REGISTRY_ENV
+    from loraplex.adapters_store.registry import REGISTRY_ENV, REPLICA_ID
     from loraplex.adapters_store.tenancy import AccessRegistry
 
     from .api.adapters_api import AdapterManager
@@ -131,6 +131,7 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     state.routes = RouteRoutes(store, engine, telemetry, guards)  # before the store: the poller needs both
     gate.registry.store.close()
     gate.registry = AccessRegistry(store)
+    gate.limiter.start_sharing(lambda: gate.registry, REPLICA_ID)  # tenants' rate limits hold across replicas
     state.gate = gate
     state.store, state.engine, state.manager, state.telemetry = store, engine, manager, telemetry
     state.extra["base"] = base

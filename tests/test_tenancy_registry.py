@@ -173,3 +173,56 @@ def test_access_tables_work_on_every_registry_backend_across_replicas(tmp_path, 
     assert [e.resource for e in b.audit(tenant="acme", action="files")] == ["file-1"]
     a.store.close()
     b.store.close()
+
+
+def test_rate_limits_hold_across_replicas_and_a_dead_replica_stops_counting(tmp_path, registry_url, monkeypatch):
+    from loraplex.adapters_store import tenancy
+    from loraplex.server.api.quotas import QuotaExceeded, RateLimiter
+
+    regs = [AccessRegistry(AdapterStore(tmp_path / "store", registry=registry_url)) for _ in range(2)]
+    regs[0].set_quota("acme", {"requests_per_minute": 3, "concurrent_requests": 2})
+    time.sleep(REFRESH_S + 0.05)
+    a, b = (RateLimiter(r.quota) for r in regs)
+    a.admit("acme")
+    a.admit("acme")  # two running on replica A
+    a.share(regs[0], "replica-a")
+    b.share(regs[1], "replica-b")
+    with pytest.raises(QuotaExceeded) as e:
+        b.admit("acme")  # B alone has nothing running, but the tenant has two
+    assert e.value.limit == "concurrent_requests"
+    assert b.usage("acme") == {"requests_last_minute": 2, "tokens_last_minute": 0, "running_requests": 2}
+    a.release("acme")
+    a.share(regs[0], "replica-a")
+    b.share(regs[1], "replica-b")
+    b.admit("acme")  # the third request of the minute, on B
+    b.release("acme")
+    b.share(regs[1], "replica-b")
+    a.share(regs[0], "replica-a")
+    with pytest.raises(QuotaExceeded) as e:
+        a.admit("acme")  # the fourth, on A: over requests_per_minute counted on both replicas
+    assert e.value.limit == "requests_per_minute" and e.value.retry_after >= 1
+    b.admit("globex")  # another tenant is not affected
+    # replica B dies (stops reporting): after USAGE_STALE_S its request no longer counts
+    monkeypatch.setattr(tenancy, "USAGE_STALE_S", 0.2)
+    time.sleep(0.3)
+    a.share(regs[0], "replica-a")
+    assert a.usage("acme")["requests_last_minute"] == 2
+    for r in regs:
+        r.store.close()
+
+
+def test_usage_is_shared_only_when_a_tenant_has_limits(tmp_path):
+    from loraplex.server.api.quotas import RateLimiter
+
+    reg = AccessRegistry(AdapterStore(tmp_path / "store"))
+    rl = RateLimiter(reg.quota)
+    rl.admit("acme")
+    rl.share(reg, "replica-a")
+    assert reg.store._query("SELECT COUNT(*) FROM tenant_usage")[0][0] == 0  # no quotas: no writes
+    reg.set_quota("acme", {"tokens_per_minute": 1000})
+    time.sleep(REFRESH_S + 0.05)
+    rl.admit("acme")
+    rl.charge("acme", 7)
+    rl.share(reg, "replica-a")
+    assert reg.store._query("SELECT tenant, requests, tokens, running FROM tenant_usage") == [("acme", 1, 7, 2)]
+    reg.store.close()

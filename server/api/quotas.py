@@ -1,13 +1,20 @@
 """Per-tenant quota enforcement: request and token rates, concurrency, stored versions, uploads, jobs.
 
 The limits are `loraplex.adapters_store.tenancy.Quota`, stored per tenant in the registry; this module
-only counts. Rates are sliding windows over the last minute kept in memory per tenant (one process
-serves a tenant's traffic; replicas would each enforce their own share). A request is admitted when
-the tenant is under every limit and counted at once, so a burst cannot overshoot by more than the
-requests already admitted in the same instant; tokens are charged as they are known (the prompt at
-submission, the completion when the request ends), so a tenant that used its tokens is refused until
-enough of them have left the window, and `Retry-After` says when that is. A refused request costs the
-engine nothing: it never reaches the batch, which is why other tenants keep their latency.
+only counts. Rates are sliding windows over the last minute kept in memory per tenant. A request is
+admitted when the tenant is under every limit and counted at once, so a burst cannot overshoot by more
+than the requests already admitted in the same instant; tokens are charged as they are known (the
+prompt at submission, the completion when the request ends), so a tenant that used its tokens is
+refused until enough of them have left the window, and `Retry-After` says when that is. A refused
+request costs the engine nothing: it never reaches the batch, which is why other tenants keep their
+latency.
+
+The limits hold across replicas: every SHARE_INTERVAL_S each replica reports its counts for limited
+tenants to the registry (`AccessRegistry.publish_usage`) and reads the sum of the others' reports, which
+admission adds to its own. A tenant spread over replicas can therefore overshoot a limit by what the
+other replicas admitted within one interval, and a replica that dies stops counting after
+`USAGE_STALE_S`. `Retry-After` is exact for what this replica admitted and 1 s where only other
+replicas' admissions hold the limit (their times are not shared).
 
 Storage limits (versions, uploads, total file bytes, queued jobs) are checked against the stored state
 where the change is made; they answer 413 for one upload that is too large and 429 for a tenant that
@@ -16,6 +23,7 @@ is out of room, naming the limit.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -26,6 +34,12 @@ from .errors import PayloadTooLarge as _TooLarge
 from .errors import ResourceExhausted
 
 WINDOW_S = 60.0
+SHARE_INTERVAL_S = 0.25
+log = logging.getLogger("loraplex.quotas")
+
+
+def _limited(q) -> bool:
+    return q.requests_per_minute is not None or q.tokens_per_minute is not None or q.concurrent_requests is not None
 
 
 class QuotaExceeded(ResourceExhausted):
@@ -66,11 +80,57 @@ class RateLimiter:
         self.quota_of = quota_of
         self._lock = threading.Lock()
         self._usage: dict[str, _Usage] = {}
+        self._others: dict[str, tuple[int, int, int]] = {}  # tenant -> other replicas' (requests, tokens, running)
+        self._reported = False
+        self._stop = threading.Event()
+
+    # --- counts shared with the other replicas ---------------------------------------------------
+    def share(self, peers, replica: str) -> None:
+        """Reports this replica's counts of limited tenants to `peers` (an AccessRegistry) and reads theirs."""
+        if not peers.quotas() and not self._reported:
+            return  # no tenant has limits: nothing to count together
+        now = time.monotonic()
+        with self._lock:
+            tenants = list(self._usage)
+        limited = {t for t in tenants if _limited(self.quota_of(t))}
+        mine = {}
+        with self._lock:
+            for t in limited:
+                u = self._usage[t]
+                u.expire(now)
+                if u.requests or u.token_sum or u.running:
+                    mine[t] = (len(u.requests), u.token_sum, u.running)
+        if mine or self._reported:
+            peers.publish_usage(replica, mine)
+            self._reported = bool(mine)
+        others = peers.peer_usage(replica)
+        with self._lock:
+            self._others = others
+
+    def start_sharing(self, peers_of, replica: str) -> None:
+        """Shares counts every SHARE_INTERVAL_S with `peers_of()` (the current AccessRegistry) until `close`."""
+
+        def loop() -> None:
+            while not self._stop.wait(SHARE_INTERVAL_S):
+                peers = peers_of()
+                if peers.store.registry.closed:
+                    return
+                try:
+                    self.share(peers, replica)
+                except Exception:
+                    if self._stop.is_set() or peers.store.registry.closed:
+                        return
+                    log.exception("could not share quota usage through the registry")
+
+        threading.Thread(target=loop, name="loraplex-quota-share", daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
 
     def admit(self, tenant: str) -> None:
         """Counts one request of `tenant`, or raises QuotaExceeded naming the limit; `release` it when done."""
         q = self.quota_of(tenant)
-        if q.requests_per_minute is None and q.tokens_per_minute is None and q.concurrent_requests is None:
+        if not _limited(q):
             with self._lock:
                 self._usage.setdefault(tenant, _Usage()).running += 1
             return
@@ -78,30 +138,38 @@ class RateLimiter:
         with self._lock:
             u = self._usage.setdefault(tenant, _Usage())
             u.expire(now)
-            if q.concurrent_requests is not None and u.running >= q.concurrent_requests:
+            o_req, o_tok, o_run = self._others.get(tenant, (0, 0, 0))
+            running = u.running + o_run
+            if q.concurrent_requests is not None and running >= q.concurrent_requests:
                 raise QuotaExceeded(
-                    f"tenant {tenant!r} already has {u.running} requests running, its limit "
+                    f"tenant {tenant!r} already has {running} requests running, its limit "
                     f"(concurrent_requests={q.concurrent_requests})",
                     limit="concurrent_requests",
                     retry_after=1,
                 )
-            if q.requests_per_minute is not None and len(u.requests) >= q.requests_per_minute:
-                wait = u.requests[len(u.requests) - q.requests_per_minute] + WINDOW_S - now
+            requests = len(u.requests) + o_req
+            if q.requests_per_minute is not None and requests >= q.requests_per_minute:
+                # when enough of this replica's admissions leave the window; 1 s if the others' must
+                need = requests - q.requests_per_minute + 1
+                wait = u.requests[need - 1] + WINDOW_S - now if need <= len(u.requests) else 1.0
                 raise QuotaExceeded(
                     f"tenant {tenant!r} is over its limit of {q.requests_per_minute} requests per minute "
                     "(requests_per_minute)",
                     limit="requests_per_minute",
                     retry_after=wait,
                 )
-            if q.tokens_per_minute is not None and u.token_sum >= q.tokens_per_minute:
-                left, wait = u.token_sum, 1.0
+            tokens = u.token_sum + o_tok
+            if q.tokens_per_minute is not None and tokens >= q.tokens_per_minute:
+                left, wait = tokens, 1.0
                 for at, n in u.tokens:  # oldest first: when enough have left the window to be under the limit
                     left -= n
                     wait = at + WINDOW_S - now
                     if left < q.tokens_per_minute:
                         break
+                else:
+                    wait = 1.0  # this replica's tokens leaving is not enough: the others' must
                 raise QuotaExceeded(
-                    f"tenant {tenant!r} used {u.token_sum} tokens in the last minute, over its limit of "
+                    f"tenant {tenant!r} used {tokens} tokens in the last minute, over its limit of "
                     f"{q.tokens_per_minute} (tokens_per_minute)",
                     limit="tokens_per_minute",
                     retry_after=wait,
@@ -128,10 +196,11 @@ class RateLimiter:
         with self._lock:
             u = self._usage.get(tenant) or _Usage()
             u.expire(now)
+            o_req, o_tok, o_run = self._others.get(tenant, (0, 0, 0))  # other replicas' (limited tenants only)
             return {
-                "requests_last_minute": len(u.requests),
-                "tokens_last_minute": u.token_sum,
-                "running_requests": u.running,
+                "requests_last_minute": len(u.requests) + o_req,
+                "tokens_last_minute": u.token_sum + o_tok,
+                "running_requests": u.running + o_run,
             }
 
 

@@ -23,17 +23,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
-import socket
 import threading
 import time
-import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 
+from loraplex.adapters_store.registry import REPLICA_ID
 from loraplex.adapters_store.store import check_guard
 
 from . import auth
@@ -97,7 +95,7 @@ class RouteGuards:
     def __init__(self, store, telemetry):
         self.store = store
         self.telemetry = telemetry
-        self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.replica = REPLICA_ID
         self._lock = threading.Lock()
         self._armed: dict[str, dict] = {}  # adapter name -> {"versions": set[int], "since": float, "guard": dict}
         self._others: dict[tuple, tuple[int, int]] = {}  # (name, version, since) -> other replicas' summed counts

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,44 @@ def test_two_process_data_parallel_matches_single_process(tiny_base, tmp_path):
     resumed = train_distributed(dcfg, tmp_path / "part", resume=True)
     again = train_distributed(dcfg, tmp_path / "again")
     assert resumed.losses == pytest.approx(again.losses, rel=1e-5)
+
+
+@pytest.mark.slow  # ~40 s on a quiet 2-core machine: four training processes
+def test_two_machines_each_running_loraplex_train_give_the_single_process_adapter(tiny_base, tmp_path):
+    """Two launchers with machine ranks 0 and 1 (as on two nodes; here one host, one output dir they share)."""
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from conftest import free_port
+    from loraplex.adapters_store import AdapterStore
+    from loraplex.trainer.sft import train_sft
+
+    data = color_data(tmp_path / "c.jsonl", 2)
+    base = job(tiny_base, data, epochs=1, packing=False, micro_batch_size=1, gradient_accumulation_steps=4, gradient_checkpointing=False)
+    single = train_sft(parse_config(base), tmp_path / "single")
+    spec = {**base, "num_processes": 2, "num_machines": 2, "main_process_ip": "127.0.0.1", "main_process_port": free_port(),
+            "output_dir": str(tmp_path / "shared-run")}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "loraplex.server.cli", "train", str(tmp_path / "job.yaml"),
+                               "--machine-rank", str(r), "--store", str(tmp_path / "store")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in (1, 0)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    worker, main = (json.loads(o[0].strip().splitlines()[-1]) for o in outs)
+    assert worker == {"machine_rank": 1, "done": True, "registered_on": "machine 0"} and main["adapter"] == "colors@1"
+    assert [v.ref for v in AdapterStore(tmp_path / "store").list()] == ["colors@1"]  # registered once
+    a = load_file(str(single.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(Path(main["path"]) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    for bad, msg in [({"num_machines": 2, "num_processes": 3}, "multiple of num_machines"),
+                     ({"num_machines": 2, "num_processes": 2}, "main_process_ip and main_process_port"),
+                     ({"machine_rank": 1}, "below num_machines")]:
+        with pytest.raises(JobConfigError, match=msg):
+            parse_config({**base, **bad})
 
 
 def test_distributed_options_are_refused_clearly_where_they_cannot_run(tmp_path, tiny_base):

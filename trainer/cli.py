@@ -23,6 +23,8 @@ def run_job(cfg, out_dir: Path, store_dir: Path, *, resume: bool, caller: str, o
 
         result = train_distributed(cfg, out_dir, resume=resume, on_event=on_event, progress=progress,
                                    store_dir=store_dir)
+        if result is None:  # this machine only ran workers; machine 0 registers
+            return None, None
     elif cfg.method == "sft":
         from .sft import train_sft
 
@@ -63,9 +65,11 @@ def train_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
     ap.add_argument("--store", type=Path, help="adapter store (default $LORAPLEX_HOME/store, ./var/store)")
     ap.add_argument("--output", type=Path, help="checkpoints and metrics (default $LORAPLEX_HOME/runs/<adapter name>)")
+    ap.add_argument("--machine-rank", type=int, help="this machine's place in a multi-machine job (num_machines in the "
+                    "file); overrides the file's machine_rank, so every machine runs the same file")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.job)
+        cfg = load_config(args.job, {} if args.machine_rank is None else {"machine_rank": args.machine_rank})
     except JobConfigError as e:
         print(f"loraplex train: {e}", file=sys.stderr)
         return 2
@@ -80,6 +84,10 @@ def train_main(argv: list[str] | None = None) -> int:
     except (StoreError, DistributedJobError) as e:  # e.g. the store refused the adapter; the checkpoints stay in --output
         print(f"loraplex train: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    if v is None:
+        if cfg.machine_rank > 0:
+            print(json.dumps({"machine_rank": cfg.machine_rank, "done": True, "registered_on": "machine 0"}))
+        return 0
     print(json.dumps({"adapter": v.ref, "path": str(v.path), "route": None if route is None else route.to_json()}))
     return 0
 

@@ -148,8 +148,13 @@ class JobConfig(_Strict):
     gradient_checkpointing: bool = True  # recompute activations in backward: far less memory for ~25% more compute
     output_dir: str | None = None
     canary: int | None = Field(None, ge=1, le=99)  # percent of traffic for the new version
-    num_processes: int = Field(1, ge=1)
+    num_processes: int = Field(1, ge=1)  # in all, over every machine
     distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    # several machines: each runs `loraplex train JOB --machine-rank R` with the same file; machine 0 registers
+    num_machines: int = Field(1, ge=1)
+    machine_rank: int = Field(0, ge=0)
+    main_process_ip: str | None = None  # machine 0's address, reachable from the others
+    main_process_port: int | None = Field(None, ge=1, le=65535)
     device: str | None = None
     # method-specific knobs (METHOD_KNOBS): None unless the method uses them
     packing: bool | None = None
@@ -188,6 +193,15 @@ class JobConfig(_Strict):
                 hint = " (its examples per step are num_rollouts)" if key == "examples_per_step" else ""
                 raise ValueError(f"'{key}' is a setting of method {'/'.join(methods)}; method: {self.method} does "
                                  f"not use it{hint}: remove it")
+        if self.num_machines > 1:
+            if self.num_processes % self.num_machines:
+                raise ValueError(f"num_processes: {self.num_processes} (in all) must be a multiple of num_machines: "
+                                 f"{self.num_machines} (each machine runs as many)")
+            if self.main_process_ip is None or self.main_process_port is None:
+                raise ValueError("num_machines > 1 needs main_process_ip and main_process_port: machine 0's address and a "
+                                 "free port the other machines can reach")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank: {self.machine_rank} must be below num_machines: {self.num_machines}")
         if self.quantize == "4bit":
             if self.method in ("ppo", "grpo"):
                 raise ValueError(f"quantize: 4bit is not supported for method: {self.method} (its rollout engine reads the base "
@@ -249,7 +263,8 @@ def parse_config(data: dict, base_dir: Path | None = None) -> JobConfig:
     return cfg
 
 
-def load_config(path) -> JobConfig:
+def load_config(path, overrides: dict | None = None) -> JobConfig:
+    """The job file at `path`, with top-level `overrides` (the command line's) over its keys."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
@@ -257,4 +272,6 @@ def load_config(path) -> JobConfig:
         raise JobConfigError(f"job file not found: {p}") from None
     except yaml.YAMLError as e:
         raise JobConfigError(f"{p}: not valid YAML: {e}") from None
+    if overrides and isinstance(data, dict):
+        data = {**data, **overrides}
     return parse_config(data, p.parent)

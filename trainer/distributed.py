@@ -48,8 +48,10 @@ def check_launchable(cfg) -> None:
         raise JobConfigError("distributed: deepspeed is not supported yet; use ddp or fsdp")
     if cfg.quantize is not None:
         raise JobConfigError(f"quantize: {cfg.quantize} runs on one process only; drop num_processes or quantize")
-    if cuda and torch.cuda.device_count() < cfg.num_processes:
-        raise JobConfigError(f"num_processes: {cfg.num_processes} but only {torch.cuda.device_count()} CUDA device(s)")
+    per_machine = cfg.num_processes // cfg.num_machines
+    if cuda and torch.cuda.device_count() < per_machine:
+        raise JobConfigError(f"num_processes: {per_machine} on this machine but only {torch.cuda.device_count()} CUDA "
+                             "device(s)")
 
 
 class Ranks:
@@ -183,14 +185,19 @@ def accelerate_config(cfg, port: int) -> dict:
 
     The same for ddp and fsdp: for fsdp the workers shard the model themselves (Ranks.prepare)."""
     cuda = torch.cuda.is_available() and not (cfg.device or "").startswith("cpu")
-    return {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "num_machines": 1, "machine_rank": 0,
-            "num_processes": cfg.num_processes, "mixed_precision": "no", "use_cpu": not cuda, "main_process_port": port,
-            "gpu_ids": "all", "rdzv_backend": "static", "same_network": True, "downcast_bf16": "no", "debug": False}
+    out = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "num_machines": cfg.num_machines,
+           "machine_rank": cfg.machine_rank, "num_processes": cfg.num_processes, "mixed_precision": "no", "use_cpu": not cuda,
+           "main_process_port": port, "gpu_ids": "all", "rdzv_backend": "static", "same_network": True,
+           "downcast_bf16": "no", "debug": False}
+    if cfg.num_machines > 1:
+        out["main_process_ip"] = cfg.main_process_ip
+    return out
 
 
 def train_distributed(cfg, out_dir: Path, *, resume: bool = False, on_event=None, progress: bool = False,
                       stop_after: int | None = None, store_dir=None):
-    """Runs the SFT job on `cfg.num_processes` workers and returns rank 0's TrainResult (`stop_after` as in train_sft)."""
+    """Runs the SFT job on `cfg.num_processes` workers and returns rank 0's TrainResult (`stop_after` as in train_sft);
+    None on a machine other than machine 0 of a multi-machine job, which only contributes workers."""
     import yaml
     from transformers import AutoTokenizer
 
@@ -203,18 +210,27 @@ def train_distributed(cfg, out_dir: Path, *, resume: bool = False, on_event=None
     emit = on_event or (lambda e: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for f in ("dist_events.jsonl", "dist_result.json"):
-        (out_dir / f).unlink(missing_ok=True)
-    if not resume and (out_dir / "metrics.jsonl").exists():
-        (out_dir / "metrics.jsonl").unlink()
-    port = _free_port()
-    spec = out_dir / "dist_spec.json"
+    # Several machines share `out_dir` (every rank writes its state into the checkpoint rank 0 makes), so each
+    # machine's launcher files carry its rank, and only machine 0 clears what rank 0 writes.
+    tag = f"-machine{cfg.machine_rank}" if cfg.num_machines > 1 else ""
+    first = cfg.machine_rank == 0
+    if first:
+        for f in ("dist_events.jsonl", "dist_result.json"):
+            (out_dir / f).unlink(missing_ok=True)
+        if not resume and (out_dir / "metrics.jsonl").exists():
+            (out_dir / "metrics.jsonl").unlink()
+    port = cfg.main_process_port or _free_port()
+    spec = out_dir / f"dist_spec{tag}.json"
     spec.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "out_dir": str(out_dir), "resume": resume,
                                 "stop_after": stop_after, "store_dir": None if store_dir is None else str(store_dir)}))
-    acc_cfg = out_dir / "accelerate.yaml"
+    acc_cfg = out_dir / f"accelerate{tag}.yaml"
     acc_cfg.write_text(yaml.safe_dump(accelerate_config(cfg, port)))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg), "--num_processes", str(cfg.num_processes),
-           "--main_process_port", str(port), "-m", "loraplex.trainer.dist_worker", str(spec)]
+           "--main_process_port", str(port)]
+    if cfg.num_machines > 1:
+        cmd += ["--num_machines", str(cfg.num_machines), "--machine_rank", str(cfg.machine_rank),
+                "--main_process_ip", cfg.main_process_ip]
+    cmd += ["-m", "loraplex.trainer.dist_worker", str(spec)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.num_processes))}
     bar = None
@@ -222,8 +238,10 @@ def train_distributed(cfg, out_dir: Path, *, resume: bool = False, on_event=None
         from tqdm import tqdm
 
         bar = tqdm(desc=f"sft {cfg.adapter.name} x{cfg.num_processes}", unit="step")
-    emit({"type": "message", "message": f"launching {cfg.num_processes} workers ({cfg.distributed})"})
-    log_path = out_dir / "dist_launcher.log"
+    mine = cfg.num_processes // cfg.num_machines
+    emit({"type": "message", "message": f"launching {mine} workers ({cfg.distributed})" + (
+        f" on machine {cfg.machine_rank} of {cfg.num_machines}, {cfg.num_processes} in all" if cfg.num_machines > 1 else "")})
+    log_path = out_dir / f"dist_launcher{tag}.log"
     offset = 0
     with open(log_path, "wb") as log:
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -231,7 +249,8 @@ def train_distributed(cfg, out_dir: Path, *, resume: bool = False, on_event=None
         try:
             while True:
                 rc = p.poll()
-                offset = _forward_events(out_dir / "dist_events.jsonl", offset, emit, bar)
+                if first:  # rank 0's events: machine 0 reports them
+                    offset = _forward_events(out_dir / "dist_events.jsonl", offset, emit, bar)
                 if rc is not None:
                     break
                 time.sleep(0.2)
@@ -245,6 +264,8 @@ def train_distributed(cfg, out_dir: Path, *, resume: bool = False, on_event=None
             if bar is not None:
                 bar.close()
     res = out_dir / "dist_result.json"
+    if rc == 0 and cfg.machine_rank > 0:
+        return None  # a worker machine: global rank 0, on machine 0, saves the adapter and registers it
     if rc != 0 or not res.exists():
         lines = log_path.read_bytes()[-4000:].decode(errors="replace").strip().splitlines()
         reason = next((l for l in reversed(lines) if "Error" in l), lines[-1] if lines else "no output")

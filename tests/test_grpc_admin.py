@@ -35,7 +35,8 @@ class Env:
         return (("authorization", f"Bearer {self.keys.get(who, who)}"),)
 
     def http(self, method, path, who, **kw):
-        return _http(method, f"{self.srv.url}{path}", headers={"Authorization": f"Bearer {self.keys.get(who, who)}"}, **kw)
+        auth = {"Authorization": f"Bearer {self.keys.get(who, who)}"}
+        return _http(method, f"{self.srv.url}{path}", headers=auth, **kw)
 
     def call(self, rpc, request, who):
         return getattr(self.admin, rpc)(request, metadata=self.md(who), timeout=60)
@@ -56,7 +57,8 @@ def env(tiny_base, tmp_path_factory):
     reg = s.state.gate.registry
     keys, ids = {}, {}
     for who, tenant, scopes in (("op", "*", "inference,train,admin"), ("acme", "acme", "inference,train,admin"),
-                                ("globex", "globex", "inference,train,admin"), ("acme_user", "acme", "inference,train")):
+                                ("globex", "globex", "inference,train,admin"),
+                                ("acme_user", "acme", "inference,train")):
         k, keys[who] = reg.create_key(tenant, scopes, name=who)
         ids[who] = k.id
     gs = GrpcServer(s.state, port=0)
@@ -137,7 +139,8 @@ def test_list_audit_has_the_filters_and_paging_of_http(env):
     first = got[0]
     assert json.loads(first.detail_json) == http[0]["detail"] and first.action == http[0]["action"]
 
-    for filters in ({"action": "CreateKey"}, {"key_id": env.ids["op"]}, {"action": "quota"}, {"tenant": "acme", "action": "Key"}):
+    for filters in ({"action": "CreateKey"}, {"key_id": env.ids["op"]}, {"action": "quota"},
+                    {"tenant": "acme", "action": "Key"}):
         want = [e["id"] for e in env.http("GET", "/v1/audit", "op", params=filters).json()["data"]]
         assert want and _ids(env.call("ListAudit", pb.ListAuditRequest(**filters), "op").entries) == want, filters
     # paging: `limit`, then on from the oldest entry seen
@@ -147,7 +150,8 @@ def test_list_audit_has_the_filters_and_paging_of_http(env):
     since = env.call("ListAudit", pb.ListAuditRequest(since=got[1].at), "acme").entries
     assert _ids(since) == _ids(got[:2])
     # a tenant's key: its own entries only, its adapters by bare name
-    assert env.fails("ListAudit", pb.ListAuditRequest(tenant="globex"), "acme").code() == grpc.StatusCode.PERMISSION_DENIED
+    e = env.fails("ListAudit", pb.ListAuditRequest(tenant="globex"), "acme")
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED
     assert {e.tenant for e in env.call("ListAudit", pb.ListAuditRequest(tenant="globex"), "op").entries} <= {"globex"}
     for bad in (0, 1001):
         e = env.fails("ListAudit", pb.ListAuditRequest(limit=bad), "acme")
@@ -167,7 +171,8 @@ def test_quotas_over_grpc_are_the_ones_http_sees(env):
     try:
         set_ = env.call("SetQuota", pb.SetQuotaRequest(tenant="globex", quota=pb.Quota(
             tokens_per_minute=5000, adapter_versions=3, queued_jobs=0)), "op")
-        assert set_.tenant == "globex" and set_.quota.tokens_per_minute == 5000 and not set_.quota.HasField("max_upload_bytes")
+        assert set_.tenant == "globex" and set_.quota.tokens_per_minute == 5000
+        assert not set_.quota.HasField("max_upload_bytes")
         assert set_.quota.HasField("queued_jobs") and set_.quota.queued_jobs == 0
         http = env.http("GET", "/v1/tenants/globex/quota", "globex").json()
         assert http["quota"]["tokens_per_minute"] == 5000 and http["quota"]["adapter_versions"] == 3
@@ -183,9 +188,11 @@ def test_quotas_over_grpc_are_the_ones_http_sees(env):
         for who in ("globex", "acme"):  # setting quotas is for operators, even one's own
             e = env.fails("SetQuota", pb.SetQuotaRequest(tenant="globex", quota=pb.Quota(tokens_per_minute=1)), who)
             assert e.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert env.fails("GetQuota", pb.GetQuotaRequest(tenant="globex"), "acme").code() == grpc.StatusCode.PERMISSION_DENIED
+        e = env.fails("GetQuota", pb.GetQuotaRequest(tenant="globex"), "acme")
+        assert e.code() == grpc.StatusCode.PERMISSION_DENIED
         assert env.http("GET", "/v1/tenants/globex/quota", "op").json()["quota"]["tokens_per_minute"] == 5000
-        audit = env.http("GET", "/v1/audit", "op", params={"action": "SetQuota", "key_id": env.ids["op"]}).json()["data"]
+        params = {"action": "SetQuota", "key_id": env.ids["op"]}
+        audit = env.http("GET", "/v1/audit", "op", params=params).json()["data"]
         assert audit[0]["resource"] == "globex" and audit[0]["detail"]["tokens_per_minute"] == 5000
     finally:
         env.call("SetQuota", pb.SetQuotaRequest(tenant="globex"), "op")  # no limits again
@@ -213,7 +220,8 @@ def test_upload_over_grpc_registers_a_version_the_tenant_serves(env, adapter_dir
     v = env.admin.UploadAdapter(upload_messages("uploaded", files, {"run": 7}), metadata=env.md("acme"), timeout=120)
     assert (v.name, v.version, v.r) == ("acme:uploaded", 1, 4) and not v.path
     lineage = json.loads(v.lineage_json)
-    assert lineage["run"] == 7 and lineage["source"] == "upload" and lineage["registered_by"]["key_id"] == env.ids["acme"]
+    assert lineage["run"] == 7 and lineage["source"] == "upload"
+    assert lineage["registered_by"]["key_id"] == env.ids["acme"]
     # what HTTP's upload of the same files gives
     r = env.http("POST", "/v1/adapters/uploaded/versions", "acme", files=[("file", (n, b)) for n, b in files.items()])
     assert r.status_code == 201 and r.json()["sha256"] == v.sha256 and r.json()["version"] == 2
@@ -223,7 +231,8 @@ def test_upload_over_grpc_registers_a_version_the_tenant_serves(env, adapter_dir
     req.model = "uploaded@1"
     one = inf.Generate(req, metadata=env.md("acme"), timeout=60)
     req.model = "uploaded@2"
-    assert one.served_by == "acme:uploaded@1" and inf.Generate(req, metadata=env.md("acme"), timeout=60).text == one.text
+    assert one.served_by == "acme:uploaded@1"
+    assert inf.Generate(req, metadata=env.md("acme"), timeout=60).text == one.text
     # invisible to the other tenant
     e = env.fails("GetAdapter", pb.GetAdapterRequest(name="acme:uploaded"), "globex")
     assert e.code() == grpc.StatusCode.NOT_FOUND
@@ -258,7 +267,8 @@ INVALID = {
     "shape": (_bad_tensor, None, None),
     "module": (_foreign_module, None, None),
     "no_files": (lambda f: {}, None, grpc.StatusCode.INVALID_ARGUMENT),
-    "path_name": (lambda f: {"../adapter_config.json": f["adapter_config.json"]}, None, grpc.StatusCode.INVALID_ARGUMENT),
+    "path_name": (lambda f: {"../adapter_config.json": f["adapter_config.json"]}, None,
+                  grpc.StatusCode.INVALID_ARGUMENT),
     "lineage": (lambda f: f, "[1, 2]", grpc.StatusCode.INVALID_ARGUMENT),
 }
 
@@ -307,8 +317,17 @@ def test_upload_messages_out_of_order_and_quotas_are_refused_before_storing(env,
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_upload_bytes" in e.details()
         e = refused(list(upload_messages("q", files)))  # undeclared: refused while counting
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_upload_bytes" in e.details()
+        env.call("SetQuota", pb.SetQuotaRequest(tenant="globex"), "op")
+        cfg = env.srv.state.extra["config"]
+        server_limit, cfg.max_upload_bytes = cfg.max_upload_bytes, size - 1  # the server's own limit, any tenant
+        try:
+            e = refused(list(upload_messages("q", files)), who="op")
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-upload-bytes" in e.details()
+        finally:
+            cfg.max_upload_bytes = server_limit
         env.call("SetQuota", pb.SetQuotaRequest(tenant="globex", quota=pb.Quota(adapter_versions=1)), "op")
-        assert env.admin.UploadAdapter(upload_messages("q", files), metadata=env.md("globex"), timeout=120).version == 1
+        v = env.admin.UploadAdapter(upload_messages("q", files), metadata=env.md("globex"), timeout=120)
+        assert v.version == 1
         before = [v.ref for v in store.list()]
         e = refused(list(upload_messages("q2", files)))
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "adapter_versions" in e.details()
@@ -319,7 +338,8 @@ def test_upload_messages_out_of_order_and_quotas_are_refused_before_storing(env,
 # --- sharing ------------------------------------------------------------------------------------------
 def test_sharing_over_grpc_is_for_operators(env, adapter_dirs):
     files = adapter_files(adapter_dirs["alpha"])
-    assert env.admin.UploadAdapter(upload_messages("common", files), metadata=env.md("op"), timeout=120).name == "common"
+    v = env.admin.UploadAdapter(upload_messages("common", files), metadata=env.md("op"), timeout=120)
+    assert v.name == "common"
     inf = pbg.InferenceStub(env.ch)
     req = pb.GenerateRequest(model="common", text="Hi", sampling=pb.SamplingParams(max_tokens=2, temperature=0))
     with pytest.raises(grpc.RpcError) as e:
@@ -327,7 +347,8 @@ def test_sharing_over_grpc_is_for_operators(env, adapter_dirs):
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     e = env.fails("SetSharing", pb.SetSharingRequest(name="common", shared=True), "globex")
     assert e.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert env.fails("SetSharing", pb.SetSharingRequest(name="absent", shared=True), "op").code() == grpc.StatusCode.NOT_FOUND
+    e = env.fails("SetSharing", pb.SetSharingRequest(name="absent", shared=True), "op")
+    assert e.code() == grpc.StatusCode.NOT_FOUND
     assert env.call("SetSharing", pb.SetSharingRequest(name="common", shared=True), "op").shared
     assert inf.Generate(req, metadata=env.md("globex"), timeout=60).served_by == "common@1"
     env.call("SetSharing", pb.SetSharingRequest(name="common", shared=False), "op")
@@ -353,4 +374,5 @@ def test_standard_reflection_v1_lists_and_describes_the_services(env):
     assert {"UploadAdapter", "CreateKey", "ListAudit", "SetQuota"} <= set(methods)
     assert methods["UploadAdapter"].client_streaming and not methods["UploadAdapter"].server_streaming
     fd = descriptor_pb2.FileDescriptorProto.FromString(itself.file_descriptor_response.file_descriptor_proto[0])
-    assert fd.package == "grpc.reflection.v1" and fd.service[0].method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
+    assert fd.package == "grpc.reflection.v1"
+    assert fd.service[0].method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"

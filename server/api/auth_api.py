@@ -10,6 +10,10 @@ optional `lineage` as a JSON string) is how tenants register adapters: registrat
 reads the server's file system and is for operators only. The parts are spooled into the store's own
 `tmp/` (inside the store root, so registration accepts them wherever the allowed roots point) and
 registered from there as any directory would be: validated, copied, renamed into place.
+
+The operations themselves (`create_key`, `list_audit`, `set_quota`, `AdapterUpload`, ...) are plain
+functions of the call the gate admitted, so the gRPC Admin service (grpc_server.py) runs the same ones:
+the HTTP routes below and the gRPC methods only translate their wire format.
 """
 
 from __future__ import annotations
@@ -73,7 +77,8 @@ AUDIT_DEFAULT_LIMIT = 100
 def identity_view(gate) -> dict:
     """The calling key as GET /v1/me shows it: identity, the quota that applies and the current usage."""
     ident = auth.identity()
-    return {**ident.to_json(), "quota": gate.quota(ident.tenant).model_dump(), "usage": gate.limiter.usage(ident.tenant)}
+    quota, usage = gate.quota(ident.tenant).model_dump(), gate.limiter.usage(ident.tenant)
+    return {**ident.to_json(), "quota": quota, "usage": usage}
 
 
 def create_key(registry, tenant: str | None, scopes, name: str | None):
@@ -179,7 +184,10 @@ class AdapterUpload:
         auth.note(resource=self.name)
         self.tenant = auth.identity().tenant
         self.quota = state.gate.quota(self.tenant)
+        # the server's own limit on one upload (`--max-upload-bytes`; HTTP's body limit counts it too)
+        self.server_limit = getattr(state.extra.get("config"), "max_upload_bytes", None)
         if declared_bytes is not None:
+            self._check_server_limit(declared_bytes)
             check_upload(self.quota, self.tenant, declared_bytes, 0)
         if self.tenant != ALL:
             check_versions(self.quota, self.tenant, tenant_version_count(state.store, self.tenant))
@@ -211,12 +219,20 @@ class AdapterUpload:
             raise BadRequest(f"an adapter upload holds at most {UPLOAD_MAX_FILES} files", param=self.param)
         self._close()
         self.files.append(fname)
-        self._out = open(self.tmp / fname, "wb")
+        self._out = open(self.tmp / fname, "wb")  # noqa: SIM115  (written chunk by chunk, closed by _close)
+
+    def _check_server_limit(self, size: int) -> None:
+        if self.server_limit is not None and size > self.server_limit:
+            raise PayloadTooLarge(
+                f"upload is over the server's limit of {self.server_limit} bytes (server flag --max-upload-bytes)",
+                limit="request_too_large",
+            )
 
     def write(self, chunk: bytes) -> None:
         if self._out is None:
             raise BadRequest("file data before any file name", param=self.param)
         self.total += len(chunk)
+        self._check_server_limit(self.total)
         if self.quota.max_upload_bytes is not None and self.total > self.quota.max_upload_bytes:
             raise PayloadTooLarge(
                 f"upload is over tenant {self.tenant!r}'s limit of {self.quota.max_upload_bytes} "
@@ -240,7 +256,7 @@ class AdapterUpload:
             # the store names the directory it read, here the server's spool: the client sees its upload
             shown = shown_path(self.tmp)
             if shown in e.message:
-                e.message = e.message.replace(f"{shown!r}", "(the uploaded files)").replace(shown, "(the uploaded files)")
+                e.message = e.message.replace(repr(shown), "(the uploaded files)").replace(shown, "(the uploaded files)")
                 e.args = (e.message,)
             raise
         auth.note(version=v.version, sha256=v.sha256)

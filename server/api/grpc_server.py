@@ -486,7 +486,8 @@ class AdminServicer(_Base, pbg.AdminServicer):
     @edge
     async def GetQuota(self, request, context):
         view = auth_api.quota_view(self._gate(), _tenant(request))
-        return pb.TenantQuota(tenant=view["tenant"], quota=_quota_msg(view["quota"]), usage=pb.QuotaUsage(**view["usage"]))
+        return pb.TenantQuota(tenant=view["tenant"], quota=_quota_msg(view["quota"]),
+                              usage=pb.QuotaUsage(**view["usage"]))
 
     @edge
     async def SetQuota(self, request, context):

@@ -1,4 +1,9 @@
-"""The gRPC front end: `loraplex.v1.Inference` and `loraplex.v1.Admin`, plus standard health and reflection.
+"""The gRPC front end: `loraplex.v1.Inference` and `loraplex.v1.Admin`, plus standard health and reflection
+(`grpc.reflection.v1` and `v1alpha`).
+
+Admin's tenancy methods (keys, audit, quotas, sharing, identity) and its client-streamed `UploadAdapter`
+call the operations the HTTP admin endpoints call (`auth_api`), so both front ends apply one set of
+rules; this module only translates messages.
 
 A grpc.aio server on its own asyncio loop in its own thread, sharing the
 process's `ServerState` (engine, store, adapter manager, routes) with the
@@ -51,8 +56,7 @@ SERVICE_NAMES = (INFERENCE, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Healt
                  reflection_v1.SERVICE_NAME)
 
 # The shared service names fields as the HTTP bodies do; these are their names in GenerateRequest.
-_GRPC_FIELD = {"messages": "chat.messages", "max_tokens": "sampling.max_tokens", "prompt": "prompt",
-               "lineage": "metadata.lineage_json"}
+_GRPC_FIELD = {"messages": "chat.messages", "max_tokens": "sampling.max_tokens", "prompt": "prompt"}
 
 
 async def _abort(context, e: Exception, method: str):

@@ -51,6 +51,7 @@ KEY_PREFIX = "lpx-"
 USAGE_STALE_S = 5.0  # a replica's usage report older than this is from a replica that stopped
 REFRESH_S = 0.25  # how stale the key / share / quota snapshot may get: a revoked key works at most this long
 DEFAULT_QUOTA_TENANT = ALL  # the quota row that applies to every tenant without its own
+AUDIT_PRUNE_INTERVAL_S = 60.0  # with a retention set, old audit rows go at most this often, as new ones are written
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -229,8 +230,12 @@ _KEY_COLS = "id, tenant, scopes, name, hint, created_at, created_by, revoked_at,
 class AccessRegistry:
     """Keys, shares, quotas, owners and audit, in the registry database of `store` (an AdapterStore)."""
 
-    def __init__(self, store):
+    def __init__(self, store, *, audit_retention_days: float | None = None):
+        if audit_retention_days is not None and not audit_retention_days > 0:
+            raise InvalidRequest(f"audit retention must be a positive number of days, got {audit_retention_days!r}")
         self.store = store
+        self.audit_retention_days = audit_retention_days  # None: keep every entry
+        self._pruned_at = 0.0  # monotonic time of the last prune; 0: never (the first write prunes)
         store.registry.ensure_schema(_SCHEMA)  # the registry's backend translates the DDL (registry.py)
         with store._write() as c:
             c.execute("INSERT INTO access_meta(id, version) VALUES (1, 0) ON CONFLICT(id) DO NOTHING")
@@ -495,7 +500,23 @@ class AccessRegistry:
                     json.dumps(e.detail, default=str),
                 ),
             )
+            if self.audit_retention_days is not None and time.monotonic() - self._pruned_at >= AUDIT_PRUNE_INTERVAL_S:
+                self._prune(c, e.at)
         return e
+
+    def _prune(self, c, now: float) -> int:
+        """Deletes the audit entries older than the retention (in the transaction of `c`); how many."""
+        cur = c.execute("DELETE FROM audit WHERE at < ?", (now - self.audit_retention_days * 86400.0,))
+        self._pruned_at = time.monotonic()
+        return max(cur.rowcount, 0)
+
+    def prune_audit(self) -> int:
+        """Deletes the audit entries older than the retention now (`record` does it as it writes, at most every
+        AUDIT_PRUNE_INTERVAL_S); returns how many. Nothing without a retention."""
+        if self.audit_retention_days is None:
+            return 0
+        with self.store._write() as c:
+            return self._prune(c, time.time())
 
     def audit(
         self,

@@ -78,6 +78,8 @@ def serve_parser(sub) -> None:
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="serve without authentication, even on a non-loopback --host (anyone who can connect "
                         "is admin)")
+    p.add_argument("--audit-retention-days", type=float, metavar="DAYS",
+                   help="delete audit entries older than this, as new ones are written (default: keep all)")
     p.add_argument("--log-level", default="info")
 
 

@@ -56,6 +56,7 @@ class ServeConfig(BaseModel):
     console: bool = True  # serve the web console at /console
     api_key: str | None = Field(None, repr=False)  # a single admin key (tenant '*'), besides those in the registry
     insecure_no_auth: bool = False  # serve without authentication, even on a non-loopback address
+    audit_retention_days: float | None = Field(None, gt=0)  # None: keep every audit entry
 
     @field_validator("reward_functions")
     @classmethod
@@ -130,8 +131,12 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     guards.sync_all()  # guarded routes set while the server was down (CLI, trainer jobs) are watched from the start
     state.routes = RouteRoutes(store, engine, telemetry, guards)  # before the store: the poller needs both
     gate.registry.store.close()
+<<<<<<< HEAD
     gate.registry = AccessRegistry(store)
     gate.limiter.start_sharing(lambda: gate.registry, REPLICA_ID)  # tenants' rate limits hold across replicas
+=======
+    gate.registry = AccessRegistry(store, audit_retention_days=cfg.audit_retention_days)
+>>>>>>> grpc
     state.gate = gate
     state.store, state.engine, state.manager, state.telemetry = store, engine, manager, telemetry
     state.extra["base"] = base
@@ -156,7 +161,7 @@ def open_gate(cfg: ServeConfig):
 
     from .api.auth import Gate, bind_refusal, is_loopback
 
-    registry = AccessRegistry(AdapterStore(cfg.store_dir()))
+    registry = AccessRegistry(AdapterStore(cfg.store_dir()), audit_retention_days=cfg.audit_retention_days)
     refusal = bind_refusal(cfg.host, has_keys=registry.has_keys(), api_key=cfg.api_key,
                            insecure_no_auth=cfg.insecure_no_auth)
     if refusal:

@@ -226,3 +226,30 @@ def test_usage_is_shared_only_when_a_tenant_has_limits(tmp_path):
     rl.share(reg, "replica-a")
     assert reg.store._query("SELECT tenant, requests, tokens, running FROM tenant_usage") == [("acme", 1, 7, 2)]
     reg.store.close()
+
+
+def test_audit_retention_deletes_old_entries_as_new_ones_are_written(tmp_path, registry_url):
+    from loraplex.adapters_store import tenancy
+
+    keep = AccessRegistry(AdapterStore(tmp_path / "store", registry=registry_url))  # no retention: keeps all
+    old = [keep.record(tenant="acme", key_id=None, caller="1.2.3.4", action=f"old-{i}", resource=None, status=200)
+           for i in range(3)]
+    with keep.store._write() as c:  # written 40 and 20 days ago
+        c.execute("UPDATE audit SET at = at - ? WHERE id IN (?, ?)", (40 * 86400.0, old[0].id, old[1].id))
+        c.execute("UPDATE audit SET at = at - ? WHERE id = ?", (20 * 86400.0, old[2].id))
+    keep.record(tenant="acme", key_id=None, caller="1.2.3.4", action="new-0", resource=None, status=200)
+    assert len(keep.audit(limit=10)) == 4 and keep.prune_audit() == 0
+
+    pruning = AccessRegistry(AdapterStore(tmp_path / "store", registry=registry_url), audit_retention_days=30)
+    pruning.record(tenant="globex", key_id=None, caller="1.2.3.4", action="new-1", resource=None, status=200)
+    assert [e.action for e in keep.audit(limit=10)] == ["new-1", "new-0", "old-2"]  # older than 30 days: gone
+    with keep.store._write() as c:
+        c.execute("UPDATE audit SET at = at - ? WHERE action = ?", (31 * 86400.0, "new-0"))
+    pruning.record(tenant="globex", key_id=None, caller="1.2.3.4", action="new-2", resource=None, status=200)
+    assert len(keep.audit(limit=10)) == 4  # within AUDIT_PRUNE_INTERVAL_S of the last prune: not yet
+    assert pruning.prune_audit() == 1 and [e.action for e in keep.audit(limit=10)] == ["new-2", "new-1", "old-2"]
+    assert tenancy.AUDIT_PRUNE_INTERVAL_S >= 1
+    with pytest.raises(InvalidRequest):
+        AccessRegistry(pruning.store, audit_retention_days=0)
+    keep.store.close()
+    pruning.store.close()

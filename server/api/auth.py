@@ -157,6 +157,16 @@ GRPC_RULES: dict[str, Rule] = {
     _ADM + "GetRoute": _r(ADMIN),
     _ADM + "PromoteRoute": _r(ADMIN, mutates=True),
     _ADM + "RollbackRoute": _r(ADMIN, mutates=True),
+    _ADM + "UploadAdapter": _r(ADMIN, mutates=True),  # as POST /v1/adapters/{name}/versions
+    _ADM + "GetIdentity": ANY,  # as GET /v1/me
+    _ADM + "CreateKey": _r(ADMIN, mutates=True),
+    _ADM + "ListKeys": _r(ADMIN),
+    _ADM + "GetKey": _r(ADMIN),
+    _ADM + "RevokeKey": _r(ADMIN, mutates=True),
+    _ADM + "ListAudit": _r(ADMIN),
+    _ADM + "GetQuota": _r(ADMIN),
+    _ADM + "SetQuota": _r(ADMIN, operator=True, mutates=True),
+    _ADM + "SetSharing": _r(ADMIN, operator=True, mutates=True),
     "/grpc.health.v1.Health/Check": PUBLIC,
     "/grpc.health.v1.Health/Watch": PUBLIC,
     "/grpc.health.v1.Health/List": PUBLIC,
@@ -607,9 +617,10 @@ def make_interceptor(state):
             raise Unavailable(state.error or "the model is still loading")
         md = {k: v for k, v in (context.invocation_metadata() or ())}
         call = gate.enter(rule, md.get("authorization"), _peer_address(context.peer()), method)
-        name = getattr(request, "name", None)
-        if isinstance(name, str) and name:
-            call.resource = qualify(call.identity.tenant, name)
+        # the resource as HTTP derives it from its path parameters; a client-streamed request's is
+        # noted by its handler
+        params = {k: v for k in ("name", "key_id", "tenant") if isinstance(v := getattr(request, k, None), str) and v}
+        call.resource = _resource(call.identity, params)
         return call
 
     class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -672,18 +683,39 @@ def make_interceptor(state):
                     request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer,
                 )
-            # client-streaming kinds: none of ours; refuse rather than pass unchecked
-            log.error("refused %s: the gate wraps unary and server-streaming methods only", method)
+            if handler.stream_unary is not None:
+                inner_cs = handler.stream_unary
+
+                async def client_stream(request_iterator, context):
+                    try:
+                        call = enter(rule, method, None, context)  # before the first message is read
+                    except ApiError as e:
+                        await abort(context, e)
+                    token = _current.set(call)
+                    status = "UNKNOWN"
+                    try:
+                        resp = await inner_cs(request_iterator, context)
+                        status = status_of(context)
+                        return resp
+                    except grpc.aio.AbortError:
+                        status = status_of(context)
+                        raise
+                    finally:
+                        _current.reset(token)
+                        await state.gate.leave_async(call, status)
+
+                return grpc.stream_unary_rpc_method_handler(
+                    client_stream,
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+            # bidirectional streams: none of ours behind the gate (reflection is public); refuse rather than
+            # pass unchecked
+            log.error("refused %s: the gate wraps unary, server- and client-streaming methods only", method)
 
             async def refuse(request_iterator, context):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method} has no access rule")
 
-            if handler.stream_unary is not None:
-                return grpc.stream_unary_rpc_method_handler(
-                    refuse,
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
             return grpc.stream_stream_rpc_method_handler(
                 refuse,
                 request_deserializer=handler.request_deserializer,

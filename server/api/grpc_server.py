@@ -1,4 +1,9 @@
-"""The gRPC front end: `loraplex.v1.Inference` and `loraplex.v1.Admin`, plus standard health and reflection.
+"""The gRPC front end: `loraplex.v1.Inference` and `loraplex.v1.Admin`, plus standard health and reflection
+(`grpc.reflection.v1` and `v1alpha`).
+
+Admin's tenancy methods (keys, audit, quotas, sharing, identity) and its client-streamed `UploadAdapter`
+call the operations the HTTP admin endpoints call (`auth_api`), so both front ends apply one set of
+rules; this module only translates messages.
 
 A grpc.aio server on its own asyncio loop in its own thread, sharing the
 process's `ServerState` (engine, store, adapter manager, routes) with the
@@ -26,14 +31,15 @@ import uuid
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+from loraplex.protos import reflection_v1
 
 from loraplex.protos.loraplex.v1 import loraplex_pb2 as pb
 from loraplex.protos.loraplex.v1 import loraplex_pb2_grpc as pbg
 
-from . import auth
+from . import auth, auth_api
 from .adapters_api import version_json
-from .openai_api import load_json
 from .caller import caller_of
 from .errors import BadRequest, DeadlineExceeded, LoraplexError, NotFound, Unavailable, internal
 from .generation_params import (
@@ -46,7 +52,8 @@ log = logging.getLogger("loraplex.grpc")
 
 INFERENCE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 ADMIN = pb.DESCRIPTOR.services_by_name["Admin"].full_name
-SERVICE_NAMES = (INFERENCE, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+SERVICE_NAMES = (INFERENCE, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
+                 reflection_v1.SERVICE_NAME)
 
 # The shared service names fields as the HTTP bodies do; these are their names in GenerateRequest.
 _GRPC_FIELD = {"messages": "chat.messages", "max_tokens": "sampling.max_tokens", "prompt": "prompt"}
@@ -101,8 +108,10 @@ def add_service(server, servicer, service_name: str) -> None:
     """Registers `servicer`'s methods for `service_name` of our protos, with lenient request parsing."""
     desc = pb.DESCRIPTOR.services_by_name[service_name]
     handlers = {}
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler}
     for m in desc.methods:
-        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        make = kinds[(m.client_streaming, m.server_streaming)]  # no bidirectional methods of ours
         handlers[m.name] = make(getattr(servicer, m.name),
                                 request_deserializer=_lenient(getattr(pb, m.input_type.name)),
                                 response_serializer=getattr(pb, m.output_type.name).SerializeToString)
@@ -330,9 +339,7 @@ class AdminServicer(_Base, pbg.AdminServicer):
         auth.check_path_registration(st, request.path)
         if not request.path:
             raise BadRequest("'path' is required", param="path")
-        lineage = load_json(request.lineage_json, "'lineage_json'", "lineage_json") if request.lineage_json else None
-        if lineage is not None and not isinstance(lineage, dict):
-            raise BadRequest("'lineage_json' must be a JSON object", param="lineage_json")
+        lineage = auth_api.parse_lineage(request.lineage_json, "lineage_json")
         v = await m.register_async(name, request.path, lineage, self._caller(context))
         return _version_msg(version_json(v, m.engine))
 
@@ -398,6 +405,133 @@ class AdminServicer(_Base, pbg.AdminServicer):
         return _route_msg(await asyncio.to_thread(routes.apply_rollback, auth.own(self._name(request.name)), request.reason or None, self._caller(context)))
 
 
+    # --- adapter upload ----------------------------------------------------------------------------
+    @edge
+    async def UploadAdapter(self, request_iterator, context):
+        m, _, _ = self._parts()
+        messages = request_iterator.__aiter__()
+        first = await anext(messages, None)
+        if first is not None:
+            first = _decoded(first)
+        if first is None or first.WhichOneof("part") != "metadata":
+            raise BadRequest("the first message of UploadAdapter must be 'metadata' (name, lineage_json)",
+                             param="metadata")
+        meta = first.metadata
+        lineage = auth_api.parse_lineage(meta.lineage_json, "metadata.lineage_json")
+        declared = meta.total_bytes if meta.HasField("total_bytes") else None
+        with auth_api.AdapterUpload(self.state, self._name(meta.name), declared, param="chunk.filename") as up:
+            current = None
+            async for msg in messages:
+                msg = _decoded(msg)
+                if msg.WhichOneof("part") != "chunk":
+                    raise BadRequest("only the first message of UploadAdapter is 'metadata'; the others are 'chunk'",
+                                     param="metadata")
+                if msg.chunk.filename != current:
+                    current = msg.chunk.filename
+                    up.start_file(current)
+                up.write(msg.chunk.data)
+            v = await up.register(lineage)
+        return _version_msg(version_json(v, m.engine))
+
+    # --- tenancy administration: auth_api's operations, as HTTP's admin endpoints run them ---------
+    def _gate(self):
+        gate = self.state.gate
+        if gate is None or gate.registry is None:
+            raise Unavailable(self.state.error or "the model is still loading")
+        return gate
+
+    @edge
+    async def GetIdentity(self, request, context):
+        view = auth_api.identity_view(self._gate())
+        return pb.Identity(tenant=view["tenant"], scopes=view["scopes"], key_id=view["key_id"] or "",
+                           key_name=view["key_name"] or "", auth=view["auth"], quota=_quota_msg(view["quota"]),
+                           usage=pb.QuotaUsage(**view["usage"]))
+
+    @edge
+    async def CreateKey(self, request, context):
+        reg = self._gate().registry
+        tenant = request.tenant if request.HasField("tenant") else None
+        name = request.name if request.HasField("name") else None
+        key, secret = await asyncio.to_thread(auth_api.create_key, reg, tenant, list(request.scopes), name)
+        return pb.CreateKeyResponse(key=_key_msg(key), secret=secret)
+
+    @edge
+    async def ListKeys(self, request, context):
+        reg = self._gate().registry
+        tenant = request.tenant if request.HasField("tenant") else None
+        keys = await asyncio.to_thread(auth_api.list_keys, reg, tenant, request.include_revoked)
+        return pb.ListKeysResponse(keys=[_key_msg(k) for k in keys])
+
+    @edge
+    async def GetKey(self, request, context):
+        return _key_msg(await asyncio.to_thread(auth_api.get_key, self._gate().registry, _key_id(request)))
+
+    @edge
+    async def RevokeKey(self, request, context):
+        return _key_msg(await asyncio.to_thread(auth_api.revoke_key, self._gate().registry, _key_id(request)))
+
+    @edge
+    async def ListAudit(self, request, context):
+        reg = self._gate().registry
+
+        def opt(f):
+            return getattr(request, f) if request.HasField(f) else None
+
+        limit = opt("limit")
+        entries = await asyncio.to_thread(
+            auth_api.list_audit, reg, tenant=opt("tenant"), key_id=opt("key_id"), action=opt("action"),
+            resource=opt("resource"), since=opt("since"), until=opt("until"),
+            limit=auth_api.AUDIT_DEFAULT_LIMIT if limit is None else limit)
+        return pb.ListAuditResponse(entries=[
+            pb.AuditEntry(id=e.id, at=e.at, tenant=e.tenant, key_id=e.key_id or "", caller=e.caller, action=e.action,
+                          resource=e.resource or "", status=e.status, detail_json=json.dumps(e.detail, default=str))
+            for e in entries])
+
+    @edge
+    async def GetQuota(self, request, context):
+        view = auth_api.quota_view(self._gate(), _tenant(request))
+        return pb.TenantQuota(tenant=view["tenant"], quota=_quota_msg(view["quota"]),
+                              usage=pb.QuotaUsage(**view["usage"]))
+
+    @edge
+    async def SetQuota(self, request, context):
+        limits = {f.name: getattr(request.quota, f.name) for f, _ in request.quota.ListFields()}
+        tenant, q = await asyncio.to_thread(auth_api.set_quota, self._gate().registry, _tenant(request), limits)
+        return pb.TenantQuota(tenant=tenant, quota=_quota_msg(q.model_dump()))
+
+    @edge
+    async def SetSharing(self, request, context):
+        self._gate()
+        name = self._name(request.name)
+        await asyncio.to_thread(auth_api.set_sharing, self.state, name, request.shared)
+        return pb.SetSharingResponse(name=name, shared=request.shared)
+
+
+def _key_id(request) -> str:
+    if not request.key_id:
+        raise BadRequest("'key_id' is required", param="key_id")
+    return request.key_id
+
+
+def _tenant(request) -> str:
+    if not request.tenant:
+        raise BadRequest("'tenant' is required (a tenant, or * for the default of all tenants)", param="tenant")
+    return request.tenant
+
+
+def _key_msg(k) -> pb.ApiKey:
+    msg = pb.ApiKey(id=k.id, tenant=k.tenant, scopes=list(k.scopes), name=k.name or "", hint=k.hint,
+                    created_at=k.created_at, created_by=k.created_by, revoked_by=k.revoked_by or "")
+    if k.revoked_at is not None:
+        msg.revoked_at = k.revoked_at
+    return msg
+
+
+def _quota_msg(limits: dict) -> pb.Quota:
+    """A Quota (tenancy.Quota's fields; the message declares the same names, a test holds them equal)."""
+    return pb.Quota(**{k: v for k, v in limits.items() if v is not None})
+
+
 class GrpcServer:
     """A grpc.aio server on its own loop and thread; `start()` returns the port once it listens.
 
@@ -424,7 +558,9 @@ class GrpcServer:
         add_service(self.server, AdminServicer(self.state), "Admin")
         self.health = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(SERVICE_NAMES, self.server)
+        reflector = reflection.aio.ReflectionServicer(SERVICE_NAMES)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflector, self.server)
+        reflection_v1.add_to_server(reflector, self.server)  # the standard name beside v1alpha
         try:
             port = self.server.add_insecure_port(f"{self.host}:{self.port}")
         except RuntimeError as e:

@@ -235,6 +235,56 @@ class AdminStub:
                 request_serializer=loraplex_dot_v1_dot_loraplex__pb2.RollbackRouteRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.Route.FromString,
                 _registered_method=True)
+        self.UploadAdapter = channel.stream_unary(
+                '/loraplex.v1.Admin/UploadAdapter',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.UploadAdapterRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.AdapterVersion.FromString,
+                _registered_method=True)
+        self.GetIdentity = channel.unary_unary(
+                '/loraplex.v1.Admin/GetIdentity',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.GetIdentityRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.Identity.FromString,
+                _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/loraplex.v1.Admin/CreateKey',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/loraplex.v1.Admin/ListKeys',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.GetKey = channel.unary_unary(
+                '/loraplex.v1.Admin/GetKey',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.GetKeyRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.ApiKey.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/loraplex.v1.Admin/RevokeKey',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.ApiKey.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/loraplex.v1.Admin/ListAudit',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
+        self.GetQuota = channel.unary_unary(
+                '/loraplex.v1.Admin/GetQuota',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.GetQuotaRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.TenantQuota.FromString,
+                _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/loraplex.v1.Admin/SetQuota',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.SetQuotaRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.TenantQuota.FromString,
+                _registered_method=True)
+        self.SetSharing = channel.unary_unary(
+                '/loraplex.v1.Admin/SetSharing',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.SetSharingRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.SetSharingResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -289,6 +339,74 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadAdapter(self, request_iterator, context):
+        """Registers a new version from uploaded files (as POST /v1/adapters/{name}/versions): the first
+        message is `metadata`, then `chunk`s; consecutive chunks with the same filename are one file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetIdentity(self, request, context):
+        """The calling key: tenant, scopes, quota and usage (as GET /v1/me).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateKey(self, request, context):
+        """API keys (as /v1/keys): a tenant's admin key manages its tenant's keys; tenant `*` every tenant's.
+        the secret is in the answer, once
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """The audit log, newest first (as GET /v1/audit).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQuota(self, request, context):
+        """Quotas (as /v1/tenants/{tenant}/quota); setting them is for operators.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetQuota(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSharing(self, request, context):
+        """Operators: make an adapter usable by every tenant, or stop that (as PUT /v1/adapters/{name}/sharing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -331,6 +449,56 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RollbackRoute,
                     request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.RollbackRouteRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_loraplex__pb2.Route.SerializeToString,
+            ),
+            'UploadAdapter': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadAdapter,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.UploadAdapterRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.AdapterVersion.SerializeToString,
+            ),
+            'GetIdentity': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIdentity,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.GetIdentityRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.Identity.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.CreateKeyRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.ListKeysRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'GetKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKey,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.GetKeyRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.ApiKey.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.ApiKey.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.ListAuditRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'GetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQuota,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.GetQuotaRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.TenantQuota.SerializeToString,
+            ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.SetQuotaRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.TenantQuota.SerializeToString,
+            ),
+            'SetSharing': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSharing,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.SetSharingRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.SetSharingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -549,6 +717,276 @@ class Admin:
             '/loraplex.v1.Admin/RollbackRoute',
             loraplex_dot_v1_dot_loraplex__pb2.RollbackRouteRequest.SerializeToString,
             loraplex_dot_v1_dot_loraplex__pb2.Route.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadAdapter(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/loraplex.v1.Admin/UploadAdapter',
+            loraplex_dot_v1_dot_loraplex__pb2.UploadAdapterRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.AdapterVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIdentity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Admin/GetIdentity',
+            loraplex_dot_v1_dot_loraplex__pb2.GetIdentityRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.Identity.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Admin/CreateKey',
+            loraplex_dot_v1_dot_loraplex__pb2.CreateKeyRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Admin/ListKeys',
+            loraplex_dot_v1_dot_loraplex__pb2.ListKeysRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Admin/GetKey',
+            loraplex_dot_v1_dot_loraplex__pb2.GetKeyRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Admin/RevokeKey',
+            loraplex_dot_v1_dot_loraplex__pb2.RevokeKeyRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Admin/ListAudit',
+            loraplex_dot_v1_dot_loraplex__pb2.ListAuditRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Admin/GetQuota',
+            loraplex_dot_v1_dot_loraplex__pb2.GetQuotaRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.TenantQuota.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Admin/SetQuota',
+            loraplex_dot_v1_dot_loraplex__pb2.SetQuotaRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.TenantQuota.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSharing(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Admin/SetSharing',
+            loraplex_dot_v1_dot_loraplex__pb2.SetSharingRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.SetSharingResponse.FromString,
             options,
             channel_credentials,
             insecure,

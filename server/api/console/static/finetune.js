@@ -186,7 +186,7 @@ async function refreshJobs() {
   if (!selected && r.data.length) selectJob(r.data[0].id);
 }
 
-function selectJob(id) {
+function selectJob(id, keepMsg = false) {
   if (selected === id) return;
   selected = id;
   events = new Map();
@@ -194,6 +194,7 @@ function selectJob(id) {
   $("#ft-job").hidden = false;
   $("#ft-canary").hidden = true;
   say($("#ft-canary-msg"), "");
+  if (!keepMsg) say($("#ft-job-msg"), "");
   $$("#ft-jobs tr[data-job]").forEach((tr) => tr.classList.toggle("sel", tr.dataset.job === id));
   jobPoll.every(1500, () => refreshJob(id));
 }
@@ -261,7 +262,7 @@ async function refreshJob(id) {
 }
 
 async function jobAction(action, what) {
-  const msg = $("#ft-msg");
+  const msg = $("#ft-job-msg");
   try {
     await api(`/v1/fine_tuning/jobs/${selected}/${action}`, { method: "POST" });
     say(msg, `${what} ${selected}.`, "ok");
@@ -270,7 +271,8 @@ async function jobAction(action, what) {
   }
   const id = selected;
   selected = null;
-  selectJob(id); // restart the live view: a resumed job is running again
+  selectJob(id, true); // restart the live view: a resumed job is running again
+  refreshJobs();
 }
 
 async function canary() {

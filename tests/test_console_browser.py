@@ -338,6 +338,7 @@ def test_adapters_page_shows_versions_lineage_residency_and_traffic(admin, srv):
     row2.locator("summary").click()
     lineage = row2.locator("details").inner_text()
     assert "sft" in lineage and "copied from" in lineage
+    assert f"registered by{srv.who}" in lineage.replace("\t", "").replace("\n", "")  # the admin key, as recorded
     sha = next(iter(srv.state.store.get(NAME, 2).lineage["dataset_sha256"].values()))
     assert sha[:12] in lineage
     admin.wait_points(f".adapter[data-name='{NAME}'] .chart[data-metric=requests_per_s]", 1)

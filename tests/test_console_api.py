@@ -41,7 +41,7 @@ def test_jsonl_preview_names_every_bad_line_with_the_trainers_reason(url):
         "support.jsonl:6: 'messages[0]' must be an object with a known 'role' and a string 'content'",
     ]
     assert [s["line"] for s in b["sample"]] == [1, 3, 4, 6]  # the first records that are JSON objects
-    assert b["auto_hyperparameters"]["n_epochs"] == 3
+    assert b["method_type"] == "supervised" and "jsonl" not in b  # a JSONL file is uploaded as it is
 
 
 def test_the_trainer_refuses_what_the_preview_refuses(url, tiny_base, tmp_path):
@@ -70,6 +70,19 @@ def test_csv_preview_decodes_message_columns_and_counts_file_lines(url):
     assert b["sample"][0]["record"] == CHAT_OK
 
 
+def test_a_valid_csv_comes_back_as_the_jsonl_the_fine_tuning_api_takes(url):
+    text = "prompt,completion\nWhat color is coal?,black\nWhat color is snow?,white\n"
+    assert httpx.post(f"{url}/v1/files", files={"file": ("pc.csv", text.encode())},
+                      data={"purpose": "fine-tune"}).status_code == 400  # the API itself takes JSONL only
+    b = preview(url, "pc.csv", text.encode()).json()
+    recs = [json.loads(line) for line in b["jsonl"].splitlines()]
+    assert recs == [{"prompt": "What color is coal?", "completion": "black"},
+                    {"prompt": "What color is snow?", "completion": "white"}]
+    r = httpx.post(f"{url}/v1/files", files={"file": ("pc.jsonl", b["jsonl"].encode())}, data={"purpose": "fine-tune"})
+    assert r.status_code == 200, r.text
+    assert "jsonl" not in preview(url, "bad.csv", (text + "only one cell\n").encode()).json()  # not while invalid
+
+
 def test_parquet_preview_checks_preference_pairs_by_row(url):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -90,9 +103,64 @@ def test_parquet_preview_checks_preference_pairs_by_row(url):
 def test_prompts_for_grpo_and_json_arrays(url):
     data = json.dumps([{"prompt": "Say red."}, {"prompt": [{"role": "user", "content": "Say blue."}]}, {"prompt": ""}])
     b = preview(url, "prompts.json", data.encode()).json()
-    assert (b["format"], b["method"], b["valid_records"]) == ("prompts", "grpo", 2)
+    assert (b["format"], b["method"], b["method_type"], b["valid_records"]) == ("prompts", "grpo", "reinforcement", 2)
     assert b["errors"][0]["message"] == ("prompts.json: row 3: each record needs a 'prompt' "
-                                         "(a string or a list of messages)")
+                                         "(string or messages) or 'messages'")
+    # OpenAI's reinforcement files: `messages` ending with the user turn, checked as the API's method type names it
+    rft = jsonl({"messages": [{"role": "user", "content": "Say red."}], "answer": "red"},
+                {"messages": [{"role": "wizard", "content": "x"}], "answer": "x"})
+    b = preview(url, "rft.jsonl", rft, method="reinforcement").json()
+    assert (b["method"], b["valid_records"]) == ("grpo", 1)
+    assert b["errors"][0]["message"] == ("rft.jsonl:2: 'messages[0]' must be an object with a known 'role' and a "
+                                         "string 'content'")
+
+
+def plan(url, method, examples):
+    return httpx.post(f"{url}/v1/console/plan", json={"method": method, "examples": examples})
+
+
+@pytest.mark.parametrize("method,examples", [
+    ({"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 2}}}, 12),
+    ({"type": "supervised"}, 12),  # every value "auto"
+    ({"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 4, "learning_rate_multiplier": 0.5}}}, 9),
+])
+def test_planned_steps_are_what_job_creation_plans(url, method, examples):
+    """The number the form shows and the job's own plan are the same call on the same `method`."""
+    b = plan(url, method, examples)
+    assert b.status_code == 200, b.text
+    b = b.json()
+    rec = CHAT_OK if method["type"] == "supervised" else {"prompt": "Which?", "chosen": "a", "rejected": "b"}
+    f = httpx.post(f"{url}/v1/files", files={"file": ("p.jsonl", jsonl(*[rec] * examples))},
+                   data={"purpose": "fine-tune"}).json()
+    job = httpx.post(f"{url}/v1/fine_tuning/jobs", json={"model": "default", "training_file": f["id"],
+                                                          "method": method}).json()
+    try:
+        assert job["training_plan"] == b["training_plan"], (job, b)
+        assert {k: b["hyperparameters"][k] for k in job["hyperparameters"]} == job["hyperparameters"]
+    finally:
+        httpx.post(f"{url}/v1/fine_tuning/jobs/{job['id']}/cancel")
+
+
+def test_planned_steps_of_a_reinforcement_job_count_prompts():
+    from loraplex.server.api.console.api import planned
+
+    b = planned({"type": "reinforcement", "reinforcement": {"hyperparameters": {"batch_size": 3, "n_epochs": 2}}}, 7)
+    assert b["training_plan"]["optimizer_steps"] == 6  # ⌈7 / 3⌉ × 2
+    assert "7 training examples x 2 epoch(s), 3 per step -> 6 optimizer steps" in b["text"]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 0}}}, "examples": 3},
+     "method.supervised.hyperparameters.batch_size"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"beta": 1}}}, "examples": 3},
+     "method.supervised.hyperparameters.beta"),
+    ({"method": {"type": "reward"}, "examples": 3}, "method.type"),
+    ({"method": {"type": "supervised"}, "examples": 0}, "examples"),
+])
+def test_plan_refuses_what_the_api_refuses_naming_the_field(url, body, param):
+    r = httpx.post(f"{url}/v1/console/plan", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
 
 
 @pytest.mark.parametrize("name,data,form,param,text", [
@@ -127,6 +195,9 @@ def test_metrics_summary_counts_each_versions_requests_and_where_it_lives(url, s
     assert sum(x * 10 for x in v["series"]["requests_per_s"]) == pytest.approx(3)
     assert v["p50_latency_s"] > 0 and v["p50_ttft_s"] > 0
     assert re.fullmatch(r"slot \d+", v["residency"])
+    pool = server.state.engine.pool
+    assert pool.residency("console-a@1") == ("slot", pool.slot_of("console-a@1"))
+    assert pool.residency("console-a@99") == ("disk", None)
     # the same outcomes route compare reads
     cmp = httpx.get(f"{url}/v1/routes/console-a/compare?window=120").json()["versions"][0]
     assert (cmp["requests"], cmp["p50_latency_s"]) == (v["requests"], v["p50_latency_s"])

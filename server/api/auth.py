@@ -141,6 +141,7 @@ HTTP_RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/console"): PUBLIC,  # the redirect and the static files mounted there
     ("GET", "/v1/console/metrics"): _r(ADMIN),
     ("POST", "/v1/console/datasets/preview"): _r(TRAIN),
+    ("POST", "/v1/console/plan"): _r(TRAIN),
     ("POST", "/v1/console/jobs/{job_id}/canary"): _r(ADMIN, mutates=True),
 }
 

@@ -128,6 +128,16 @@ class AdapterPool:
         with self._lock:
             return self._pins.get(ref, 0)
 
+    def residency(self, ref: str) -> tuple[str, int | None]:
+        """Where `ref`'s weights are now (any thread): ("slot", i) in the batch's stacked tensors, ("cpu", None)
+        loaded in memory, or ("disk", None) only in the store. A glance, not a lock on the slots: the engine thread
+        may move it the next moment."""
+        i = self.slot_of(ref)
+        if i is not None:
+            return "slot", i
+        with self._lock:
+            return ("cpu", None) if ref in self._cpu else ("disk", None)
+
     def _trim_cpu(self) -> None:
         resident = {s.ref for s in self.slots}
         for ref in list(self._cpu):

@@ -10,8 +10,9 @@ key's scopes from `GET /v1/me`; the server still enforces them on every call, th
 
 The endpoints of our own (`api.py`) are small and cheap: a per-version metrics summary computed from the
 telemetry's in-memory window on a worker thread (never on the event loop), a dataset preview that checks an
-uploaded file the way the trainer will before any job exists, and a one-click canary for a finished job that
-reuses the trainer's canary split.
+uploaded file the way the trainer will before any job exists, the planned steps of a job's `method` from the
+trainer's own resolver, and a one-click canary for a finished job that reuses the trainer's canary split. Jobs
+themselves are created through the fine-tuning API, with the body an API client would send.
 """
 from __future__ import annotations
 

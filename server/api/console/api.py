@@ -1,12 +1,14 @@
 """The console's own JSON endpoints, beside the public API the page otherwise uses.
 
-- `GET /v1/me`: who the caller is. This is the open-mode answer (no keys configured: tenant "*", every scope,
-  `auth: false`); the authentication layer's own `/v1/me`, listed before ours in the app, answers when keys exist.
 - `GET /v1/console/metrics?window=S&step=S[&name=N]`: per adapter version, where it is resident and its request
   rate, error rate, median latency and median time to first token in `step`-second buckets over the last
   `window` seconds, from the telemetry's rolling window (the same outcomes that feed `/metrics`, route compare
   and guards). Computed on a worker thread: a few thousand outcomes per version, never on the event loop.
 - `POST /v1/console/datasets/preview` (multipart `file`, optional `method`, `sequence_len`): `preview.py`.
+- `POST /v1/console/plan {"method": {...}, "examples": N}`: the planned optimizer steps of a job body's `method`
+  (the same object the page then sends to `POST /v1/fine_tuning/jobs`) over N examples, with every "auto"
+  resolved: the trainer's own resolver (`trainer.hyperparams.resolve`) and `trainer.jobs.training_plan`, the
+  calls job creation makes, so the number on the form is the number on the job.
 - `POST /v1/console/jobs/{id}/canary {"percent": 10, "name": "support-bot"}`: gives the version a finished job
   registered `percent` of a name's traffic, scaling the current split into the rest (the trainer's
   `canary_weights`, the rule a job's own `canary:` follows) and keeping the route's sticky setting and guard;
@@ -36,11 +38,7 @@ from .preview import PreviewError, check, private_tokenizer, read_rows
 
 log = logging.getLogger("loraplex.console")
 
-ALL_SCOPES = ("inference", "train", "admin")
 MAX_BUCKETS = 720
-# The fine-tuning API's "auto" hyperparameters as the job manager resolves them today (trainer/jobs.py), shown in
-# the console's job form next to the planned number of steps; the job's own plan is in its first events.
-AUTO_HYPERPARAMETERS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
 
 
 class CanaryBody(BaseModel):
@@ -49,13 +47,50 @@ class CanaryBody(BaseModel):
     name: str | None = Field(None, min_length=1)  # the adapter whose traffic to split; default: the job's own
 
 
+class PlanBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: dict  # a job body's `method`, as the page will send it; checked by `planned`
+    examples: int = Field(ge=1)  # the valid records of the previewed file: what the uploaded JSONL will hold
+
+
+def planned(method: dict, examples: int) -> dict:
+    """The plan job creation makes of `method`'s hyperparameters over `examples` records: the fine-tuning API's
+    own models check them (400 naming the field), the trainer's resolver fills in "auto", `training_plan` counts
+    the steps. Only `method.type` and its hyperparameters matter here: a grader is checked when the job is
+    created."""
+    from types import SimpleNamespace
+
+    from pydantic import ValidationError
+
+    from loraplex.trainer.hyperparams import resolve
+    from loraplex.trainer.job_request import METHODS, DpoHyperparameters, Hyperparameters
+    from loraplex.trainer.jobs import plan_text, training_plan
+
+    mtype = method.get("type")
+    if mtype not in METHODS:
+        raise BadRequest(f"'method.type' must be one of {', '.join(METHODS)}", param="method.type")
+    block = method.get(mtype) or {}
+    raw = block.get("hyperparameters", {}) if isinstance(block, dict) else None
+    where = f"method.{mtype}.hyperparameters"
+    try:
+        hp = (DpoHyperparameters if mtype == "dpo" else Hyperparameters).model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join([where, *(str(p) for p in first["loc"] if not str(p).startswith(("int", "float", "literal")))])
+        msgs = {m["msg"] for m in e.errors() if m["msg"] != "Input should be 'auto'"}
+        raise BadRequest(f"invalid field '{loc}': {'; '.join(sorted(msgs)) or first['msg']} (or 'auto')",
+                         param=loc) from None
+    resolved = resolve(hp.model_dump(exclude_unset=True), examples, method=mtype)
+    # the console sets no `loraplex.max_steps` or `loraplex.learning_rate`: the plan of a job body without them
+    plan = training_plan(SimpleNamespace(max_steps=None, learning_rate=resolved["learning_rate"]), resolved)
+    return {"object": "console.plan", "method": {"type": mtype}, "hyperparameters": resolved,
+            "training_plan": plan, "text": plan_text(plan)}
+
+
 def residency(pool, ref: str) -> str:
-    """Where a version's weights are now: "slot N" (in the batch's stacked tensors), "cpu" (loaded), or "disk"."""
-    slot = pool.slot_of(ref)
-    if slot is not None:
-        return f"slot {slot}"
-    with pool._lock:  # the pool has no public membership test for its CPU tier
-        return "cpu" if ref in pool._cpu else "disk"
+    """Where a version's weights are now, as the page shows it: "slot N", "cpu" (loaded) or "disk"."""
+    tier, slot = pool.residency(ref)
+    return f"slot {slot}" if tier == "slot" else tier
 
 
 def version_series(window, refs: list[str], *, now: float, span: float, step: float) -> tuple[list[float], dict]:
@@ -109,14 +144,11 @@ class ConsoleApi:
             return endpoint
 
         return [
-            Route("/v1/me", answer(self.me), methods=["GET"]),
             Route("/v1/console/metrics", answer(self.metrics), methods=["GET"]),
             Route("/v1/console/datasets/preview", answer(self.preview), methods=["POST"]),
+            Route("/v1/console/plan", answer(self.plan), methods=["POST"]),
             Route("/v1/console/jobs/{job_id}/canary", answer(self.canary), methods=["POST"]),
         ]
-
-    async def me(self, request: HttpRequest):
-        return JSONResponse({"object": "identity", "tenant": "*", "scopes": list(ALL_SCOPES), "auth": False})
 
     # --- metrics ------------------------------------------------------------------
     async def metrics(self, request: HttpRequest):
@@ -151,12 +183,14 @@ class ConsoleApi:
     # --- dataset preview ----------------------------------------------------------
     async def preview(self, request: HttpRequest):
         from loraplex.trainer.config import JobConfig
+        from loraplex.trainer.job_request import METHODS
 
         form = await request.form()
         f = form.get("file")
         if not isinstance(f, UploadFile):
             raise BadRequest("multipart field 'file' is required", param="file")
         method = form.get("method") or None
+        method = METHODS.get(method, method)  # the API's method.type (supervised, ...) or the trainer's name (sft, ...)
         seq = form.get("sequence_len") or str(JobConfig.model_fields["sequence_len"].default)
         if not str(seq).isdigit() or int(seq) < 8:
             raise BadRequest("'sequence_len' must be an integer of at least 8", param="sequence_len")
@@ -168,16 +202,24 @@ class ConsoleApi:
 
         def run():
             rows = read_rows(name, data)
-            return check(rows, method, private_tokenizer(base.path), int(seq))
+            body = check(rows, method, private_tokenizer(base.path), int(seq))
+            if body["errors_total"] == 0 and rows.file_type != "jsonl":
+                # /v1/files takes JSONL only: the page uploads these records, one JSON object a line, instead
+                body["jsonl"] = "".join(json.dumps(_json_safe(r.record), ensure_ascii=False) + "\n" for r in rows.rows)
+            return body
 
         try:
             body = await asyncio.to_thread(run)
         except PreviewError as e:
             raise BadRequest(str(e), param="file" if method is None or "method" not in str(e) else "method") from e
-        defaults = JobConfig.model_fields
-        body["auto_hyperparameters"] = {**AUTO_HYPERPARAMETERS, "beta": defaults["beta"].default,
-                                        "num_rollouts": defaults["num_rollouts"].default}
+        # the API's method.type that runs this method; None for a method the fine-tuning API does not offer (reward)
+        body["method_type"] = {v: k for k, v in METHODS.items()}.get(body["method"])
         return JSONResponse(_json_safe(body))
+
+    # --- planned steps ------------------------------------------------------------
+    async def plan(self, request: HttpRequest):
+        body = await parse_body(request, PlanBody)
+        return JSONResponse(planned(body.method, body.examples))
 
     # --- one-click canary ---------------------------------------------------------
     async def canary(self, request: HttpRequest):

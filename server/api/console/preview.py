@@ -221,11 +221,12 @@ def _check_record(rec: dict, method: str, fmt: str | None, tk) -> None:
         prompt, chosen, rejected = _normalize(rec)
         _encode(tk, prompt, chosen)
         _encode(tk, prompt, rejected)
-    else:  # grpo: prompts only; completions come from rollouts
-        prompt = rec.get("prompt")
+    else:  # grpo: prompts only (`prompt`, or OpenAI's reinforcement `messages`); completions come from rollouts
+        key = "prompt" if "prompt" in rec else "messages"
+        prompt = rec.get(key)
         if isinstance(prompt, list) and prompt:
             from loraplex.trainer.data import _messages
 
-            _messages(prompt, "prompt")
+            _messages(prompt, key)
         elif not (isinstance(prompt, str) and prompt):
-            raise ValueError("each record needs a 'prompt' (a string or a list of messages)")
+            raise ValueError("each record needs a 'prompt' (string or messages) or 'messages'")

@@ -17,6 +17,12 @@ let routes = new Map();
 
 function short(s, n = 12) { return s ? String(s).slice(0, n) : "–"; }
 
+// who registered a version: the key the server authenticated ({tenant, key_id, key_name, address}), or a plain string
+function who(r) {
+  if (!r || typeof r !== "object") return r;
+  return `${r.tenant}/${r.key_id}${r.key_name ? ` (${r.key_name})` : ""}${r.address ? `@${r.address}` : ""}`;
+}
+
 function lineage(v) {
   const L = v.lineage || {};
   const rows = [];
@@ -34,7 +40,7 @@ function lineage(v) {
   const shown = Object.entries(m).filter(([, x]) => typeof x === "number").slice(0, 8);
   add("metrics", shown.length ? shown.map(([k, x]) => `${k}=${fmt(x)}`).join("  ") : null);
   add("seed", L.seed);
-  add("registered by", L.registered_by);
+  add("registered by", who(L.registered_by));
   add("sha256", h("code", { title: v.sha256 }, short(v.sha256, 16)));
   return h("details", {}, h("summary", {}, "lineage"), h("table", { class: "tbl lineage" }, rows));
 }

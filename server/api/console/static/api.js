@@ -8,10 +8,9 @@ export const auth = {
 };
 
 export class ApiError extends Error {
-  constructor(status, message, { missing = false } = {}) {
+  constructor(status, message) {
     super(message);
     this.status = status;
-    this.missing = missing; // the endpoint itself does not exist on this server
   }
 }
 
@@ -36,7 +35,7 @@ export async function api(path, { method = "GET", body, form, raw = false } = {}
   try { data = text ? JSON.parse(text) : null; } catch { data = null; }
   if (!r.ok) {
     const msg = data && data.error ? data.error.message : `${r.status} ${r.statusText}`;
-    throw new ApiError(r.status, msg, { missing: r.status === 404 && !(data && data.error) || r.status === 405 });
+    throw new ApiError(r.status, msg);
   }
   return data;
 }

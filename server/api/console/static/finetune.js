@@ -1,6 +1,8 @@
-// Fine-tuning: check a dataset before any job exists, start a job (SFT, DPO, reward, GRPO) with `auto` defaults and
-// the planned number of steps, follow it live (loss, reward / accuracy, events, ETA), cancel / pause / resume it,
-// and send a share of traffic to the version it produced.
+// Fine-tuning: check a dataset before any job exists, start a job (SFT, DPO, GRPO) with `auto` defaults and the
+// planned number of steps, follow it live (loss, reward / accuracy, events, ETA), cancel / pause / resume it, and
+// send a share of traffic to the version it produced. Jobs are created exactly as an API client creates them:
+// `POST /v1/files` (JSONL) and `POST /v1/fine_tuning/jobs` with OpenAI's `method` object; the planned steps are the
+// server's own count for that same `method` (`POST /v1/console/plan`, the trainer's resolver).
 
 import { $, fill, $$, Poller, api, fmt, h, say, when } from "./api.js";
 import { TimeChart } from "./charts.js";
@@ -16,6 +18,8 @@ let preview = null;
 let selected = null;
 let events = new Map(); // job's events by id
 let charts = null;
+let planSeq = 0; // answers to plan requests older than the latest are dropped
+let planTimer = null;
 
 // --- the dataset --------------------------------------------------------------------------------------------------
 async function runPreview(method) {
@@ -34,7 +38,7 @@ async function runPreview(method) {
     box.replaceChildren(h("p", { class: "error", id: "ft-preview-error" }, e.message));
     return;
   }
-  if (!method) $("#ft-method").value = preview.method;
+  if (!method && preview.method_type) $("#ft-method").value = preview.method_type;
   showMethodFields();
   renderPreview();
   updateStart();
@@ -45,7 +49,8 @@ function renderPreview() {
   const summary = h("p", { id: "ft-preview-summary" },
     h("b", {}, p.filename), ` · ${p.file_type} · format `, h("b", { id: "ft-format" }, p.format || "unknown"),
     ` · ${p.records} records, `, h("span", { class: p.errors_total ? "error" : "ok" },
-      p.errors_total ? `${p.errors_total} invalid` : "all valid"), ` for ${p.method.toUpperCase()}`);
+      p.errors_total ? `${p.errors_total} invalid` : "all valid"), ` for ${p.method.toUpperCase()}`,
+    p.jsonl ? h("span", { class: "muted" }, " (uploaded as JSONL)") : "");
   const errs = p.errors.length ? h("ul", { class: "errors", id: "ft-errors" },
     p.errors.map((e) => h("li", {}, e.message)),
     p.errors_total > p.errors.length ? h("li", {}, `… and ${p.errors_total - p.errors.length} more`) : null) : null;
@@ -64,33 +69,62 @@ function num(id) {
 }
 
 function hyperparameters() {
-  const hp = { n_epochs: num("#ft-epochs"), batch_size: num("#ft-batch"), learning_rate_multiplier: num("#ft-lr") };
+  const hp = {};
+  for (const [k, id] of [["n_epochs", "#ft-epochs"], ["batch_size", "#ft-batch"], ["learning_rate_multiplier", "#ft-lr"]]) {
+    hp[k] = num(id);
+  }
   if ($("#ft-method").value === "dpo") hp.beta = num("#ft-beta");
   return hp;
 }
 
-// Planned optimizer steps as the fine-tuning API defines them: examples ÷ batch size, times epochs (GRPO: prompts
-// sampled per step). The job's own plan appears in its first events once it starts.
-function updatePlan() {
-  const el = $("#ft-plan");
-  if (!preview) return (el.textContent = "");
-  const auto = preview.auto_hyperparameters;
-  const hp = hyperparameters();
-  const pick = (k) => (hp[k] === "auto" ? auto[k] : hp[k]);
-  const n = preview.valid_records;
-  const epochs = pick("n_epochs");
-  const method = $("#ft-method").value;
-  let steps, how;
-  if (method === "grpo") {
-    steps = Math.max(1, Math.ceil((epochs * n) / auto.num_rollouts));
-    how = `${n} prompts × ${epochs} epochs ÷ ${auto.num_rollouts} rollouts per step`;
-  } else {
-    const batch = pick("batch_size");
-    steps = Math.ceil(n / batch) * epochs;
-    how = `⌈${n} examples ÷ ${batch} per step⌉ × ${epochs} epochs`;
+// The grader of a reinforcement job, in OpenAI's shape: a string check of the sampled answer against a reference
+// (a `{{item.<field>}}` template or a literal), or any grader written out as JSON.
+function grader() {
+  const kind = $("#ft-grader-kind").value;
+  const value = $("#ft-grader-value").value;
+  if (kind === "json") {
+    try {
+      return JSON.parse(value);
+    } catch (e) {
+      throw new Error(`the grader is not valid JSON (${e.message})`);
+    }
   }
-  el.replaceChildren("Planned: ", h("b", { id: "ft-steps" }, `${steps} optimizer steps`), ` (${how}; `,
-    Object.entries(hp).map(([k, v]) => `${k}=${v === "auto" ? `auto (${auto[k]})` : v}`).join(", "), ")");
+  return { type: "string_check", name: "answer", input: "{{sample.output_text}}", reference: value, operation: kind };
+}
+
+// The job body's `method`, as OpenAI's fine-tuning API defines it; `withGrader` false for the plan, which reads only
+// the type and the hyperparameters.
+function methodObject(withGrader = true) {
+  const type = $("#ft-method").value;
+  const block = { hyperparameters: hyperparameters() };
+  if (type === "reinforcement" && withGrader) block.grader = grader();
+  return { type, [type]: block };
+}
+
+// Planned optimizer steps: the server resolves "auto" and counts the steps with the trainer's own code, for the
+// records the preview found valid (what the uploaded file will hold).
+function updatePlan() {
+  clearTimeout(planTimer);
+  planTimer = setTimeout(askPlan, 150);
+}
+
+async function askPlan() {
+  const el = $("#ft-plan");
+  const seq = ++planSeq;
+  if (!preview || !preview.valid_records) return (el.textContent = "");
+  let plan;
+  try {
+    plan = await api("/v1/console/plan", { method: "POST",
+      body: { method: methodObject(false), examples: preview.valid_records } });
+  } catch (e) {
+    if (seq === planSeq) el.replaceChildren(h("span", { class: "error", id: "ft-plan-error" }, e.message));
+    return;
+  }
+  if (seq !== planSeq) return;
+  const asked = hyperparameters();
+  const shown = Object.keys(asked).map((k) => `${k}=${asked[k] === "auto" ? `auto (${plan.hyperparameters[k]})` : asked[k]}`);
+  el.replaceChildren("Planned: ", h("b", { id: "ft-steps" }, `${plan.training_plan.optimizer_steps} optimizer steps`),
+    ` (${plan.text}; ${shown.join(", ")})`);
 }
 
 function showMethodFields() {
@@ -104,21 +138,12 @@ function updateStart() {
 }
 
 function jobBody(fileId) {
-  const method = $("#ft-method").value;
-  const hp = hyperparameters();
+  const method = methodObject();
   const ext = {};
   if ($("#ft-seq").value.trim()) ext.sequence_len = Number($("#ft-seq").value);
-  let m;
-  if (method === "dpo") m = { type: "dpo", dpo: { hyperparameters: hp } };
-  else m = { type: "supervised", supervised: { hyperparameters: hp } };
-  if (method === "reward") ext.method = "reward"; // loraplex's own methods ride in the `loraplex` extension
-  if (method === "grpo") {
-    ext.method = "grpo";
-    ext.reward = { [$("#ft-reward-kind").value]: $("#ft-reward-value").value };
-    if ($("#ft-gens").value.trim()) ext.num_generations = Number($("#ft-gens").value);
-  }
+  if (method.type === "reinforcement" && $("#ft-gens").value.trim()) ext.num_generations = Number($("#ft-gens").value);
   // "default" names this server's base model; keys without the inference scope cannot list models to learn its id
-  const body = { model: ctx.baseModel || "default", training_file: fileId, method: m };
+  const body = { model: ctx.baseModel || "default", training_file: fileId, method };
   if (Object.keys(ext).length) body.loraplex = ext;
   if ($("#ft-suffix").value.trim()) body.suffix = $("#ft-suffix").value.trim();
   return body;
@@ -129,13 +154,16 @@ async function start(ev) {
   const msg = $("#ft-msg");
   $("#ft-start").disabled = true;
   try {
+    const body = jobBody("");
     say(msg, "Uploading…");
     const form = new FormData();
-    form.append("file", file);
+    // the fine-tuning API takes JSONL: a CSV, JSON or Parquet file goes up as the records the preview read from it
+    if (preview.jsonl) form.append("file", new Blob([preview.jsonl]), file.name.replace(/\.[^.]*$/, "") + ".jsonl");
+    else form.append("file", file);
     form.append("purpose", "fine-tune");
     const f = await api("/v1/files", { method: "POST", form });
     say(msg, "Creating the job…");
-    const job = await api("/v1/fine_tuning/jobs", { method: "POST", body: jobBody(f.id) });
+    const job = await api("/v1/fine_tuning/jobs", { method: "POST", body: { ...body, training_file: f.id } });
     say(msg, `Job ${job.id} created.`, "ok");
     selectJob(job.id);
     refreshJobs();
@@ -158,7 +186,7 @@ async function refreshJobs() {
   if (!selected && r.data.length) selectJob(r.data[0].id);
 }
 
-function selectJob(id) {
+function selectJob(id, keepMsg = false) {
   if (selected === id) return;
   selected = id;
   events = new Map();
@@ -166,6 +194,7 @@ function selectJob(id) {
   $("#ft-job").hidden = false;
   $("#ft-canary").hidden = true;
   say($("#ft-canary-msg"), "");
+  if (!keepMsg) say($("#ft-job-msg"), "");
   $$("#ft-jobs tr[data-job]").forEach((tr) => tr.classList.toggle("sel", tr.dataset.job === id));
   jobPoll.every(1500, () => refreshJob(id));
 }
@@ -199,7 +228,9 @@ async function refreshJob(id) {
   const hp = Object.entries(job.hyperparameters || {}).map(([k, v]) => `${k}=${v}`).join(", ");
   const facts = [
     ["method", job.method && job.method.type], ["base", job.model], ["adapter", job.fine_tuned_model],
-    ["hyperparameters", hp], ["step", last ? `${last.step} / ${last.total_steps}` : "–"],
+    ["hyperparameters", hp],
+    ["planned", job.training_plan ? `${job.training_plan.optimizer_steps} optimizer steps` : "–"],
+    ["step", last ? `${last.step} / ${last.total_steps}` : "–"],
     ["ETA", job.status === "running" && job.estimated_finish ? duration(job.estimated_finish - Date.now() / 1000) : "–"],
     ["trained tokens", job.trained_tokens ?? "–"], ["finished", job.finished_at ? when(job.finished_at) : "–"],
   ];
@@ -207,7 +238,7 @@ async function refreshJob(id) {
     job.error ? h("div", { class: "error" }, job.error.message) : "");
   const live = !TERMINAL.includes(job.status);
   $("#ft-cancel").hidden = !live;
-  $("#ft-pause").hidden = job.status !== "running";
+  $("#ft-pause").hidden = !["queued", "running"].includes(job.status);
   $("#ft-resume").hidden = job.status !== "paused";
   $("#ft-canary").hidden = !(job.status === "succeeded" && job.fine_tuned_model && ctx.can("admin"));
   $("#ft-canary-name").placeholder = job.fine_tuned_model || "adapter name";
@@ -231,17 +262,17 @@ async function refreshJob(id) {
 }
 
 async function jobAction(action, what) {
-  const msg = $("#ft-msg");
+  const msg = $("#ft-job-msg");
   try {
     await api(`/v1/fine_tuning/jobs/${selected}/${action}`, { method: "POST" });
     say(msg, `${what} ${selected}.`, "ok");
   } catch (e) {
-    say(msg, e.missing ? `This server cannot ${action} jobs (POST /v1/fine_tuning/jobs/{id}/${action} is not available).`
-      : e.message, "error");
+    say(msg, e.message, "error");
   }
   const id = selected;
   selected = null;
-  selectJob(id); // restart the live view: a resumed job is running again
+  selectJob(id, true); // restart the live view: a resumed job is running again
+  refreshJobs();
 }
 
 async function canary() {

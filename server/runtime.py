@@ -131,12 +131,8 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     guards.sync_all()  # guarded routes set while the server was down (CLI, trainer jobs) are watched from the start
     state.routes = RouteRoutes(store, engine, telemetry, guards)  # before the store: the poller needs both
     gate.registry.store.close()
-<<<<<<< HEAD
-    gate.registry = AccessRegistry(store)
-    gate.limiter.start_sharing(lambda: gate.registry, REPLICA_ID)  # tenants' rate limits hold across replicas
-=======
     gate.registry = AccessRegistry(store, audit_retention_days=cfg.audit_retention_days)
->>>>>>> grpc
+    gate.limiter.start_sharing(lambda: gate.registry, REPLICA_ID)  # tenants' rate limits hold across replicas
     state.gate = gate
     state.store, state.engine, state.manager, state.telemetry = store, engine, manager, telemetry
     state.extra["base"] = base

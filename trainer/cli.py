@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from loraplex.adapters_store.objects import store_arg
+
 
 def default_home() -> Path:
     return Path(os.environ.get("LORAPLEX_HOME") or "./var")
@@ -61,7 +63,8 @@ def train_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="loraplex train", description="run a training job and register its adapter")
     ap.add_argument("job", type=Path, help="job YAML file")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
-    ap.add_argument("--store", type=Path, help="adapter store (default $LORAPLEX_HOME/store, ./var/store)")
+    ap.add_argument("--store", type=store_arg, help="adapter store: a directory or s3://bucket/prefix (default "
+                    "$LORAPLEX_HOME/store, ./var/store)")
     ap.add_argument("--output", type=Path, help="checkpoints and metrics (default $LORAPLEX_HOME/runs/<adapter name>)")
     args = ap.parse_args(argv)
     try:

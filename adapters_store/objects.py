@@ -166,7 +166,9 @@ class ObjectStore:
 
     # --- connection checks ------------------------------------------------------------
     def _unavailable(self, e, doing: str) -> StoreUnavailable:
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
+        from botocore.exceptions import (
+            ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError,
+        )
 
         where = f"{self.url} at {self.endpoint}"
         if isinstance(e, (NoCredentialsError, PartialCredentialsError)):

@@ -51,7 +51,13 @@ def _registry(args):
 
     from .runtime import default_home
 
-    return AccessRegistry(AdapterStore(args.store or default_home() / "store"))
+    from loraplex.adapters_store import StoreError
+
+    try:
+        return AccessRegistry(AdapterStore(args.store or default_home() / "store"))
+    except StoreError as e:  # an s3:// store that cannot be reached, a registry it needs
+        print(f"loraplex {args.cmd}: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _who() -> str:

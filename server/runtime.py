@@ -26,7 +26,7 @@ class ServeConfig(BaseModel):
     served_model_name: str | None = None
     adapters: dict[str, str] = Field(default_factory=dict)  # name -> PEFT dir, registered at start
     store: Path | str | None = None  # a directory or s3://bucket/prefix; default $LORAPLEX_HOME/store
-    store_cache: Path | None = None  # an s3:// store's local cache; default $LORAPLEX_HOME/store-cache/<bucket>/<prefix>
+    store_cache: Path | None = None  # an s3:// store's local cache; default $LORAPLEX_HOME/store-cache/<bucket>/...
     registry: str | None = None  # postgresql:// URL; default $LORAPLEX_REGISTRY, else registry.sqlite3 in the store
     allowed_adapter_roots: list[Path] | None = None  # None = any readable path
     hub_orgs: list[str] | None = None  # hub orgs whose adapters the API may register ("*": any); None = no remote ids

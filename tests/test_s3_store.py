@@ -78,6 +78,8 @@ def test_register_into_s3_reads_back_equal_through_another_cache(s3, tmp_path, a
     # a tool handed the cache directory (a trainer job) opens the same object store
     c = AdapterStore(tmp_path / "cache-b", registry=reg)
     assert c.objects is not None and c.objects.url == s3.url and c.get("bot").sha256 == v.sha256
+    assert c.register("bot", adapter_dirs["beta"]).version == 2  # registered into the bucket, as a trainer's is
+    assert _dir_sha256(a.get("bot", 2).path) == c.get("bot", 2).sha256
     for st in (a, b, c):
         st.close()
 
@@ -94,7 +96,8 @@ def test_cache_refetches_a_corrupt_or_partial_file_and_never_serves_a_bad_one(s3
     weights.write_bytes(bytes(raw))
     assert st.get("bot").path.joinpath("adapter_model.safetensors").read_bytes() == good
     weights.write_bytes(good[: len(good) // 3])  # a partial file, as a crash mid-write leaves
-    assert weights.read_bytes() != good and st.get("bot").path.joinpath("adapter_model.safetensors").read_bytes() == good
+    assert weights.read_bytes() != good
+    assert st.get("bot").path.joinpath("adapter_model.safetensors").read_bytes() == good
     (v.local / "stray.bin").write_bytes(b"x")  # nothing but the version's own files is ever in its directory
     assert _dir_sha256(st.get("bot").path) == v.sha256
 
@@ -256,6 +259,9 @@ def test_bad_store_configuration_fails_naming_the_problem(s3, tmp_path, monkeypa
     with pytest.raises(SystemExit) as e:
         main(["routes", "--store", "s3:///prefix", "show", "bot"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["keys", "--store", s3.url, "list"])  # no registry named, no credentials: says so, no traceback
+    assert e.value.code == 1
     assert not (tmp_path / "c").exists()
 
 

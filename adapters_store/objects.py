@@ -30,7 +30,8 @@ Deletion removes the rows (so no replica serves the version and each drains it) 
 the objects are left to `sweep`, which deletes blobs no version references and that are older than
 `SWEEP_GRACE_S` (a registration uploading right now keeps its fresh blobs). The sweep decides under the
 registry's write lock, the same lock under which a registration checks its blobs, so a blob is never deleted
-from under a version that commits. The server sweeps when it starts.
+from under a version that commits. The server sweeps when it starts. The sweep knows only its own registry's
+references, so a bucket/prefix belongs to one registry: two registries must never share a prefix.
 """
 from __future__ import annotations
 

@@ -390,11 +390,12 @@ class VersionsMixin:
                 os.fsync(fo.fileno())
 
     def _keep_as_cached(self, tmp: Path, name: str, version: int) -> None:
+        # never over a directory that exists: a poller may be filling it already (a stale one, left by a registry
+        # this cache served before, is corrected file by file when it is read: every file is checked by hash)
         cached = self.root / "adapters" / name / str(version)
         with contextlib.suppress(OSError):
             cached.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(cached, ignore_errors=True)  # left by a registry this cache served before
-            os.rename(tmp, cached)
+            os.rename(tmp, cached)  # fails (and tmp is removed) when `cached` exists and is not empty
 
     def _allocate_version(self, c, name: str) -> int:
         """The next version of `name`; call inside a write transaction. Skips numbers whose directory

@@ -8,14 +8,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from loraplex.adapters_store.objects import default_cache_dir, default_home, is_s3_url, parse_s3_url
 from loraplex.trainer.jobs import DEFAULT_MAX_JOB_SECONDS, DEFAULT_MAX_QUEUED_JOBS
 
 from .app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_UPLOAD_BYTES, ServerState
 
 log = logging.getLogger("loraplex.server")
-
-
-from loraplex.adapters_store.objects import default_cache_dir, default_home, is_s3_url, parse_s3_url  # noqa: F401
 
 
 class ServeConfig(BaseModel):

@@ -3,15 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from loraplex.adapters_store.objects import store_arg
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("LORAPLEX_HOME") or "./var")
+from loraplex.adapters_store.objects import default_home, store_arg
 
 
 def run_job(cfg, out_dir: Path, store_dir: Path, *, resume: bool, caller: str, on_event=None, progress=False, **register):

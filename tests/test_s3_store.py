@@ -197,7 +197,7 @@ def test_a_server_serves_what_another_process_registered_into_s3_within_a_second
     from conftest import start_server
 
     srv = start_server(tmp_path, tiny_base, store=s3.url, store_cache=tmp_path / "cache-server",
-                       registry=postgres_url, max_loras=2, kv_cache_tokens=4096)
+                       registry=postgres_url, jobs_dir=tmp_path / "jobs", max_loras=2, kv_cache_tokens=4096)
     try:
         assert srv.state.store.objects is not None
         body = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}

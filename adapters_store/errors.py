@@ -159,3 +159,7 @@ class InvalidRequest(StoreError, InvalidArgument):
 
 class StoreBusy(StoreError, ResourceExhausted):
     """Too many adapter registrations are copying files already; retry later."""
+
+
+class StoreUnavailable(StoreError, ServiceUnavailable):
+    """The store's object storage cannot be reached or refuses us (endpoint, credentials, bucket): 503."""

@@ -5,6 +5,8 @@ Layout under `root`:
     adapters/<name>/<version>/    a copy of the adapter's own files (`ADAPTER_FILES`), never modified
     tmp/<entry>/, <entry>.lock    registrations in progress (renamed into place when complete), each
                                   guarded by an flock on its .lock file while its process lives
+With `s3://bucket/prefix` the files live in object storage and `root` is their local cache, laid out the
+same (plus `objects.json`, naming the bucket); `objects.py` says how registration orders upload and commit.
 
 Registration checks the name, the source path (allowed roots, symlinks and '..' resolved), plans the
 copy (only the files PEFT writes for an adapter, `ADAPTER_FILES`; regular files within the size cap
@@ -35,15 +37,19 @@ log's head moves (one indexed query per read), so `resolve` stays cheap on the r
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InvalidRequest
+from .objects import ObjectStore, default_cache_dir, is_s3_url, marked_store, parse_s3_url
 from .peft_format import BaseModelSpec
 from .refs import MAX_VERSION, parse_version  # noqa: F401  (re-exported)
-from .registry import Registry, open_registry
+from .registry import REGISTRY_ENV, Registry, SQLiteRegistry, open_registry
 from .routes import (  # noqa: F401  (re-exported: the store's public names stay importable from here)
     GUARD_DEFAULT_MIN_REQUESTS, GUARD_MAX_MIN_REQUESTS, STICKY_KINDS, Route, RouteChange, RoutesMixin, _route_from_row,
     _stored_guard, check_guard,
@@ -68,6 +74,9 @@ CREATE INDEX IF NOT EXISTS route_history_name ON route_history(name, id);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, name TEXT NOT NULL, version INTEGER,
     at REAL NOT NULL, caller TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS version_files (
+    name TEXT NOT NULL, version INTEGER NOT NULL, file TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+    PRIMARY KEY (name, version, file));
 CREATE TABLE IF NOT EXISTS guard_counts (
     name TEXT NOT NULL, version INTEGER NOT NULL, since REAL NOT NULL, replica TEXT NOT NULL,
     requests INTEGER NOT NULL, errors INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY (name, version, since, replica));
@@ -78,6 +87,7 @@ CREATE TABLE IF NOT EXISTS guard_counts (
 EVENT_KEEP = 10_000
 EVENT_RETENTION_S = 3600.0
 COMPACT_EVERY = 256
+log = logging.getLogger("loraplex.store")
 
 
 
@@ -102,17 +112,43 @@ class _View:
 
 class AdapterStore(VersionsMixin, RoutesMixin):
     def __init__(self, root, *, base: BaseModelSpec | None = None, allowed_roots: list | None = None,
-                 max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES, registry: str | Registry | None = None):
-        """`registry`: a `Registry`, a postgresql:// URL or a SQLite path; None: `$LORAPLEX_REGISTRY`, else
-        `registry.sqlite3` in `root`."""
-        self.root = Path(root).expanduser().resolve()
+                 max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES, registry: str | Registry | None = None,
+                 cache_dir=None):
+        """`root`: a directory, or an `s3://bucket/prefix` URL (files in object storage, see objects.py) whose
+        local cache is `cache_dir` (default `$LORAPLEX_HOME/store-cache/<bucket>/<prefix>`); a cache directory
+        names its bucket, so opening it opens the object store too. `registry`: a `Registry`, a postgresql://
+        URL or a SQLite path; None: `$LORAPLEX_REGISTRY`, else `registry.sqlite3` in `root` (not for object
+        storage: replicas sharing a bucket must share a registry, so one must be named)."""
+        if is_s3_url(root):
+            objects_url = parse_s3_url(root).url
+            local = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
+        else:
+            local = Path(root)
+            objects_url = marked_store(local.expanduser().resolve())
+        local = local.expanduser().resolve()
+        if objects_url is not None:
+            marked = marked_store(local)
+            if marked is not None and marked != objects_url:
+                raise InvalidRequest(f"cache directory {local} belongs to {marked}, not {objects_url}: give each "
+                                     "store its own --store-cache", param="store")
+            if not isinstance(registry, Registry) and not (registry or os.environ.get(REGISTRY_ENV)):
+                raise InvalidRequest(f"the store {objects_url} needs a registry named explicitly: "
+                                     "--registry postgresql://... (or LORAPLEX_REGISTRY), shared by every replica "
+                                     "using the bucket (a SQLite path works for a single process)", param="registry")
+        self.objects = None if objects_url is None else ObjectStore(objects_url, local)  # fails before any write
+        self.root = local
         self.base = base
         self.max_adapter_bytes = int(max_adapter_bytes)
         self.allowed_roots = None if allowed_roots is None else [Path(r).expanduser().resolve() for r in allowed_roots]
         (self.root / "adapters").mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
+        if self.objects is not None:
+            self.objects.open_cache()
         self.db_path = self.root / "registry.sqlite3"
         self.registry = registry if isinstance(registry, Registry) else open_registry(registry, self.root)
+        if self.objects is not None and isinstance(self.registry, SQLiteRegistry):
+            log.warning("store %s uses the SQLite registry %s: only processes on this machine see its versions; "
+                        "replicas need a shared --registry postgresql://...", self.objects.url, self.registry.url)
         self._view = _View(-1)
         self._view_lock = threading.Lock()
         self._rng = random.Random()
@@ -120,7 +156,7 @@ class AdapterStore(VersionsMixin, RoutesMixin):
         self._clean_tmp()
 
     def __repr__(self) -> str:
-        return f"AdapterStore({str(self.root)!r})"
+        return f"AdapterStore({self.objects.url if self.objects else str(self.root)!r})"
 
     # --- plumbing: the registry's transactions (tables other modules add use them too) ---
     def _connection(self):

@@ -18,10 +18,12 @@ import shutil
 import stat
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AdapterConflict, AdapterNotFound, AdapterPathForbidden, InvalidAdapter, InvalidRequest
+from .objects import SWEEP_GRACE_S, StoredFile
 from .peft_format import (
     CONFIG_FILE, SCORE_HEAD_FILE, WEIGHTS_FILE, AdapterManifest, shown_path, validate_adapter_dir,
 )
@@ -48,16 +50,23 @@ _VERSION_DIR = re.compile(r"[0-9]{1,10}", re.ASCII)
 class AdapterVersion:
     name: str
     version: int
-    path: Path
+    local: Path  # its directory in the store, or (object storage) where the local cache keeps its files
     created_at: float
     manifest: AdapterManifest
     lineage: dict
     base_fingerprint: str | None
     sha256: str  # over the version directory's file names and bytes
+    fetch: Callable[[AdapterVersion], Path] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def path(self) -> Path:
+        """The version's files as a local directory. In object storage they are fetched into the cache first,
+        each checked against the sha256 recorded at registration (a corrupt or partial one is fetched again)."""
+        return self.local if self.fetch is None else self.fetch(self)
 
 
 
@@ -188,7 +197,13 @@ class VersionsMixin:
     def _version_from_row(self, r) -> AdapterVersion:
         name, version = r[0], r[1]
         return AdapterVersion(name, version, self.root / "adapters" / name / str(version), r[2],
-                              AdapterManifest.from_json(json.loads(r[3])), json.loads(r[4]), r[5], r[6])
+                              AdapterManifest.from_json(json.loads(r[3])), json.loads(r[4]), r[5], r[6],
+                              None if self.objects is None else self._fetch_version)
+
+    def _fetch_version(self, v: AdapterVersion) -> Path:
+        rows = self._query("SELECT file, sha256, size FROM version_files WHERE name = ? AND version = ? ORDER BY file",
+                           (v.name, v.version))
+        return self.objects.local_dir(v.local, v.ref, [StoredFile(r[0], r[1], int(r[2])) for r in rows])
 
     def _servable_rows(self, rows) -> dict[int, AdapterVersion]:
         """The versions of `rows` a reader may see. A row that registration would refuse today (written by an
@@ -312,22 +327,34 @@ class VersionsMixin:
             manifest = validate_adapter_dir(tmp, self.base, shown=shown)
             sha = _dir_sha256(tmp)
             _fsync_dir(tmp)
+            # object storage: every blob is uploaded before the row exists (objects.py argues the ordering)
+            files = None if self.objects is None else self.objects.upload(tmp, [f for f, _, _ in plan])
             with self._write() as c:
                 version = self._allocate_version(c, name)
-                parent = self.root / "adapters" / name
-                parent.mkdir(exist_ok=True)
-                final = parent / str(version)
-                os.rename(tmp, final)
-                _fsync_dir(parent)
+                if files is None:
+                    parent = self.root / "adapters" / name
+                    parent.mkdir(exist_ok=True)
+                    final = parent / str(version)
+                    os.rename(tmp, final)
+                    _fsync_dir(parent)
+                    where = f"adapters/{name}/{version}"
+                else:
+                    self.objects.ensure_uploaded(tmp, files)  # under the lock a sweep decides under
+                    for f in files:
+                        c.execute("INSERT INTO version_files(name, version, file, sha256, size) VALUES (?,?,?,?,?)",
+                                  (name, version, f.file, f.sha256, f.size))
+                    where = self.objects.url
                 c.execute(
                     "INSERT INTO versions(name, version, path, created_at, manifest, lineage, base_fingerprint, sha256, caller) "
                     "VALUES (?,?,?,?,?,?,?,?,?)",
-                    (name, version, f"adapters/{name}/{version}", time.time(),
+                    (name, version, where, time.time(),
                      json.dumps(manifest.to_json(), allow_nan=False), lineage_text,
                      self.base.fingerprint if self.base else None, sha, caller),
                 )
                 self._event(c, "registered", name, version, caller, {"sha256": sha, "kind": manifest.kind})
             committed = True
+            if files is not None:  # the checked copy becomes this process's cached copy (no fetch on first use)
+                self._keep_as_cached(tmp, name, version)
         finally:
             if not committed and final is not None:
                 shutil.rmtree(final, ignore_errors=True)
@@ -362,13 +389,21 @@ class VersionsMixin:
                 fo.flush()
                 os.fsync(fo.fileno())
 
+    def _keep_as_cached(self, tmp: Path, name: str, version: int) -> None:
+        # never over a directory that exists: a poller may be filling it already (a stale one, left by a registry
+        # this cache served before, is corrected file by file when it is read: every file is checked by hash)
+        cached = self.root / "adapters" / name / str(version)
+        with contextlib.suppress(OSError):
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, cached)  # fails (and tmp is removed) when `cached` exists and is not empty
+
     def _allocate_version(self, c, name: str) -> int:
         """The next version of `name`; call inside a write transaction. Skips numbers whose directory
         exists (left by a crash between rename and commit), so a number is never reused."""
         row = c.execute("SELECT next_version FROM counters WHERE name = ?", (name,)).fetchone()
         version = row[0] if row else 1
         parent = self.root / "adapters" / name
-        if parent.is_dir():
+        if parent.is_dir() and self.objects is None:  # a cache's directories say nothing about numbers
             on_disk = [int(d.name) for d in parent.iterdir() if _VERSION_DIR.fullmatch(d.name)]
             version = max([version] + [v + 1 for v in on_disk])
         c.execute("INSERT INTO counters(name, next_version) VALUES (?, ?) "
@@ -433,17 +468,42 @@ class VersionsMixin:
                                       f"traffic ({route.to_json()['versions']}); change the route first")
             if version is None:
                 c.execute("DELETE FROM versions WHERE name = ?", (name,))
+                c.execute("DELETE FROM version_files WHERE name = ?", (name,))
                 if route is not None:
                     c.execute("DELETE FROM routes WHERE name = ?", (name,))
                     self._history(c, name, caller, "delete", route, None, "adapter deleted")
             else:
                 c.execute("DELETE FROM versions WHERE name = ? AND version = ?", (name, version))
+                c.execute("DELETE FROM version_files WHERE name = ? AND version = ?", (name, version))
                 if route is not None and version in route.versions:  # a 0% entry: drop it, the version is gone
                     kept = {v: w for v, w in route.versions.items() if v != version}
                     self._put_route(c, name, kept, route.sticky, route.guard, caller, "prune", route, f"version {version} deleted")
             for v in removed:
                 self._event(c, "deleted", name, v.version, caller)
-        for v in removed:
-            shutil.rmtree(v.path, ignore_errors=True)
+        for v in removed:  # the files, or the cached copy (the objects are left to `sweep_objects`)
+            shutil.rmtree(v.local, ignore_errors=True)
         self._remove_empty_parent(name)
         return removed
+
+    def sweep_objects(self, grace_s: float = SWEEP_GRACE_S) -> int:
+        """Object storage: deletes blobs no version references that are older than `grace_s`, and cached
+        copies of versions that are gone; the number of blobs deleted. Nothing to do for a local store."""
+        if self.objects is None:
+            return 0
+        adapters = self.root / "adapters"
+        cached = [(d.parent.name, d) for d in adapters.glob("*/*") if _VERSION_DIR.fullmatch(d.name)]
+        live = {(r[0], r[1]) for r in self._query("SELECT name, version FROM versions")}  # after listing the cache
+        for name, d in cached:
+            if (name, int(d.name)) not in live:
+                shutil.rmtree(d, ignore_errors=True)
+                self._remove_empty_parent(name)
+        candidates = self.objects.unreferenced_candidates(grace_s)
+        if not candidates:
+            return 0
+        with self._write() as c:  # registrations check their blobs under this lock: none commits meanwhile
+            referenced = {r[0] for r in c.execute("SELECT DISTINCT sha256 FROM version_files")}
+            gone = [s for s in candidates if s not in referenced]
+            self.objects.delete_blobs(gone)
+        if gone:
+            log.info("swept %d unreferenced blobs from %s", len(gone), self.objects.url)
+        return len(gone)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import getpass
 import json
 import sys
-from pathlib import Path
+
+from .cli import STORE_HELP, store_arg
 
 
 def keys_parser(sub) -> None:
     p = sub.add_parser("keys", help="create, list and revoke API keys (stored hashed in the registry)")
-    p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
+    p.add_argument("--store", type=store_arg, help=STORE_HELP)
     ks = p.add_subparsers(dest="action", required=True)
     c = ks.add_parser("create", help="create a key; prints it once")
     c.add_argument("--tenant", required=True, help="the tenant the key acts for ('*': every tenant, for operators)")
@@ -33,7 +34,7 @@ def tenants_parser(sub) -> None:
     from loraplex.adapters_store.tenancy import Quota
 
     p = sub.add_parser("tenants", help="per-tenant quotas")
-    p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
+    p.add_argument("--store", type=store_arg, help=STORE_HELP)
     ts = p.add_subparsers(dest="action", required=True)
     q = ts.add_parser(
         "quota", help="set limits of TENANT ('*': the default of tenants without their own); no flags: show"
@@ -50,7 +51,13 @@ def _registry(args):
 
     from .runtime import default_home
 
-    return AccessRegistry(AdapterStore(args.store or default_home() / "store"))
+    from loraplex.adapters_store import StoreError
+
+    try:
+        return AccessRegistry(AdapterStore(args.store or default_home() / "store"))
+    except StoreError as e:  # an s3:// store that cannot be reached, a registry it needs
+        print(f"loraplex {args.cmd}: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _who() -> str:

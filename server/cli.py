@@ -9,6 +9,11 @@ import sys
 import threading
 from pathlib import Path
 
+from loraplex.adapters_store.objects import store_arg
+
+STORE_HELP = ("adapter store: a directory or s3://bucket/prefix (endpoint and credentials from AWS_ENDPOINT_URL_S3 / "
+              "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION; default "
+              "$LORAPLEX_HOME/store, ./var/store)")
 
 def _adapter_arg(s: str) -> tuple[str, str]:
     name, sep, path = s.partition("=")
@@ -29,9 +34,11 @@ def serve_parser(sub) -> None:
     p.add_argument("--model", help="local Hugging Face checkpoint dir (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", help="the id clients use for the base model")
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR", help="register a PEFT adapter at start (repeatable)")
-    p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
+    p.add_argument("--store", type=store_arg, help=STORE_HELP)
+    p.add_argument("--store-cache", type=Path, help="an s3:// store's local cache of adapter files, checked by "
+                   "content hash (default $LORAPLEX_HOME/store-cache/<bucket>/<prefix>)")
     p.add_argument("--registry", help="registry database: a postgresql:// URL shared by replicas (default "
-                   "$LORAPLEX_REGISTRY, else registry.sqlite3 in the store)")
+                   "$LORAPLEX_REGISTRY, else registry.sqlite3 in the store; an s3:// store needs one named)")
     p.add_argument("--allow-hub-org", action="append", dest="hub_orgs", metavar="ORG",
                    help="let POST /v1/adapters register Hugging Face hub adapters (org/repo[@rev]) of this org; '*' = any "
                         "(repeatable; default: none, remote ids refused)")
@@ -98,9 +105,12 @@ def cmd_serve(args) -> int:
     except Exception as e:
         print(f"loraplex serve: {e}", file=sys.stderr)
         return 2
+    from loraplex.adapters_store import StoreError
+
     try:
-        open_gate(cfg).registry.store.close()  # refuses a non-loopback address without keys, before loading anything
-    except ValueError as e:
+        # refuses a non-loopback address without keys, and a store it cannot open, before loading anything
+        open_gate(cfg).registry.store.close()
+    except (ValueError, StoreError) as e:
         print(f"loraplex serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -181,7 +191,7 @@ def cmd_serve(args) -> int:
 
 def routes_parser(sub) -> None:
     p = sub.add_parser("routes", help="show and change adapter routes (canary splits) in the store")
-    p.add_argument("--store", type=Path, help="adapter store directory (default $LORAPLEX_HOME/store, ./var/store)")
+    p.add_argument("--store", type=store_arg, help=STORE_HELP)
     p.add_argument("--caller", default=None, help="who makes the change (recorded in the history; default $USER); "
                    "with --server the server records the identity it sees instead")
     p.add_argument("--server", default=os.environ.get("LORAPLEX_SERVER"), metavar="URL",
@@ -229,7 +239,11 @@ def cmd_routes(args) -> int:
         weights[int(v)] = int(pct)
     if args.server:
         return _routes_via_server(args, weights, guard)
-    store = AdapterStore(args.store or default_home() / "store")
+    try:
+        store = AdapterStore(args.store or default_home() / "store")
+    except StoreError as e:
+        print(f"loraplex routes: {e}", file=sys.stderr)
+        return 1
     try:
         if args.action == "set":
             r = store.set_route(args.name, weights, sticky=args.sticky, guard=guard, caller=caller)

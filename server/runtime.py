@@ -3,19 +3,17 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from loraplex.adapters_store.objects import default_cache_dir, default_home, is_s3_url, parse_s3_url
 from loraplex.trainer.jobs import DEFAULT_MAX_JOB_SECONDS, DEFAULT_MAX_QUEUED_JOBS
 
 from .app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_UPLOAD_BYTES, ServerState
 
 log = logging.getLogger("loraplex.server")
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("LORAPLEX_HOME") or "./var")
 
 
 class ServeConfig(BaseModel):
@@ -25,7 +23,8 @@ class ServeConfig(BaseModel):
     model: str | None = None  # local HF checkpoint dir; None = embedded SmolLM2-135M-Instruct
     served_model_name: str | None = None
     adapters: dict[str, str] = Field(default_factory=dict)  # name -> PEFT dir, registered at start
-    store: Path | None = None  # default $LORAPLEX_HOME/store
+    store: Path | str | None = None  # a directory or s3://bucket/prefix; default $LORAPLEX_HOME/store
+    store_cache: Path | None = None  # an s3:// store's local cache; default $LORAPLEX_HOME/store-cache/<bucket>/...
     registry: str | None = None  # postgresql:// URL; default $LORAPLEX_REGISTRY, else registry.sqlite3 in the store
     allowed_adapter_roots: list[Path] | None = None  # None = any readable path
     hub_orgs: list[str] | None = None  # hub orgs whose adapters the API may register ("*": any); None = no remote ids
@@ -65,13 +64,38 @@ class ServeConfig(BaseModel):
 
         return check_reward_functions(v)
 
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v):
+        if is_s3_url(v):
+            from loraplex.adapters_store import StoreError
+
+            try:
+                parse_s3_url(v)
+            except StoreError as e:
+                raise ValueError(str(e)) from None
+            return v
+        return None if v is None else Path(v)
+
     def store_dir(self) -> Path:
+        """The store's local directory: the store itself, or an s3:// store's cache (which names its bucket,
+        so a job process handed it opens the object store)."""
+        if is_s3_url(self.store):
+            return self.store_cache or default_cache_dir(self.store)
         return self.store or default_home() / "store"
+
+    def open_store(self, **kw):
+        """An `AdapterStore` on this configuration's store and registry."""
+        from loraplex.adapters_store import AdapterStore
+
+        if is_s3_url(self.store):
+            return AdapterStore(self.store, cache_dir=self.store_dir(), registry=self.registry, **kw)
+        return AdapterStore(self.store_dir(), registry=self.registry, **kw)
 
 
 def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=None) -> ServerState:
     """Loads everything; fills `state` in place (so an app built earlier sees it once ready)."""
-    from loraplex.adapters_store import AdapterStore, BaseModelSpec
+    from loraplex.adapters_store import BaseModelSpec
     from loraplex.adapters_store.registry import REGISTRY_ENV, REPLICA_ID
     from loraplex.adapters_store.tenancy import AccessRegistry
 
@@ -96,8 +120,9 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
         roots = [*roots, hub_cache_root()]  # hub snapshots are symlinks into the hub cache's blobs
     if cfg.registry:  # job processes and other handles on this store open the same registry
         os.environ[REGISTRY_ENV] = cfg.registry
-    store = AdapterStore(cfg.store_dir(), base=spec, allowed_roots=roots,
-                         max_adapter_bytes=cfg.max_adapter_bytes, registry=cfg.registry)
+    store = cfg.open_store(base=spec, allowed_roots=roots, max_adapter_bytes=cfg.max_adapter_bytes)
+    if store.objects is not None:  # blobs that deleted versions and killed registrations left behind
+        threading.Thread(target=_sweep, args=(store,), name="loraplex-sweep", daemon=True).start()
     runner = ModelRunner(base.model, max_loras=cfg.max_loras, kv_budget_tokens=cfg.kv_cache_tokens, max_model_len=cfg.max_model_len,
                          owns_weights=True)
     ecfg = EngineConfig(
@@ -139,7 +164,8 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     state.extra["config"] = cfg
     from loraplex.trainer.jobs import JobManager
 
-    state.jobs = JobManager(cfg.jobs_dir or (cfg.store_dir().parent / "jobs"), cfg.store_dir(), str(base.path), base.model_id,
+    jobs_dir = cfg.jobs_dir or ((default_home() if is_s3_url(cfg.store) else cfg.store_dir().parent) / "jobs")
+    state.jobs = JobManager(jobs_dir, cfg.store_dir(), str(base.path), base.model_id,
                             max_concurrent=cfg.max_concurrent_jobs, max_queued=cfg.max_queued_jobs, max_job_seconds=cfg.max_job_seconds,
                             max_upload_bytes=cfg.max_upload_bytes, reward_functions=cfg.reward_functions)
     from .api.auth_api import job_admission
@@ -149,15 +175,21 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     return state
 
 
+def _sweep(store) -> None:
+    try:
+        store.sweep_objects()
+    except Exception as e:  # the next start sweeps again; serving does not depend on it
+        log.warning("could not sweep %s: %s", store.objects.url, e)
+
+
 def open_gate(cfg: ServeConfig):
     """The server's auth.Gate over the store's registry; ValueError when `cfg` would serve a
     non-loopback address without keys (auth.bind_refusal says why and what to do)."""
-    from loraplex.adapters_store import AdapterStore
     from loraplex.adapters_store.tenancy import AccessRegistry
 
     from .api.auth import Gate, bind_refusal, is_loopback
 
-    registry = AccessRegistry(AdapterStore(cfg.store_dir()), audit_retention_days=cfg.audit_retention_days)
+    registry = AccessRegistry(cfg.open_store(), audit_retention_days=cfg.audit_retention_days)
     refusal = bind_refusal(cfg.host, has_keys=registry.has_keys(), api_key=cfg.api_key,
                            insecure_no_auth=cfg.insecure_no_auth)
     if refusal:

@@ -100,7 +100,8 @@ def start_server(tmp: Path, model_dir: Path, *, extra_routes=None, **cfg) -> Run
     from loraplex.server.app import ServerState, build_app
     from loraplex.server.runtime import ServeConfig, build_state
 
-    conf = ServeConfig(model=str(model_dir), store=tmp / "store", port=free_port(), grpc_port=0, **cfg)
+    cfg.setdefault("store", tmp / "store")
+    conf = ServeConfig(model=str(model_dir), port=free_port(), grpc_port=0, **cfg)
     state = build_state(conf, ServerState())
     app = build_app(state, extra_routes=extra_routes, poll_interval=0.2, max_request_bytes=conf.max_request_bytes,
                     max_upload_bytes=conf.max_upload_bytes)

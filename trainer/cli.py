@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-
-def default_home() -> Path:
-    return Path(os.environ.get("LORAPLEX_HOME") or "./var")
+from loraplex.adapters_store.objects import default_home, store_arg
 
 
 def run_job(cfg, out_dir: Path, store_dir: Path, *, resume: bool, caller: str, on_event=None, progress=False, **register):
@@ -63,7 +60,8 @@ def train_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="loraplex train", description="run a training job and register its adapter")
     ap.add_argument("job", type=Path, help="job YAML file")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
-    ap.add_argument("--store", type=Path, help="adapter store (default $LORAPLEX_HOME/store, ./var/store)")
+    ap.add_argument("--store", type=store_arg, help="adapter store: a directory or s3://bucket/prefix (default "
+                    "$LORAPLEX_HOME/store, ./var/store)")
     ap.add_argument("--output", type=Path, help="checkpoints and metrics (default $LORAPLEX_HOME/runs/<adapter name>)")
     ap.add_argument("--machine-rank", type=int, help="this machine's place in a multi-machine job (num_machines in the "
                     "file); overrides the file's machine_rank, so every machine runs the same file")

@@ -147,6 +147,21 @@ def compile_patterns(raw, field: str, value_check) -> PatternTable:
     return PatternTable(out)
 
 
+def compile_fullmatch(field: str, key) -> object:
+    """A string-valued regex field (`target_modules` as a string: PEFT's `re.fullmatch`) under the same checks."""
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or "\0" in key or not key.isprintable():
+        raise InvalidAdapter(f"adapter_config.json {field} must be a printable regular expression of 1-{MAX_KEY_CHARS} "
+                             "characters", param=field)
+    if "{," in key:
+        raise _refuse(field, key, "uses {,n}; write {0,n}")
+    _check_backtracking(field, key)
+    try:
+        return re2.compile(rf"(?:{key})$", _RE2_OPTIONS)
+    except re2.error as e:
+        why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise _refuse(field, key, f"cannot be matched in bounded time ({why})") from None
+
+
 def rank_value(field: str, key: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _refuse(field, key, f"maps to {value!r}; a rank must be a positive integer")

@@ -52,7 +52,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import InvalidAdapter
-from .patterns import PatternTable, alpha_value, compile_patterns, finite_number, rank_value
+from .patterns import MAX_KEYS, PatternTable, alpha_value, compile_fullmatch, compile_patterns, finite_number, rank_value
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -421,6 +421,7 @@ def validate_adapter_dir(path, spec: BaseModelSpec | None, *, check_values: bool
         scales[module] = scale
         in_out[module] = [a[1], b[0]]
 
+    _check_targets(cfg, sorted(pairs), spec, where)
     extra: dict = {"module_in_out": in_out}
     kind = cfg.get("loraplex_kind", "lora")
     head = p / SCORE_HEAD_FILE
@@ -448,6 +449,39 @@ def validate_adapter_dir(path, spec: BaseModelSpec | None, *, check_values: bool
         if head.is_file():
             _check_finite(head, where, dt)
     return AdapterManifest(r, alpha, rslora, ranks, scales, base_name, kind, extra)
+
+
+def _check_targets(cfg: dict, modules: list[str], spec: BaseModelSpec | None, where: str) -> None:
+    """`target_modules` as PEFT reads it: PEFT loads weights only for the modules it names (a tensor outside
+    would be served here and ignored there) and refuses a name the base model lacks."""
+    tm = cfg.get("target_modules")
+    if tm is None or tm == "all-linear":
+        return
+    names = None
+    if isinstance(tm, str):  # PEFT: re.fullmatch(target_modules, module)
+        rx = compile_fullmatch("target_modules", tm)
+
+        def covered(m: str) -> bool:
+            return rx.match(m) is not None
+    elif isinstance(tm, list) and 0 < len(tm) <= MAX_KEYS and all(isinstance(t, str) and t for t in tm):
+        names = set(tm)  # PEFT: the module's name, or its path ending in ".<name>"
+
+        def covered(m: str) -> bool:
+            return m in names or any(m.endswith("." + t) for t in names)
+    else:
+        raise InvalidAdapter(f"{where}: {CONFIG_FILE} target_modules must be a non-empty list of module names or a "
+                             "regular expression", param="target_modules")
+    outside = [m for m in modules if not covered(m)]
+    if outside:
+        more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
+        raise InvalidAdapter(f"{where}: {WEIGHTS_FILE} holds weights for module {outside[0]!r}{more}, which {CONFIG_FILE} "
+                             f"target_modules does not name: PEFT would not load them", param="target_modules")
+    if spec is not None and names is not None:
+        absent = sorted(t for t in names if not any(k == t or k.endswith("." + t) for k in spec.module_shapes))
+        if absent:
+            raise InvalidAdapter(f"{where}: {CONFIG_FILE} target_modules names {absent[:5]}, which the base model "
+                                 f"{spec.model_id!r} does not have as linear layers (PEFT would refuse the adapter)",
+                                 param="target_modules")
 
 
 def _check_score_head(head: Path, spec: BaseModelSpec | None, where: str) -> int:

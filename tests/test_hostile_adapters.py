@@ -113,6 +113,12 @@ CASES = {
     "pattern-lookahead": lambda d: edit_config(d, alpha_pattern={"(?=q)q_proj": 4}),
     "pattern-huge-key": lambda d: edit_config(d, rank_pattern={"q" * 10_000: 4}),
     "pattern-not-an-object": lambda d: edit_config(d, rank_pattern=["q_proj", 4]),
+    # target_modules that PEFT would read otherwise than the weights say
+    "targets-leave-out-a-tensor": lambda d: edit_config(d, target_modules=["q_proj"]),  # v_proj's weights: ignored by PEFT
+    "targets-name-a-module-the-base-lacks": lambda d: edit_config(d, target_modules=["q_proj", "v_proj", "w_magic"]),
+    "targets-regex-misses-tensors": lambda d: edit_config(d, target_modules=r".*\.q_proj"),
+    "targets-regex-catastrophic": lambda d: edit_config(d, target_modules="(.*.*)*Z"),
+    "targets-not-names": lambda d: edit_config(d, target_modules=[1, 2]),
     # pattern values of the wrong kind
     "rank-pattern-float": lambda d: edit_config(d, rank_pattern={"q_proj": 4.9}),
     "rank-pattern-string": lambda d: edit_config(d, rank_pattern={"q_proj": "4"}),
@@ -409,3 +415,13 @@ def test_a_guard_at_its_bounds_encodes_for_grpc(hsrv):
     msg = _route_msg(hsrv.state.store.get_route("resident"))
     assert msg.guard.min_requests == 1_000_000 and msg.guard.max_error_rate == 1.0
     assert httpx.post(f"{hsrv.url}/v1/routes/resident/promote", json={"version": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("targets", [r".*\.(q_proj|v_proj)", "all-linear", ["v_proj", "q_proj", "k_proj"]])
+def test_target_modules_that_cover_the_weights_are_accepted(targets, hsrv, hostile_root):
+    """A regex, PEFT's all-linear, and a list naming one module more than the weights (PEFT starts it at zero)."""
+    d = hostile_root / f"targets-ok-{abs(hash(str(targets)))}"
+    shutil.copytree(hostile_root / "good", d)
+    edit_config(d, target_modules=targets)
+    r = httpx.post(f"{hsrv.url}/v1/adapters", json={"name": "targets-ok", "path": str(d)}, timeout=30)
+    assert r.status_code == 201, r.text

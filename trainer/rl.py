@@ -28,7 +28,7 @@ import torch
 from .config import JobConfig
 from .core import (Run, TrainResult, gradient_checkpointing_on, init_adapter, load_base_and_tokenizer, lora_model,
                    make_optimizer, save_adapter, total_steps)
-from .data import DataError, pad_token_id, read_records
+from .data import DataError, _messages, pad_token_id, read_records
 
 
 # --- loss terms ----------------------------------------------------------------------------------
@@ -146,15 +146,27 @@ def load_prompts(spec, tok) -> list[tuple[str, list[int], dict]]:
         spec = DatasetSpec(path=str(spec))
     out = []
     for where, rec in read_records(spec)[0]:
-        p = rec.get("prompt", rec.get("messages"))
-        if isinstance(p, str) and p:
+        try:
+            p = record_prompt(rec)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
+        if isinstance(p, str):
             out.append((p, tok(p, add_special_tokens=True)["input_ids"], rec))
-        elif isinstance(p, list) and p and all(isinstance(m, dict) and "role" in m and "content" in m for m in p):
+        else:
             text = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
             out.append((text, tok(text, add_special_tokens=False)["input_ids"], rec))
-        else:
-            raise DataError(f"{where}: each record needs a 'prompt' (string or messages) or 'messages'")
     return out
+
+
+def record_prompt(rec: dict) -> str | list[dict]:
+    """One RL record's prompt: `prompt` (a string or messages) or `messages`; ValueError saying what is wrong."""
+    key = "prompt" if "prompt" in rec else "messages"
+    p = rec.get(key)
+    if isinstance(p, str) and p:
+        return p
+    if isinstance(p, list) and p:
+        return _messages(p, key)
+    raise ValueError("each record needs a 'prompt' (string or messages) or 'messages'")
 
 
 # --- the loop ------------------------------------------------------------------------------------

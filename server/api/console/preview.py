@@ -221,12 +221,7 @@ def _check_record(rec: dict, method: str, fmt: str | None, tk) -> None:
         prompt, chosen, rejected = _normalize(rec)
         _encode(tk, prompt, chosen)
         _encode(tk, prompt, rejected)
-    else:  # grpo: prompts only (`prompt`, or OpenAI's reinforcement `messages`); completions come from rollouts
-        key = "prompt" if "prompt" in rec else "messages"
-        prompt = rec.get(key)
-        if isinstance(prompt, list) and prompt:
-            from loraplex.trainer.data import _messages
+    else:  # grpo: prompts only; completions come from rollouts
+        from loraplex.trainer.rl import record_prompt
 
-            _messages(prompt, key)
-        elif not (isinstance(prompt, str) and prompt):
-            raise ValueError("each record needs a 'prompt' (string or messages) or 'messages'")
+        record_prompt(rec)

@@ -633,18 +633,19 @@ def make_interceptor(state):
             if rule.public:
                 return handler
             method = details.method
-            if handler.unary_unary is not None:
-                inner = handler.unary_unary
 
-                async def unary(request, context):
+            def answered(inner, reads_request: bool):
+                """A method with one response (unary, or client-streaming: checked before its first message)."""
+
+                async def handle(arg, context):
                     try:
-                        call = enter(rule, method, request, context)
+                        call = enter(rule, method, arg if reads_request else None, context)
                     except ApiError as e:
                         await abort(context, e)
                     token = _current.set(call)
                     status = "UNKNOWN"
                     try:
-                        resp = await inner(request, context)
+                        resp = await inner(arg, context)
                         status = status_of(context)
                         return resp
                     except grpc.aio.AbortError:
@@ -654,8 +655,11 @@ def make_interceptor(state):
                         _current.reset(token)
                         await state.gate.leave_async(call, status)
 
+                return handle
+
+            if handler.unary_unary is not None:
                 return grpc.unary_unary_rpc_method_handler(
-                    unary,
+                    answered(handler.unary_unary, True),
                     request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer,
                 )
@@ -685,28 +689,8 @@ def make_interceptor(state):
                     response_serializer=handler.response_serializer,
                 )
             if handler.stream_unary is not None:
-                inner_cs = handler.stream_unary
-
-                async def client_stream(request_iterator, context):
-                    try:
-                        call = enter(rule, method, None, context)  # before the first message is read
-                    except ApiError as e:
-                        await abort(context, e)
-                    token = _current.set(call)
-                    status = "UNKNOWN"
-                    try:
-                        resp = await inner_cs(request_iterator, context)
-                        status = status_of(context)
-                        return resp
-                    except grpc.aio.AbortError:
-                        status = status_of(context)
-                        raise
-                    finally:
-                        _current.reset(token)
-                        await state.gate.leave_async(call, status)
-
                 return grpc.stream_unary_rpc_method_handler(
-                    client_stream,
+                    answered(handler.stream_unary, False),
                     request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer,
                 )

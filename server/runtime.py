@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from loraplex.trainer.jobs import DEFAULT_MAX_JOB_SECONDS, DEFAULT_MAX_QUEUED_JOBS
+from loraplex.trainer.jobs import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_JOB_SECONDS, DEFAULT_MAX_QUEUED_JOBS
 
 from .app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_UPLOAD_BYTES, ServerState
 
@@ -44,7 +44,8 @@ class ServeConfig(BaseModel):
     kv_cache_tokens: int = Field(65536, ge=64)
     max_model_len: int | None = Field(None, ge=16)
     prefix_caching: bool = True  # reuse computed prompt prefixes per adapter version (server/engine/prefix_cache.py)
-    jobs_dir: Path | None = None  # fine-tuning files and jobs; default $LORAPLEX_HOME/jobs
+    jobs_dir: Path | None = None  # fine-tuning files and jobs; default $LORAPLEX_HOME/jobs (<store>/jobs on PostgreSQL)
+    job_lease_seconds: float = Field(DEFAULT_LEASE_SECONDS, gt=0, le=3600)  # a dead replica's jobs move after this
     max_concurrent_jobs: int = Field(1, ge=1)
     max_queued_jobs: int = Field(DEFAULT_MAX_QUEUED_JOBS, ge=1)
     max_job_seconds: float = Field(DEFAULT_MAX_JOB_SECONDS, gt=0)
@@ -137,7 +138,14 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     state.extra["config"] = cfg
     from loraplex.trainer.jobs import JobManager
 
-    state.jobs = JobManager(cfg.jobs_dir or (cfg.store_dir().parent / "jobs"), cfg.store_dir(), str(base.path), base.model_id,
+    from loraplex.adapters_store.registry import PostgresRegistry
+
+    shared = isinstance(store.registry, PostgresRegistry)  # replicas share the queue: its folder is in the shared store
+    if shared and cfg.jobs_dir is not None:
+        log.warning("--jobs-dir is not used with a PostgreSQL registry: jobs live in %s", cfg.store_dir() / "jobs")
+    jobs_root = cfg.store_dir() / "jobs" if shared else (cfg.jobs_dir or (cfg.store_dir().parent / "jobs"))
+    state.jobs = JobManager(jobs_root, cfg.store_dir(), str(base.path), base.model_id,
+                            registry=store.registry if shared else None, lease_seconds=cfg.job_lease_seconds,
                             max_concurrent=cfg.max_concurrent_jobs, max_queued=cfg.max_queued_jobs, max_job_seconds=cfg.max_job_seconds,
                             max_upload_bytes=cfg.max_upload_bytes, reward_functions=cfg.reward_functions)
     from .api.auth_api import job_admission

@@ -247,7 +247,7 @@ def test_kill_9_of_the_replica_running_a_job_and_the_other_finishes_it(servers, 
     assert r.status_code == 200 and r.content == data  # uploaded on A, read on B
 
     # cancel from the replica that does not run the job: the one that does stops its process
-    job = a.api("POST", "/fine_tuning/jobs", json={"model": "tiny", "training_file": f["id"],
+    job = a.api("POST", "/fine_tuning/jobs", json={"model": "default", "training_file": f["id"],
                                                    "hyperparameters": {"n_epochs": 50, "batch_size": 2}})
     holder = _holder(servers, job["id"])
     other = b if holder is a else a
@@ -262,7 +262,7 @@ def test_kill_9_of_the_replica_running_a_job_and_the_other_finishes_it(servers, 
 
     # kill -9 the replica training a job: the other resumes it from its last checkpoint and finishes it
     job = b.api("POST", "/fine_tuning/jobs", json={
-        "model": "tiny", "training_file": f["id"], "suffix": "takeover",
+        "model": "default", "training_file": f["id"], "suffix": "takeover",
         "hyperparameters": {"n_epochs": 3, "batch_size": 2}, "loraplex": {"save_steps": 4}})
     holder = _holder(servers, job["id"])
     survivor = b if holder is a else a

@@ -148,6 +148,28 @@ def test_a_replica_that_stops_renewing_its_lease_is_taken_over(pair, tmp_path):
     assert jid not in b._procs
 
 
+def test_a_job_registered_by_a_replica_that_died_before_recording_it_is_not_trained_again(pair, tmp_path,
+                                                                                          adapter_dirs):
+    a, b = pair
+    fid = a.add_file("c.jsonl", color_data(tmp_path / "c.jsonl", 1).read_bytes(), "fine-tune")["id"]
+    jid = _job(a, fid)["id"]
+    assert a._claim(1) == [jid]
+    name = a._config(jid)["adapter"]["name"]
+    a._store().register(name, adapter_dirs["alpha"], caller=f"fine_tuning:{jid}")  # its process got this far
+    a._stop.set()
+    a._lease_thread.join(5)
+    time.sleep(1.3)
+    b._recover()
+    assert b._claim(1) == [jid]
+    b._launch(jid)
+    assert jid not in b._procs  # nothing to train
+    done = a.job(jid)
+    assert done["status"] == "succeeded" and done["fine_tuned_model"] == name
+    assert [v.version for v in b._store().list() if v.name == name] == [1]
+    assert b.events(jid)[0][0]["message"] == f"The job has successfully completed: {name}@1"
+    assert b._rows("SELECT job_id FROM ft_leases") == []
+
+
 # --- two server processes on one PostgreSQL registry ----------------------------------------------------------
 class Server:
     def __init__(self, tmp, model, store, registry, name):

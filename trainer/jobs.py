@@ -972,6 +972,8 @@ class JobManager:
                 )
                 return
             r = json.loads(res.read_text()) if rc == 0 and res.exists() else (self._registered(jid) if rc == 0 else None)
+            if r is not None and not res.exists():  # the record the job's process would have written (the console reads it)
+                res.write_text(json.dumps(r))
             if r is not None:
                 results = []
                 metrics = job_dir / "output" / "metrics.jsonl"

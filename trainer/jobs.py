@@ -759,8 +759,9 @@ class JobManager:
         # A watcher starts it (a job process dies with the thread that started it: PR_SET_PDEATHSIG), at once when a
         # slot is free; answer with the status it then has.
         deadline = time.time() + 10 * self.poll + 2
-        while (
-            self.job(jid)["status"] == "queued" and self.max_concurrent > len(self._procs) and time.time() < deadline
+        while time.time() < deadline and (
+            (status := self.job(jid)["status"]) == "validating_files"  # claimed: its process is being started
+            or (status == "queued" and self.max_concurrent > len(self._procs))
         ):
             time.sleep(min(0.1, self.poll))
         return self.job(jid)

@@ -1,9 +1,10 @@
 """Fine-tuning files and jobs shared by replicas: on one PostgreSQL registry (or one SQLite file, for processes of
 one host) a file uploaded on A is listed and read on B, a job created on A is seen with its events on B and
 cancelled from it, two replicas never claim the same job, a tenant's concurrent-jobs quota counts the jobs of every
-replica, and a replica that stops renewing its lease has its job taken over and resumed by another. The slow tests
-run two `loraplex serve` processes on one PostgreSQL: `kill -9` of the replica training a job, and the other
-finishes it; a cancel sent to one stops the training on the other."""
+replica, a replica that stops renewing its lease has its job taken over and resumed by another, and a job whose
+adapter was registered before its replica died is not trained again. The slow test runs two `loraplex serve`
+processes on one PostgreSQL: a pause, resume and cancel sent to the replica not running a job reach the one that
+does; `kill -9` of the replica training a job, and the other resumes it from its checkpoint and finishes it."""
 from __future__ import annotations
 
 import json
@@ -230,11 +231,11 @@ def _events(srv, jid):
     return srv.api("GET", f"/fine_tuning/jobs/{jid}/events", params={"limit": 1000})["data"][::-1]
 
 
-def _holder(servers, jid, timeout=180):
-    """The server whose replica started the job (its name carries the server's pid) and the job's process pid."""
+def _holder(servers, jid, timeout=180, last=False):
+    """The server whose replica started the job (its name carries the server's pid); `last`: the latest start."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for e in _events(servers[0], jid):
+        for e in _events(servers[0], jid)[::-1] if last else _events(servers[0], jid):
             replica = (e.get("data") or {}).get("replica")
             if e["message"].startswith("job started on replica") and replica:
                 for s in servers:
@@ -260,7 +261,7 @@ def _wait_status(srv, jid, want, timeout=300):
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_replica_running_a_job_and_the_other_finishes_it(servers, tmp_path, postgres_url):
+def test_pause_resume_cancel_from_another_replica_and_kill_9_of_the_one_running_a_job(servers, tmp_path, postgres_url):
     a, b = servers
     data = color_data(tmp_path / "c.jsonl", 4).read_bytes()
     f = a.api("POST", "/files", files={"file": ("colors.jsonl", data)}, data={"purpose": "fine-tune"})
@@ -268,12 +269,27 @@ def test_kill_9_of_the_replica_running_a_job_and_the_other_finishes_it(servers, 
     r = httpx.get(f"{b.url}/v1/files/{f['id']}/content", timeout=60)
     assert r.status_code == 200 and r.content == data  # uploaded on A, read on B
 
-    # cancel from the replica that does not run the job: the one that does stops its process
+    # pause, resume and cancel from the replica that does not run the job: the one that does follows
     job = a.api("POST", "/fine_tuning/jobs", json={"model": "default", "training_file": f["id"],
                                                    "hyperparameters": {"n_epochs": 50, "batch_size": 2}})
     holder = _holder(servers, job["id"])
     other = b if holder is a else a
+    deadline = time.time() + 120
+    while not any(e["type"] == "metrics" for e in _events(other, job["id"])):  # it trains
+        assert time.time() < deadline
+        time.sleep(0.3)
+    assert other.api("POST", f"/fine_tuning/jobs/{job['id']}/pause")["status"] == "paused"
+    deadline = time.time() + 60
+    while not any(e["message"].startswith("job paused at step") for e in _events(other, job["id"])):
+        assert time.time() < deadline, _events(other, job["id"])  # its process checkpointed and left
+        time.sleep(0.3)
+    assert other.api("GET", f"/fine_tuning/jobs/{job['id']}/checkpoints")["data"]
+    assert other.api("POST", f"/fine_tuning/jobs/{job['id']}/resume")["status"] in ("queued", "validating_files",
+                                                                                   "running")
+    _wait_status(other, job["id"], ("running",), timeout=60)
     pid = _job_pid(postgres_url, job["id"])
+    holder = _holder(servers, job["id"], last=True)
+    other = b if holder is a else a
     assert other.api("POST", f"/fine_tuning/jobs/{job['id']}/cancel")["status"] == "cancelled"
     deadline = time.time() + 15
     while os.path.exists(f"/proc/{pid}"):

@@ -62,7 +62,11 @@ def serve_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
                    help="do not reuse the KV of prompt prefixes already computed (per adapter version)")
-    p.add_argument("--jobs-dir", type=Path, help="fine-tuning files and jobs (default $LORAPLEX_HOME/jobs)")
+    p.add_argument("--jobs-dir", type=Path, help="fine-tuning files and jobs (default $LORAPLEX_HOME/jobs; with a "
+                   "PostgreSQL registry they are shared by the replicas, in <store>/jobs)")
+    p.add_argument("--job-lease-seconds", type=float,
+                   help="a replica that has not renewed a running job's lease for this long is taken to be gone: "
+                   "another replica resumes the job (default 10)")
     p.add_argument("--max-concurrent-jobs", type=int, default=1, help="training jobs run at once")
     from loraplex.trainer import jobs
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loraplex.adapters_store.objects import default_cache_dir, default_home, is_s3_url, parse_s3_url
-from loraplex.trainer.jobs import DEFAULT_MAX_JOB_SECONDS, DEFAULT_MAX_QUEUED_JOBS
+from loraplex.trainer.jobs import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_JOB_SECONDS, DEFAULT_MAX_QUEUED_JOBS
 
 from .app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_UPLOAD_BYTES, ServerState
 
@@ -43,7 +43,8 @@ class ServeConfig(BaseModel):
     kv_cache_tokens: int = Field(65536, ge=64)
     max_model_len: int | None = Field(None, ge=16)
     prefix_caching: bool = True  # reuse computed prompt prefixes per adapter version (server/engine/prefix_cache.py)
-    jobs_dir: Path | None = None  # fine-tuning files and jobs; default $LORAPLEX_HOME/jobs
+    jobs_dir: Path | None = None  # fine-tuning files and jobs; default $LORAPLEX_HOME/jobs (<store>/jobs on PostgreSQL)
+    job_lease_seconds: float = Field(DEFAULT_LEASE_SECONDS, gt=0, le=3600)  # a dead replica's jobs move after this
     max_concurrent_jobs: int = Field(1, ge=1)
     max_queued_jobs: int = Field(DEFAULT_MAX_QUEUED_JOBS, ge=1)
     max_job_seconds: float = Field(DEFAULT_MAX_JOB_SECONDS, gt=0)
@@ -83,6 +84,24 @@ class ServeConfig(BaseModel):
         if is_s3_url(self.store):
             return self.store_cache or default_cache_dir(self.store)
         return self.store or default_home() / "store"
+
+    def jobs_root(self, store) -> tuple[bool, Path]:
+        """(shared, folder) of the fine-tuning queue over `store` (an AdapterStore of this configuration).
+        Replicas on PostgreSQL share the queue, whose uploads and checkpoints are files: in the shared
+        store, or with an s3:// store in `--jobs-dir`, which every replica must mount. ValueError when that
+        folder is not named."""
+        from loraplex.adapters_store.registry import PostgresRegistry
+
+        if not isinstance(store.registry, PostgresRegistry):
+            return False, self.jobs_dir or ((default_home() if is_s3_url(self.store) else self.store_dir().parent) / "jobs")
+        if is_s3_url(self.store):
+            if self.jobs_dir is None:
+                raise ValueError("--store s3:// with a PostgreSQL registry: fine-tuning jobs keep their uploads and "
+                                 "checkpoints in files, so give --jobs-dir a folder every replica mounts at the same path")
+            return True, self.jobs_dir
+        if self.jobs_dir is not None:
+            log.warning("--jobs-dir is not used with a PostgreSQL registry: jobs live in %s", self.store_dir() / "jobs")
+        return True, self.store_dir() / "jobs"
 
     def open_store(self, **kw):
         """An `AdapterStore` on this configuration's store and registry."""
@@ -164,8 +183,9 @@ def build_state(cfg: ServeConfig, state: ServerState | None = None, telemetry=No
     state.extra["config"] = cfg
     from loraplex.trainer.jobs import JobManager
 
-    jobs_dir = cfg.jobs_dir or ((default_home() if is_s3_url(cfg.store) else cfg.store_dir().parent) / "jobs")
-    state.jobs = JobManager(jobs_dir, cfg.store_dir(), str(base.path), base.model_id,
+    shared, jobs_root = cfg.jobs_root(store)
+    state.jobs = JobManager(jobs_root, cfg.store_dir(), str(base.path), base.model_id,
+                            registry=store.registry if shared else None, lease_seconds=cfg.job_lease_seconds,
                             max_concurrent=cfg.max_concurrent_jobs, max_queued=cfg.max_queued_jobs, max_job_seconds=cfg.max_job_seconds,
                             max_upload_bytes=cfg.max_upload_bytes, reward_functions=cfg.reward_functions)
     from .api.auth_api import job_admission
@@ -190,6 +210,11 @@ def open_gate(cfg: ServeConfig):
     from .api.auth import Gate, bind_refusal, is_loopback
 
     registry = AccessRegistry(cfg.open_store(), audit_retention_days=cfg.audit_retention_days)
+    try:
+        cfg.jobs_root(registry.store)  # a replicated queue without a shared folder is refused here, before loading
+    except ValueError:
+        registry.store.close()
+        raise
     refusal = bind_refusal(cfg.host, has_keys=registry.has_keys(), api_key=cfg.api_key,
                            insecure_no_auth=cfg.insecure_no_auth)
     if refusal:

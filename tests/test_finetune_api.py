@@ -120,7 +120,7 @@ def test_crashing_job_is_failed_with_a_reason_and_cancel_works(srv, client, tmp_
     deadline = time.time() + 60
     while srv.state.jobs.job(job.id)["status"] != "running" and time.time() < deadline:
         time.sleep(0.2)
-    pid = srv.state.jobs._db().execute("SELECT pid FROM jobs WHERE id=?", (job.id,)).fetchone()["pid"]
+    pid = srv.state.jobs._row("SELECT pid FROM ft_jobs WHERE id=?", (job.id,))["pid"]
     time.sleep(2)
     os.kill(pid, signal.SIGKILL)  # an out-of-memory kill looks like this
     done = wait(client, job.id)
@@ -152,8 +152,8 @@ def test_restart_lists_past_jobs_and_requeues_interrupted_ones(tmp_path, tiny_ba
     m = JobManager(tmp_path / "jobs", tmp_path / "store", str(tiny_base), "tiny", poll=3600)  # watcher effectively idle
     f = m.add_file("c.jsonl", data.read_bytes(), "fine-tune")
     j = m.create_job({"model": "tiny", "training_file": f["id"], "method": {"type": "supervised"}})
-    with m._db() as c:
-        c.execute("UPDATE jobs SET status='running' WHERE id=?", (j["id"],))
+    with m.db.write() as c:
+        c.execute("UPDATE ft_jobs SET status='running' WHERE id=?", (j["id"],))
     m.close()
     m2 = JobManager(tmp_path / "jobs", tmp_path / "store", str(tiny_base), "tiny", poll=3600)
     try:

@@ -357,7 +357,7 @@ def test_allowed_knobs_reach_the_job_config_and_the_record_states_the_method(srv
     try:
         assert job["method"]["type"] == "supervised" and job["seed"] == 7 and job["metadata"] == {"team": "search"}
         cfg = json.loads(
-            srv.state.jobs._db().execute("SELECT config FROM jobs WHERE id=?", (job["id"],)).fetchone()["config"]
+            srv.state.jobs._row("SELECT config FROM ft_jobs WHERE id=?", (job["id"],))["config"]
         )
         assert cfg["method"] == "sft" and cfg["epochs"] == 2 and cfg["examples_per_step"] == 2
         assert cfg["learning_rate"] == pytest.approx(4e-4) and cfg["sequence_len"] == 128 and cfg["packing"] is False
@@ -757,7 +757,7 @@ def test_reward_functions_are_the_operators_and_named_by_name(tmp_path, tiny_bas
         }
         job = m.create_job(body)
         assert job["method"]["type"] == "reinforcement"
-        cfg = json.loads(m._db().execute("SELECT config FROM jobs WHERE id=?", (job["id"],)).fetchone()["config"])
+        cfg = json.loads(m._row("SELECT config FROM ft_jobs WHERE id=?", (job["id"],))["config"])
         assert cfg["method"] == "grpo" and cfg["reward"] == {
             "grader": {"type": "python", "function": "length"},
             "functions": {"length": "json:dumps"},

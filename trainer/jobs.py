@@ -1,15 +1,29 @@
 """The server's fine-tuning job queue: uploaded files, persistent jobs, one subprocess per running job.
 
-State lives in `jobs.sqlite3` under the jobs directory, so a restarted
-server lists past jobs; jobs that were running when the server stopped are
-queued again and resume from their last checkpoint. Pause asks the job's
-process to checkpoint at the end of its current step and exit (a stop file,
-core.STOP_FILE_ENV); resume starts it again from that checkpoint, so the loss
-curve is that of an uninterrupted run. By default one job runs at a time
-(`max_concurrent`). A job's process writes events to its directory; a
-watcher thread copies them into the database, and when the process exits
-records success (the registered adapter becomes `fine_tuned_model`) or the
-reason it failed. Cancel terminates the job's process group.
+State lives in a `Registry` (adapters_store/registry.py, the store's own seam): by default the SQLite
+file `jobs.sqlite3` under the jobs directory, or, when the server runs with `--registry postgresql://...`,
+the shared PostgreSQL registry, whose replicas then share one queue: a file uploaded on one is listed
+and read on every other, a job created on one is seen, cancelled or paused from any. The files and the
+jobs' directories (checkpoints, event logs) are then under `<store>/jobs`, the store directory every
+replica already shares; the rows name them relative to that folder.
+
+A job runs on exactly one replica: the one holding its lease (`ft_leases`: holder, expiry), which a
+thread renews every `lease_seconds / 4`. A replica whose lease expires (it died, or lost the database
+for longer than the lease) is replaced: any replica's watcher finds the running job without a live
+lease, queues it again, and the first with a free slot claims it and resumes it from its last
+checkpoint; the job's events say which replica took over from which. A replica that finds its lease
+taken (it was cut off too long) kills its copy of the job at once. Restarting the only server is the
+same case. Queued jobs are claimed under the registry's write lock, so two replicas never start the
+same job, and a tenant's concurrent-jobs quota (`may_start`) counts the running jobs of every replica.
+
+Pause asks the job's process to checkpoint at the end of its current step and exit (a stop file in the
+job's directory, core.STOP_FILE_ENV); resume queues it again, to continue from that checkpoint, so the
+loss curve is that of an uninterrupted run. By default one job runs at a time per replica
+(`max_concurrent`). A job's process writes events to its directory; the holder's watcher copies them
+into the database (with the offset it has read, so a replica taking over goes on where the last one
+stopped), and when the process exits records success (the registered adapter becomes
+`fine_tuned_model`) or the reason it failed. Cancel terminates the job's process group (the holder's
+watcher does it when another replica cancelled).
 
 This is a multi-tenant surface, so every input is bounded where it enters:
 a request is parsed by `job_request` (an allow-list of training knobs; the
@@ -27,7 +41,7 @@ import math
 import os
 import re
 import signal
-import sqlite3
+import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +50,7 @@ import uuid
 from pathlib import Path
 
 from loraplex.adapters_store.errors import LoraplexError, kind_for_status
+from loraplex.adapters_store.registry import Registry, SQLiteRegistry
 from loraplex.adapters_store.tenancy import qualify
 
 from .core import STOP_FILE_ENV, few_steps_warning
@@ -43,16 +58,33 @@ from .hyperparams import LORA_BASE_LR
 from .hyperparams import resolve as resolve_hyperparameters
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
-  id TEXT PRIMARY KEY, filename TEXT, bytes INTEGER, created_at INTEGER, purpose TEXT, path TEXT);
-CREATE TABLE IF NOT EXISTS jobs (
-  id TEXT PRIMARY KEY, created_at INTEGER, status TEXT, model TEXT, training_file TEXT, validation_file TEXT,
-  suffix TEXT, seed INTEGER, method TEXT, hyperparameters TEXT, config TEXT, fine_tuned_model TEXT, error TEXT,
-  finished_at INTEGER, trained_tokens INTEGER, pid INTEGER, metadata TEXT);
-CREATE TABLE IF NOT EXISTS events (
+CREATE TABLE IF NOT EXISTS ft_files (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, filename TEXT, bytes INTEGER, created_at INTEGER,
+  purpose TEXT, path TEXT);
+CREATE TABLE IF NOT EXISTS ft_jobs (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, created_at INTEGER, status TEXT, model TEXT,
+  training_file TEXT, validation_file TEXT, suffix TEXT, seed INTEGER, method TEXT, hyperparameters TEXT, config TEXT,
+  fine_tuned_model TEXT, error TEXT, finished_at INTEGER, trained_tokens INTEGER, pid INTEGER, metadata TEXT,
+  result_files TEXT, plan TEXT, replica TEXT, took_over_from TEXT, events_offset INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS ft_jobs_status ON ft_jobs(status, seq);
+CREATE TABLE IF NOT EXISTS ft_events (
   id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT, created_at INTEGER, level TEXT, type TEXT, message TEXT,
   data TEXT);
+CREATE INDEX IF NOT EXISTS ft_events_job ON ft_events(job_id, id);
+CREATE TABLE IF NOT EXISTS ft_checkpoints (
+  job_id TEXT NOT NULL, step INTEGER NOT NULL, created_at INTEGER NOT NULL, train_loss REAL, valid_loss REAL,
+  PRIMARY KEY (job_id, step));
+CREATE TABLE IF NOT EXISTS ft_leases (
+  job_id TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at REAL NOT NULL, acquired_at REAL NOT NULL);
 """
+# jobs.sqlite3 of before the registry seam: tables `files`, `jobs`, `events`, copied into the ft_ tables once
+_LEGACY_COLUMNS = {
+    "files": "id, filename, bytes, created_at, purpose, path",
+    "jobs": "id, created_at, status, model, training_file, validation_file, suffix, seed, method, hyperparameters, "
+    "config, fine_tuned_model, error, finished_at, trained_tokens, pid, metadata, result_files, plan",
+    "events": "id, job_id, created_at, level, type, message, data",
+}
+DEFAULT_LEASE_SECONDS = 10.0  # a job whose replica has not renewed its lease for this long is taken over
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 STOP_FILE = "stop"  # in a job's directory: present = checkpoint at the end of this step and exit (a pause)
@@ -85,6 +117,9 @@ class JobManager:
         base_model: str,
         base_model_id: str,
         *,
+        registry: Registry | None = None,
+        replica: str | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
         max_concurrent: int = 1,
         max_queued: int = DEFAULT_MAX_QUEUED_JOBS,
         max_job_seconds: float | None = DEFAULT_MAX_JOB_SECONDS,
@@ -93,6 +128,11 @@ class JobManager:
         python: str = sys.executable,
         poll: float = 0.5,
     ):
+        """`registry`: where the files and jobs are recorded (the store's PostgreSQL registry, shared by replicas:
+        `root` must then be a folder every replica sees, as `<store>/jobs`); None: `root/jobs.sqlite3`.
+        `replica`: this process's name in leases and events (default host-pid-random)."""
+        if not lease_seconds > 0:
+            raise ValueError(f"lease_seconds must be positive, not {lease_seconds!r}")
         self.root = Path(root)
         self.files_dir = self.root / "files"
         self.runs_dir = self.root / "runs"
@@ -108,56 +148,138 @@ class JobManager:
         self.reward_functions = check_reward_functions(reward_functions or {})
         self.python = python
         self.poll = poll
-        self.may_start = None  # callable(job id, running job ids) -> bool: a tenant's concurrent-jobs quota (server)
-        self._local = threading.local()
+        self.lease_seconds = float(lease_seconds)
+        self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.may_start = None  # callable(job id, running job ids of every replica) -> bool: a tenant's quota (server)
+        self._shared = registry  # also the adapter store's registry (the one jobs register into)
+        self.db = registry if registry is not None else SQLiteRegistry(self.root / "jobs.sqlite3")
         self._lock = threading.Lock()
         self._procs: dict[str, subprocess.Popen] = {}
-        self._offsets: dict[str, int] = {}
+        self._offsets: dict[str, int] = {}  # job id -> events.jsonl bytes copied (a cache of the row's events_offset)
+        self._renewed_at = time.time()  # the last time this replica's leases were renewed
         self._store_obj = None
         self._started: dict[str, float] = {}  # job id -> time.monotonic() at start, for the wall-clock limit
-        for part in self.files_dir.glob(".*.part"):  # uploads cut short by a crash
-            part.unlink(missing_ok=True)
-        self._db().executescript(_SCHEMA)
-        if "result_files" not in {r["name"] for r in self._db().execute("PRAGMA table_info(jobs)")}:
-            with self._db() as c:  # databases from before result files existed
-                c.execute("ALTER TABLE jobs ADD COLUMN result_files TEXT")
-        if "plan" not in {r["name"] for r in self._db().execute("PRAGMA table_info(jobs)")}:
-            with self._db() as c:  # databases from before training plans were recorded
-                c.execute("ALTER TABLE jobs ADD COLUMN plan TEXT")
-        with self._db() as c:  # a restart interrupted whatever was running: queue it again, to resume from it
-            for (jid,) in c.execute("SELECT id FROM jobs WHERE status IN ('running', 'validating_files')").fetchall():
-                c.execute("UPDATE jobs SET status='queued' WHERE id=?", (jid,))
-                self._event(
-                    c,
-                    jid,
-                    "warn",
-                    "message",
-                    "job interrupted by a server restart: queued to resume from its last checkpoint",
-                )
+        cutoff = time.time() - 3600  # uploads cut short by a crash (another replica's in progress is younger)
+        for part in self.files_dir.glob(".*.part"):
+            try:
+                if part.stat().st_mtime < cutoff or registry is None:
+                    part.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+        self.db.ensure_schema(_SCHEMA)
+        if isinstance(self.db, SQLiteRegistry):
+            self._migrate_legacy()
+        from loraplex.adapters_store import AdapterStore
+
+        self._store_obj = AdapterStore(self.store_dir, registry=self._shared)
+        self._recover()  # a restart interrupted whatever this server was running: queue it again, to resume from it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loraplex-jobs", daemon=True)
         self._thread.start()
+        self._lease_thread = threading.Thread(target=self._renew_leases, name="loraplex-job-leases", daemon=True)
+        self._lease_thread.start()
 
-    def _db(self) -> sqlite3.Connection:
-        c = getattr(self._local, "c", None)
-        if c is None:
-            c = sqlite3.connect(self.root / "jobs.sqlite3", timeout=30)
-            c.row_factory = sqlite3.Row
-            c.execute("PRAGMA journal_mode=WAL")
-            self._local.c = c
-        return c
+    # --- the database ---------------------------------------------------------------
+    def _rows(self, sql: str, args=()) -> list[dict]:
+        with self.db.connection() as c:
+            return _dicts(c.execute(sql, args))
+
+    def _row(self, sql: str, args=()) -> dict | None:
+        rows = self._rows(sql, args)
+        return rows[0] if rows else None
+
+    def _migrate_legacy(self) -> None:
+        """Copies a jobs.sqlite3 of before the registry seam (tables files, jobs, events) into the ft_ tables."""
+        with self.db.write() as c:
+            old = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "jobs" not in old:
+                return
+            have = {r[1] for r in c.execute("PRAGMA table_info(jobs)")}
+            for col in ("result_files", "plan"):  # databases from before result files / training plans
+                if col not in have:
+                    c.execute(f"ALTER TABLE jobs ADD COLUMN {col} TEXT")
+            for table, cols in _LEGACY_COLUMNS.items():
+                if table in old:
+                    c.execute(f"INSERT INTO ft_{table}({cols}) SELECT {cols} FROM {table} ORDER BY rowid")
+                    c.execute(f"DROP TABLE {table}")
 
     def _event(self, c, job_id, level, typ, message, data=None) -> None:
         c.execute(
-            "INSERT INTO events(job_id, created_at, level, type, message, data) VALUES (?,?,?,?,?,?)",
+            "INSERT INTO ft_events(job_id, created_at, level, type, message, data) VALUES (?,?,?,?,?,?)",
             (job_id, int(time.time()), level, typ, message, json.dumps(data) if data is not None else None),
         )
 
+    def _recover(self) -> None:
+        """Queues again the jobs marked running whose replica is gone: no lease (a server of before leases, or a
+        record left running) or one not renewed in time. The next replica with a free slot resumes them."""
+        now = time.time()
+        found = self._rows(
+            "SELECT j.id, l.holder, l.expires_at FROM ft_jobs j LEFT JOIN ft_leases l ON l.job_id = j.id "
+            "WHERE j.status IN ('running', 'validating_files')"
+        )
+        if not any(r["expires_at"] is None or r["expires_at"] < now for r in found):
+            return
+        with self.db.write() as c:  # again under the write lock: another replica may have just done it
+            rows = _dicts(c.execute(
+                "SELECT j.id, j.replica, l.holder, l.expires_at FROM ft_jobs j LEFT JOIN ft_leases l ON l.job_id = j.id "
+                "WHERE j.status IN ('running', 'validating_files')"
+            ))
+            for r in rows:
+                if r["expires_at"] is not None and r["expires_at"] >= now:
+                    continue  # its replica is alive
+                gone = r["holder"] or r["replica"]
+                c.execute("DELETE FROM ft_leases WHERE job_id=?", (r["id"],))
+                c.execute("UPDATE ft_jobs SET status='queued', took_over_from=? WHERE id=?", (gone, r["id"]))
+                if r["holder"] is None:
+                    msg = "job interrupted by a server restart: queued to resume from its last checkpoint"
+                else:
+                    msg = (f"job interrupted by a server restart or crash: replica {gone} stopped renewing its lease; "
+                           "queued to resume from its last checkpoint")
+                self._event(c, r["id"], "warn", "message", msg, {"replica": gone})
+
+    def _renew_leases(self) -> None:
+        """Every quarter lease: pushes back the expiry of the leases this replica holds (its own thread, so a busy
+        watcher never lets them lapse)."""
+        while not self._stop.wait(self.lease_seconds / 4):
+            try:
+                with self.db.write() as c:
+                    t = time.time()
+                    c.execute("UPDATE ft_leases SET expires_at=? WHERE holder=?", (t + self.lease_seconds, self.replica))
+                self._renewed_at = t
+            except Exception:  # the database is away: retried next time; past expiry the watcher stops the jobs
+                import logging
+
+                logging.getLogger("loraplex.jobs").warning("could not renew job leases", exc_info=True)
+
     def close(self) -> None:
+        """Stops the watcher and this replica's job processes; their jobs are queued again at once (another replica,
+        or this server restarted, resumes them from their last checkpoint)."""
         self._stop.set()
         self._thread.join(5)
-        for jid in list(self._procs):
-            self._kill(jid)
+        self._lease_thread.join(5)
+        with self._lock:
+            mine = list(self._procs)
+            for jid in mine:
+                self._kill(jid)
+            try:
+                with self.db.write() as c:
+                    for jid in mine:
+                        self._pump_events(jid, c)
+                        n = c.execute("UPDATE ft_jobs SET status='queued', took_over_from=? WHERE id=? "
+                                      "AND status IN ('running', 'validating_files')",
+                                      (self.replica, jid)).rowcount
+                        if n:
+                            self._event(c, jid, "warn", "message",
+                                        f"job interrupted: replica {self.replica} shut down; queued to resume from its last "
+                                        "checkpoint", {"replica": self.replica})
+                    c.execute("DELETE FROM ft_leases WHERE holder=?", (self.replica,))
+            except Exception:
+                import logging
+
+                logging.getLogger("loraplex.jobs").warning("could not requeue this replica's jobs", exc_info=True)
+        if self._shared is None:
+            self._store_obj.close()
+            self.db.close()
 
     # --- files --------------------------------------------------------------------
     def add_file(self, filename: str, data: bytes, purpose: str) -> dict:
@@ -178,30 +300,38 @@ class JobManager:
 
     def _commit_file(self, part: Path, filename: str, size: int, purpose: str) -> dict:
         fid = "file-" + uuid.uuid4().hex[:24]
-        path = self.files_dir / (
-            fid + (".csv" if filename.lower().endswith(".csv") else ".jsonl")
-        )  # never the client's suffix
-        os.replace(part, path)
-        with self._db() as c:
-            c.execute(
-                "INSERT INTO files VALUES (?,?,?,?,?,?)", (fid, filename, size, int(time.time()), purpose, str(path))
-            )
+        name = fid + (".csv" if filename.lower().endswith(".csv") else ".jsonl")  # never the client's suffix
+        os.replace(part, self.files_dir / name)  # in place before its row commits: whoever sees the row reads it
+        try:
+            with self.db.write() as c:
+                c.execute(
+                    "INSERT INTO ft_files(id, filename, bytes, created_at, purpose, path) VALUES (?,?,?,?,?,?)",
+                    (fid, filename, size, int(time.time()), purpose, name),
+                )
+        except BaseException:
+            (self.files_dir / name).unlink(missing_ok=True)
+            raise
         return self.file(fid)
 
     def _save_file(self, c, filename: str, data: bytes, purpose: str) -> str:
         """A file the server itself makes (a job's results), inside the caller's transaction."""
         fid = "file-" + uuid.uuid4().hex[:24]
-        path = self.files_dir / (fid + (".csv" if filename.lower().endswith(".csv") else ".jsonl"))
-        path.write_bytes(data)
+        name = fid + (".csv" if filename.lower().endswith(".csv") else ".jsonl")
+        (self.files_dir / name).write_bytes(data)
         c.execute(
-            "INSERT INTO files VALUES (?,?,?,?,?,?)", (fid, filename, len(data), int(time.time()), purpose, str(path))
+            "INSERT INTO ft_files(id, filename, bytes, created_at, purpose, path) VALUES (?,?,?,?,?,?)",
+            (fid, filename, len(data), int(time.time()), purpose, name),
         )
         return fid
 
-    def file(self, fid: str) -> dict:
-        r = self._db().execute("SELECT * FROM files WHERE id=?", (fid,)).fetchone()
+    def _file_row(self, fid: str) -> dict:
+        r = self._row("SELECT id, filename, bytes, created_at, purpose, path FROM ft_files WHERE id=?", (fid,))
         if r is None:
             raise JobError(f"no file {fid!r}", 404, "file_id")
+        return r
+
+    def file(self, fid: str) -> dict:
+        r = self._file_row(fid)
         return {
             "id": r["id"],
             "object": "file",
@@ -221,25 +351,22 @@ class JobManager:
     ) -> tuple[list[dict], bool]:
         """A page of files, newest first by default; `after` is the id of the last file of the previous page."""
         direction = "ASC" if order == "asc" else "DESC"
-        sql, args = "SELECT id FROM files", []
+        sql, args = "SELECT id FROM ft_files", []
         if purpose:
             sql, args = sql + " WHERE purpose=?", [purpose]
-        ids = [
-            r["id"]
-            for r in self._db().execute(f"{sql} ORDER BY created_at {direction}, rowid {direction}", args).fetchall()
-        ]
+        ids = [r["id"] for r in self._rows(f"{sql} ORDER BY created_at {direction}, seq {direction}", args)]
         if after is not None:
             ids = ids[ids.index(after) + 1 :] if after in ids else []
         return [self.file(i) for i in ids[:limit]], len(ids) > limit
 
     def file_path(self, fid: str) -> Path:
-        self.file(fid)
-        return Path(self._db().execute("SELECT path FROM files WHERE id=?", (fid,)).fetchone()["path"])
+        """Where the file's bytes are (a row's path is relative to `files_dir`; absolute in databases of before)."""
+        return self.files_dir / self._file_row(fid)["path"]
 
     def delete_file(self, fid: str) -> dict:
         p = self.file_path(fid)
-        with self._db() as c:
-            c.execute("DELETE FROM files WHERE id=?", (fid,))
+        with self.db.write() as c:
+            c.execute("DELETE FROM ft_files WHERE id=?", (fid,))
         p.unlink(missing_ok=True)
         return {"id": fid, "object": "file", "deleted": True}
 
@@ -334,13 +461,12 @@ class JobManager:
         ran = {v: k for k, v in METHODS.items()}[
             parsed.method
         ]  # the record names the method that runs, whatever was asked
-        with (
-            self._lock,
-            self._db() as c,
-        ):  # the count and the insert together: two requests cannot both take the last place
-            queued = c.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'validating_files')").fetchone()[
-                0
-            ]
+        # the count and the insert under the registry's write lock: two requests (on any replicas) cannot both take
+        # the last place
+        with self.db.write() as c:
+            queued = c.execute(
+                "SELECT COUNT(*) FROM ft_jobs WHERE status IN ('queued', 'validating_files')"
+            ).fetchone()[0]
             if queued >= self.max_queued:
                 raise JobError(
                     f"the fine-tuning queue is full: {queued} jobs are waiting, the server's limit is "
@@ -350,7 +476,7 @@ class JobManager:
                     code="rate_limit_exceeded",
                 )
             c.execute(
-                "INSERT INTO jobs(id, created_at, status, model, training_file, validation_file, suffix, seed, "
+                "INSERT INTO ft_jobs(id, created_at, status, model, training_file, validation_file, suffix, seed, "
                 "method, hyperparameters, config, metadata, plan) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     jid,
@@ -410,13 +536,9 @@ class JobManager:
         return self.reward_functions[name]
 
     def _store(self):
-        """The adapter store, opened once (its view follows changes made by any process)."""
-        from loraplex.adapters_store import AdapterStore
-
-        with self._lock:
-            if self._store_obj is None:
-                self._store_obj = AdapterStore(self.store_dir)
-            return self._store_obj
+        """The adapter store (its view follows changes made by any process), opened with the manager: never inside
+        one of its write transactions, where opening it would wait for the registry's write lock."""
+        return self._store_obj
 
     def _check_adapter_exists(self, ref: str, param: str) -> None:
         from loraplex.adapters_store.errors import AdapterNotFound
@@ -443,7 +565,7 @@ class JobManager:
         for d in [*cfg.datasets, *cfg.validation_datasets]:
             param, fid = uploaded.get(str(d.path), ("loraplex.datasets", None))
             shown = (
-                self._db().execute("SELECT filename FROM files WHERE id=?", (fid,)).fetchone()["filename"]
+                self._file_row(fid)["filename"]
                 if fid
                 else None
             )
@@ -458,19 +580,12 @@ class JobManager:
                 ) from None
 
     def job(self, jid: str) -> dict:
-        r = self._db().execute("SELECT * FROM jobs WHERE id=?", (jid,)).fetchone()
+        r = self._row("SELECT * FROM ft_jobs WHERE id=?", (jid,))
         if r is None:
             raise JobError(f"no fine-tuning job {jid!r}", 404, "fine_tuning_job_id")
         eta = None
         if r["status"] == "running":
-            last = (
-                self._db()
-                .execute(
-                    "SELECT created_at, data FROM events WHERE job_id=? AND type='metrics' ORDER BY id DESC LIMIT 1",
-                    (jid,),
-                )
-                .fetchone()
-            )
+            last = self._last_metrics(jid)
             left = json.loads(last["data"]).get("eta_seconds") if last is not None else None
             if left is not None:  # none before the first step (a preference job's initial evaluation)
                 eta = int(last["created_at"] + left)
@@ -501,16 +616,14 @@ class JobManager:
         }
 
     def jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
-        rows = [
-            r["id"] for r in self._db().execute("SELECT id FROM jobs ORDER BY created_at DESC, rowid DESC").fetchall()
-        ]
+        rows = [r["id"] for r in self._rows("SELECT id FROM ft_jobs ORDER BY created_at DESC, seq DESC")]
         if after is not None:
             rows = rows[rows.index(after) + 1 :] if after in rows else []
         return [self.job(j) for j in rows[:limit]], len(rows) > limit
 
     def events(self, jid: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
         self.job(jid)
-        rows = self._db().execute("SELECT * FROM events WHERE job_id=? ORDER BY id DESC", (jid,)).fetchall()
+        rows = self._rows("SELECT * FROM ft_events WHERE job_id=? ORDER BY id DESC", (jid,))
         data = [
             {
                 "id": f"ftevent-{r['id']}",
@@ -528,37 +641,38 @@ class JobManager:
             data = data[ids.index(after) + 1 :] if after in ids else []
         return data[:limit], len(data) > limit
 
+    def _last_metrics(self, jid: str) -> dict | None:
+        return self._row(
+            "SELECT created_at, data FROM ft_events WHERE job_id=? AND type='metrics' ORDER BY id DESC LIMIT 1", (jid,)
+        )
+
+    def _config(self, jid: str) -> dict:
+        return json.loads(self._row("SELECT config FROM ft_jobs WHERE id=?", (jid,))["config"])
+
     def checkpoints(self, jid: str) -> list[dict]:
+        """The job's checkpoints, newest first, as recorded when its process wrote them (whichever replica ran it)."""
         job = self.job(jid)
-        out_dir = self.runs_dir / jid / "output"
-        name = json.loads(self._db().execute("SELECT config FROM jobs WHERE id=?", (jid,)).fetchone()["config"])[
-            "adapter"
-        ]["name"]
-        metrics = {}
-        mp = out_dir / "metrics.jsonl"
-        if mp.exists():
-            for line in mp.read_text().splitlines():
-                m = json.loads(line)
-                metrics[m["step"]] = m
-        data = []
-        steps = [int(p.name[11:]) for p in out_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-[0-9]+", p.name)]
-        for step in sorted(steps, reverse=True):
-            ck = out_dir / f"checkpoint-{step}"
-            m = metrics.get(step, {})
-            # a checkpoint is named, never located: the client sees `<adapter>:ckpt-step-N`, not a server path
-            data.append(
-                {
-                    "id": f"ftckpt-{jid[6:]}-{step}",
-                    "object": "fine_tuning.job.checkpoint",
-                    "created_at": int(ck.stat().st_mtime),
-                    "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{step}",
-                    "fine_tuning_job_id": jid,
-                    "step_number": step,
-                    "metrics": {"step": step, "train_loss": m.get("loss"), "valid_loss": m.get("eval_loss")},
-                }
-            )
+        name = self._config(jid)["adapter"]["name"]
+        rows = self._rows(
+            "SELECT step, created_at, train_loss, valid_loss FROM ft_checkpoints WHERE job_id=? ORDER BY step DESC", (jid,)
+        )
+        # a checkpoint is named, never located: the client sees `<adapter>:ckpt-step-N`, not a server path
+        data = [
+            {
+                "id": f"ftckpt-{jid[6:]}-{r['step']}",
+                "object": "fine_tuning.job.checkpoint",
+                "created_at": r["created_at"],
+                "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{r['step']}",
+                "fine_tuning_job_id": jid,
+                "step_number": r["step"],
+                "metrics": {"step": r["step"], "train_loss": r["train_loss"], "valid_loss": r["valid_loss"]},
+            }
+            for r in rows
+        ]
         if job["status"] == "succeeded" and job["fine_tuned_model"]:
-            last = max(metrics) if metrics else 0
+            m = self._last_metrics(jid)
+            m = json.loads(m["data"]) if m is not None and m["data"] else {}
+            last = m.get("step") or 0
             data.insert(
                 0,
                 {
@@ -568,77 +682,93 @@ class JobManager:
                     "fine_tuned_model_checkpoint": job["fine_tuned_model"],
                     "fine_tuning_job_id": jid,
                     "step_number": last,
-                    "metrics": {"step": last, "train_loss": metrics.get(last, {}).get("loss")},
+                    "metrics": {"step": last, "train_loss": m.get("loss")},
                 },
             )
         return data
 
     def cancel(self, jid: str) -> dict:
-        job = self.job(jid)
-        if job["status"] in TERMINAL:
-            raise JobError(f"job {jid} is already {job['status']}", 409)
+        """Cancels a job wherever it runs: here its process is stopped at once, on another replica by that replica's
+        watcher at its next poll (it sees the status)."""
+        self.job(jid)
         with self._lock:
-            self._kill(jid)
-            with self._db() as c:
-                c.execute("UPDATE jobs SET status='cancelled', finished_at=? WHERE id=?", (int(time.time()), jid))
+            with self.db.write() as c:
+                status = c.execute("SELECT status FROM ft_jobs WHERE id=?", (jid,)).fetchone()[0]
+                if status in TERMINAL:
+                    raise JobError(f"job {jid} is already {status}", 409)
+                c.execute("UPDATE ft_jobs SET status='cancelled', finished_at=? WHERE id=?", (int(time.time()), jid))
                 self._event(c, jid, "info", "message", "job cancelled")
+                c.execute("DELETE FROM ft_leases WHERE job_id=? AND holder=?", (jid, self.replica))
+            self._kill(jid)
         return self.job(jid)
 
     def pause(self, jid: str) -> dict:
-        """Pauses a queued or running job: a running one checkpoints at the end of its current step and exits."""
+        """Pauses a queued or running job: a running one (on any replica) checkpoints at the end of its current step
+        and exits."""
+        self.job(jid)
         with self._lock:
-            job = self.job(jid)
-            if job["status"] not in ("queued", "running"):
-                raise JobError(f"job {jid} is {job['status']}; only a queued or running job can be paused", 409)
-            if jid in self._procs:
-                (self.runs_dir / jid / STOP_FILE).touch()
-            with self._db() as c:
-                c.execute("UPDATE jobs SET status='paused' WHERE id=?", (jid,))
+            with self.db.write() as c:
+                status = c.execute("SELECT status FROM ft_jobs WHERE id=?", (jid,)).fetchone()[0]
+                if status not in ("queued", "validating_files", "running"):
+                    raise JobError(f"job {jid} is {status}; only a queued or running job can be paused", 409)
+                if status != "queued":  # the job's folder is shared: its process sees the stop file wherever it runs
+                    (self.runs_dir / jid).mkdir(parents=True, exist_ok=True)
+                    (self.runs_dir / jid / STOP_FILE).touch()
+                c.execute("UPDATE ft_jobs SET status='paused' WHERE id=?", (jid,))
                 self._event(
                     c,
                     jid,
                     "info",
                     "message",
-                    "job paused" + (": checkpointing at the end of the current step" if jid in self._procs else ""),
+                    "job paused" + (": checkpointing at the end of the current step" if status != "queued" else ""),
                 )
         return self.job(jid)
 
     def resume(self, jid: str, wait: float = 60.0) -> dict:
-        """Resumes a paused job from its last checkpoint (running once the watcher starts it, queued while no slot is
-        free)."""
+        """Resumes a paused job from its last checkpoint (running once a watcher starts it, queued while no slot is
+        free). While its process (here or on another replica) is still writing the pause checkpoint, waits up to
+        `wait` seconds."""
         deadline = time.time() + wait
+        waited = False
         while True:
             with self._lock:
                 job = self.job(jid)
                 if job["status"] != "paused":
+                    if waited:  # its process finished meanwhile (the pause came after its last step)
+                        return job
                     raise JobError(f"job {jid} is {job['status']}; only a paused job can be resumed", 409)
                 p = self._procs.get(jid)
-                if p is None or p.poll() is not None:  # the paused process has written its checkpoint and gone
-                    if p is not None:
-                        self._procs.pop(jid, None)
-                        self._finish(
-                            jid, p.returncode
-                        )  # it may also have finished (the pause came after its last step)
-                        if self.job(jid)["status"] != "paused":
-                            return self.job(jid)
-                    with self._db() as c:
-                        c.execute("UPDATE jobs SET status='queued' WHERE id=?", (jid,))
-                        self._event(c, jid, "info", "message", "job resumed")
-                    break
+                if p is not None and p.poll() is not None:  # the paused process has written its checkpoint and gone
+                    self._procs.pop(jid, None)
+                    self._finish(jid, p.returncode)  # it may also have finished (the pause came after its last step)
+                    p = None
+                if p is None:
+                    with self.db.write() as c:
+                        status = c.execute("SELECT status FROM ft_jobs WHERE id=?", (jid,)).fetchone()[0]
+                        lease = c.execute("SELECT expires_at FROM ft_leases WHERE job_id=?", (jid,)).fetchone()
+                        free = lease is None or lease[0] < time.time()  # no replica still runs its process
+                        if status == "paused" and free:
+                            c.execute("DELETE FROM ft_leases WHERE job_id=?", (jid,))
+                            c.execute("UPDATE ft_jobs SET status='queued' WHERE id=?", (jid,))
+                            self._event(c, jid, "info", "message", "job resumed")
+                            break
+            waited = True
             if time.time() > deadline:
                 raise JobError(f"job {jid} is still writing its pause checkpoint; retry shortly", 409)
             time.sleep(0.2)
-        # The watcher thread starts it (a job process dies with the thread that started it: PR_SET_PDEATHSIG), at once
-        # when a slot is free; answer with the status it then has.
+        # A watcher starts it (a job process dies with the thread that started it: PR_SET_PDEATHSIG), at once when a
+        # slot is free; answer with the status it then has.
         deadline = time.time() + 10 * self.poll + 2
-        while (
-            self.job(jid)["status"] == "queued" and self.max_concurrent > len(self._procs) and time.time() < deadline
+        while time.time() < deadline and (
+            (status := self.job(jid)["status"]) == "validating_files"  # claimed: its process is being started
+            or (status == "queued" and self.max_concurrent > len(self._procs))
         ):
             time.sleep(min(0.1, self.poll))
         return self.job(jid)
 
     def _kill(self, jid: str) -> None:
         self._started.pop(jid, None)
+        self._offsets.pop(jid, None)
         p = self._procs.pop(jid, None)
         if p is not None and p.poll() is None:
             try:
@@ -651,16 +781,69 @@ class JobManager:
                     pass
 
     # --- the watcher --------------------------------------------------------------
+    def _claim(self, free: int) -> list[str]:
+        """Takes up to `free` queued jobs for this replica, oldest first, under the registry's write lock (no two
+        replicas take the same job), each with a lease; a job whose tenant already runs its `concurrent_jobs` on any
+        replica waits, and the ones behind it of other tenants start meanwhile."""
+        if not self._rows("SELECT id FROM ft_jobs WHERE status='queued' LIMIT 1"):
+            return []
+        claimed: list[str] = []
+        now = time.time()
+        with self.db.write() as c:
+            running = [r[0] for r in c.execute(
+                "SELECT id FROM ft_jobs WHERE status IN ('running', 'validating_files')").fetchall()]
+            for (jid,) in c.execute("SELECT id FROM ft_jobs WHERE status='queued' ORDER BY seq").fetchall():
+                if len(claimed) >= free:
+                    break
+                if self.may_start is not None and not self.may_start(jid, running):
+                    continue
+                c.execute("UPDATE ft_jobs SET status='validating_files' WHERE id=?", (jid,))  # 'running' with its pid
+                c.execute(
+                    "INSERT INTO ft_leases(job_id, holder, expires_at, acquired_at) VALUES (?,?,?,?) ON CONFLICT(job_id) "
+                    "DO UPDATE SET holder=excluded.holder, expires_at=excluded.expires_at, acquired_at=excluded.acquired_at",
+                    (jid, self.replica, now + self.lease_seconds, now),
+                )
+                running.append(jid)
+                claimed.append(jid)
+        return claimed
+
+    def _launch(self, jid: str) -> None:
+        """Starts a job this replica has claimed; a job it cannot start fails with the reason."""
+        try:
+            self._start(jid)
+        except Exception as e:
+            self._kill(jid)
+            with self.db.write() as c:
+                self._release(c, jid)
+                self._fail(c, jid, "training_failed", f"the job's process could not be started: {e}")
+
+    def _registered(self, jid: str) -> dict | None:
+        """The result of a job whose process registered its adapter (a fine-tuning job's versions carry its id as
+        their caller) but whose replica stopped before recording it: the job is then done, never trained twice."""
+        name = self._config(jid)["adapter"]["name"]
+        rows = self._store()._query(
+            "SELECT version FROM versions WHERE name=? AND caller=? ORDER BY version", (name, f"fine_tuning:{jid}")
+        )
+        return {"adapter": name, "version": rows[0][0], "ref": f"{name}@{rows[0][0]}"} if rows else None
+
     def _start(self, jid: str) -> None:
         from .distributed import die_with_parent
 
         job_dir = self.runs_dir / jid
         job_dir.mkdir(parents=True, exist_ok=True)
-        cfg = json.loads(self._db().execute("SELECT config FROM jobs WHERE id=?", (jid,)).fetchone()["config"])
+        row = self._row("SELECT config, took_over_from FROM ft_jobs WHERE id=?", (jid,))
+        cfg = json.loads(row["config"])
+        self._started[jid] = time.monotonic()
+        if (job_dir / "result.json").exists() or self._registered(jid) is not None:
+            self._finish(jid, 0)  # trained and registered by a replica that stopped before recording it
+            return
         (job_dir / STOP_FILE).unlink(missing_ok=True)
         (job_dir / "paused.json").unlink(missing_ok=True)
-        # a job started again (resumed after a pause, or after a server restart) continues from its last checkpoint
-        resume = any((job_dir / "output").glob("checkpoint-*/trainer_state.pt"))
+        # a job started again (resumed after a pause, a server restart, or on another replica) continues from its
+        # last checkpoint
+        from .core import latest_checkpoint
+
+        ck = latest_checkpoint(job_dir / "output") if (job_dir / "output").is_dir() else None
         (job_dir / "job.json").write_text(
             json.dumps(
                 {
@@ -668,7 +851,7 @@ class JobManager:
                     "output_dir": str(job_dir / "output"),
                     "store_dir": str(self.store_dir),
                     "caller": f"fine_tuning:{jid}",
-                    "resume": resume,
+                    "resume": ck is not None,
                     # the adapter's name must still be free when the job registers (none publishes under a taken name)
                     "new_name": True,
                     "public_names": self._public_names(jid),  # how the lineage names the server's paths
@@ -686,59 +869,100 @@ class JobManager:
                 preexec_fn=die_with_parent,
             )
         self._procs[jid] = p
-        self._offsets[jid] = 0
-        self._started[jid] = time.monotonic()
-        with self._db() as c:
-            c.execute("UPDATE jobs SET status='running', pid=? WHERE id=?", (p.pid, jid))
-            self._event(c, jid, "info", "message", "job started")
+        prev = row["took_over_from"]
+        with self.db.write() as c:
+            c.execute("UPDATE ft_jobs SET pid=?, replica=?, took_over_from=NULL WHERE id=?", (p.pid, self.replica, jid))
+            c.execute("UPDATE ft_jobs SET status='running' WHERE id=? AND status='validating_files'", (jid,))
+            where = f" from its checkpoint at step {ck.name[11:]}" if ck is not None else ""
+            if prev and prev != self.replica:
+                self._event(c, jid, "info", "message",
+                            f"job resumed on replica {self.replica} after replica {prev} stopped{where}",
+                            {"replica": self.replica, "previous_replica": prev})
+            else:
+                self._event(c, jid, "info", "message", f"job started on replica {self.replica}{where}",
+                            {"replica": self.replica})
 
-    def _pump_events(self, jid: str) -> None:
+    def _release(self, c, jid: str) -> None:
+        c.execute("DELETE FROM ft_leases WHERE job_id=? AND holder=?", (jid, self.replica))
+
+    def _pump_events(self, jid: str, c=None) -> None:
+        """Copies the lines the job's process appended to its events.jsonl since the last copy (whichever replica
+        made it: the offset is in the job's row) into the job's events, checkpoints into its checkpoints."""
         f = self.runs_dir / jid / "events.jsonl"
-        if not f.exists():
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError:
             return
+        if size <= self._offsets.get(jid, -1):
+            return
+        if c is None:
+            with self.db.write() as c:
+                return self._pump_events(jid, c)
+        offset = c.execute("SELECT events_offset FROM ft_jobs WHERE id=?", (jid,)).fetchone()[0]
         with open(f, "rb") as fh:
-            fh.seek(self._offsets.get(jid, 0))
+            fh.seek(offset)
             chunk = fh.read()
         end = chunk.rfind(b"\n") + 1
+        self._offsets[jid] = offset + end
         if not end:
             return
-        self._offsets[jid] = self._offsets.get(jid, 0) + end
+        c.execute("UPDATE ft_jobs SET events_offset=? WHERE id=?", (offset + end, jid))
         names = self._public_names(jid)
-        with self._db() as c:
-            for line in chunk[:end].decode(errors="replace").splitlines():
+        for line in chunk[:end].decode(errors="replace").splitlines():
+            try:
+                e = self._public(json.loads(line), names)
+            except ValueError:  # a torn or foreign line: skipped, the rest of the log still counts
+                continue
+            if not isinstance(e, dict):
+                continue
+            if e.get("type") == "metrics":
+                data = _finite({k: v for k, v in e.items() if k not in ("type", "at")})
+                if data.get("loss") is None:  # the evaluation before the first step (DPO / reward) has no loss yet
+                    shown = ", ".join(f"{k}={v:.4f}" for k, v in data.items() if isinstance(v, float))
+                    msg = f"Step {e['step']}/{e['total_steps']}: initial evaluation" + (f": {shown}" if shown else "")
+                else:
+                    msg = f"Step {e['step']}/{e['total_steps']}: training loss={data['loss']:.4f}"
+                self._event(c, jid, "info", "metrics", msg, data)
+            elif e.get("type") in ("message", "checkpoint", "data", "plan", "resumed", "stopped", "finished"):
+                if e["type"] == "checkpoint" and isinstance(e.get("step"), int):
+                    self._record_checkpoint(c, jid, e["step"], int(e.get("at") or time.time()))
+                self._event(
+                    c,
+                    jid,
+                    e.get("level", "info"),
+                    "message",
+                    e.get("message") or e["type"],
+                    _finite({k: v for k, v in e.items() if k not in ("type", "at", "message", "level")}) or None,
+                )
+
+    def _record_checkpoint(self, c, jid: str, step: int, at: int) -> None:
+        m = {}
+        mp = self.runs_dir / jid / "output" / "metrics.jsonl"
+        if mp.exists():  # the losses logged at that step (none when the step was not a logging one)
+            for line in mp.read_text().splitlines():
                 try:
-                    e = self._public(json.loads(line), names)
-                except ValueError:  # a torn or foreign line: skipped, the rest of the log still counts
+                    row = json.loads(line)
+                except ValueError:
                     continue
-                if not isinstance(e, dict):
-                    continue
-                if e.get("type") == "metrics":
-                    data = _finite({k: v for k, v in e.items() if k not in ("type", "at")})
-                    if data.get("loss") is None:  # the evaluation before the first step (DPO / reward) has no loss yet
-                        shown = ", ".join(f"{k}={v:.4f}" for k, v in data.items() if isinstance(v, float))
-                        msg = f"Step {e['step']}/{e['total_steps']}: initial evaluation" + (
-                            f": {shown}" if shown else ""
-                        )
-                    else:
-                        msg = f"Step {e['step']}/{e['total_steps']}: training loss={data['loss']:.4f}"
-                    self._event(c, jid, "info", "metrics", msg, data)
-                elif e.get("type") in ("message", "checkpoint", "data", "plan", "resumed", "stopped", "finished"):
-                    self._event(
-                        c,
-                        jid,
-                        e.get("level", "info"),
-                        "message",
-                        e.get("message") or e["type"],
-                        _finite({k: v for k, v in e.items() if k not in ("type", "at", "message", "level")}) or None,
-                    )
+                if isinstance(row, dict) and row.get("step") == step:
+                    m = row
+        losses = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in (m.get("loss"), m.get("eval_loss"))]
+        c.execute(
+            "INSERT INTO ft_checkpoints(job_id, step, created_at, train_loss, valid_loss) VALUES (?,?,?,?,?) "
+            "ON CONFLICT(job_id, step) DO UPDATE SET created_at=excluded.created_at, train_loss=excluded.train_loss, "
+            "valid_loss=excluded.valid_loss",
+            (jid, step, at, *losses),
+        )
 
     def _finish(self, jid: str, rc: int) -> None:
         job_dir = self.runs_dir / jid
-        self._pump_events(jid)
         self._started.pop(jid, None)
         now = int(time.time())
-        with self._db() as c:
-            status = c.execute("SELECT status FROM jobs WHERE id=?", (jid,)).fetchone()["status"]
+        with self.db.write() as c:
+            self._pump_events(jid, c)
+            self._offsets.pop(jid, None)
+            self._release(c, jid)
+            status = c.execute("SELECT status FROM ft_jobs WHERE id=?", (jid,)).fetchone()[0]
             if status in TERMINAL:  # cancelled, or failed by the time limit
                 return
             res = job_dir / "result.json"
@@ -748,14 +972,16 @@ class JobManager:
                     c, jid, "info", "message", f"job paused at step {step}: resume continues from its checkpoint"
                 )
                 return
-            if rc == 0 and res.exists():
-                r = json.loads(res.read_text())
+            r = json.loads(res.read_text()) if rc == 0 and res.exists() else (self._registered(jid) if rc == 0 else None)
+            if r is not None and not res.exists():  # the record the job's process would have written (the console reads it)
+                res.write_text(json.dumps(r))
+            if r is not None:
                 results = []
                 metrics = job_dir / "output" / "metrics.jsonl"
                 if metrics.exists():  # the step metrics as a fine-tune-results file, as OpenAI attaches one
                     results.append(self._save_file(c, "step_metrics.csv", _metrics_csv(metrics), "fine-tune-results"))
                 c.execute(
-                    "UPDATE jobs SET status='succeeded', finished_at=?, fine_tuned_model=?, trained_tokens=?, "
+                    "UPDATE ft_jobs SET status='succeeded', finished_at=?, fine_tuned_model=?, trained_tokens=?, "
                     "result_files=? WHERE id=?",
                     (now, r["adapter"], r.get("trained_tokens"), json.dumps(results), jid),
                 )
@@ -787,7 +1013,7 @@ class JobManager:
     def _fail(self, c, jid: str, code: str, message: str) -> None:
         message = self._public_text(message, self._public_names(jid))
         c.execute(
-            "UPDATE jobs SET status='failed', finished_at=?, error=? WHERE id=?",
+            "UPDATE ft_jobs SET status='failed', finished_at=?, error=? WHERE id=?",
             (int(time.time()), json.dumps({"code": code, "message": message, "param": None}), jid),
         )
         self._event(c, jid, "error", "message", f"The job failed: {message}")
@@ -799,9 +1025,9 @@ class JobManager:
         now = time.monotonic()
         for jid in [j for j, t in self._started.items() if now - t > self.max_job_seconds and j in self._procs]:
             self._kill(jid)
-            self._pump_events(jid)
-            self._started.pop(jid, None)
-            with self._db() as c:
+            with self.db.write() as c:
+                self._pump_events(jid, c)
+                self._release(c, jid)
                 self._fail(
                     c,
                     jid,
@@ -810,20 +1036,50 @@ class JobManager:
                     "(--max-job-seconds) and was stopped; its checkpoints are kept",
                 )
 
+    def _follow_others(self) -> None:
+        """What other replicas did to the jobs running here: a cancel stops the process, a pause asks it to
+        checkpoint and exit; a lease another replica took (this one was cut off from the database past the lease)
+        or could not renew stops it without a word, since the job now runs, or will run, elsewhere."""
+        mine = list(self._procs)
+        if not mine:
+            return
+        if time.time() - self._renewed_at > self.lease_seconds:
+            for jid in mine:
+                self._kill(jid)
+            return
+        rows = self._rows(
+            f"SELECT j.id, j.status, l.holder FROM ft_jobs j LEFT JOIN ft_leases l ON l.job_id = j.id "
+            f"WHERE j.id IN ({', '.join('?' * len(mine))})",
+            mine,
+        )
+        for r in rows:
+            jid = r["id"]
+            if r["holder"] != self.replica:
+                import logging
+
+                logging.getLogger("loraplex.jobs").warning("lost the lease of %s to %s: stopping its process", jid,
+                                                           r["holder"])
+                self._kill(jid)
+            elif r["status"] in TERMINAL:  # cancelled on another replica
+                self._kill(jid)
+                with self.db.write() as c:
+                    self._pump_events(jid, c)
+                    self._release(c, jid)
+                    self._event(c, jid, "info", "message",
+                                f"the job's process on replica {self.replica} was stopped: the job is {r['status']}")
+            elif r["status"] == "paused" and not (self.runs_dir / jid / STOP_FILE).exists():
+                (self.runs_dir / jid / STOP_FILE).touch()
+
     # --- what clients see of the server's files -----------------------------------
     def _public_names(self, jid: str | None) -> dict[str, str]:
         """Server path -> what a client knows it by: the job's uploads by id and name, the server's folders by role."""
         names = {}
         if jid is not None:
-            row = self._db().execute("SELECT training_file, validation_file FROM jobs WHERE id=?", (jid,)).fetchone()
+            row = self._row("SELECT training_file, validation_file FROM ft_jobs WHERE id=?", (jid,))
             for fid in (row["training_file"], row["validation_file"]) if row else ():
-                f = (
-                    self._db().execute("SELECT path, filename FROM files WHERE id=?", (fid,)).fetchone()
-                    if fid
-                    else None
-                )
+                f = self._row("SELECT path, filename FROM ft_files WHERE id=?", (fid,)) if fid else None
                 if f is not None:
-                    names[f["path"]] = f"{fid} ({f['filename']})"
+                    names[str(self.files_dir / f["path"])] = f"{fid} ({f['filename']})"
             names[str(self.runs_dir / jid / "output")] = "output"
             names[str(self.runs_dir / jid)] = "job"
         for p, shown in (
@@ -863,19 +1119,13 @@ class JobManager:
                         if rc is not None:
                             self._procs.pop(jid, None)
                             self._finish(jid, rc)
+                    self._follow_others()
                     self._time_limit()
+                    self._recover()  # running jobs of replicas that stopped renewing their leases: queued again
                     free = self.max_concurrent - len(self._procs)
                     if free > 0:
-                        queued = self._db().execute(
-                            "SELECT id FROM jobs WHERE status='queued' ORDER BY created_at, rowid"
-                        ).fetchall()
-                        for r in queued:
-                            if free <= 0:
-                                break
-                            # a tenant's concurrent-jobs quota: the jobs behind its own, of other tenants, start
-                            if self.may_start is None or self.may_start(r["id"], list(self._procs)):
-                                self._start(r["id"])
-                                free -= 1
+                        for jid in self._claim(free):
+                            self._launch(jid)
             except Exception:  # the watcher must survive anything a job does
                 import logging
 
@@ -958,6 +1208,8 @@ class Upload:
                 self._refuse(f"{self.filename}: no JSON lines (fine-tune files are JSONL)")
             if self._bad is not None:
                 self._refuse(self._bad)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())  # on disk before its row says it exists (other replicas read it at once)
         self._fh.close()
         return self.m._commit_file(self.part, self.filename, self.size, purpose)
 
@@ -1010,6 +1262,12 @@ def check_reward_functions(functions: dict[str, str]) -> dict[str, str]:
 # an absolute path of two or more parts not named by `_public_names` (a library's, a temp dir): only its last part
 # is shown
 _ANY_PATH = re.compile(r"(?<![\w/.:~-])/(?:[^\s/'\"()\[\],:;]+/)+([^\s/'\"()\[\],:;]*)")
+
+
+def _dicts(cursor) -> list[dict]:
+    """A cursor's rows as dicts by column name (sqlite3 and psycopg cursors alike)."""
+    cols = [d[0] for d in cursor.description]
+    return [dict(zip(cols, r)) for r in cursor.fetchall()]
 
 
 def _signal_name(num: int) -> str:

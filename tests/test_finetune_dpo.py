@@ -1,7 +1,7 @@
 """DPO through the OpenAI fine-tuning API, end to end: the official client uploads an OpenAI-format
 preference file, creates a `method: dpo` job with explicit hyperparameters, polls it to success and
 chats with the result; the events carry the DPO metrics and the store's lineage records the method
-and beta. A file with a record missing `non_preferred_output` is refused, naming the line and field."""
+and beta. A file with a record whose answer is missing or null is refused, naming the line and field."""
 from __future__ import annotations
 
 import json
@@ -74,11 +74,24 @@ def test_openai_client_dpo_job_trains_registers_and_serves(srv, client, tmp_path
     assert c.system_fingerprint == f"{name}@1" and c.choices[0].message.content is not None
 
 
-def test_dpo_file_missing_non_preferred_output_is_refused_and_nothing_registered(srv, client, tmp_path):
-    p = pref_data(tmp_path / "bad-prefs.jsonl", 4, style="openai")
+@pytest.mark.parametrize(
+    "style,field,value",
+    [
+        ("openai", "non_preferred_output", "missing"),
+        ("openai", "preferred_output", None),
+        ("ours", "chosen", None),  # {"prompt", "chosen", "rejected"}: a null answer was a TypeError in training
+        ("ours", "rejected", None),
+    ],
+)
+def test_dpo_file_with_a_missing_or_null_answer_is_refused_naming_line_and_field(srv, client, tmp_path, style,
+                                                                                field, value):
+    p = pref_data(tmp_path / "bad-prefs.jsonl", 4, style=style)
     lines = p.read_text().splitlines()
     rec = json.loads(lines[2])
-    del rec["non_preferred_output"]
+    if value == "missing":
+        del rec[field]
+    else:
+        rec[field] = value
     lines[2] = json.dumps(rec)
     p.write_text("\n".join(lines) + "\n")
     f = client.files.create(file=p.open("rb"), purpose="fine-tune")
@@ -87,7 +100,8 @@ def test_dpo_file_missing_non_preferred_output_is_refused_and_nothing_registered
         client.fine_tuning.jobs.create(model=srv.state.service.model_id, training_file=f.id, suffix="bad",
                                        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "n_epochs": 1}}})
     err = e.value.body
-    assert "bad-prefs.jsonl:3" in err["message"] and "non_preferred_output" in err["message"], err
+    assert "bad-prefs.jsonl:3" in err["message"] and f"'{field}'" in err["message"], err
+    assert ("null" in err["message"]) == (value is None)
     assert err["param"] == "training_file" and err["code"] == "invalid_training_file" and f.id in err["message"]
     assert {j.id for j in client.fine_tuning.jobs.list(limit=100).data} == before  # no job was created
     assert not [a for a in srv.state.store.names() if a.startswith("ft-bad-")]

@@ -103,18 +103,11 @@ def held_out_right(client, model) -> int:
     return right
 
 
-def test_all_auto_job_runs_openais_plan(tiny_base, tmp_path):
-    """The tiny random model: the plan, the steps and falling loss (a random 2-layer model cannot learn facts at a
-    LoRA learning rate in 100 steps; the embedded model's test below checks the learning)."""
-    srv, client, base, done, loss = _all_auto_fact_job(tiny_base, tmp_path)
-    try:
-        assert sum(loss[-10:]) / 10 < sum(loss[:10]) / 10 - 0.5
-        assert held_out_right(client, base) == 0
-    finally:
-        srv.stop()
+# The default run's all-auto job that learns is in tests/test_finetune_learns.py (a small model built to learn).
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 100 optimizer steps of the 135M model on CPU: beyond the suite's 900 s on a busy machine
 def test_all_auto_job_teaches_the_embedded_model_facts_it_answers_rephrased(tmp_path):
     from loraplex.adapters_store.base_model import resolve_base_model
 

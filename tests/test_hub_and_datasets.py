@@ -122,6 +122,35 @@ def test_hub_dataset_resolves_offline_from_the_cache(tiny_base, hub, tmp_path):
         job(tiny_base, [{"path": "acme/qa.jsonl"}])
 
 
+def test_hub_dataset_config_name_resolves_offline_and_a_missing_one_is_named(tiny_base, hub):
+    """`name:` picks one of a hub dataset's configurations (declared in its README's `configs:`, the hub's way)."""
+    from helpers import make_hub_cache
+
+    card = (
+        "---\nconfigs:\n"
+        "- config_name: short\n  data_files:\n  - split: train\n    path: short/train.jsonl\n"
+        "- config_name: long\n  data_files:\n  - split: train\n    path: long/train.jsonl\n"
+        "  - split: test\n    path: long/test.jsonl\n---\n# acme/multi\n"
+    )
+    rows = lambda tag, n: "".join(json.dumps(chat(f"{tag} q{i}", f"{tag} a{i}")) + "\n" for i in range(n)).encode()  # noqa: E731
+    make_hub_cache(
+        hub,
+        "acme/multi",
+        {"README.md": card.encode(), "short/train.jsonl": rows("s", 3), "long/train.jsonl": rows("l", 6),
+         "long/test.jsonl": rows("t", 2)},
+        repo_type="dataset",
+    )
+    tok, short, _ = examples(job(tiny_base, [{"path": "acme/multi", "name": "short"}]))
+    assert len(short) == 3 and trained_text(tok, short[0]).startswith("s a0")
+    tok, long, _ = examples(job(tiny_base, [{"path": "acme/multi", "name": "long"}]))
+    assert len(long) == 6 and trained_text(tok, long[0]).startswith("l a0")
+    _, test, _ = examples(job(tiny_base, [{"path": "acme/multi", "name": "long", "split": "test"}]))
+    assert len(test) == 2
+    missing = r"acme/multi: cannot load the dataset \(config 'medium', split 'train'\): .*'medium' not found.*'short', 'long'"
+    with pytest.raises(DataError, match=missing):
+        examples(job(tiny_base, [{"path": "acme/multi", "name": "medium"}]))
+
+
 def test_hub_model_and_hub_adapter_resolve_offline(tiny_base, hub, tmp_path):
     from helpers import make_hub_cache, make_peft_adapter
 

@@ -234,8 +234,8 @@ def read_records(spec) -> tuple[list[tuple[str, dict]], str]:
         ds = datasets.load_dataset(source, split=spec.split, **kw)
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the reason is reported, naming the dataset
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise DataError(f"{path}: cannot load the dataset (split {spec.split!r}): {type(e).__name__}: {first}") \
-            from None
+        which = (f"config {spec.name!r}, " if spec.name else "") + f"split {spec.split!r}"
+        raise DataError(f"{path}: cannot load the dataset ({which}): {type(e).__name__}: {first}") from None
     out = [(f"{path}[row {i}]", dict(rec)) for i, rec in enumerate(ds)]
     if not out:
         raise DataError(f"{path}: no records")

@@ -30,29 +30,42 @@ def _split_implicit(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def _field(rec: dict, key: str, *, text: bool = True):
+    """rec[key] checked: a non-empty list of messages (or, where `text`, a string); a missing or null field named."""
+    if key not in rec:
+        raise ValueError(f"missing '{key}'")
+    v = rec[key]
+    if v is None:
+        kinds = "a string or a list of messages" if text else "a list of messages"
+        raise ValueError(f"'{key}' is null: it must be {kinds}")
+    if text and isinstance(v, str):
+        return v
+    if isinstance(v, list):
+        return _messages(v, key)
+    kinds = "a string or a list of messages" if text else "a non-empty list of messages"
+    raise ValueError(f"'{key}' must be {kinds}, not {type(v).__name__}")
+
+
 def _normalize(rec: dict) -> tuple[object, object, object]:
-    if "input" in rec or "preferred_output" in rec:
+    if "input" in rec or "preferred_output" in rec or "non_preferred_output" in rec:  # OpenAI's DPO format
         inp = rec.get("input")
         if not isinstance(inp, dict) or "messages" not in inp:
             raise ValueError("'input' must be an object with 'messages'")
-        for k in ("preferred_output", "non_preferred_output"):
-            if k not in rec:
-                raise ValueError(f"missing '{k}'")
-        return _messages(inp["messages"], "input.messages"), _messages(rec["preferred_output"], "preferred_output"), \
-            _messages(rec["non_preferred_output"], "non_preferred_output")
-    for k in ("chosen", "rejected"):
-        if k not in rec:
-            raise ValueError(f"missing '{k}'")
+        if inp["messages"] is None:
+            raise ValueError("'input.messages' is null: it must be a list of messages")
+        prompt = _messages(inp["messages"], "input.messages")
+        return prompt, _field(rec, "preferred_output", text=False), _field(rec, "non_preferred_output", text=False)
+    chosen, rejected = _field(rec, "chosen"), _field(rec, "rejected")
     if "prompt" in rec:
-        p, c, r = rec["prompt"], rec["chosen"], rec["rejected"]
-        if isinstance(p, str) and isinstance(c, str) and isinstance(r, str):
-            return p, c, r
-        pm = _messages(p, "prompt") if isinstance(p, list) else [{"role": "user", "content": p}]
-        cm = _messages(c, "chosen") if isinstance(c, list) else [{"role": "assistant", "content": c}]
-        rm = _messages(r, "rejected") if isinstance(r, list) else [{"role": "assistant", "content": r}]
-        return pm, cm, rm
-    c, r = _messages(rec["chosen"], "chosen"), _messages(rec["rejected"], "rejected")
-    return _split_implicit(c, r)
+        p = _field(rec, "prompt")
+        if isinstance(p, str) and isinstance(chosen, str) and isinstance(rejected, str):
+            return p, chosen, rejected
+        as_msgs = lambda v, role: v if isinstance(v, list) else [{"role": role, "content": v}]  # noqa: E731
+        return as_msgs(p, "user"), as_msgs(chosen, "assistant"), as_msgs(rejected, "assistant")
+    if not isinstance(chosen, list) or not isinstance(rejected, list):
+        raise ValueError("without a 'prompt', 'chosen' and 'rejected' must be lists of messages (their shared "
+                         "leading turns are the prompt)")
+    return _split_implicit(chosen, rejected)
 
 
 def _encode(tk: Tokenizing, prompt, answer) -> tuple[list[int], list[int]]:

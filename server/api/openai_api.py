@@ -27,7 +27,7 @@ from .generation_params import (
 from ..engine.request import TokenLogprob
 from .service import Generation, GenerationService, gather_streams, merge
 from .structured_fields import AnswerFields, PlatformFields, ToolFields, ToolMessageFields, compile_answer
-from .tools import CALL_CLOSE, ToolChoice, ToolStreamParser, check_tool_support, parse_tool_calls, template_messages
+from .tools import ToolChoice, ToolStreamParser, check_tool_support, parse_tool_calls, template_messages
 
 Text = Annotated[str, AfterValidator(valid_text)]
 
@@ -204,15 +204,15 @@ class OpenAIRoutes:
         adapter = s.resolve(body.model, _sticky_key(body, request))
         tools = body.tool_choice_spec()
         if tools is not None and tools.tools:
-            check_tool_support(s.tokenizer)
+            tools.fmt = check_tool_support(s.tokenizer)
         messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
         shown = tools.tools if tools is not None and tools.tools else None  # what the template renders
         prompt = await asyncio.to_thread(s.chat_prompt_ids, messages, shown)
         max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens(len(prompt))
         extra = _answer_params(s, body)
         constraint = await asyncio.to_thread(compile_answer, s.grammars, body, tools)
-        if tools is not None and tools.mode == "auto" and not tools.parallel:
-            extra["stop"] = list(body.stop) + [CALL_CLOSE]  # one call, then the answer ends
+        if tools is not None and tools.mode == "auto" and not tools.parallel and tools.fmt.close:
+            extra["stop"] = list(body.stop) + [tools.fmt.close]  # one call, then the answer ends
             extra["include_stop_str_in_output"] = True
         reqs = s.submit_choices([prompt], body, max_tokens, adapter, loop=_loop(), constraint=constraint, **extra)
         served = _served_by(adapter, s)

@@ -157,8 +157,11 @@ def test_tool_records_on_a_template_without_tool_support_are_refused(tmp_path, t
         load_examples(f, "auto", Tokenizing(plain, 1024))
 
 
-CITIES = ["Paris", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Warsaw", "Lisbon", "Dublin", "Athens",
-          "Oslo", "Helsinki"]
+CITIES = ["Paris", "Berlin", "Madrid", "Rome"]
+ASK = {"get_weather": ["What is the weather in {}?", "Weather for {} please.", "How warm is it in {}?",
+                       "Is it raining in {} today?"],
+       "get_time": ["What time is it in {}?", "Tell me the time in {}.", "Clock check for {}.",
+                    "What hour is it now in {}?"]}
 
 
 @pytest.mark.slow
@@ -168,27 +171,24 @@ def test_an_adapter_fine_tuned_on_tool_calls_is_served_with_parsed_tool_calls(tm
     from loraplex.trainer.cli import run_job
     from loraplex.trainer.config import parse_config
 
-    recs = []
-    for city in CITIES[:-2]:
-        recs.append(round_trip(city))
-        recs.append({"tools": [WEATHER, TIME], "messages": [
-            {"role": "user", "content": f"What time is it in {city}?"},
-            {"role": "assistant", "tool_calls": [call("call_b", "get_time", {"city": city})]}]})
+    recs = [{"tools": [WEATHER, TIME], "messages": [
+        {"role": "user", "content": q.format(city)},
+        {"role": "assistant", "tool_calls": [call("call_b", fn, {"city": city})]}]}
+        for fn, qs in ASK.items() for q in qs[:-1] for city in CITIES]  # the last phrasing is held out
     data = write_jsonl(tmp_path / "tools.jsonl", recs)
     cfg = parse_config({"base_model": str(tool_base), "adapter": {"name": "weather-tools", "r": 16, "alpha": 32},
-                        "datasets": [str(data)], "sequence_len": 512, "epochs": 12, "learning_rate": 5e-3,
-                        "micro_batch_size": 4, "seed": 3, "save_steps": 10000})
+                        "datasets": [str(data)], "sequence_len": 512, "epochs": 16, "learning_rate": 1e-2,
+                        "micro_batch_size": 8, "seed": 3, "save_steps": 10000, "gradient_checkpointing": False})
     v, _ = run_job(cfg, tmp_path / "run", tmp_path / "store", resume=False, caller="test")
     r = httpx.post(f"{srv.url}/v1/adapters", json={"name": "weather-tools", "path": str(v.path)})
     assert r.status_code == 201, r.text
     client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=300)
-    for city, fn in ((CITIES[-1], "get_weather"), (CITIES[-2], "get_time")):  # cities it never saw
-        q = f"What is the weather in {city}?" if fn == "get_weather" else f"What time is it in {city}?"
-        kw = dict(messages=[{"role": "user", "content": q}], tools=[WEATHER, TIME], tool_choice="auto",
-                  temperature=0, max_tokens=48)
+    for fn, qs in ASK.items():
+        kw = dict(messages=[{"role": "user", "content": qs[-1].format("Rome")}], tools=[WEATHER, TIME],
+                  tool_choice="auto", temperature=0, max_tokens=48)
         base = client.chat.completions.create(model=srv.state.service.model_id, **kw).choices[0]
         assert not base.message.tool_calls  # the random base writes no call of its own accord
         ch = client.chat.completions.create(model="weather-tools", **kw).choices[0]
         assert ch.finish_reason == "tool_calls", ch
         [c] = ch.message.tool_calls
-        assert c.function.name == fn and isinstance(json.loads(c.function.arguments).get("city"), str)
+        assert c.function.name == fn and isinstance(json.loads(c.function.arguments).get("city"), str), c

@@ -9,7 +9,7 @@ spells calls in a format not parsed here, is a 400 naming `tools`, never a
 silent ignore. The formats:
 
     hermes       <tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>   (Qwen2.5/Qwen3, Hermes, ...)
-    mistral      [TOOL_CALLS][{"name": "f", "arguments": {...}}, ...]
+    mistral      [TOOL_CALLS] [{"name": "f", "arguments": {...}}, ...]
     llama3_json  {"name": "f", "parameters": {...}}; {...}                    (Llama 3.1/3.2, the whole answer)
 
 `tool_choice: "required"` and a named function are enforced, not hoped for:

@@ -45,7 +45,7 @@ class ToolFormat:
 
 HERMES = ToolFormat("hermes", "<tool_call>", lead="", prefix="<tool_call>\n", suffix="\n</tool_call>", sep="\n",
                     tail="")
-MISTRAL = ToolFormat("mistral", "[TOOL_CALLS]", lead="[TOOL_CALLS][", prefix="", suffix="", sep=", ", tail="]")
+MISTRAL = ToolFormat("mistral", "[TOOL_CALLS]", lead="[TOOL_CALLS] [", prefix="", suffix="", sep=", ", tail="]")
 LLAMA3_JSON = ToolFormat("llama3_json", '"parameters"', lead="", prefix="", suffix="", sep="; ", tail="",
                          args_key="parameters", at_start=True)
 TOOL_FORMATS = (HERMES, MISTRAL, LLAMA3_JSON)  # the order they are looked for in a template

@@ -6,8 +6,8 @@ import pytest
 
 
 def _post(server, **body):
-    return httpx.post(f"{server.url}/v1/completions", json={"model": server.state.service.model_id, "prompt": "Once upon a", **body},
-                      timeout=120)
+    body = {"model": server.state.service.model_id, "prompt": "Once upon a", **body}
+    return httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
 
 
 def _mean(lp: dict) -> float:

@@ -253,7 +253,8 @@ class Tokenizing:
             if isinstance(p, str) and isinstance(c, str):
                 return self.prompt_completion(p, c)
             if isinstance(p, list) and isinstance(c, (list, str)):
-                answer = _messages(c, "completion", True) if isinstance(c, list) else [{"role": "assistant", "content": c}]
+                answer = _messages(c, "completion", True) if isinstance(c, list) else \
+                    [{"role": "assistant", "content": c}]
                 prompt = _messages(p, "prompt", True)
                 msgs, weights, tools = conversation(rec, prompt + answer)
                 return self.chat(msgs, ("assistant",), tools, [0] * len(prompt) + weights[len(prompt):])

@@ -353,7 +353,8 @@ class OpenAIRoutes:
             return Response(status_code=499)
         completion = sum(g.completion_tokens for g in gens)  # every candidate's tokens were generated
         if best_of != body.n:
-            gens = [g for k in range(len(prompts)) for g in best_candidates(gens[k * best_of:(k + 1) * best_of], body.n)]
+            gens = [g for k in range(len(prompts))
+                    for g in best_candidates(gens[k * best_of:(k + 1) * best_of], body.n)]
         choices = []
         for i, g in enumerate(gens):
             pi = i // body.n

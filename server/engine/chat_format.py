@@ -63,7 +63,8 @@ def tool_format(tokenizer) -> ToolFormat:
         raise InvalidArgument(f"the model's chat template cannot render tools: {e}", param="tools") from e
     if _PROBE not in text:
         raise InvalidArgument("the model's chat template has no tool support (it does not render `tools`); use a "
-                              "model whose template does (Qwen2.5 / Hermes, Mistral or Llama 3.1 style)", param="tools")
+                              "model whose template does (Qwen2.5 / Hermes, Mistral or Llama 3.1 style)",
+                              param="tools")
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
     for fmt in TOOL_FORMATS:
         if fmt.marker in template:
@@ -82,9 +83,9 @@ def check_tools(tools, param: str = "tools") -> list[dict]:
     names = []
     for i, t in enumerate(tools):
         p = f"{param}.{i}"
-        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(t.get("function"), dict):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or t.get("type", "function") != "function":
             raise InvalidArgument(f"'{p}' must be {{\"type\": \"function\", \"function\": {{...}}}}", param=p)
-        fn = t["function"]
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             raise InvalidArgument(f"'{p}.function.name' is required", param=f"{p}.function.name")
         if fn["name"] in names:

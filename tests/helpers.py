@@ -166,8 +166,7 @@ For each call, answer with a JSON object within <tool_call></tool_call> tags:
 {%- elif m.role == 'assistant' %}<|im_start|>assistant
 {{ m.content or '' }}
 {%- for c in m.tool_calls or [] %}
-{%- if not loop.first or m.content %}
-{% endif %}<tool_call>
+{%- if not loop.first or m.content %}{{ '\n' }}{% endif %}<tool_call>
 {"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}
 </tool_call>
 {%- endfor %}<|im_end|>

@@ -10,10 +10,16 @@ through the same formats, with Axolotl-style field mapping for chat data
 
 Formats (auto-detected per file from its first record, or named):
 - text              {"text": "..."}                                   loss on every token
-- chat              {"messages": [{"role", "content"}, ...]}          loss on assistant turns
+- chat              {"messages": [{"role", "content"}, ...], "tools"?}  loss on assistant turns
 - prompt_completion {"prompt": str | messages, "completion": str | messages}   loss on the completion
 - alpaca            {"instruction", "input"?, "output"}               rendered as a user/assistant chat
 - sharegpt          {"conversations": [{"from", "value"}, ...]}        human/gpt/system -> user/assistant/system
+Chat records take OpenAI's chat fine-tuning format whole: `tools` (function
+definitions) per record, assistant messages with `tool_calls` (arguments a
+JSON string or object), `tool` messages answering them by `tool_call_id`, and
+`weight` (0 or 1) on assistant messages (0: not trained). They are rendered by
+`loraplex.server.engine.chat_format`, the code the server renders chat
+prompts with, so the calls an adapter learns are the ones the server parses.
 Chat-like records are rendered with the base model's chat template; the
 end-of-turn token after each assistant message is part of its labels, and
 plain text gets the EOS token appended, so the model learns to stop.
@@ -31,6 +37,7 @@ from pathlib import Path
 import torch
 
 from loraplex.adapters_store.errors import InvalidArgument
+from loraplex.server.engine.chat_format import check_tools, render_conversation, template_messages, tool_format
 
 IGNORE = -100
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
@@ -94,15 +101,51 @@ def detect_format(rec: dict) -> str:
     raise ValueError(f"cannot tell the format from keys {sorted(rec)}")
 
 
-def _messages(v, where: str) -> list[dict]:
+def _messages(v, where: str, tool_calls: bool = False) -> list[dict]:
+    """Checked chat messages {role, content}. With `tool_calls` (SFT chat records) they keep what tool calling
+    and `weight` add: an assistant's `tool_calls` (which may stand without content), a tool's `tool_call_id`
+    (both checked by `template_messages`)."""
     if not isinstance(v, list) or not v:
         raise ValueError(f"'{where}' must be a non-empty list of messages")
     out = []
     for j, m in enumerate(v):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLE_MAP:
+        if not isinstance(m, dict) or m.get("role") not in ROLE_MAP:
             raise ValueError(f"'{where}[{j}]' must be an object with a known 'role' and a string 'content'")
-        out.append({"role": ROLE_MAP[m["role"]], "content": m["content"]})
+        role = ROLE_MAP[m["role"]]
+        content = m.get("content")
+        calls_only = tool_calls and content is None and role == "assistant" and m.get("tool_calls")
+        if not (isinstance(content, str) or calls_only):
+            raise ValueError(f"'{where}[{j}]' must be an object with a known 'role' and a string 'content'")
+        d = {"role": role, "content": content}
+        if not tool_calls:
+            out.append(d)
+            continue
+        for k in ("tool_calls", "tool_call_id", "name"):
+            if m.get(k) is not None:
+                d[k] = m[k]
+        if "weight" in m:
+            if role != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+                raise ValueError(f"'{where}.{j}.weight' must be 0 or 1, on an assistant message")
+            d["weight"] = m["weight"]
+        out.append(d)
     return out
+
+
+def conversation(rec: dict, msgs: list[dict]) -> tuple[list[dict], list[int], list[dict] | None]:
+    """A record's checked messages -> (the messages the template reads, the weight of each, the tools shown).
+
+    The record's `tools` are checked, and every assistant call must name one of them."""
+    if "functions" in rec or any("function_call" in m for m in msgs):
+        raise ValueError("'functions' / 'function_call' (OpenAI's deprecated format) are not supported; "
+                         "write 'tools' and assistant 'tool_calls'")
+    if "parallel_tool_calls" in rec and not isinstance(rec["parallel_tool_calls"], bool):
+        raise ValueError("'parallel_tool_calls' must be true or false")
+    try:
+        tools = check_tools(rec["tools"]) if rec.get("tools") is not None else None
+        rendered = template_messages(msgs, tools, strict=True)
+    except InvalidArgument as e:
+        raise ValueError(str(e)) from None
+    return rendered, [m.get("weight", 1) for m in msgs], tools
 
 
 class Tokenizing:
@@ -114,26 +157,47 @@ class Tokenizing:
         self.train_on_prompt = train_on_prompt
         self.eos = tokenizer.eos_token_id
         self.truncated = 0
+        self._tool_format = None  # checked on the first record with tools
 
-    def _render(self, messages, add_generation_prompt=False) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    def _render(self, messages, add_generation_prompt=False, tools=None) -> str:
+        try:
+            return render_conversation(self.tok, messages, tools, add_generation_prompt=add_generation_prompt)
+        except InvalidArgument as e:
+            raise ValueError(str(e)) from None
 
-    def chat(self, messages: list[dict], roles: tuple[str, ...] = ("assistant",)) -> Example:
-        if not any(m["role"] in roles for m in messages):
+    def _check_tool_support(self) -> None:
+        if self._tool_format is None:
+            try:
+                self._tool_format = tool_format(self.tok)
+            except InvalidArgument as e:
+                raise ValueError(f"the record has tools, but {e}") from None
+
+    def chat(self, messages: list[dict], roles: tuple[str, ...] = ("assistant",), tools: list[dict] | None = None,
+             weights: list[int] | None = None) -> Example:
+        """`messages` as `template_messages` returns them; `weights[i]` 0 leaves message i untrained."""
+        weights = weights or [1] * len(messages)
+        trained = [m["role"] in roles and w for m, w in zip(messages, weights)]
+        if not any(trained):
             raise ValueError(f"a conversation needs at least one {'/'.join(roles)} message to learn from")
-        full = self._render(messages)
+        if tools or any(m.get("tool_calls") for m in messages):
+            self._check_tool_support()
+        full = self._render(messages, tools=tools)
         spans = []  # character spans of trained turns (content and end-of-turn marker)
         for i, m in enumerate(messages):
-            if m["role"] not in roles:
+            if not trained[i]:
                 continue
             # an assistant turn is trained from after its header; another trained role's turn as a whole
             if m["role"] == "assistant":
-                before = self._render(messages[:i], add_generation_prompt=True)
+                before = self._render(messages[:i], add_generation_prompt=True, tools=tools)
             else:
-                before = self._render(messages[:i]) if i else ""
-            upto = self._render(messages[: i + 1])
+                before = self._render(messages[:i], tools=tools) if i else ""
+            upto = self._render(messages[: i + 1], tools=tools)
             if not full.startswith(upto) or not upto.startswith(before):
                 raise ValueError("the chat template does not render conversations incrementally; cannot find assistant turns")
+            for c in m.get("tool_calls") or ():
+                if c["function"]["name"] not in upto[len(before):]:
+                    raise ValueError(f"the chat template does not render assistant 'tool_calls' (message {i} "
+                                     f"calls {c['function']['name']!r})")
             spans.append((len(before), len(upto)))
         enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
@@ -166,7 +230,8 @@ class Tokenizing:
                 raise ValueError("'text' must be a non-empty string")
             return self.text(rec["text"])
         if fmt == "chat":
-            return self.chat(_messages(rec.get("messages"), "messages"), roles)
+            msgs, weights, tools = conversation(rec, _messages(rec.get("messages"), "messages", True))
+            return self.chat(msgs, roles, tools, weights)
         if fmt == "sharegpt":
             conv = rec.get("conversations")
             if not isinstance(conv, list) or not conv:
@@ -187,10 +252,12 @@ class Tokenizing:
             p, c = rec.get("prompt"), rec.get("completion")
             if isinstance(p, str) and isinstance(c, str):
                 return self.prompt_completion(p, c)
-            if isinstance(p, list) and isinstance(c, list):
-                return self.chat(_messages(p, "prompt") + _messages(c, "completion"))
-            if isinstance(p, list) and isinstance(c, str):
-                return self.chat(_messages(p, "prompt") + [{"role": "assistant", "content": c}])
+            if isinstance(p, list) and isinstance(c, (list, str)):
+                answer = _messages(c, "completion", True) if isinstance(c, list) else \
+                    [{"role": "assistant", "content": c}]
+                prompt = _messages(p, "prompt", True)
+                msgs, weights, tools = conversation(rec, prompt + answer)
+                return self.chat(msgs, ("assistant",), tools, [0] * len(prompt) + weights[len(prompt):])
             raise ValueError("'prompt' and 'completion' must be strings or message lists")
         raise ValueError(f"format {fmt!r} cannot be used for supervised fine-tuning")
 
@@ -281,7 +348,7 @@ def load_dataset_examples(spec, tokenizing: Tokenizing) -> tuple[list[Example], 
             if fmt == "auto":
                 fmt = detect_format(rec)
             out.append(tokenizing.record(rec, fmt, roles))
-        except ValueError as e:
+        except (ValueError, InvalidArgument) as e:
             raise DataError(f"{where}: {e}") from None
     return out, digest
 

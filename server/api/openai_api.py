@@ -21,13 +21,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from . import auth
 from .errors import BadRequest, NotFound, pydantic_error
 from .generation_params import (
-    COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_NAME_CHARS, MAX_PROMPTS, MAX_TOKENS, GenerationParams,
+    COMPLETION_DEFAULT_MAX_TOKENS, MAX_MESSAGES, MAX_N, MAX_NAME_CHARS, MAX_PROMPTS, MAX_TOKENS, GenerationParams,
     TopLogprobs, valid_text,
 )
 from ..engine.request import TokenLogprob
 from .service import Generation, GenerationService, gather_streams, merge
 from .structured_fields import AnswerFields, PlatformFields, ToolFields, ToolMessageFields, compile_answer
-from .tools import CALL_CLOSE, ToolChoice, ToolStreamParser, check_tool_support, parse_tool_calls, template_messages
+from .tools import ToolChoice, ToolStreamParser, check_tool_support, parse_tool_calls, template_messages
 
 Text = Annotated[str, AfterValidator(valid_text)]
 
@@ -71,7 +71,26 @@ class CompletionRequest(_Sampling):
                   Annotated[list[list[int]], Field(max_length=MAX_PROMPTS)]]
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1, le=64)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+    def candidates(self) -> int:
+        """How many completions of each prompt to generate: `best_of` (OpenAI's rules), else `n`."""
+        if self.best_of is None:
+            return self.n
+        if self.best_of < self.n:
+            raise BadRequest(f"'best_of' ({self.best_of}) must be at least 'n' ({self.n})", param="best_of")
+        if self.stream and self.best_of > 1:  # as OpenAI answers
+            raise BadRequest("'best_of' cannot be used with 'stream': the best candidates are known only at the end",
+                             param="best_of")
+        return self.best_of
+
+
+def best_candidates(gens: list[Generation], n: int) -> list[Generation]:
+    """The `n` candidates with the highest mean logprob per token (OpenAI's "best"), best first."""
+    def score(g: Generation) -> float:
+        return sum(e.logprob for e in g.logprobs) / max(len(g.logprobs), 1)
+
+    return sorted(gens, key=score, reverse=True)[:n]
 
 
 MAX_JSON_DEPTH = 128  # nesting levels of a JSON body; deeper is refused before validation (and recursion) sees it
@@ -204,15 +223,15 @@ class OpenAIRoutes:
         adapter = s.resolve(body.model, _sticky_key(body, request))
         tools = body.tool_choice_spec()
         if tools is not None and tools.tools:
-            check_tool_support(s.tokenizer)
+            tools.fmt = check_tool_support(s.tokenizer)
         messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
         shown = tools.tools if tools is not None and tools.tools else None  # what the template renders
         prompt = await asyncio.to_thread(s.chat_prompt_ids, messages, shown)
         max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens(len(prompt))
         extra = _answer_params(s, body)
         constraint = await asyncio.to_thread(compile_answer, s.grammars, body, tools)
-        if tools is not None and tools.mode == "auto" and not tools.parallel:
-            extra["stop"] = list(body.stop) + [CALL_CLOSE]  # one call, then the answer ends
+        if tools is not None and tools.mode == "auto" and not tools.parallel and tools.fmt.close:
+            extra["stop"] = list(body.stop) + [tools.fmt.close]  # one call, then the answer ends
             extra["include_stop_str_in_output"] = True
         reqs = s.submit_choices([prompt], body, max_tokens, adapter, loop=_loop(), constraint=constraint, **extra)
         served = _served_by(adapter, s)
@@ -313,16 +332,16 @@ class OpenAIRoutes:
         body: CompletionRequest = await parse_body(request, CompletionRequest)
         if body.suffix:
             raise BadRequest("'suffix' is not supported", param="suffix")
-        if body.best_of is not None and body.best_of != body.n:
-            raise BadRequest("'best_of' other than n is not supported (candidates are not ranked server-side)",
-                             param="best_of")
+        best_of = body.candidates()
         adapter = s.resolve(body.model, _sticky_key(body, request))
         prompts, prompt_texts = await asyncio.to_thread(_prompt_list, body.prompt, s)
         max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
         echo_lp = body.logprobs if body.echo and body.logprobs is not None else None
         extra = _answer_params(s, body)
         constraint = await asyncio.to_thread(compile_answer, s.grammars, body)
-        reqs = s.submit_choices(prompts, body, max_tokens, adapter, loop=_loop(), prompt_logprobs=echo_lp,
+        # best_of candidates per prompt, each with its tokens' logprobs (to rank them), of which n are answered
+        gp = body if best_of == body.n else body.model_copy(update={"n": best_of, "logprobs": body.logprobs or 0})
+        reqs = s.submit_choices(prompts, gp, max_tokens, adapter, loop=_loop(), prompt_logprobs=echo_lp,
                                 constraint=constraint, **extra)
         served = _served_by(adapter, s)
         rid = "cmpl-" + uuid.uuid4().hex
@@ -332,6 +351,10 @@ class OpenAIRoutes:
         gens = await _collect_unless_disconnected(request, reqs, s)
         if gens is None:
             return Response(status_code=499)
+        completion = sum(g.completion_tokens for g in gens)  # every candidate's tokens were generated
+        if best_of != body.n:
+            gens = [g for k in range(len(prompts))
+                    for g in best_candidates(gens[k * best_of:(k + 1) * best_of], body.n)]
         choices = []
         for i, g in enumerate(gens):
             pi = i // body.n
@@ -341,7 +364,6 @@ class OpenAIRoutes:
                 logprobs = self._completion_logprobs(prompts[pi] if body.echo else None, g.prompt_logprobs, g.logprobs)
             choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": g.finish_reason})
         prompt_tokens = sum(len(p) for p in prompts)
-        completion = sum(g.completion_tokens for g in gens)
         return JSONResponse(
             {"id": rid, "object": "text_completion", "created": created, "model": body.model, "system_fingerprint": served, "choices": choices, "usage": _usage(prompt_tokens, completion)},
             headers=_headers(served),

@@ -17,6 +17,7 @@ from . import auth
 from ..engine import Engine
 from .errors import BadRequest, InternalError, NotFound
 from .generation_params import MAX_NAME_CHARS, MAX_STICKY_KEY_CHARS, GenerationParams
+from ..engine.chat_format import render_conversation
 from ..engine.loading import LoadedBase
 from ..engine.structured import GrammarCompiler
 from ..engine.request import OutputStream, Request, RequestOutput, SamplingParams, TokenLogprob
@@ -77,10 +78,7 @@ class GenerationService:
     # These tokenize: front ends call them off their event loop (asyncio.to_thread), so a long prompt never
     # holds up /health or another request's stream.
     def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-        except Exception as e:
-            raise BadRequest(f"messages cannot be rendered with the model's chat template: {e}", param="messages") from e
+        text = render_conversation(self.tokenizer, messages, tools, add_generation_prompt=True)
         return self._encode(text, add_special_tokens=False, param="messages")
 
     def text_prompt_ids(self, text: str, param: str = "prompt") -> list[int]:
@@ -122,10 +120,7 @@ class GenerationService:
 
     def conversation_ids(self, messages: list[dict]) -> list[int]:
         """A whole conversation (no generation prompt), tokenized as the trainer tokenizes it for reward models."""
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-        except Exception as e:
-            raise BadRequest(f"messages cannot be rendered with the model's chat template: {e}", param="messages") from e
+        text = render_conversation(self.tokenizer, messages)
         return self._encode(text, add_special_tokens=False, param="messages")
 
     async def score(self, adapter, prompt_ids: list[int], loop) -> float:

@@ -1,38 +1,35 @@
 """Tool calling: OpenAI `tools` rendered by the model's chat template, its output parsed back into `tool_calls`.
 
 The model decides the format: the tools reach the prompt through transformers'
-`apply_chat_template(tools=...)`, so a model fine-tuned on its own template
-sees exactly what it was trained on (the trainer renders SFT records that
-carry `tools` with the same call). Whether a template supports tools is found
-by rendering a probe tool and looking for its name; a template that drops
-`tools` is a 400 naming `tools`, never a silent ignore.
+`apply_chat_template(tools=...)` (`engine/chat_format.py`, which the trainer
+renders SFT records with too), so a model fine-tuned on its own template sees
+exactly what it was trained on. The call format is detected from the
+template (`chat_format.tool_format`); a template that drops `tools`, or
+spells calls in a format not parsed here, is a 400 naming `tools`, never a
+silent ignore. The formats:
 
-The output format is the Hermes one that Qwen2.5/Qwen3, Hermes and most
-tool-tuned open models use (their templates spell it):
-
-    <tool_call>
-    {"name": "get_weather", "arguments": {"city": "Paris"}}
-    </tool_call>
+    hermes       <tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>   (Qwen2.5/Qwen3, Hermes, ...)
+    mistral      [TOOL_CALLS] [{"name": "f", "arguments": {...}}, ...]
+    llama3_json  {"name": "f", "parameters": {...}}; {...}                    (Llama 3.1/3.2, the whole answer)
 
 `tool_choice: "required"` and a named function are enforced, not hoped for:
 the whole answer is constrained by a grammar (`structured.py`) whose calls
-are JSON objects with the function's name and arguments matching its
-`parameters` schema. `"auto"` leaves the model free and parses what it wrote;
-`"none"` renders no tools. `parallel_tool_calls: false` allows one call.
+are, in the template's format, JSON objects with the function's name and
+arguments matching its `parameters` schema. `"auto"` leaves the model free
+and parses what it wrote; `"none"` renders no tools.
+`parallel_tool_calls: false` allows one call.
 """
 from __future__ import annotations
 
 import json
-import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import BadRequest
+from ..engine.chat_format import HERMES, ToolFormat, template_messages, tool_format  # noqa: F401 (re-exported)
 from ..engine.structured import JSON_OPTIONS, lark_grammar, lark_literal
 
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-_CALL_RE = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CALL_CLOSE) + r"|$)", re.DOTALL)
-_PROBE = "loraplex_probe_tool"
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"  # the Hermes format's tags
 
 
 def new_call_id() -> str:
@@ -52,73 +49,9 @@ class ToolCall:
         return d
 
 
-def check_tool_support(tokenizer) -> None:
-    """400 naming `tools` unless the model's chat template renders tools in the Hermes format we parse."""
-    probe = [{"type": "function", "function": {"name": _PROBE, "description": "probe",
-                                               "parameters": {"type": "object", "properties": {}}}}]
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=probe, tokenize=False,
-                                             add_generation_prompt=True)
-    except Exception as e:
-        raise BadRequest(f"the model's chat template cannot render tools: {e}", param="tools") from e
-    if _PROBE not in text:
-        raise BadRequest("the model's chat template has no tool support (it does not render `tools`); serve a model "
-                         "whose template does, e.g. Qwen2.5 / Hermes style", param="tools")
-    if CALL_OPEN not in (tokenizer.chat_template or ""):
-        raise BadRequest("the model's chat template renders tools but not in the <tool_call> format loraplex parses",
-                         param="tools")
-
-
-def template_messages(messages: list[dict]) -> list[dict]:
-    """OpenAI chat messages (plain dicts, types already checked) -> the dicts HF chat templates read.
-
-    Assistant `tool_calls` carry their arguments as objects (templates `tojson` them); a `tool` message needs
-    the `tool_call_id` of an earlier call and gets that call's function `name` too."""
-    out, names = [], {}
-    for i, m in enumerate(messages):
-        role = "system" if m["role"] == "developer" else m["role"]
-        d = {"role": role, "content": _text(m.get("content"), f"messages.{i}.content")}
-        if role == "assistant" and m.get("tool_calls"):
-            calls = []
-            for j, c in enumerate(m["tool_calls"]):
-                p = f"messages.{i}.tool_calls.{j}"
-                fn = c.get("function") or {}
-                if not isinstance(fn.get("name"), str) or not fn["name"]:
-                    raise BadRequest(f"'{p}.function.name' is required", param=f"{p}.function.name")
-                try:
-                    args = json.loads(fn.get("arguments") or "{}")
-                except (TypeError, json.JSONDecodeError) as e:
-                    raise BadRequest(f"'{p}.function.arguments' is not valid JSON: {e}",
-                                     param=f"{p}.function.arguments") from e
-                names[c.get("id")] = fn["name"]
-                calls.append({"id": c.get("id"), "type": "function",
-                              "function": {"name": fn["name"], "arguments": args}})
-            d["tool_calls"] = calls
-        if role == "tool":
-            tid = m.get("tool_call_id")
-            if not tid:
-                raise BadRequest(f"'messages.{i}.tool_call_id' is required for a tool message",
-                                 param=f"messages.{i}.tool_call_id")
-            if tid not in names:
-                raise BadRequest(f"'messages.{i}.tool_call_id' {tid!r} answers no earlier assistant tool call",
-                                 param=f"messages.{i}.tool_call_id")
-            d["tool_call_id"] = tid
-            d["name"] = names[tid]
-        elif m.get("name"):
-            d["name"] = m["name"]
-        out.append(d)
-    return out
-
-
-def _text(content, param: str) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    parts = []
-    for p in content:
-        if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-            raise BadRequest(f"'{param}': only text parts are supported", param=param)
-        parts.append(p["text"])
-    return "".join(parts)
+def check_tool_support(tokenizer) -> ToolFormat:
+    """The template's tool-call format; a 400 naming `tools` when it has none loraplex parses."""
+    return tool_format(tokenizer)
 
 
 @dataclass
@@ -129,6 +62,7 @@ class ToolChoice:
     mode: str  # "auto" | "none" | "required" | "named"
     name: str | None = None
     parallel: bool = True
+    fmt: ToolFormat = field(default=HERMES)  # the model's call format (`check_tool_support`)
 
     @property
     def forced(self) -> bool:
@@ -164,19 +98,26 @@ def resolve_tool_choice(tools: list[dict] | None, tool_choice, parallel: bool | 
 
 def _call_rules(choice: ToolChoice, names: list[str] | None = None) -> list[str]:
     """Lark rules `call` (one tool call of one of `names`, arguments per its `parameters`) and its alternatives."""
+    f = choice.fmt
     fns = [t["function"] for t in choice.tools if names is None or t["function"]["name"] in names]
     alts = []
     for k, fn in enumerate(fns):
         schema = {"type": "object", "properties": {"name": {"const": fn["name"]},
-                                                   "arguments": fn.get("parameters") or {"type": "object"}},
-                  "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": JSON_OPTIONS}
+                                                   f.args_key: fn.get("parameters") or {"type": "object"}},
+                  "required": ["name", f.args_key], "additionalProperties": False, "x-guidance": JSON_OPTIONS}
         alts.append(f"fn{k}: %json {json.dumps(schema)}")
     body = " | ".join(f"fn{k}" for k in range(len(fns)))
-    return [f"call: {lark_literal(CALL_OPEN + chr(10))} ({body}) {lark_literal(chr(10) + CALL_CLOSE)}", *alts]
+    return [f"call: {_lit(f.prefix)} ({body}) {_lit(f.suffix)}", *alts]
+
+
+def _lit(text: str) -> str:
+    return lark_literal(text) if text else ""
 
 
 def _calls_rule(choice: ToolChoice) -> str:
-    return 'calls: call ("\\n" call)*' if choice.parallel else "calls: call"
+    f = choice.fmt
+    more = f" ({lark_literal(f.sep)} call)*" if choice.parallel else ""
+    return f"calls: {_lit(f.lead)} call{more} {_lit(f.tail)}"
 
 
 def forced_call_grammar(choice: ToolChoice) -> str:
@@ -192,14 +133,10 @@ def calls_or_json_grammar(choice: ToolChoice, schema: dict) -> str:
     return lark_grammar("\n".join(rules))
 
 
-def _parse_one(body: str, known: set[str]) -> ToolCall | None:
-    try:
-        obj = json.loads(body)
-    except json.JSONDecodeError:
-        return None
+def _call_of(obj, known: set[str], args_key: str) -> ToolCall | None:
     if not isinstance(obj, dict) or obj.get("name") not in known:
         return None
-    args = obj.get("arguments", obj.get("parameters", {}))
+    args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
     if isinstance(args, str):  # some models quote the arguments object
         try:
             args = json.loads(args)
@@ -208,6 +145,44 @@ def _parse_one(body: str, known: set[str]) -> ToolCall | None:
     if not isinstance(args, dict):
         return None
     return ToolCall(new_call_id(), obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+def _json_values(text: str, sep: str) -> list | None:
+    """The JSON values of `text` written one after another, `sep` (stripped) between them; None if it is not."""
+    dec, out, i, sep = json.JSONDecoder(), [], 0, sep.strip()
+    while True:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i == len(text):
+            return out or None
+        if out and sep:
+            if not text.startswith(sep, i):
+                return None
+            i += len(sep)
+            while i < len(text) and text[i].isspace():
+                i += 1
+        try:
+            v, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return None
+        out.append(v)
+
+
+def _parse_calls(body: str, fmt: ToolFormat, known: set[str]) -> list[ToolCall] | None:
+    """The calls in `body` (the text of a Hermes block, or everything from a Mistral/Llama call's start), or
+    None when it is not entirely well-formed calls of known tools."""
+    if fmt.lead:
+        body = body.strip()
+        if not body.startswith(fmt.marker):
+            return None
+        body = body[len(fmt.marker):]
+    values = _json_values(body, fmt.sep)
+    if values is None:
+        return None
+    if fmt.lead and len(values) == 1 and isinstance(values[0], list):
+        values = values[0]  # Mistral: one JSON array of calls
+    calls = [_call_of(v, known, fmt.args_key) for v in values]
+    return None if not calls or None in calls else calls
 
 
 def parse_tool_calls(text: str, choice: ToolChoice) -> tuple[str | None, list[ToolCall]]:
@@ -221,43 +196,59 @@ class ToolStreamParser:
     """Splits a growing answer into content and tool calls, as the stream arrives.
 
     `feed` returns the content that is safe to show now: text that might be
-    the start of `<tool_call>` is held back until it is not, and a call is
-    held until its closing tag (or the end of the answer) and then appended
-    to `calls` whole, so a streamed answer yields exactly the calls of the
-    same answer parsed at once. Whitespace-only content is held too and
-    dropped when a call follows (OpenAI answers calls without content). With
-    `parallel_tool_calls: false` calls after the first are dropped."""
+    the start of a call is held back until it is not, and a call is held
+    until its end (Hermes: the closing tag; otherwise the end of the answer)
+    and then appended to `calls` whole, so a streamed answer yields exactly
+    the calls of the same answer parsed at once. Whitespace-only content is
+    held too and dropped when a call follows (OpenAI answers calls without
+    content). With `parallel_tool_calls: false` calls after the first are
+    dropped."""
 
     def __init__(self, choice: ToolChoice):
         self.known = {t["function"]["name"] for t in choice.tools}
         self.parallel = choice.parallel
+        self.fmt = choice.fmt
         self.calls: list[ToolCall] = []
         self._buf = ""  # text not yet classified
         self._ws = ""  # whitespace-only content held back
         self._out = ""  # content ready to show
+        self._started = False  # some content has been shown (a Llama call can only open the answer)
+
+    def _open(self) -> str:
+        return "{" if self.fmt.at_start else self.fmt.marker
 
     def feed(self, text: str) -> str:
         self._buf += text
+        opener = self._open()
         while True:
-            i = self._buf.find(CALL_OPEN)
+            if self.fmt.at_start and self._started:
+                self._content(self._buf)
+                self._buf = ""
+                break
+            i = self._buf.find(opener)
+            if self.fmt.at_start and i >= 0 and self._buf[:i].strip():
+                i = -1  # text came first: this answer is content
             if i < 0:
-                keep = _partial_suffix(self._buf, CALL_OPEN)
+                keep = 0 if self.fmt.at_start and self._buf.strip() else _partial_suffix(self._buf, opener)
+                if self.fmt.at_start and not self._buf.strip():
+                    keep = len(self._buf)
                 self._content(self._buf[: len(self._buf) - keep])
                 self._buf = self._buf[len(self._buf) - keep:]
                 break
             self._content(self._buf[:i])
             self._buf = self._buf[i:]
-            j = self._buf.find(CALL_CLOSE)
+            close = self.fmt.close
+            j = self._buf.find(close) if close else -1
             if j < 0:
-                break
-            self._call(self._buf[: j + len(CALL_CLOSE)])
-            self._buf = self._buf[j + len(CALL_CLOSE):]
+                break  # held until the call closes, or the answer ends
+            self._call(self._buf[: j + len(close)])
+            self._buf = self._buf[j + len(close):]
         out, self._out = self._out, ""
         return out
 
     def finish(self) -> str:
         """The end of the answer: an unclosed call is parsed as it stands; held text is released."""
-        if self._buf.startswith(CALL_OPEN):
+        if self._buf.startswith(self._open()):
             self._call(self._buf)
         else:
             self._content(self._buf)
@@ -272,16 +263,24 @@ class ToolStreamParser:
         text = self._ws + text
         body = text.rstrip()
         self._out += body
+        self._started = self._started or bool(body)
         self._ws = text[len(body):]  # trailing whitespace waits: it is dropped if a call follows
 
     def _call(self, raw: str) -> None:
-        m = _CALL_RE.match(raw)
-        call = _parse_one(m.group(1), self.known) if m else None
-        if call is None:
-            self._content(raw)  # not a call of a known tool: the model's text, shown as it is
-        elif self.parallel or not self.calls:
-            self.calls.append(call)
-            self._ws = ""
+        f = self.fmt
+        if f.close:  # a Hermes block: its tags around one JSON object
+            inner = raw[len(f.marker):]
+            inner = inner[: -len(f.close)] if inner.endswith(f.close) else inner
+            calls = _parse_calls(inner, f, self.known)
+        else:
+            calls = _parse_calls(raw, f, self.known)
+        if calls is None:
+            self._content(raw)  # not calls of known tools: the model's text, shown as it is
+            return
+        for call in calls:
+            if self.parallel or not self.calls:
+                self.calls.append(call)
+        self._ws = ""
 
 
 def _partial_suffix(s: str, tag: str) -> int:

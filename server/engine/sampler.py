@@ -2,6 +2,16 @@
 
 Every request owns a `torch.Generator`; with a seed, its draws depend only on
 that seed and the request's own logits, never on what else shares the batch.
+
+A token is drawn by an exponential race: each vocabulary entry gets its own
+draw E_i ~ Exp(1) from the request's generator and the token is
+argmax p_i / E_i, which picks i with probability exactly p_i. The race, unlike
+an inverse CDF over 50k summed probabilities, barely depends on rounding: a
+float-noise change of the logits (another batch shape, KV from the prefix
+cache) changes the pick only where two tokens' scores are within that noise,
+where an inverse CDF moves to the neighbouring token whenever the summed
+noise reaches the drawn token's own small probability (on a flat distribution,
+a few percent of draws).
 Logprobs are of the model's distribution (log-softmax of the raw logits),
 before logit bias, grammar mask, temperature and truncation, as OpenAI and vLLM
 report them.
@@ -25,6 +35,12 @@ def make_generator(seed: int | None) -> torch.Generator:
     g = torch.Generator(device="cpu")
     g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
     return g
+
+
+def race_draws(gen: torch.Generator, n: int) -> torch.Tensor:
+    """n exponential draws, one per vocabulary entry, from the request's generator: -log(u) with u in [0, 1), so
+    every draw is positive (u = 0 gives +inf: that entry cannot win) and a zero-probability entry scores 0, never NaN."""
+    return torch.rand(n, generator=gen).log_().neg_()
 
 
 def _top(lp: torch.Tensor, k: int) -> list[tuple[int, float]]:
@@ -63,12 +79,7 @@ def sample(
             drop = cum - sp > params.top_p  # keep the smallest prefix whose mass reaches top_p
             sp = sp.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, si, sp)
-        # inverse CDF with one uniform draw: as exact as multinomial, far cheaper on a 50k vocabulary
-        cdf = torch.cumsum(probs, dim=0)
-        u = torch.rand(1, generator=gen) * cdf[-1]
-        token = min(int(torch.searchsorted(cdf, u, right=True)), probs.shape[0] - 1)
-        while probs[token] <= 0 and token > 0:  # u landed exactly on a zero-mass boundary
-            token -= 1
+        token = int(torch.argmax(probs / race_draws(gen, probs.shape[0])))
     entry = None
     if params.logprobs is not None:
         entry = token_logprob(torch.log_softmax(raw, dim=-1), token, params.logprobs)
@@ -113,10 +124,10 @@ def sample_rows(
 
     Greedy rows and plain temperature rows (no penalty, top-k or top-p) share
     one batched op per stage, and so do the log-softmaxes of rows that want
-    logprobs. Each row still draws its own uniform from its own generator,
-    and row-wise softmax / cumsum give the same values for a row alone as in
-    a batch, so a seeded request samples what `sample` would, whatever else
-    is in the step. Other rows go through `sample` one by one.
+    logprobs. Each row still draws its race from its own generator, and a
+    row-wise softmax gives the same values for a row alone as in a batch, so a
+    seeded request samples what `sample` would, whatever else is in the step.
+    Other rows go through `sample` one by one.
 
     `masks`: the grammar masks of the step's constrained rows (`structured.step_bitmask`).
     """
@@ -135,12 +146,8 @@ def sample_rows(
     if temp:
         temps = torch.tensor([rows[i][1].temperature for i in temp], dtype=logits.dtype)
         probs = torch.softmax(_gather(logits, rows, temp, adjusted) / temps[:, None], dim=-1)
-        cdf = torch.cumsum(probs, dim=-1)
-        u = torch.cat([torch.rand(1, generator=rows[i][2]) for i in temp]) * cdf[:, -1]
-        picked = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
-        for k, (i, t) in enumerate(zip(temp, picked.tolist())):
-            while probs[k, t] <= 0 and t > 0:  # u landed exactly on a zero-mass boundary
-                t -= 1
+        draws = torch.stack([race_draws(rows[i][2], probs.shape[1]) for i in temp])
+        for i, t in zip(temp, torch.argmax(probs / draws, dim=-1).tolist()):
             tokens[i] = t
     want = [i for i in tokens if rows[i][1].logprobs is not None]
     lps = torch.log_softmax(logits.index_select(0, torch.tensor([rows[i][0] for i in want])), dim=-1) if want else None

@@ -197,8 +197,8 @@ def test_a_guard_decides_on_the_errors_of_every_replica(pair, adapter_dirs):
     a.set_route("bot", {"1": 100})
     armed = a.set_route("bot", {"1": 50, "2": 50}, guard={"max_error_rate": 0.2, "min_requests": 20})
     guards = []
-    for st in (a, b):
-        g = RouteGuards(st, Telemetry("tiny"))
+    for name, st in (("replica-a", a), ("replica-b", b)):
+        g = RouteGuards(st, Telemetry("tiny"), replica=name)
         g.close()  # shared by hand below, not by the background thread
         g.sync("bot")
         assert g.armed("bot")["since"] == armed.updated_at

@@ -92,10 +92,10 @@ class RouteGuards:
 
     SHARE_INTERVAL_S = 0.25  # how often counts go to / come from the registry while a guard is armed
 
-    def __init__(self, store, telemetry):
+    def __init__(self, store, telemetry, replica: str = REPLICA_ID):
         self.store = store
         self.telemetry = telemetry
-        self.replica = REPLICA_ID
+        self.replica = replica  # this process's name in the shared counts (tests stand several replicas in one)
         self._lock = threading.Lock()
         self._armed: dict[str, dict] = {}  # adapter name -> {"versions": set[int], "since": float, "guard": dict}
         self._others: dict[tuple, tuple[int, int]] = {}  # (name, version, since) -> other replicas' summed counts

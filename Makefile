@@ -34,7 +34,7 @@ test: $(STAMP) browser
 test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m '' $(PYTEST_ARGS)
 
-# On a CUDA machine: every GPU test, bench/kernels.py and the serving benchmarks, figures in bench/results/.
+# On a CUDA machine: every GPU test, bench/lora_kernels.py and the serving benchmarks, figures in bench/results/.
 gpu-check: $(STAMP)
 	$(BIN)/python bench/gpu_check.py
 

@@ -3,7 +3,7 @@
 Runs, in order, each in its own process so one failure does not hide the rest:
   1. the GPU tests: every test marked `gpu`, plus the kernel and engine tests that run on CUDA when it is
      present (tests/test_kernels.py, tests/test_engine_triton.py, tests/test_engine_parity.py);
-  2. bench/kernels.py (grouped and interleaved layouts);
+  2. bench/lora_kernels.py (grouped and interleaved layouts);
   3. the serving benchmarks on the GPU: bench/serve_multi_lora.py and bench/serve_prefix.py.
 Each command, its exit status, wall time and the tail of its output go to
 bench/results/gpu-check-<UTC time>.md (or --out). The exit status is 0 only if every step passed.
@@ -30,8 +30,8 @@ def steps(py: str, quick: bool) -> list[tuple[str, list[str]]]:
     return [
         ("GPU tests (marked gpu)", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/"]),
         ("kernel and engine tests on CUDA", [py, "-m", "pytest", "-q", *tests]),
-        ("bench/kernels.py grouped", [py, "bench/kernels.py", "--layout", "grouped", *(["--quick"] if quick else [])]),
-        ("bench/kernels.py interleaved", [py, "bench/kernels.py", "--layout", "interleaved", *(["--quick"] if quick else [])]),
+        ("bench/lora_kernels.py grouped", [py, "bench/lora_kernels.py", "--layout", "grouped", *(["--quick"] if quick else [])]),
+        ("bench/lora_kernels.py interleaved", [py, "bench/lora_kernels.py", "--layout", "interleaved", *(["--quick"] if quick else [])]),
         ("bench/serve_multi_lora.py", [py, "bench/serve_multi_lora.py", "--device", "cuda"]),
         ("bench/serve_prefix.py", [py, "bench/serve_prefix.py", "--device", "cuda"]),
     ]
@@ -40,7 +40,7 @@ def steps(py: str, quick: bool) -> list[tuple[str, list[str]]]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--quick", action="store_true", help="bench/kernels.py on one model only")
+    ap.add_argument("--quick", action="store_true", help="bench/lora_kernels.py on one model only")
     args = ap.parse_args()
     import torch
 

@@ -17,9 +17,12 @@ layer). The last lines check the issue's goals: decode-shaped calls (one
 token per request, 64+ tokens so the weights dominate) at >= 50% of peak
 bandwidth, and >= 3x the loop with 32 adapters.
 
-Usage: python bench/kernels.py [--dtype bf16] [--layout grouped|interleaved] [--quick] [--peak-gbs N]
+Usage: python bench/lora_kernels.py [--dtype bf16] [--layout grouped|interleaved] [--quick] [--peak-gbs N]
 Without CUDA it says so, runs a tiny correctness pass through Triton's CPU
 interpreter, and exits 0.
+
+(Not named kernels.py: a benchmark runs with bench/ first on sys.path, and bitsandbytes imports a
+package named `kernels`, which would then be this script.)
 """
 from __future__ import annotations
 
@@ -163,7 +166,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="llama3-8b only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA device on this machine, so no timings (they need a GPU).")
+        print("bench/lora_kernels.py: no CUDA device on this machine, so no timings (they need a GPU).")
         return cpu_sanity()
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]

@@ -241,3 +241,53 @@ def make_small_pretrained(out_dir, layers: int = 2) -> Path:
     if (src / "generation_config.json").exists():
         shutil.copy(src / "generation_config.json", out / "generation_config.json")
     return out
+
+
+class ServeProcess:
+    """`loraplex serve` of `model` in its own process on a free port, on a store and registry other processes may
+    share (a replica); its output goes to <tmp>/<name>.log. `extra`: more command-line arguments."""
+
+    def __init__(self, tmp, model, store, registry, name, extra=()):
+        import os
+        import subprocess
+        import sys
+
+        from conftest import free_port
+
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp / f"{name}.log", "w")
+        env = dict(os.environ, LORAPLEX_REGISTRY="", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loraplex.server.cli", "serve", "--model", str(model), "--store", str(store),
+             "--registry", registry, "--port", str(self.port), "--grpc-port", "0", "--log-level", "warning", *extra],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout=240):
+        import time
+
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, open(self.log.name).read()[-3000:]
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{self.name} did not become ready: {open(self.log.name).read()[-3000:]}")
+
+    def stop(self):
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()

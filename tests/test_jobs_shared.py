@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import free_port
+from helpers import ServeProcess
 from test_trainer import color_data
 
 
@@ -172,45 +170,15 @@ def test_a_job_registered_by_a_replica_that_died_before_recording_it_is_not_trai
 
 
 # --- two server processes on one PostgreSQL registry ----------------------------------------------------------
-class Server:
+class Server(ServeProcess):
     def __init__(self, tmp, model, store, registry, name):
-        self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(tmp / f"{name}.log", "w")
-        env = dict(os.environ, LORAPLEX_REGISTRY="", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraplex.server.cli", "serve", "--model", str(model), "--store", str(store),
-             "--registry", registry, "--port", str(self.port), "--grpc-port", "0", "--job-lease-seconds", "2",
-             "--max-loras", "2", "--kv-cache-tokens", "4096", "--log-level", "warning"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, timeout=240):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, open(self.log.name).read()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"{self.name} did not become ready: {open(self.log.name).read()[-3000:]}")
+        super().__init__(tmp, model, store, registry, name,
+                         ["--job-lease-seconds", "2", "--max-loras", "2", "--kv-cache-tokens", "4096"])
 
     def api(self, method, path, **kw):
         r = httpx.request(method, f"{self.url}/v1{path}", timeout=60, **kw)
         assert r.status_code < 300, (r.status_code, r.text)
         return r.json()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture

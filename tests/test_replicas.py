@@ -4,9 +4,6 @@ users get the same version from both, and a version deleted on A stops being ser
 already running on it finishes."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -14,50 +11,21 @@ from collections import Counter
 import httpx
 import pytest
 
-from conftest import free_port
+from helpers import ServeProcess
 
 PROMPT = "The capital of France is"
 
 
-class Replica:
+class Replica(ServeProcess):
     def __init__(self, tmp, model, store, registry, name):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(tmp / f"{name}.log", "w")
-        env = dict(os.environ, LORAPLEX_REGISTRY="", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraplex.server.cli", "serve", "--model", str(model), "--store", str(store),
-             "--registry", registry, "--port", str(self.port), "--grpc-port", "0",
-             "--jobs-dir", str(tmp / f"jobs-{name}"),
-             "--max-loras", "4", "--kv-cache-tokens", "8192", "--log-level", "warning"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, timeout=180):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, open(self.log.name).read()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"replica did not become ready: {open(self.log.name).read()[-3000:]}")
+        super().__init__(tmp, model, store, registry, name,
+                         ["--jobs-dir", str(tmp / f"jobs-{name}"), "--max-loras", "4", "--kv-cache-tokens", "8192"])
 
     def complete(self, model, *, user=None, max_tokens=8, client=None):
         body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
         if user is not None:
             body["user"] = user
         return (client or httpx).post(f"{self.url}/v1/completions", json=body, timeout=60)
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture

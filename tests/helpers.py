@@ -291,3 +291,23 @@ class ServeProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def started_pair(cls, tmp, model, registry):
+    """A context manager: replicas "a" and "b" (`cls`, a ServeProcess) on one store and `registry`, both ready,
+    stopped on exit."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def pair():
+        store = tmp / "shared-store"
+        a, b = cls(tmp, model, store, registry, "a"), cls(tmp, model, store, registry, "b")
+        try:
+            a.wait_ready()
+            b.wait_ready()
+            yield a, b
+        finally:
+            a.stop()
+            b.stop()
+
+    return pair()

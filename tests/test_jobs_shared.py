@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from helpers import ServeProcess
+from helpers import ServeProcess, started_pair
 from test_trainer import color_data
 
 
@@ -183,16 +183,8 @@ class Server(ServeProcess):
 
 @pytest.fixture
 def servers(tmp_path, tiny_base, postgres_url):
-    store = tmp_path / "shared-store"
-    a = Server(tmp_path, tiny_base, store, postgres_url, "a")
-    b = Server(tmp_path, tiny_base, store, postgres_url, "b")
-    try:
-        a.wait_ready()
-        b.wait_ready()
-        yield a, b
-    finally:
-        a.stop()
-        b.stop()
+    with started_pair(Server, tmp_path, tiny_base, postgres_url) as pair:
+        yield pair
 
 
 def _events(srv, jid):

@@ -11,7 +11,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from helpers import ServeProcess
+from helpers import ServeProcess, started_pair
 
 PROMPT = "The capital of France is"
 
@@ -30,16 +30,8 @@ class Replica(ServeProcess):
 
 @pytest.fixture
 def replicas(tmp_path, tiny_base, postgres_url):
-    store = tmp_path / "shared-store"
-    a = Replica(tmp_path, tiny_base, store, postgres_url, "a")
-    b = Replica(tmp_path, tiny_base, store, postgres_url, "b")
-    try:
-        a.wait_ready()
-        b.wait_ready()
-        yield a, b
-    finally:
-        a.stop()
-        b.stop()
+    with started_pair(Replica, tmp_path, tiny_base, postgres_url) as pair:
+        yield pair
 
 
 def _until(fn, timeout):

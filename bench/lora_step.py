@@ -1,8 +1,9 @@
 """What LoRA adds to one decode step, measured in CPU time so that a shared machine's load does not decide it.
 
 Builds the engine as `bench/serve_multi_lora.py` does (embedded model, 8 rank-16 adapters on all 7 projections,
-32 requests, 4 per adapter), runs the prefill and a few decode steps, captures the next decode step's batch, and
-replays that forward pass with the 8-adapter segments and without them, alternating. Times are the engine
+32 requests, 4 per adapter), runs the first steps (prefill chunks, then decodes), captures the first prefill
+chunk's batch and the last decode step's, and replays each forward pass with the 8-adapter segments and without
+them, alternating. Times are the engine
 thread's CPU time (`time.thread_time`) with one intra-op thread, minimum over `--reps`; the ratio
 no-adapter / 8 adapters is the forward-pass share of `serve_multi_lora.py`'s LoRA / no-adapter ratio.
 
@@ -54,32 +55,33 @@ def main() -> None:
         eng.pool.pin(v)
         eng._enqueue(Request(f"r{i}", p, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True), adapter=v,
                              stream=OutputStream()))
-    for _ in range(4):
-        eng._step()
-    runner, captured = eng.runner, {}
+    runner, captured = eng.runner, []
     real = runner.forward
 
     def capture(batch):
-        captured["batch"] = batch
+        captured.append(batch)
         return real(batch)
 
     runner.forward = capture
-    eng._step()
+    for _ in range(8):
+        eng._step()
     runner.forward = real
-    lora = captured["batch"]
-    base = dataclasses.replace(lora, seg=None)
+    assert captured[-1].input_ids.shape[0] == 32, "the prompts should be prefilled within 7 steps"
     torch.set_num_threads(1)
-    times: dict[str, list[float]] = {"lora": [], "base": []}
-    for _ in range(args.reps):
-        for name, batch in (("lora", lora), ("base", base)):
-            t0 = time.thread_time()
-            runner.forward(batch)  # rewrites the same KV positions with the same values
-            times[name].append(time.thread_time() - t0)
-    lo, ba = min(times["lora"]), min(times["base"])
-    print(f"\none decode step of 32 sequences over 8 adapters (segments {lora.seg.seg_slots_host}), 1 thread, CPU time")
-    print(f"forward with 8 adapters   {lo * 1e3:8.1f} ms")
-    print(f"forward without adapters  {ba * 1e3:8.1f} ms")
-    print(f"no adapter / 8 adapters   {ba / lo:8.3f}")
+    print(f"\n32 sequences over 8 adapters, one thread, CPU time (minimum of {args.reps})")
+    print(f"{'step':34s} {'8 adapters ms':>14s} {'no adapter ms':>14s} {'ratio':>7s}")
+    for label, lora in (("first prefill chunk", captured[0]), ("decode", captured[-1])):
+        base = dataclasses.replace(lora, seg=None)
+        times: dict[str, list[float]] = {"lora": [], "base": []}
+        for _ in range(args.reps):
+            for name, batch in (("lora", lora), ("base", base)):
+                t0 = time.thread_time()
+                runner.forward(batch)  # rewrites the same KV positions with the same values
+                times[name].append(time.thread_time() - t0)
+        lo, ba = min(times["lora"]), min(times["base"])
+        what = f"{label} ({lora.input_ids.shape[0]} tokens, {lora.seg.num_segments} segments)"
+        print(f"{what:34s} {lo * 1e3:14.1f} {ba * 1e3:14.1f} {ba / lo:7.3f}")
+    print("ratio: no adapter / 8 adapters, the forward pass's share of serve_multi_lora.py's LoRA / no-adapter ratio")
 
 
 if __name__ == "__main__":

@@ -79,10 +79,15 @@ def _runner_logits(tiny_base, adapter_dir, monkeypatch, choice):
 def test_runner_with_packed_weights_matches_peft_and_drops_the_unpacked_copy(tiny_base, adapter_dirs, monkeypatch):
     runner, logits, ref = _runner_logits(tiny_base, adapter_dirs["alpha"], monkeypatch, "auto")
     assert runner.cpu_gemm and runner.lm_head_packed is not None
-    assert all(m.packed is not None and m.base.weight.numel() == 0 for m in runner.lora_modules.values())
+    # every base product is packed, q/k/v and gate/up together (one GEMM each), and no unpacked copy is left
+    assert all((m.packed is not None) != (m.group is not None and m.group.packed is not None)
+               and m.base.weight.numel() == 0 for m in runner.lora_modules.values())
+    assert all(len(qkv.members) == 3 and qkv.packed is not None and gate_up.packed is not None
+               for qkv, gate_up in runner.groups)
     torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
     plain, logits_t, _ = _runner_logits(tiny_base, adapter_dirs["alpha"], monkeypatch, "torch")
     assert not plain.cpu_gemm and all(m.packed is None and m.base.weight.numel() > 0 for m in plain.lora_modules.values())
+    assert all(g.packed is None for pair in plain.groups for g in pair)  # each projection runs alone
     torch.testing.assert_close(logits, logits_t, rtol=1e-4, atol=1e-4)
 
 

@@ -14,8 +14,11 @@ def _manager(budget=100000, max_seq_len=300):
                           budget_tokens=budget, max_seq_len=max_seq_len)
 
 
-def test_sequences_keep_their_keys_through_growth_moves_and_frees():
+def test_sequences_keep_their_keys_through_growth_moves_and_frees(monkeypatch):
     m = _manager()
+    # arena memory is allocated uninitialised: make it NaN, the worst garbage a batched decode could read
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
     rng = random.Random(0)
     live: dict = {}  # cache -> what it must hold
     for step in range(2000):
@@ -43,8 +46,9 @@ def test_sequences_keep_their_keys_through_growth_moves_and_frees():
         for c, want in live.items():
             assert torch.equal(c.kv[:, :, :, : c.length], want), step
             assert c.arena.rows[c.row] is c
-        for a in m.arenas.values():  # rows stay packed
+        for a in m.arenas.values():  # rows stay packed, and every row in use is finite to its capacity
             assert all(r.arena is a for r in a.rows) and a.cap_rows >= len(a.rows)
+            assert torch.isfinite(a.kv[:, :, : len(a.rows)]).all(), step
         assert m.used_tokens == sum(a.cap_rows * a.C for a in m.arenas.values()) <= m.budget_tokens
     for c in list(live):
         c.free()

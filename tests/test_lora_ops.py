@@ -12,7 +12,8 @@ from lora_batches import PATTERNS, pattern_batch
 
 def fast_path(y, x, A, Bt, seg, scales, mode):
     plan = cpu_lora.CpuLoraPlan(seg, mode=mode)  # the path under test, whatever the number of segments
-    return cpu_lora.apply(plan, y, x, A, Bt, scales)
+    cpu_lora.apply(plan, x, A, scales[:, None], [(y, Bt, 0, A.shape[1], scales.tolist())])
+    return y
 
 
 def make(S, R, IN, OUT, ranks, seed=0):
@@ -104,3 +105,50 @@ def test_fast_paths_under_popularity_patterns(pattern, lengths, R):
     want = naive(y0, x, A, Bt, scales, rk, slots)
     for mode in ("looped", "batched"):
         torch.testing.assert_close(fast_path(y0.clone(), x, A, Bt, seg, scales, mode), want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("slots", [
+    [0, 0, 1, 1, 2, 2, 3, 3],                 # equal segments over contiguous slots (views)
+    [1, 1, 3, 3, 3, -1, 0],                   # unequal, slots not a range (gathered)
+    [2] * 9,                                  # one adapter (looped)
+    [0] * 70 + [1] * 65 + [2] * 80 + [3] * 66,  # long unequal segments, as in a prefill (looped by default)
+])
+@pytest.mark.parametrize("mode", [None, "looped", "batched"])
+def test_a_fused_group_equals_its_members_run_alone(slots, mode):
+    """q/k/v fused (one packed GEMM, one shrink over the stacked A) equals each projection with its own adapter
+    weights, whatever the ranks (a module an adapter does not target has rank 0) and after the stacks widen."""
+    from loraplex.kernels import cpu_gemm
+    from loraplex.server.engine.lora_layer import LoraContext, LoraGroup, LoraLinear
+
+    if cpu_gemm._self_check() is not None:
+        pytest.skip("no working oneDNN linear in this build")
+    g = torch.Generator().manual_seed(3)
+    IN, outs, S = 24, [24, 8, 8], 4
+    bases = [torch.nn.Linear(IN, n, bias=i != 1) for i, n in enumerate(outs)]  # k without bias, as some models
+    alone_ctx, fused_ctx = LoraContext(), LoraContext()
+    alone = [LoraLinear(b, alone_ctx, S) for b in bases]
+    fused = [LoraLinear(b, fused_ctx, S) for b in bases]
+    group = LoraGroup(fused, fused_ctx)
+    group.fuse()
+    weights = {}  # (member, slot) -> (A, B, scale); ranks differ per module, k untouched by slot 2
+    for i, n in enumerate(outs):
+        for s, r in enumerate([4, 16, 0 if i == 1 else 8, 40]):  # rank 40 widens the group's stacks past 16
+            if r:
+                weights[i, s] = (torch.randn(r, IN, generator=g), torch.randn(n, r, generator=g), 0.5 + s)
+    for (i, s), (A, B, sc) in weights.items():
+        alone[i].set_slot(s, A, B, sc)
+        fused[i].set_slot(s, A, B, sc)
+    assert group.A.shape[1] == 3 * 48 and all(m.A.data_ptr() == group.A[:, m.col0].data_ptr() for m in fused)
+    x = torch.randn(len(slots), IN, generator=g)
+    seg = LoraSegments.from_token_slots(slots)
+    for ctx in (alone_ctx, fused_ctx):
+        ctx.begin_step(seg)
+        ctx.plan = (seg, cpu_lora.CpuLoraPlan(seg, mode=mode))
+    got = group(x)
+    for i, m in enumerate(alone):
+        want = naive(bases[i](x), x, m.A, m.Bt, m.scales, m.ranks, slots)
+        torch.testing.assert_close(got[i], want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(m(x), want, atol=1e-4, rtol=1e-4)
+    fused_ctx.begin_step(None)
+    for i in range(3):  # no LoRA in the step: the base products alone
+        torch.testing.assert_close(group(x)[i], bases[i](x), atol=1e-5, rtol=1e-5)

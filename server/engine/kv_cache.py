@@ -77,8 +77,8 @@ class _Arena:
 
     def _alloc(self, rows: int) -> torch.Tensor:
         m = self.m
-        # zeros, not empty: a batched decode step also reads (and discards) rows that are not decoding, never NaN garbage
-        return torch.zeros((m.num_layers, 2, rows, m.num_kv_heads, self.C, m.head_dim), dtype=m.dtype, device=m.device)
+        # empty: spare rows are never read; `add` zeroes a row when a sequence takes it
+        return torch.empty((m.num_layers, 2, rows, m.num_kv_heads, self.C, m.head_dim), dtype=m.dtype, device=m.device)
 
     @property
     def cap_rows(self) -> int:
@@ -96,8 +96,12 @@ class _Arena:
     def add(self, cache: SeqKVCache) -> int:
         if len(self.rows) == self.cap_rows:
             self._resize(self.cap_rows + self.m.rows_to_add(self))
+        row = len(self.rows)
+        # A batched decode step reads every row in use up to the longest decoding row's length (attention.py):
+        # past its own length a row must hold finite values (zeros, or an earlier occupant's keys), never garbage.
+        self.kv[:, :, row].zero_()
         self.rows.append(cache)
-        return len(self.rows) - 1
+        return row
 
     def remove(self, row: int) -> None:
         last = self.rows.pop()

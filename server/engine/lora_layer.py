@@ -12,6 +12,14 @@ Mixed ranks: the stacks are as wide as the largest rank loaded so far
 rank is recorded per module, so kernels never multiply the zero padding.
 A slot whose adapter does not target this module has rank 0 here and its
 tokens pass through the base layer only.
+
+`LoraGroup`: projections that read the same input (q/k/v, gate/up). On the
+CPU fast path (fp32, base weights packed for oneDNN) a group runs its base
+weights as one packed GEMM and its adapters' shrink as one product: the
+members' A stacks live side by side in the group's `[S, k*W, in]` stack
+(each member's `A` is a view of its block), and each member then adds its
+own expand into its column block of the group's output. Elsewhere (CUDA,
+16-bit weights) each member runs alone.
 """
 from __future__ import annotations
 
@@ -51,9 +59,13 @@ class LoraLinear(nn.Module):
         self.A = torch.zeros((num_slots, 0, self.in_features), device=dev, dtype=dt)
         self.Bt = torch.zeros((num_slots, 0, self.out_features), device=dev, dtype=dt)
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=dev)
+        self.scale_cols = self.scales[:, None]  # [S, 1]: every column of a slot's shrink takes its scale
+        self.scales_host = [0.0] * num_slots
         self.ranks = torch.zeros((1, num_slots), dtype=torch.int32, device=dev)
         self.ranks_host = [0] * num_slots
         self.packed: torch.Tensor | None = None  # the base weight in oneDNN's layout (CPU fp32), see pack_base
+        self.group: LoraGroup | None = None  # set when a fused group runs this module (its A is a view there)
+        self.col0 = 0  # this module's first column in its group's A stack
 
     @property
     def weight(self) -> torch.Tensor:  # some HF code peeks at .weight (dtype/device checks)
@@ -67,11 +79,24 @@ class LoraLinear(nn.Module):
         width = -(-rank // RANK_ALIGN) * RANK_ALIGN
         if width <= self.width:
             return
+        if self.group is not None:
+            self.group.widen(width)
+            return
         A = self.A.new_zeros((self.num_slots, width, self.in_features))
-        Bt = self.Bt.new_zeros((self.num_slots, width, self.out_features))
         A[:, : self.width] = self.A
+        self.A = A
+        self._widen_bt(width)
+
+    def _widen_bt(self, width: int) -> None:
+        Bt = self.Bt.new_zeros((self.num_slots, width, self.out_features))
         Bt[:, : self.width] = self.Bt
-        self.A, self.Bt, self.width = A, Bt, width
+        self.Bt, self.width = Bt, width
+
+    def _set_scale(self, slot: int, scale: float) -> None:
+        self.scales[slot] = scale
+        self.scales_host[slot] = scale
+        if self.group is not None:
+            self.group.scale_cols[slot, self.col0 : self.col0 + self.width] = scale
 
     def prepare_slot(self, A: torch.Tensor | None, B: torch.Tensor | None, scale: float):
         """One adapter's weights for this module, converted to the stacks' dtype and checked, nothing written:
@@ -104,7 +129,7 @@ class LoraLinear(nn.Module):
         if prepared is None:
             self.ranks_host[slot] = 0
             self.ranks[0, slot] = 0
-            self.scales[slot] = 0.0
+            self._set_scale(slot, 0.0)
             return
         a, bt, scale = prepared
         r = a.shape[0]
@@ -113,7 +138,7 @@ class LoraLinear(nn.Module):
         self.Bt[slot].zero_()
         self.A[slot, :r] = a
         self.Bt[slot, :r] = bt
-        self.scales[slot] = scale
+        self._set_scale(slot, scale)
         self.ranks[0, slot] = r
         self.ranks_host[slot] = r
 
@@ -135,12 +160,72 @@ class LoraLinear(nn.Module):
             self.base.weight = nn.Parameter(self.base.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group is not None and self.group.packed is not None:
+            return self.group(x)[self.group.members.index(self)]  # its weight is packed with its siblings'
         y = self.base(x) if self.packed is None else cpu_gemm.packed_linear(x, self.packed, self.base.bias)
         ctx = self.ctx
         if ctx.plan is None or not ctx.backend.touches(ctx.plan, self.ranks_host):
             return y
         # x: [T, in] (the runner always passes a flattened batch), y: [T, out]
-        return ctx.backend.apply(ctx.plan, y, x, [self.A], [self.Bt.transpose(1, 2)], self.scales, self.ranks, [0])
+        return ctx.backend.apply_module(ctx.plan, self, y, x)
+
+
+class LoraGroup:
+    """Projections of one layer that read the same input; `group(x)` -> their outputs, in member order."""
+
+    def __init__(self, members: list[LoraLinear], ctx: LoraContext):
+        if len({m.in_features for m in members}) != 1:
+            raise ValueError("a LoRA group's projections must read the same input")
+        self.members = members
+        self.ctx = ctx
+        offs = [0]
+        for m in members:
+            offs.append(offs[-1] + m.out_features)
+        self.cols = list(zip(offs[:-1], offs[1:]))  # each member's columns of the group's output
+        self.packed: torch.Tensor | None = None  # the members' base weights stacked, in oneDNN's layout
+        self.bias: torch.Tensor | None = None
+        self.A: torch.Tensor | None = None  # [S, k*W, in]: member i's A is the view [:, i*W:(i+1)*W]
+        self.scale_cols: torch.Tensor | None = None  # [S, k*W]: each column's slot scale
+
+    def fuse(self, release: bool = False) -> None:
+        """One packed GEMM for the members' base weights and one stack for their A (CPU fp32);
+        `release` as in `LoraLinear.pack_base`."""
+        ms = self.members
+        self.packed = cpu_gemm.pack(torch.cat([m.base.weight for m in ms]))
+        if any(m.base.bias is not None for m in ms):
+            self.bias = torch.cat([m.base.bias if m.base.bias is not None else m.base.weight.new_zeros(m.out_features)
+                                   for m in ms])
+        for m in ms:
+            m.packed, m.group = None, self
+            if release:
+                m.base.weight = nn.Parameter(m.base.weight.new_empty(0), requires_grad=False)
+        self.widen(max(RANK_ALIGN, max(m.width for m in ms)))
+
+    def widen(self, width: int) -> None:
+        """Every member's stacks `width` wide (what the slots hold is unchanged)."""
+        ms = self.members
+        m0 = ms[0]
+        A = m0.A.new_zeros((m0.num_slots, len(ms) * width, m0.in_features))
+        sc = m0.scales.new_zeros((m0.num_slots, len(ms) * width))
+        for i, m in enumerate(ms):
+            c = i * width
+            A[:, c : c + m.width] = m.A
+            sc[:, c : c + width] = m.scales[:, None]
+            m._widen_bt(width)
+            m.A, m.col0 = A[:, c : c + width], c
+        self.A, self.scale_cols = A, sc
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.packed is None:
+            return [m(x) for m in self.members]
+        y = cpu_gemm.packed_linear(x, self.packed, self.bias)  # [T, sum of the members' outputs]
+        ys = [y[:, a:b] for a, b in self.cols]  # slices, not split(): the LoRA expands add into them in place
+        ctx = self.ctx
+        if ctx.plan is not None:
+            outs = [(yi, m) for yi, m in zip(ys, self.members) if ctx.backend.touches(ctx.plan, m.ranks_host)]
+            if outs:
+                ctx.backend.apply_group(ctx.plan, self, outs, x)
+        return ys
 
 
 def wrap_lora_modules(model: nn.Module, ctx: LoraContext, num_slots: int, layers: nn.ModuleList) -> dict[str, LoraLinear]:

@@ -10,7 +10,8 @@ plan). Each sequence's keys and values are a row of a KV arena
 (`LoraContext.begin_step`). This is what lets requests join and leave at
 every step without padding, and adapters differ per token. On CPU the frozen
 projections and the LM head run through oneDNN with packed weights
-(kernels/cpu_gemm.py).
+(kernels/cpu_gemm.py); q/k/v and gate/up, which read the same input, are one
+packed GEMM and one LoRA shrink each (`LoraGroup`).
 
 Supported: Llama-family decoders (Llama 2/3, Mistral, Qwen2/2.5, Qwen3,
 SmolLM). Others are refused at load time by `check_architecture`.
@@ -26,7 +27,7 @@ from loraplex.kernels import LoraSegments, cpu_gemm, select_backend
 
 from .attention import AttentionPlan
 from .kv_cache import KVCacheManager, SeqKVCache
-from .lora_layer import LoraContext, LoraLinear, wrap_lora_modules
+from .lora_layer import LoraContext, LoraGroup, LoraLinear, wrap_lora_modules
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -149,12 +150,20 @@ class ModelRunner:
         self.batched_decode = True  # decode groups in attention (tests switch it off to compare)
         self.max_loras = max_loras
         self.lora_modules: dict[str, LoraLinear] = wrap_lora_modules(model, self.lora_ctx, max_loras, self.layers)
-        # CPU fp32: every frozen base product through oneDNN with its weight packed once (kernels/cpu_gemm.py)
+        # per layer: (q, k, v) and (gate, up), the projections that read the same input
+        self.groups = [(LoraGroup([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], self.lora_ctx),
+                        LoraGroup([l.mlp.gate_proj, l.mlp.up_proj], self.lora_ctx)) for l in self.layers]
+        # CPU fp32: every frozen base product through oneDNN with its weight packed once (kernels/cpu_gemm.py),
+        # a group's weights packed together (one GEMM, one LoRA shrink)
         self.lm_head_packed = None
         self.cpu_gemm = cpu_gemm.available(self.lm_head.weight)
         if self.cpu_gemm:
+            for pair in self.groups if self.lora_ctx.backend.fuses_groups else ():
+                for g in pair:
+                    g.fuse(release=owns_weights)
             for m in self.lora_modules.values():
-                m.pack_base(release=owns_weights)
+                if m.group is None:
+                    m.pack_base(release=owns_weights)
             self.lm_head_packed = cpu_gemm.pack(self.lm_head.weight)  # often tied to the embedding: never released
         self.kv = KVCacheManager(
             num_layers=len(self.layers),
@@ -195,11 +204,10 @@ class ModelRunner:
         cos, sin = self.rotary(h, batch.positions[None])  # [1, T, D]
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [T, 1, D]
         for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(T, nH, D)
-            k = attn.k_proj(x).view(T, nKV, D)
-            v = attn.v_proj(x).view(T, nKV, D)
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, gate_up = self.groups[li]
+            q, k, v = qkv(layer.input_layernorm(h))
+            q, k, v = q.view(T, nH, D), k.view(T, nKV, D), v.view(T, nKV, D)
             if hasattr(attn, "q_norm"):
                 q = attn.q_norm(q)
                 k = attn.k_norm(k)
@@ -207,7 +215,8 @@ class ModelRunner:
             k = k * cos + _rotate_half(k) * sin
             out = attn_plan.attend(li, q, k, v)  # [T, nH, D]
             h = h + attn.o_proj(out.reshape(T, nH * D))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            gate, up = gate_up(layer.post_attention_layernorm(h))
+            h = h + mlp.down_proj(mlp.act_fn(gate) * up)
         for c in batch.chunks:
             c.cache.length = max(c.cache.length, c.past + c.n)
         hs = self.norm(h[batch.logits_indices])

@@ -69,7 +69,7 @@ def main() -> None:
     assert captured[-1].input_ids.shape[0] == 32, "the prompts should be prefilled within 7 steps"
     torch.set_num_threads(1)
     print(f"\n32 sequences over 8 adapters, one thread, CPU time (minimum of {args.reps})")
-    print(f"{'step':34s} {'8 adapters ms':>14s} {'no adapter ms':>14s} {'ratio':>7s}")
+    print(f"{'step':46s} {'8 adapters ms':>14s} {'no adapter ms':>14s} {'ratio':>7s}")
     for label, lora in (("first prefill chunk", captured[0]), ("decode", captured[-1])):
         base = dataclasses.replace(lora, seg=None)
         times: dict[str, list[float]] = {"lora": [], "base": []}
@@ -80,7 +80,7 @@ def main() -> None:
                 times[name].append(time.thread_time() - t0)
         lo, ba = min(times["lora"]), min(times["base"])
         what = f"{label} ({lora.input_ids.shape[0]} tokens, {lora.seg.num_segments} segments)"
-        print(f"{what:34s} {lo * 1e3:14.1f} {ba * 1e3:14.1f} {ba / lo:7.3f}")
+        print(f"{what:46s} {lo * 1e3:14.1f} {ba * 1e3:14.1f} {ba / lo:7.3f}")
     print("ratio: no adapter / 8 adapters, the forward pass's share of serve_multi_lora.py's LoRA / no-adapter ratio")
 
 

@@ -116,7 +116,8 @@ def main() -> None:
     versions = [state.store.get(n) for n in names]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    run_ours(state, prompts[:4], versions[:4], 4)  # warm-up
+    # warm-up, one request per adapter: every adapter is in a slot before timing, as PEFT's are loaded before its
+    run_ours(state, prompts[: args.adapters], versions[: args.adapters], 4)
     rows = {}
     rows["ours (8 adapters)"] = run_ours(state, prompts, versions, args.new_tokens)
     rows["ours (no adapter)"] = run_ours(state, prompts, [None] * len(prompts), args.new_tokens)

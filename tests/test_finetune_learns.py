@@ -9,7 +9,8 @@ phrasings it never saw in training, where the base model does not.
 
 The base model is a small "pretrained" one built here, because a random tiny transformer learns nothing at a LoRA
 learning rate in 100 steps, let alone carries a fact to a rephrased question. It has a word-level tokenizer
-(about 80 words) and is trained from scratch for a few seconds, the way a real base model comes to know a language:
+(about 80 words) and is trained from scratch for a few seconds (until it answers all its known capitals, at least
+300 steps), the way a real base model comes to know a language:
 it answers "what is the capital of X ?" in six phrasings for twelve countries it knows, and it has seen the words
 of the fine-tuning facts (the five countries and five cities) in other sentences, but never a capital of those
 countries. Its knowledge of the phrasings is what lets a LoRA taught in four of them answer in the other two, as
@@ -66,7 +67,7 @@ def _chat(q: str, a: str) -> list[dict]:
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
 
-def make_word_fact_llama(out_dir, seed: int = 0, steps: int = 150) -> Path:
+def make_word_fact_llama(out_dir, seed: int = 0, steps: int = 300, max_steps: int = 1000) -> Path:
     """The small base model described above: a 2-layer Llama (hidden 64) over a word-level tokenizer, pretrained."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -102,15 +103,31 @@ def make_word_fact_llama(out_dir, seed: int = 0, steps: int = 150) -> Path:
                       pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    # Greedy next word after each prompt of the known capitals: the base model must answer every one of them
+    # (what the test then asserts through the server) before it is done. Training to that point rather than for
+    # a fixed number of steps keeps the model the same in what matters on CPUs whose float rounding differs.
+    probe = [encode(_chat(q.format(k), f"{v} .")) for k, v in KNOWN.items() for q in TRAIN_Q + HELD_OUT_Q]
+
+    def knows_all() -> bool:
+        with torch.no_grad():
+            for r, n in probe:
+                if int(model(input_ids=torch.tensor([r[:n]])).logits[0, -1].argmax()) != r[n]:
+                    return False
+        return True
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and deterministic
     try:
-        for _ in range(steps):
+        for step in range(1, max_steps + 1):
             logits = model(input_ids=ids).logits[:, :-1]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if step >= steps and step % 50 == 0 and knows_all():
+                break
+        else:
+            raise AssertionError(f"the word-level base model did not learn its known capitals in {max_steps} steps")
     finally:
         torch.set_num_threads(threads)
     out = Path(out_dir)

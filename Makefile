@@ -6,6 +6,8 @@ STAMP   := $(VENV)/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?=
+# `python -m` would put this folder first on sys.path, where kernels/ shadows the `kernels` package transformers imports.
+export PYTHONSAFEPATH := 1
 
 .PHONY: venv serve test test-all test-gpu gpu-check bench protos clean browser console-vendor
 

@@ -30,3 +30,17 @@ def test_the_trainer_never_imports_the_front_ends():
     mods = _loaded_after("import loraplex.trainer.core, loraplex.trainer.jobs, loraplex.trainer.rollout, loraplex.trainer.run_job")
     front = [m for m in mods if m.startswith("loraplex.server.api")]
     assert not front, f"the trainer pulled in front-end modules: {front}"
+
+
+def test_a_python_we_start_from_a_checkout_imports_transformers(monkeypatch):
+    """Started from the repository root (a server run from its checkout), `python -m` would find our kernels/
+    folder before the `kernels` distribution transformers imports; the environment we give children prevents it."""
+    from pathlib import Path
+
+    from loraplex.trainer.distributed import child_env
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
+    code = "import transformers.activations; print('ok')"  # -c, like -m, puts the working directory first
+    ours = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env=child_env())
+    assert ours.returncode == 0 and ours.stdout.strip() == "ok", ours.stderr[-2000:]

@@ -174,6 +174,16 @@ def die_with_parent() -> None:
     _LIBC.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a Python process we start: ours plus `extra`, and PYTHONSAFEPATH=1.
+
+    `python -m` puts the working directory first on sys.path; run from a
+    checkout, our `kernels/` folder would then shadow the `kernels`
+    distribution that transformers imports (DESIGN.md, "Repository layout").
+    """
+    return {**os.environ, "PYTHONSAFEPATH": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -231,8 +241,7 @@ def train_distributed(cfg, out_dir: Path, *, resume: bool = False, on_event=None
         cmd += ["--num_machines", str(cfg.num_machines), "--machine_rank", str(cfg.machine_rank),
                 "--main_process_ip", cfg.main_process_ip]
     cmd += ["-m", "loraplex.trainer.dist_worker", str(spec)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.num_processes))}
+    env = child_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.num_processes)))
     bar = None
     if progress:
         from tqdm import tqdm

@@ -827,7 +827,7 @@ class JobManager:
         return {"adapter": name, "version": rows[0][0], "ref": f"{name}@{rows[0][0]}"} if rows else None
 
     def _start(self, jid: str) -> None:
-        from .distributed import die_with_parent
+        from .distributed import child_env, die_with_parent
 
         job_dir = self.runs_dir / jid
         job_dir.mkdir(parents=True, exist_ok=True)
@@ -864,7 +864,7 @@ class JobManager:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", STOP_FILE_ENV: str(job_dir / STOP_FILE)},
+                env=child_env(**{STOP_FILE_ENV: str(job_dir / STOP_FILE)}),
                 # a job dies with the server, so its record ("interrupted") stays true after a restart
                 preexec_fn=die_with_parent,
             )

@@ -175,7 +175,7 @@ def die_with_parent() -> None:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """The environment for a Python process we start: ours plus `extra`, and PYTHONSAFEPATH=1.
+    """The environment for a Python process we start: ours, PYTHONSAFEPATH=1, no tokenizer threads, then `extra`.
 
     `python -m` puts the working directory first on sys.path; run from a
     checkout, our `kernels/` folder would then shadow the `kernels`

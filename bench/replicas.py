@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also under PYTHONSAFEPATH=1 (the Makefile sets it)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import free_port, wait_healthy  # noqa: E402
 

@@ -22,12 +22,15 @@ import tempfile
 import threading
 import time
 
+from pathlib import Path
+
 import grpc
 import httpx
 
-from common import free_port, wait_healthy
-from loraplex.protos.loraplex.v1 import loraplex_pb2 as pb
-from loraplex.protos.loraplex.v1 import loraplex_pb2_grpc as pbg
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also under PYTHONSAFEPATH=1 (the Makefile sets it)
+from common import free_port, wait_healthy  # noqa: E402
+from loraplex.protos.loraplex.v1 import loraplex_pb2 as pb # noqa: E402
+from loraplex.protos.loraplex.v1 import loraplex_pb2_grpc as pbg # noqa: E402
 
 PROMPTS = ["Hi!", "Name a color.", "What is 2+2?", "Say hello.", "Give me a word.", "Pick a number."]
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also under PYTHONSAFEPATH=1 (the Makefile sets it)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import drain, off_thread  # noqa: E402
 

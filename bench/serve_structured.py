@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also under PYTHONSAFEPATH=1 (the Makefile sets it)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import off_thread  # noqa: E402
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_multi_lora import TOPICS, build_adapters  # noqa: E402
 

@@ -44,3 +44,35 @@ def test_a_python_we_start_from_a_checkout_imports_transformers(monkeypatch):
     code = "import transformers.activations; print('ok')"  # -c, like -m, puts the working directory first
     ours = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env=child_env())
     assert ours.returncode == 0 and ours.stdout.strip() == "ok", ours.stderr[-2000:]
+
+
+def test_every_benchmark_starts_as_make_runs_it():
+    """`make gpu-check` starts the benchmarks with PYTHONSAFEPATH=1, which leaves bench/ off sys.path: each script
+    must find bench/common.py itself. One child runs each script's imports and `--help` as `python bench/X.py` would."""
+    from pathlib import Path
+
+    from loraplex.trainer.distributed import child_env
+
+    root = Path(__file__).resolve().parents[1]
+    scripts = sorted(str(p) for p in (root / "bench").glob("*.py") if p.name != "common.py")
+    code = (
+        "import runpy, sys\n"
+        "failed, path0, mods0 = [], list(sys.path), set(sys.modules)\n"
+        f"for path in {scripts!r}:\n"
+        "    sys.path[:] = path0  # as a fresh `python bench/X.py`: no other script's path or modules\n"
+        "    for m in set(sys.modules) - mods0:\n"
+        "        if m in ('common', 'helpers') or m.startswith(('serve_', 'lora_', 'train_')): del sys.modules[m]\n"
+        "    sys.argv = [path, '--help']\n"
+        "    try:\n"
+        "        runpy.run_path(path, run_name='__main__')\n"
+        "    except SystemExit as e:\n"
+        "        if e.code not in (0, None): failed.append((path, f'exit {e.code}'))\n"
+        "    except Exception as e:\n"
+        "        failed.append((path, repr(e)))\n"
+        "    else:\n"
+        "        failed.append((path, 'ran without argparse --help'))\n"
+        "print('FAILED', failed) if failed else print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env=child_env(),
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().splitlines()[-1] == "ok", (run.stdout + run.stderr)[-3000:]

@@ -105,7 +105,7 @@ def test_same_outputs_after_evictions(tiny_base, adapter_dirs, tmp_path):
         kv = on.engine.runner.kv
         assert kv.prefix.evictions > 0 and on.engine.prefix_hits > 0
         assert on.engine.scheduler.preemptions == off.engine.scheduler.preemptions
-        assert kv.used_tokens == 0 and kv.cached_tokens <= kv.budget_tokens
+        assert kv.held_tokens == 0 and kv.cached_tokens <= kv.budget_tokens
     finally:
         on.engine.shutdown()
         off.engine.shutdown()

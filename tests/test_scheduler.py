@@ -51,7 +51,7 @@ def test_preemption_recomputes_and_stays_exact():
     assert engine.scheduler.preemptions >= 1
     restarted = [c for step in runner.steps[1:] for c in step if c.past == 0]
     assert restarted and all(c.n > 20 for c in restarted)  # recomputed with the tokens it had produced
-    assert engine.runner.kv.used_tokens == 0
+    assert engine.runner.kv.held_tokens == 0
 
 
 def test_slot_eviction_waits_for_a_free_slot_and_never_mixes_adapters_in_one_slot():
@@ -119,7 +119,7 @@ def test_cached_prefixes_give_way_to_running_sequences():
         assert outputs(r) == expected(prompt(30, 200 + i), 2)
     kv = engine.runner.kv
     assert engine.scheduler.preemptions == 0 and kv.prefix.evictions > 0
-    assert kv.used_tokens == 0 and kv.cached_tokens <= kv.budget_tokens
+    assert kv.held_tokens == 0 and kv.cached_tokens <= kv.budget_tokens
 
 
 def test_requests_arriving_together_compute_a_shared_system_prompt_once():
@@ -136,3 +136,55 @@ def test_requests_arriving_together_compute_a_shared_system_prompt_once():
     assert first == {reqs[0].request_id: (0, 42), reqs[3].request_id: (0, 41)}
     second = {c.request_id: (c.past, c.n) for c in runner.steps[1]}
     assert second[reqs[1].request_id] == second[reqs[2].request_id] == (32, 10)
+
+
+def test_a_new_row_has_room_for_the_answer_so_a_short_request_never_moves():
+    engine, runner = make_engine(kv_budget_tokens=4096)
+    r = submit(engine, prompt(20, 7), 24)  # 44 tokens in all: a 64-token row from the start, not 32 then 64
+    engine.run_until_idle()
+    assert outputs(r) == expected(prompt(20, 7), 24)
+    assert sorted(runner.kv.arenas) == [64]
+
+
+def test_the_next_burst_reuses_the_rows_a_burst_left_and_an_idle_engine_gives_them_back():
+    import time
+
+    engine, runner = make_engine(kv_budget_tokens=4096)
+    first = [submit(engine, prompt(10, i), 5) for i in range(6)]
+    engine.run_until_idle()
+    kv = runner.kv
+    assert kv.held_tokens == 0 and kv.used_tokens > 0  # spare rows kept
+    buffers = {C: a.kv.data_ptr() for C, a in kv.arenas.items()}
+    second = [submit(engine, prompt(10, 10 + i), 5) for i in range(6)]
+    engine.run_until_idle()
+    assert {C: a.kv.data_ptr() for C, a in kv.arenas.items()} == buffers  # no new allocation, no copy
+    for i, r in enumerate(first + second):  # the second burst's prompts are seeds 10..15
+        assert outputs(r) == expected(prompt(10, i if i < 6 else 4 + i), 5)
+    assert engine.state()["kv_used_tokens"] == 0 and engine.state()["kv_allocated_tokens"] == kv.used_tokens
+    engine.idle_release_s = 0.05
+    engine.start()
+    try:
+        deadline = time.monotonic() + 5
+        while kv.used_tokens and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert kv.used_tokens == 0 and not kv.arenas
+    finally:
+        engine.shutdown()
+
+
+def test_requests_that_part_before_the_first_uncached_block_do_not_wait_for_each_other():
+    engine, runner = make_engine(prefix_caching=True)
+    B = runner.kv.prefix.block
+    system = prompt(2 * B, 99)
+    same = [submit(engine, system + prompt(B + 3, i), 2) for i in range(4)]  # one system prompt, then each its own
+    engine.run_until_idle()
+    admitted = [sorted(c.request_id for c in step if c.past == 0 or c.n > 1) for step in runner.steps[:2]]
+    assert len(admitted[0]) == 1 and len(admitted[1]) == 3  # the others reuse the first one's system prompt
+    engine2, runner2 = make_engine(prefix_caching=True)
+    apart = [submit(engine2, prompt(3 * B + 3, 50 + i), 2) for i in range(4)]  # nothing shared: no one waits
+    engine2.run_until_idle()
+    assert len(runner2.steps[0]) == 4
+    for i, r in enumerate(same):
+        assert outputs(r) == expected(system + prompt(B + 3, i), 2)
+    for i, r in enumerate(apart):
+        assert outputs(r) == expected(prompt(3 * B + 3, 50 + i), 2)

@@ -4,8 +4,9 @@ A step mixes prefill chunks and decode tokens of many sequences. Everything
 about how they attend that does not depend on the layer is decided once, in
 `AttentionPlan` (built by the model runner before the layer loop):
 
-- where this step's keys and values go: one view per sequence into its row
-  of a KV arena (`server/engine/kv_cache.py`), written with one batched copy per layer;
+- where this step's keys and values go in the KV arenas
+  (`server/engine/kv_cache.py`): the decode tokens of one arena in one
+  indexed write per layer, a prefill chunk through its row's view;
 - which decode tokens attend together: the decode steps of one arena's
   sequences form a *decode group*, attended with two batched matmuls per
   layer over the arena's rows (GQA as `[R, kv_heads, group, D]`), when at
@@ -60,10 +61,22 @@ class AttentionPlan:
         self.scaling = scaling
         self.gqa = num_heads != num_kv_heads
         self.dtype, self.device = dtype, device
-        self.sizes = [c.n for c in chunks]
-        # [layer][seq] -> [2, nKV, n, D]: where each layer's new keys and values go
-        dst = [c.cache.kv[:, :, :, c.past : c.past + c.n].unbind(0) for c in chunks]
-        self.dst = list(zip(*dst))
+        # where each layer's new keys and values go: the decode tokens of one arena in one indexed write
+        # (arena, rows, positions, their flat indices or None for all of them in order), a prefill chunk
+        # through its row's view (first token, tokens, [layer] -> [2, nKV, n, D])
+        decode: dict[int, tuple] = {}
+        self.chunk_dst = []
+        for c in chunks:
+            if c.n == 1:
+                d = decode.setdefault(id(c.cache.arena), (c.cache.arena, [], [], []))
+                d[1].append(c.cache.row)
+                d[2].append(c.past)
+                d[3].append(c.start)
+            else:
+                self.chunk_dst.append((c.start, c.n, c.cache.kv[:, :, :, c.past : c.past + c.n].unbind(0)))
+        self.decode_dst = [(arena, torch.tensor(rows, device=device), torch.tensor(pos, device=device),
+                            None if toks == list(range(self.T)) else torch.tensor(toks, device=device))
+                           for arena, rows, pos, toks in decode.values()]
         self.groups, single = self._decode_groups(chunks) if allow_groups else ([], list(chunks))
         self.alone = not self.groups and len(single) == 1  # one sequence: one call over the whole batch
         # window -> [(chunk, K [layer] -> [1, nKV, len, D], V likewise, mask)] for the sequences attended one by one
@@ -78,8 +91,11 @@ class AttentionPlan:
 
     def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, nH, D], k/v: [T, nKV, D] of layer `li` (rotary applied) -> attention output [T, nH, D]."""
-        kv_new = torch.stack((k, v)).permute(0, 2, 1, 3)  # [2, nKV, T, D]
-        torch._foreach_copy_(self.dst[li], kv_new.split(self.sizes, dim=2))
+        kv_new = torch.stack((k, v), 1)  # [T, 2, nKV, D]
+        for arena, rows, pos, toks in self.decode_dst:
+            arena.kv[li][:, rows, :, pos] = kv_new if toks is None else kv_new.index_select(0, toks)
+        for start, n, dst in self.chunk_dst:
+            dst[li].copy_(kv_new[start : start + n].permute(1, 2, 0, 3))
         window = self.windows[li]
         if self.alone:
             _, K, V, mask = self.single[window][0]

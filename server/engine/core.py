@@ -81,6 +81,7 @@ class Engine:
         self.masked_steps = 0
         self.prefix_queried = 0  # prompt tokens looked up in the prefix cache at admission
         self.prefix_hits = 0  # of which were found there
+        self.idle_release_s = 30.0  # idle this long, the KV arenas give back the rows no sequence holds
 
     # --- any thread -------------------------------------------------------------
     def start(self) -> None:
@@ -162,7 +163,8 @@ class Engine:
             "running_adapters": [q.req.adapter_ref for q in list(s.running)],
             "waiting_adapters": [q.req.adapter_ref for q in list(s.waiting)] + [r.adapter_ref for r in list(self._inbox)],
             "max_loras": self.config.max_loras,
-            "kv_used_tokens": self.runner.kv.used_tokens,
+            "kv_used_tokens": self.runner.kv.held_tokens,  # rows sequences hold
+            "kv_allocated_tokens": self.runner.kv.used_tokens,  # with the spare rows kept for the next burst
             "kv_budget_tokens": self.runner.kv.budget_tokens,
             "steps": self.steps,
             "last_batch_size": self.last_batch_size,
@@ -195,7 +197,8 @@ class Engine:
                 with self._cv:
                     s = self.scheduler
                     while not (self._stop or self._inbox or self._calls or s.running or s.waiting):
-                        self._cv.wait()
+                        if not self._cv.wait(self.idle_release_s):  # idle: a burst's memory goes back
+                            s.kv.release_spare_rows()
                     if self._stop:
                         break
                 try:

@@ -12,11 +12,21 @@ steps of all sequences of one class read one strided view
 call instead of one per sequence (see `ModelRunner`); a prefill chunk
 attends through its own row's view.
 
+A row is taken with room to grow: `row_length` sizes it for the tokens the
+sequence may still generate (its `max_tokens`), up to about twice what it
+holds now, while memory is plentiful; so most requests never move,
+and the decode steps of a batch of similar requests share one arena.
+
 An arena grows by rows (geometrically, at most `_MAX_GROW_TOKENS` at a time,
-and never past the budget) and shrinks when most of its rows are free, so a
-burst does not keep its memory. The manager accounts every allocated row
-against `budget_tokens`; the scheduler asks `growth_needed` before it plans
-a step and preempts (recompute later) when memory is short.
+and never past the budget) and keeps the rows its sequences leave: the next
+burst reuses memory the process already touched (fresh memory costs a page
+fault per 4 KiB, on our 2-core machines up to 12 ms for one 6 MB row, more
+than a decode step's attention). Spare rows count against `budget_tokens`
+like held ones and are given back when they are needed: when a row of
+another class or a cached prefix would not fit otherwise, and when the
+engine has been idle for `Engine.idle_release_s`. The scheduler asks
+`growth_needed` before it plans a step and preempts (recompute later) when
+memory is short.
 """
 from __future__ import annotations
 
@@ -111,13 +121,6 @@ class _Arena:
                 self.kv[:, :, row, :, :n] = self.kv[:, :, len(self.rows), :, :n]
             self.rows[row] = last
             last.row = row
-        n = len(self.rows)
-        if n == 0:
-            self.m.drop(self)
-            return
-        slack = max(1, min(n, _MAX_GROW_TOKENS // self.C))
-        if self.cap_rows - n >= 2 * slack:  # mostly free: give the memory back, keeping some room to grow
-            self._resize(n + slack)
 
 
 class KVCacheManager:
@@ -129,7 +132,7 @@ class KVCacheManager:
         self.device = device
         self.budget_tokens = budget_tokens
         self.max_seq_len = max_seq_len
-        self.used_tokens = 0  # held by arena rows
+        self.used_tokens = 0  # allocated to arena rows, spare ones included
         self.arenas: dict[int, _Arena] = {}
         self.prefix: PrefixCache | None = None
 
@@ -150,7 +153,7 @@ class KVCacheManager:
     def _room_for_cache(self, tokens: int) -> bool:
         """The cache may grow by `tokens` into memory no row holds, evicting its own older blocks for it."""
         if tokens > self.budget_tokens - self.used_tokens:
-            self._release_spare_rows()  # rows held in reserve matter less than prefixes already computed
+            self.release_spare_rows()  # rows held in reserve matter less than prefixes already computed
             if tokens > self.budget_tokens - self.used_tokens:
                 return False
         self.make_room(tokens)
@@ -184,6 +187,29 @@ class KVCacheManager:
         want = max(1, min(max(arena.cap_rows, 4), _MAX_GROW_TOKENS // arena.C))
         return max(1, min(want, (self.free_tokens - self.cached_tokens) // arena.C))
 
+    def row_length(self, cache: SeqKVCache, total_len: int, final_len: int) -> int:
+        """What to `reserve` for a sequence that needs `total_len` tokens now and may reach `final_len`.
+
+        `total_len` when its row holds that already. Otherwise a new row is
+        taken anyway, and it is sized for min(final_len, max(2 * total_len,
+        total_len + 32)) when a row of that class is free, or takes at most a
+        quarter of the memory that neither rows nor cached prefixes hold:
+        headroom never evicts a prefix, preempts a sequence, or keeps a
+        request out when memory is short.
+        """
+        if total_len <= cache.capacity:
+            return total_len
+        want = min(final_len, max(2 * total_len, total_len + _MIN_CLASS), self.max_seq_len)
+        if want <= total_len:
+            return total_len
+        C = self.class_for(want)
+        if C == self.class_for(total_len):
+            return want
+        a = self.arenas.get(C)
+        if (a is not None and len(a.rows) < a.cap_rows) or 4 * C <= self.free_tokens - self.cached_tokens:
+            return want
+        return total_len
+
     def growth_needed(self, cache: SeqKVCache, total_len: int) -> int:
         """Extra budget tokens `cache.reserve(total_len)` takes at least (one row of the class it moves to)."""
         if total_len <= cache.capacity:
@@ -193,13 +219,21 @@ class KVCacheManager:
         if a is not None and len(a.rows) < a.cap_rows:
             return 0
         if C > self.free_tokens:  # short of memory: first give back the rows arenas hold in reserve
-            self._release_spare_rows()
+            self.release_spare_rows()
         return C
 
-    def _release_spare_rows(self) -> None:
+    def release_spare_rows(self) -> None:
+        """Gives back the memory of every row no sequence holds (an arena left with none goes)."""
         for arena in list(self.arenas.values()):
-            if arena.cap_rows > len(arena.rows):
+            if not arena.rows:
+                self.drop(arena)
+            elif arena.cap_rows > len(arena.rows):
                 arena._resize(len(arena.rows))
+
+    @property
+    def held_tokens(self) -> int:
+        """Tokens of the rows sequences hold (what `used_tokens` counts, less the spare rows)."""
+        return sum(len(a.rows) * a.C for a in self.arenas.values())
 
     @property
     def free_tokens(self) -> int:

@@ -218,14 +218,19 @@ class LoraGroup:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.packed is None:
             return [m(x) for m in self.members]
-        y = cpu_gemm.packed_linear(x, self.packed, self.bias)  # [T, sum of the members' outputs]
-        ys = [y[:, a:b] for a, b in self.cols]  # slices, not split(): the LoRA expands add into them in place
+        y = self.fused(x)
+        return [y[:, a:b] for a, b in self.cols]
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' outputs side by side, `[T, sum of out_features]` (a fused group only)."""
+        y = cpu_gemm.packed_linear(x, self.packed, self.bias)
         ctx = self.ctx
         if ctx.plan is not None:
-            outs = [(yi, m) for yi, m in zip(ys, self.members) if ctx.backend.touches(ctx.plan, m.ranks_host)]
+            # slices, not split(): the LoRA expands add into them in place
+            outs = [(y[:, a:b], m) for (a, b), m in zip(self.cols, self.members) if ctx.backend.touches(ctx.plan, m.ranks_host)]
             if outs:
                 ctx.backend.apply_group(ctx.plan, self, outs, x)
-        return ys
+        return y
 
 
 def wrap_lora_modules(model: nn.Module, ctx: LoraContext, num_slots: int, layers: nn.ModuleList) -> dict[str, LoraLinear]:

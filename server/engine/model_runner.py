@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loraplex.kernels import LoraSegments, cpu_gemm, select_backend
@@ -115,9 +116,27 @@ def build_step_batch(items, device) -> StepBatch:
     )
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, `x·cos + rotate_half(x)·sin` with rotate_half's sign folded into `sin_signed`
+    (the same floats in fewer ops); x: [T, heads, D], cos / sin_signed: [T, 1, D]."""
+    return (x * cos).add_(x.roll(x.shape[-1] // 2, -1).mul_(sin_signed))
+
+
+def _rms_norm_op(norms: list[nn.Module], dtype: torch.dtype, device):
+    """`norm(x)` for the model's RMSNorm modules: one fused `F.rms_norm` where it gives exactly the module's
+    floats (checked here, on this device and dtype), else the module itself."""
+    def fused(norm, x):
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        for norm in norms:
+            x = (torch.randn(7, norm.weight.shape[0], generator=g) * 3).to(device=device, dtype=dtype)
+            if not torch.equal(fused(norm, x), norm(x)):
+                raise ValueError("differs")
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return lambda norm, x: norm(x)
+    return fused
 
 
 class ModelRunner:
@@ -146,6 +165,11 @@ class ModelRunner:
         self.windows = [self._window(i, layer) for i, layer in enumerate(self.layers)]
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        norms = [self.norm] + [n for l in self.layers for n in (l.input_layernorm, l.post_attention_layernorm,
+                                                               getattr(l.self_attn, "q_norm", None),
+                                                               getattr(l.self_attn, "k_norm", None)) if n is not None]
+        self.rms_norm = _rms_norm_op(norms, self.dtype, self.device)
+        self.qk_norm = hasattr(self.layers[0].self_attn, "q_norm")
         self.lora_ctx = LoraContext(select_backend(self.device, lora_backend))
         self.batched_decode = True  # decode groups in attention (tests switch it off to compare)
         self.max_loras = max_loras
@@ -200,26 +224,33 @@ class ModelRunner:
         attn_plan = AttentionPlan(batch.chunks, self.windows, num_heads=nH, num_kv_heads=nKV, head_dim=D,
                                   scaling=self.scaling, dtype=self.dtype, device=self.device,
                                   allow_groups=self.batched_decode)
+        norm = self.rms_norm
         h = self.embed(batch.input_ids)  # [T, H]
         cos, sin = self.rotary(h, batch.positions[None])  # [1, T, D]
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [T, 1, D]
+        sin = torch.cat((-sin[..., : D // 2], sin[..., D // 2 :]), dim=-1)  # rotate_half's sign, for _rope
+        qk_cols = (nH + nKV) * D
         for li, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             qkv, gate_up = self.groups[li]
-            q, k, v = qkv(layer.input_layernorm(h))
-            q, k, v = q.view(T, nH, D), k.view(T, nKV, D), v.view(T, nKV, D)
-            if hasattr(attn, "q_norm"):
-                q = attn.q_norm(q)
-                k = attn.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            x = norm(layer.input_layernorm, h)
+            if qkv.packed is not None and not self.qk_norm:  # q and k are side by side: one rotary for both
+                y = qkv.fused(x)
+                qk = _rope(y[:, :qk_cols].view(T, nH + nKV, D), cos, sin)
+                q, k, v = qk[:, :nH], qk[:, nH:], y[:, qk_cols:].view(T, nKV, D)
+            else:
+                q, k, v = qkv(x)
+                q, k, v = q.view(T, nH, D), k.view(T, nKV, D), v.view(T, nKV, D)
+                if self.qk_norm:
+                    q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
+                q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             out = attn_plan.attend(li, q, k, v)  # [T, nH, D]
             h = h + attn.o_proj(out.reshape(T, nH * D))
-            gate, up = gate_up(layer.post_attention_layernorm(h))
+            gate, up = gate_up(norm(layer.post_attention_layernorm, h))
             h = h + mlp.down_proj(mlp.act_fn(gate) * up)
         for c in batch.chunks:
             c.cache.length = max(c.cache.length, c.past + c.n)
-        hs = self.norm(h[batch.logits_indices])
+        hs = norm(self.norm, h[batch.logits_indices])
         if self.lm_head_packed is not None:
             logits = cpu_gemm.packed_linear(hs, self.lm_head_packed, self.lm_head.bias).float()
         else:

@@ -13,10 +13,12 @@ With a prefix cache (server/engine/prefix_cache.py), an admitted sequence first
 copies the longest cached prefix of its tokens under its adapter version and
 computes only the rest (the step's token budget counts computed tokens);
 after each step, `computed` adds the blocks the step completed to the cache.
-A waiting request that starts like one admitted in the same step (same
-adapter version, same first block) and whose prompt that step computes in
-full waits one step, then reuses it instead of computing it a second time
-(requests that arrive together for one system prompt).
+A waiting request whose first uncached block is one that a request admitted
+in the same step computes (same adapter version, same tokens up to the end
+of that block; the other's prompt computed in full) waits one step, then
+reuses it instead of computing it a second time (requests that arrive
+together for one system prompt). Requests that part before that block's
+end do not wait for each other.
 """
 from __future__ import annotations
 
@@ -110,7 +112,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.pending, budget)
-            need = self.kv.growth_needed(seq.cache, seq.num_computed + n)
+            total = self._row_length(seq, seq.cache, seq.num_computed + n)
+            need = self.kv.growth_needed(seq.cache, total)
             while need > self.kv.free_tokens and self.running[-1] is not seq:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -119,14 +122,14 @@ class Scheduler:
                 self._preempt(seq)
                 preempted.append(seq)
                 break
-            seq.cache.reserve(seq.num_computed + n)
+            seq.cache.reserve(total)
             items.append((seq, n))
             budget -= n
             i += 1
         # 2. admit waiting requests in arrival order.
         skipped: list[Sequence] = []
         failed: list[tuple[Sequence, Exception]] = []
-        leaders: set = set()  # first blocks whose whole prompt this step computes (and caches)
+        leaders: set = set()  # `_next_block` keys of the blocks this step computes (and caches)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
             if seq in preempted:  # never re-admit in the step that preempted it
@@ -136,15 +139,16 @@ class Scheduler:
             if ref is not None and not self.pool.can_acquire(ref):
                 skipped.append(seq)
                 continue
-            lead = self._first_block(seq)
-            if lead is not None and lead in leaders:
-                skipped.append(seq)  # a request admitted in this step computes the same start: reuse it next step
-                continue
             hit = self._cached_prefix(seq)
+            lead = self._next_block(seq, len(hit))
+            if lead is not None and lead in leaders:
+                skipped.append(seq)  # a request admitted in this step computes the same block: reuse it next step
+                continue
             cached = len(hit) * self.kv.prefix.block if hit else 0
             n = min(len(seq.all_ids) - cached, budget)
             cache = self.kv.new_cache()
-            if self.kv.growth_needed(cache, cached + n) > self.kv.free_tokens:
+            total = self._row_length(seq, cache, cached + n)
+            if self.kv.growth_needed(cache, total) > self.kv.free_tokens:
                 skipped.append(seq)
                 break  # memory, not the adapter, is short: keep arrival order
             if ref is not None:
@@ -156,10 +160,9 @@ class Scheduler:
                 except Exception as e:  # the adapter cannot fill a slot (the slot is unchanged): this request fails
                     failed.append((seq, e))
                     continue
-            self._admit(seq, cache, hit, cached + n)
-            B = self.kv.prefix.block if lead is not None else 1
-            if lead is not None and cached + n == len(seq.all_ids) and cached // B < (len(seq.all_ids) - 1) // B:
-                leaders.add(lead)  # it computes (and will cache) blocks the cache does not have yet
+            self._admit(seq, cache, hit, total)
+            if lead is not None and cached + n == len(seq.all_ids):
+                leaders.add(lead)  # it computes (and will cache) that block in this step
             items.append((seq, n))
             budget -= n
         for seq in reversed(skipped):
@@ -167,12 +170,20 @@ class Scheduler:
         items.sort(key=lambda it: it[0].slot)
         return Plan(items, preempted, failed)
 
-    def _first_block(self, seq: Sequence):
-        """(adapter version, first block of tokens) of a sequence the prefix cache can serve, else None."""
+    def _row_length(self, seq: Sequence, cache, total: int) -> int:
+        """What to reserve for `seq` needing `total` tokens now: a new row gets headroom (`KVCacheManager.row_length`)."""
+        return self.kv.row_length(cache, total, seq.num_prompt + seq.req.params.max_tokens)
+
+    def _next_block(self, seq: Sequence, cached_blocks: int):
+        """(adapter version, its tokens up to the end of the first block the cache lacks) for a sequence that
+        would compute and cache that block, else None. Two requests with the same key compute the same block."""
         prefix = self.kv.prefix
-        if prefix is None or seq.req.params.prompt_logprobs is not None or len(seq.all_ids) <= prefix.block:
+        if prefix is None or seq.req.params.prompt_logprobs is not None:
             return None
-        return seq.req.adapter_ref, tuple(seq.all_ids[: prefix.block])
+        end = (cached_blocks + 1) * prefix.block
+        if end > len(seq.all_ids) - 1:  # the cache keeps whole blocks before the last token only
+            return None
+        return seq.req.adapter_ref, tuple(seq.all_ids[:end])
 
     def _cached_prefix(self, seq: Sequence) -> list:
         """The prefix-cache blocks `seq` can start from (whole blocks, leaving at least its last token)."""

@@ -143,3 +143,18 @@ def test_batched_decode_attention_equals_one_call_per_sequence(arch, monkeypatch
     assert none == 0 and grouped >= 4 * 12  # the batched path really ran, for every decoding row
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_arena_memory_asks_for_huge_pages_where_linux_offers_them():
+    from pathlib import Path
+
+    from loraplex.server.engine.kv_cache import advise_huge_pages
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages on this machine")
+    big = torch.empty(8 << 20)  # 32 MiB, untouched
+    assert advise_huge_pages(big)
+    assert not advise_huge_pages(torch.empty(16))  # smaller than one huge page: nothing to ask for
+    big.zero_()
+    assert float(big.abs().sum()) == 0.0  # the memory works as before

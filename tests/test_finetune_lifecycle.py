@@ -198,13 +198,15 @@ def test_a_job_interrupted_by_a_server_restart_resumes_and_finishes(tiny_base, t
         job = client.fine_tuning.jobs.create(
             model=client.models.list().data[0].id,
             training_file=f.id,
-            hyperparameters={"n_epochs": 4, "batch_size": 2},
-            extra_body={"loraplex": {"save_steps": 3}},
+            # 240 steps: several seconds, so the kill lands mid-run (24 steps took 0.4 s and were sometimes
+            # all done before the first checkpoint was seen)
+            hyperparameters={"n_epochs": 40, "batch_size": 2},
+            extra_body={"loraplex": {"save_steps": 10}},
         )
         deadline = time.time() + 300
         while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
             assert time.time() < deadline
-            time.sleep(0.3)
+            time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)  # a crash or a host restart: nothing is shut down cleanly
         proc.wait(10)
         proc = _serve(tiny_base, tmp_path, port)
@@ -215,7 +217,7 @@ def test_a_job_interrupted_by_a_server_restart_resumes_and_finishes(tiny_base, t
         assert any("interrupted by a server restart" in msg for msg in messages)
         assert any(msg == "resumed" for msg in messages)
         steps = [e.data["step"] for e in events(client, job.id) if e.type == "metrics"]
-        assert max(steps) == 24
+        assert max(steps) == 240
         r = client.chat.completions.create(
             model=done.fine_tuned_model, messages=[{"role": "user", "content": "item 1"}], max_tokens=4
         )

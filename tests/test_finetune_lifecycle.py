@@ -122,7 +122,9 @@ def test_all_auto_job_teaches_the_embedded_model_facts_it_answers_rephrased(tmp_
 def test_pause_and_resume_continue_with_the_same_loss_curve(manager_client, tmp_path):
     m, client = manager_client
     f = client.files.create(file=mixed_data(tmp_path / "d.jsonl", 12).open("rb"), purpose="fine-tune")
-    hp = {"n_epochs": 3, "batch_size": 2, "learning_rate_multiplier": 5}
+    # 180 steps: long enough that the pause lands mid-run (18 steps took a fraction of a second and could end
+    # before the pause was seen, which then, rightly, ends the job as succeeded)
+    hp = {"n_epochs": 30, "batch_size": 2, "learning_rate_multiplier": 5}
     paused = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, seed=7, hyperparameters=hp)
     wait(client, paused.id, ("running",))
     deadline = time.time() + 300
@@ -133,6 +135,7 @@ def test_pause_and_resume_continue_with_the_same_loss_curve(manager_client, tmp_
     deadline = time.time() + 300
     while not any("paused at step" in e.message for e in events(client, paused.id)):
         assert time.time() < deadline, "the job did not write its pause checkpoint"
+        assert client.fine_tuning.jobs.retrieve(paused.id).status == "paused", "the job ended before it paused"
         time.sleep(0.2)
     assert client.fine_tuning.jobs.retrieve(paused.id).status == "paused"
     assert client.fine_tuning.jobs.checkpoints.list(paused.id).data  # the checkpoint it resumes from
@@ -143,7 +146,7 @@ def test_pause_and_resume_continue_with_the_same_loss_curve(manager_client, tmp_
     straight = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, seed=7, hyperparameters=hp)
     assert wait(client, straight.id).status == "succeeded"
     a, b = losses(m.root, paused.id), losses(m.root, straight.id)
-    assert len(a) == len(b) == 18
+    assert len(a) == len(b) == 180
     assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
     with pytest.raises(openai.ConflictError):
         client.fine_tuning.jobs.resume(straight.id)

@@ -21,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-
 from pathlib import Path
 
 import grpc
@@ -29,8 +28,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also under PYTHONSAFEPATH=1 (the Makefile sets it)
 from common import free_port, wait_healthy  # noqa: E402
-from loraplex.protos.loraplex.v1 import loraplex_pb2 as pb # noqa: E402
-from loraplex.protos.loraplex.v1 import loraplex_pb2_grpc as pbg # noqa: E402
+from loraplex.protos.loraplex.v1 import loraplex_pb2 as pb  # noqa: E402
+from loraplex.protos.loraplex.v1 import loraplex_pb2_grpc as pbg  # noqa: E402
 
 PROMPTS = ["Hi!", "Name a color.", "What is 2+2?", "Say hello.", "Give me a word.", "Pick a number."]
 

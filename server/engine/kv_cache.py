@@ -39,6 +39,7 @@ import torch
 from .prefix_cache import DEFAULT_BLOCK, PrefixCache
 
 _MIN_CLASS = 32
+_MAX_GROW_TOKENS = 4096  # the most one arena grows by at once (rows x C)
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 
@@ -66,7 +67,6 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     lo = -(-start // _HUGE_PAGE) * _HUGE_PAGE
     hi = (start + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
     return hi > lo and f(lo, hi - lo, _MADV_HUGEPAGE) == 0
-_MAX_GROW_TOKENS = 4096  # the most one arena grows by at once (rows x C)
 
 
 class SeqKVCache:
@@ -238,8 +238,7 @@ class KVCacheManager:
         C = self.class_for(want)
         if C == self.class_for(total_len):
             return want
-        a = self.arenas.get(C)
-        if (a is not None and len(a.rows) < a.cap_rows) or 4 * C <= self.free_tokens - self.cached_tokens:
+        if self._spare_row(C) or 4 * C <= self.free_tokens - self.cached_tokens:
             return want
         return total_len
 
@@ -248,12 +247,16 @@ class KVCacheManager:
         if total_len <= cache.capacity:
             return 0
         C = self.class_for(total_len)
-        a = self.arenas.get(C)
-        if a is not None and len(a.rows) < a.cap_rows:
+        if self._spare_row(C):
             return 0
         if C > self.free_tokens:  # short of memory: first give back the rows arenas hold in reserve
             self.release_spare_rows()
         return C
+
+    def _spare_row(self, C: int) -> bool:
+        """Whether the arena of class C has a row allocated that no sequence holds."""
+        a = self.arenas.get(C)
+        return a is not None and len(a.rows) < a.cap_rows
 
     def release_spare_rows(self) -> None:
         """Gives back the memory of every row no sequence holds (an arena left with none goes)."""

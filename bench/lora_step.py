@@ -7,6 +7,10 @@ them, alternating. Times are the engine
 thread's CPU time (`time.thread_time`) with one intra-op thread, minimum over `--reps`; the ratio
 no-adapter / 8 adapters is the forward-pass share of `serve_multi_lora.py`'s LoRA / no-adapter ratio.
 
+It also prints the bytes of the adapters' stacks that a decode step reads, against the base model's weights,
+and the time of one pass that only reads those stacks (a sum over every stack, same thread, cache evicted
+first): what LoRA adds to a decode step can get near that floor, not below it.
+
 Usage: python bench/lora_step.py [--reps 8]
 """
 from __future__ import annotations
@@ -82,6 +86,28 @@ def main() -> None:
         what = f"{label} ({lora.input_ids.shape[0]} tokens, {lora.seg.num_segments} segments)"
         print(f"{what:46s} {lo * 1e3:14.1f} {ba * 1e3:14.1f} {ba / lo:7.3f}")
     print("ratio: no adapter / 8 adapters, the forward pass's share of serve_multi_lora.py's LoRA / no-adapter ratio")
+    read_floor(runner, args.reps)
+
+
+def read_floor(runner, reps: int) -> None:
+    """The LoRA stacks' bytes against the base weights', and the CPU time of one pass that reads every stack."""
+    stacks = {}  # a fused group's members' A are views of the group's stack: each tensor counted once
+    for m in runner.lora_modules.values():
+        for t in (m.A if m.group is None or m.group.A is None else m.group.A, m.Bt):
+            stacks[id(t)] = t
+    lora_bytes = sum(t.numel() * t.element_size() for t in stacks.values())
+    # what a decode step reads of the base: every projection (packed or not) and the LM head
+    base_bytes = runner.dtype.itemsize * (sum(i * o for i, o in runner.module_shapes().values()) + runner.lm_head.weight.numel())
+    evict = torch.empty(512 << 18)  # 512 MiB, written before each pass so the stacks come from memory
+    times = []
+    for _ in range(reps):
+        evict.add_(1.0)
+        t0 = time.thread_time()
+        for t in stacks.values():
+            t.sum()
+        times.append(time.thread_time() - t0)
+    print(f"\nLoRA stacks read per decode step: {lora_bytes / 1e6:.0f} MB ({lora_bytes / base_bytes:.0%} of the "
+          f"base's {base_bytes / 1e6:.0f} MB of weights); one pass reading them: {min(times) * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

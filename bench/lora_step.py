@@ -97,8 +97,9 @@ def read_floor(runner, reps: int) -> None:
             stacks[id(t)] = t
     lora_bytes = sum(t.numel() * t.element_size() for t in stacks.values())
     # what a decode step reads of the base: every projection (packed or not) and the LM head
-    base_bytes = runner.dtype.itemsize * (sum(i * o for i, o in runner.module_shapes().values()) + runner.lm_head.weight.numel())
-    evict = torch.empty(512 << 18)  # 512 MiB, written before each pass so the stacks come from memory
+    base_weights = sum(i * o for i, o in runner.module_shapes().values()) + runner.lm_head.weight.numel()
+    base_bytes = runner.dtype.itemsize * base_weights
+    evict = torch.zeros(512 << 18)  # 512 MiB, written before each pass so the stacks come from memory
     times = []
     for _ in range(reps):
         evict.add_(1.0)

@@ -49,6 +49,7 @@ class _DecodeGroup:
     q_index: torch.Tensor  # [R] flat token index of each row's query (any index for rows not decoding)
     out_rows: torch.Tensor  # [k] rows decoding in this step
     out_flat: torch.Tensor  # [k] their flat token index
+    whole: bool  # the step is this group alone, row i decoding flat token i: its output is the step's output
 
 
 class AttentionPlan:
@@ -100,7 +101,8 @@ class AttentionPlan:
         if self.alone:
             _, K, V, mask = self.single[window][0]
             return self._sdpa(q.transpose(0, 1)[None], K[li], V[li], mask)[0].transpose(0, 1)
-        out = q.new_empty((self.T, self.nH, self.D))
+        whole = len(self.groups) == 1 and self.groups[0].whole
+        out = None if whole else q.new_empty((self.T, self.nH, self.D))
         for c, K, V, mask in self.single[window]:
             qi = q[c.start : c.start + c.n].transpose(0, 1)[None]  # [1, nH, n, D]
             out[c.start : c.start + c.n] = self._sdpa(qi, K[li], V[li], mask)[0].transpose(0, 1)
@@ -111,6 +113,8 @@ class AttentionPlan:
             qg = q.index_select(0, g.q_index).view(g.rows, nKV, self.nH // nKV, D)
             scores = torch.matmul(qg, kv[0].transpose(-1, -2)).mul_(self.scaling).add_(g.masks[window])
             o = torch.matmul(torch.softmax(scores, dim=-1), kv[1]).view(g.rows, self.nH, D)
+            if whole:
+                return o
             out.index_copy_(0, g.out_flat, o.index_select(0, g.out_rows))
         return out
 
@@ -147,11 +151,13 @@ class AttentionPlan:
                 m = visible(qpos, kpos, window)
                 bias = torch.zeros(m.shape, dtype=self.dtype, device=dev).masked_fill_(~m, float("-inf"))
                 masks[window] = bias[:, None, None, :]  # [R, 1, 1, width], added to the scores
+            out_rows = [c.cache.row for c in cs]
             groups.append(_DecodeGroup(
                 arena=arena, rows=rows, width=width, masks=masks,
                 q_index=torch.tensor(q_index, device=dev),
-                out_rows=torch.tensor([c.cache.row for c in cs], device=dev),
+                out_rows=torch.tensor(out_rows, device=dev),
                 out_flat=torch.tensor([c.start for c in cs], device=dev),
+                whole=len(cs) == rows == self.T and q_index == out_rows == list(range(rows)),
             ))
         return groups, single
 

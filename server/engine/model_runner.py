@@ -123,20 +123,32 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
 
 
 def _rms_norm_op(norms: list[nn.Module], dtype: torch.dtype, device):
-    """`norm(x)` for the model's RMSNorm modules: one fused `F.rms_norm` where it gives exactly the module's
-    floats (checked here, on this device and dtype), else the module itself."""
+    """`norm(x)` for the model's RMSNorm modules: the first of these that gives exactly the module's floats
+    (checked here, on this device and dtype), else the module itself:
+    - fp32: HF's formula in five ops, two of them in place (at [32, 576] on CPU, 14 us against 19 for
+      `F.rms_norm`, which runs its generic path there);
+    - `F.rms_norm`, one fused kernel where the device has one."""
+    def five_ops(norm, x):
+        if x.dtype != torch.float32:  # HF computes a 16-bit input's statistics in fp32
+            raise TypeError("fp32 only")
+        r = x.pow(2).mean(-1, keepdim=True).add_(norm.variance_epsilon).rsqrt_()
+        return torch.mul(x, r).mul_(norm.weight)
+
     def fused(norm, x):
         return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
-    try:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        for norm in norms:
-            x = (torch.randn(7, norm.weight.shape[0], generator=g) * 3).to(device=device, dtype=dtype)
-            if not torch.equal(fused(norm, x), norm(x)):
-                raise ValueError("differs")
-    except (AttributeError, TypeError, ValueError, RuntimeError):
-        return lambda norm, x: norm(x)
-    return fused
+    for op in (five_ops, fused):
+        try:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            for norm in norms:
+                for rows, s in ((7, 3.0), (32, 0.01), (1, 100.0)):
+                    x = (torch.randn(rows, norm.weight.shape[0], generator=g) * s).to(device=device, dtype=dtype)
+                    if not torch.equal(op(norm, x), norm(x)):
+                        raise ValueError("differs")
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            continue
+        return op
+    return lambda norm, x: norm(x)
 
 
 class ModelRunner:

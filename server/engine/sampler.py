@@ -43,6 +43,12 @@ def race_draws(gen: torch.Generator, n: int) -> torch.Tensor:
     return torch.rand(n, generator=gen).log_().neg_()
 
 
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's largest entry, the first one on a tie (what `torch.argmax(x, -1)` gives, NaN included).
+    `max(dim).indices` gives the same indices 2.5x faster on CPU: 0.45 against 1.16 ms for [32, 49152], 2 threads."""
+    return torch.max(x, dim=-1).indices
+
+
 def _top(lp: torch.Tensor, k: int) -> list[tuple[int, float]]:
     if k <= 0:
         return []
@@ -66,7 +72,7 @@ def sample(
             counts = torch.zeros_like(logits).index_add_(0, ids, torch.ones(len(output_ids)))
             logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
     if params.temperature <= 1e-5 or params.top_k == 1:
-        token = int(torch.argmax(logits))
+        token = int(first_argmax(logits))
     else:
         x = logits / params.temperature
         if params.top_k and params.top_k > 0:
@@ -79,7 +85,7 @@ def sample(
             drop = cum - sp > params.top_p  # keep the smallest prefix whose mass reaches top_p
             sp = sp.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, si, sp)
-        token = int(torch.argmax(probs / race_draws(gen, probs.shape[0])))
+        token = int(first_argmax(probs / race_draws(gen, probs.shape[0])))
     entry = None
     if params.logprobs is not None:
         entry = token_logprob(torch.log_softmax(raw, dim=-1), token, params.logprobs)
@@ -110,9 +116,13 @@ def _adjusted_rows(logits: torch.Tensor, rows: list, masks: StepMasks | None) ->
 
 
 def _gather(logits: torch.Tensor, rows: list, which: list[int], adjusted: dict[int, torch.Tensor]) -> torch.Tensor:
-    """[len(which), V]: the logits rows of `which`, adjusted where they are."""
+    """[len(which), V]: the logits rows of `which`, adjusted where they are (a view of `logits` when they are
+    consecutive rows left as they are: a decode step's 32 rows of 49k logits are not copied)."""
     if not any(i in adjusted for i in which):
-        return logits.index_select(0, torch.tensor([rows[i][0] for i in which]))
+        r = [rows[i][0] for i in which]
+        if r == list(range(r[0], r[0] + len(r))):
+            return logits[r[0] : r[0] + len(r)]
+        return logits.index_select(0, torch.tensor(r))
     return torch.stack([adjusted[i] if i in adjusted else logits[rows[i][0]] for i in which])
 
 
@@ -141,13 +151,13 @@ def sample_rows(
             out[i] = sample(adjusted.get(i, logits[r]), p, g, ids, raw=logits[r])
     tokens: dict[int, int] = {}
     if greedy:
-        for i, t in zip(greedy, torch.argmax(_gather(logits, rows, greedy, adjusted), dim=-1).tolist()):
+        for i, t in zip(greedy, first_argmax(_gather(logits, rows, greedy, adjusted)).tolist()):
             tokens[i] = t
     if temp:
         temps = torch.tensor([rows[i][1].temperature for i in temp], dtype=logits.dtype)
         probs = torch.softmax(_gather(logits, rows, temp, adjusted) / temps[:, None], dim=-1)
         draws = torch.stack([race_draws(rows[i][2], probs.shape[1]) for i in temp])
-        for i, t in zip(temp, torch.argmax(probs / draws, dim=-1).tolist()):
+        for i, t in zip(temp, first_argmax(probs / draws).tolist()):
             tokens[i] = t
     want = [i for i in tokens if rows[i][1].logprobs is not None]
     lps = torch.log_softmax(logits.index_select(0, torch.tensor([rows[i][0] for i in want])), dim=-1) if want else None

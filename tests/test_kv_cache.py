@@ -87,20 +87,21 @@ def _tiny(arch: str):
     return model.eval()
 
 
-def _run(arch: str, batched: bool, monkeypatch) -> tuple[list[torch.Tensor], int]:
+def _run(arch: str, batched: bool, monkeypatch) -> tuple[list[torch.Tensor], int, int]:
     """Four sequences of one arena: prefills, then decode steps while a fifth sequence prefills beside them."""
     from loraplex.server.engine.attention import AttentionPlan
     from loraplex.server.engine.model_runner import ModelRunner, SeqChunk, StepBatch
 
     runner = ModelRunner(_tiny(arch), max_loras=1, kv_budget_tokens=4096)
     runner.batched_decode = batched
-    grouped = 0
+    grouped = whole = 0
     real = AttentionPlan._decode_groups
 
     def spy(self, chunks):
-        nonlocal grouped
+        nonlocal grouped, whole
         groups, single = real(self, chunks)
         grouped += sum(len(g.out_rows) for g in groups)
+        whole += sum(g.whole for g in groups)  # the step is that group alone: its output is returned as is
         return groups, single
 
     monkeypatch.setattr(AttentionPlan, "_decode_groups", spy)
@@ -132,15 +133,16 @@ def _run(arch: str, batched: bool, monkeypatch) -> tuple[list[torch.Tensor], int
         elif late["done"] == len(late["ids"]) - 1:
             work.append((late, 1))
         out.append(step(work))
-    return out, grouped
+    return out, grouped, whole
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_batched_decode_attention_equals_one_call_per_sequence(arch, monkeypatch):
     # mistral: a sliding window of 6, shorter than every sequence here, so the window masks are exercised
-    ref, none = _run(arch, False, monkeypatch)
-    got, grouped = _run(arch, True, monkeypatch)
+    ref, none, _ = _run(arch, False, monkeypatch)
+    got, grouped, whole = _run(arch, True, monkeypatch)
     assert none == 0 and grouped >= 4 * 12  # the batched path really ran, for every decoding row
+    assert whole > 0  # and so did a step that is one whole group
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

@@ -80,6 +80,7 @@ class AttentionPlan:
                            for arena, rows, pos, toks in decode.values()]
         self.groups, single = self._decode_groups(chunks) if allow_groups else ([], list(chunks))
         self.alone = not self.groups and len(single) == 1  # one sequence: one call over the whole batch
+        self.whole = len(self.groups) == 1 and self.groups[0].whole  # the step is one group: its output as is
         # window -> [(chunk, K [layer] -> [1, nKV, len, D], V likewise, mask)] for the sequences attended one by one
         self.single: dict[int | None, list] = {}
         for window in set(windows):
@@ -101,8 +102,7 @@ class AttentionPlan:
         if self.alone:
             _, K, V, mask = self.single[window][0]
             return self._sdpa(q.transpose(0, 1)[None], K[li], V[li], mask)[0].transpose(0, 1)
-        whole = len(self.groups) == 1 and self.groups[0].whole
-        out = None if whole else q.new_empty((self.T, self.nH, self.D))
+        out = None if self.whole else q.new_empty((self.T, self.nH, self.D))
         for c, K, V, mask in self.single[window]:
             qi = q[c.start : c.start + c.n].transpose(0, 1)[None]  # [1, nH, n, D]
             out[c.start : c.start + c.n] = self._sdpa(qi, K[li], V[li], mask)[0].transpose(0, 1)
@@ -113,7 +113,7 @@ class AttentionPlan:
             qg = q.index_select(0, g.q_index).view(g.rows, nKV, self.nH // nKV, D)
             scores = torch.matmul(qg, kv[0].transpose(-1, -2)).mul_(self.scaling).add_(g.masks[window])
             o = torch.matmul(torch.softmax(scores, dim=-1), kv[1]).view(g.rows, self.nH, D)
-            if whole:
+            if self.whole:
                 return o
             out.index_copy_(0, g.out_flat, o.index_select(0, g.out_rows))
         return out
